@@ -1,0 +1,32 @@
+# eventstore: `make run` serves it, `make test` tests it. Both create .venv first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+HOST   ?= 127.0.0.1
+PORT   ?= 8080
+DB     ?= $(or $(EVENTSTORE_DB),eventstore.db)
+
+.PHONY: run test bench clean
+
+run: $(VENV)/.runtime
+	$(PY) serve.py --host $(HOST) --port $(PORT) --db $(DB)
+
+test: $(VENV)/.dev
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.dev
+	$(PY) bench/run.py
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.runtime: requirements.txt | $(VENV)/bin/python
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: requirements.txt requirements-dev.txt | $(VENV)/bin/python
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	touch $@ $(VENV)/.runtime
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1342 @@
+"""eventstore: the Learning Hub's event registry, as one WSGI module over SQLite.
+
+Programs publish learners' events with ``PUT /events/{eventId}``; other programs
+read them back and follow the change feed ``GET /events``. The contract is
+API.md; ``make_app(db_path)`` returns the WSGI application and
+``python eventstore.py --help`` is the admin command line.
+
+The module reads top to bottom in the order a request flows through it; each
+section only uses what stands above it.
+"""
+
+import argparse
+import base64
+import binascii
+import hashlib
+import heapq
+import hmac
+import http
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import sqlite3
+import sys
+import threading
+import time
+import unicodedata
+import urllib.parse
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+__all__ = ["make_app", "EventStore", "Problem", "main"]
+
+HERE = Path(__file__).resolve().parent
+SCHEMA_PATH = HERE / "schema.sql"
+OPENAPI_PATH = HERE / "openapi.json"
+SCHEMA_VERSION = 1
+DEFAULT_DB = "eventstore.db"
+DEFAULT_MAX_BODY = 1 << 20  # 1 MiB
+REALM = 'Basic realm="eventstore", charset="UTF-8"'
+
+log = logging.getLogger("eventstore")
+
+
+# ============================================================================
+# Errors
+# ============================================================================
+
+class Problem(Exception):
+    """An HTTP error: status, detail, optional per-field ``errors`` and headers.
+
+    Raised anywhere below the app; the app turns it into an RFC 9457
+    application/problem+json response.
+    """
+
+    def __init__(self, status, detail, errors=None, headers=()):
+        super().__init__(detail)
+        self.status = int(status)
+        self.detail = detail
+        self.errors = errors
+        self.headers = list(headers)
+
+    def response(self):
+        body = {
+            "type": "about:blank",
+            "title": http.HTTPStatus(self.status).phrase,
+            "status": self.status,
+            "detail": self.detail,
+        }
+        if self.errors:
+            body["errors"] = self.errors
+        return Response(self.status, self.headers, _dumps(body), "application/problem+json")
+
+
+def field_error(name, message):
+    return {"field": name, "message": message}
+
+
+def bad_request(detail, errors=None):
+    return Problem(400, detail, errors)
+
+
+UNAUTHORIZED = Problem(
+    401,
+    "Valid credentials are required: HTTP Basic authentication with your user id and API key.",
+    headers=[("WWW-Authenticate", REALM)],
+)
+
+
+# ============================================================================
+# Parsing and validation
+# ============================================================================
+
+PROGRAM_ID_RE = re.compile(r"[A-Za-z0-9_]{1,32}")
+EVENT_ID_RE = re.compile(r"[A-Za-z0-9_]{1,32}-[A-Za-z0-9._~:@-]{1,200}")
+USER_ID_RE = re.compile(r"[A-Za-z0-9._@-]{1,64}")
+API_KEY_RE = re.compile(r"esk_[A-Za-z0-9_-]{43}")
+KEY_ID_LENGTH = 12
+
+PROGRAM_ID_RULE = "a ProgramId: 1-32 characters of A-Z a-z 0-9 _"
+EVENT_ID_RULE = ("an EventId: a ProgramId, a hyphen, then 1-200 characters of "
+                 "A-Z a-z 0-9 . _ ~ : @ -")
+
+
+def program_of(event_id):
+    """The ProgramId an EventId claims: everything before its first hyphen."""
+    return event_id.partition("-")[0] if "-" in event_id else None
+
+
+def parse_basic_auth(header):
+    """``Authorization`` header value -> ``(user_id, api_key)``, or None if malformed.
+
+    RFC 7617: case-insensitive scheme, base64 of UTF-8 ``user-id ":" password``
+    split at the first colon.
+    """
+    if not header:
+        return None
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        return None
+    user_id, colon, api_key = decoded.partition(":")
+    if not colon or not user_id or not api_key:
+        return None
+    return user_id, api_key
+
+
+# --- JSON with the contract's strictness -------------------------------------
+
+def _reject_duplicates(pairs):
+    result = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not allowed in JSON")
+
+
+def _finite_float(text):
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+def _has_lone_surrogate(text):
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def json_depth_and_surrogates(value):
+    """Nesting depth of a parsed JSON value (a scalar is 0) and whether any string
+    or key holds a lone surrogate. Iterative, so no input can exhaust the stack."""
+    depth, surrogate = 0, False
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            depth = max(depth, level)
+            for key, child in item.items():
+                surrogate = surrogate or _has_lone_surrogate(key)
+                stack.append((child, level + 1))
+        elif isinstance(item, list):
+            depth = max(depth, level)
+            stack.extend((child, level + 1) for child in item)
+        elif isinstance(item, str):
+            surrogate = surrogate or _has_lone_surrogate(item)
+    return depth, surrogate
+
+
+def parse_json(body):
+    """Request body bytes -> parsed JSON, or Problem(400) saying what is wrong."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise bad_request(f"The body is not valid UTF-8 (byte {exc.start}).")
+    try:
+        value = json.loads(
+            text,
+            object_pairs_hook=_reject_duplicates,
+            parse_constant=_reject_constant,
+            parse_float=_finite_float,
+        )
+    except RecursionError:
+        raise bad_request("The body is not valid JSON: it is nested too deeply.")
+    except ValueError as exc:  # JSONDecodeError is a ValueError
+        raise bad_request(f"The body is not valid JSON: {exc}.")
+    if json_depth_and_surrogates(value)[1]:
+        raise bad_request("The body is not valid JSON: a string holds a lone surrogate (\\ud800-\\udfff).")
+    return value
+
+
+def canonical_json(value):
+    """One spelling per JSON value: sorted keys, no spaces. ``1``, ``1.0`` and
+    ``true`` stay distinct."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _dumps(value):
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+# --- Times --------------------------------------------------------------------
+
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+DATETIME_RE = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d+))?)?"
+    r"(?:([Zz])|([+-])(\d{2})(?::?(\d{2}))?)?"
+)
+DATETIME_RULE = "an ISO 8601 date-time such as 2026-03-01T09:30:00Z"
+
+
+def parse_datetime(text):
+    """ISO 8601 date-time -> microseconds since the epoch, UTC. No offset means
+    UTC; fractions beyond microseconds are truncated. Raises ValueError."""
+    match = DATETIME_RE.fullmatch(text) if isinstance(text, str) else None
+    if not match:
+        raise ValueError(f"expected {DATETIME_RULE}")
+    year, month, day, hour, minute, second, fraction, _z, sign, off_h, off_m = match.groups()
+    micros = int((fraction or "0")[:6].ljust(6, "0"))
+    try:
+        moment = datetime(int(year), int(month), int(day), int(hour), int(minute),
+                          int(second or 0), micros, tzinfo=timezone.utc)
+        if sign:
+            offset = timedelta(hours=int(off_h), minutes=int(off_m or 0))
+            if offset >= timedelta(hours=24):
+                raise ValueError("offset out of range")
+            moment = moment - offset if sign == "+" else moment + offset
+    except (ValueError, OverflowError) as exc:
+        raise ValueError(f"{text!r} is not a valid date-time ({exc})") from None
+    delta = moment - EPOCH
+    return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def format_datetime(micros):
+    """Microseconds since the epoch -> RFC 3339 UTC with ``Z``; six fraction digits
+    only when there are microseconds."""
+    moment = EPOCH + timedelta(microseconds=micros)
+    if moment.microsecond:
+        return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --- Event bodies -------------------------------------------------------------
+
+EVENT_FIELDS = ("ProgramId", "ProgramMemberId", "EventType", "EventStartUTC",
+                "EventEndUTC", "EventData", "ReferenceEventId")
+MAX_EVENT_DATA_DEPTH = 32
+
+
+@dataclass(frozen=True)
+class EventInput:
+    """A validated, normalized event as a PUT asks it to be."""
+
+    event_id: str
+    program_id: str
+    member_id: str
+    event_type: str
+    start_us: int
+    end_us: int
+    data: str  # compact JSON text, the client's key order kept
+    ref_event_id: str | None
+    content_hash: bytes  # of the canonical content, for the replay rule
+
+
+def _text_error(value, low, high, allow_controls=True):
+    if not isinstance(value, str):
+        return f"expected a string of {low}-{high} characters"
+    if not low <= len(value) <= high:
+        return f"expected {low}-{high} characters, got {len(value)}"
+    if not value.strip():
+        return "must not be only white space"
+    if not allow_controls and any(unicodedata.category(c) == "Cc" for c in value):
+        return "must not contain control characters"
+    return None
+
+
+def validate_event(event_id, body):
+    """A parsed PUT body for ``event_id`` -> EventInput, or Problem(400) listing
+    every problem (one ``errors`` entry each)."""
+    if not isinstance(body, dict):
+        raise bad_request("The body must be a JSON object.",
+                          [field_error("body", f"expected an object, got {_json_type(body)}")])
+    errors = []
+
+    def check(name, message):
+        if message:
+            errors.append(field_error(name, message))
+
+    if not EVENT_ID_RE.fullmatch(event_id):
+        check("EventId", f"{event_id!r} is not {EVENT_ID_RULE}")
+    for name in body:
+        if name not in EVENT_FIELDS:
+            check(name, "unknown field; accepted fields are " + ", ".join(EVENT_FIELDS))
+    # An optional field sent as null counts as absent.
+    get = {name: body.get(name) for name in EVENT_FIELDS}
+    for name in ("ProgramId", "ProgramMemberId", "EventType", "EventStartUTC"):
+        if get[name] is None:
+            check(name, "is required" if name not in body else "is required and must not be null")
+
+    program_id = get["ProgramId"]
+    if program_id is not None:
+        if not isinstance(program_id, str):
+            check("ProgramId", f"expected a string, got {_json_type(program_id)}")
+        elif program_id != program_of(event_id):
+            check("ProgramId", f"must equal the eventId's prefix {program_of(event_id)!r}")
+    if get["ProgramMemberId"] is not None:
+        check("ProgramMemberId", _text_error(get["ProgramMemberId"], 1, 256))
+    if get["EventType"] is not None:
+        check("EventType", _text_error(get["EventType"], 1, 100, allow_controls=False))
+
+    times = {}
+    for name in ("EventStartUTC", "EventEndUTC"):
+        if get[name] is not None:
+            try:
+                times[name] = parse_datetime(get[name])
+            except ValueError as exc:
+                check(name, str(exc) if isinstance(get[name], str)
+                      else f"expected a string holding {DATETIME_RULE}")
+    start_us = times.get("EventStartUTC")
+    end_us = times.get("EventEndUTC", start_us if get["EventEndUTC"] is None else None)
+    if start_us is not None and end_us is not None and end_us < start_us:
+        check("EventEndUTC", "must not be before EventStartUTC")
+
+    data = {} if get["EventData"] is None else get["EventData"]
+    if not isinstance(data, dict):
+        check("EventData", f"expected a JSON object, got {_json_type(data)}")
+    elif json_depth_and_surrogates(data)[0] > MAX_EVENT_DATA_DEPTH:
+        check("EventData", f"nested more than {MAX_EVENT_DATA_DEPTH} levels deep")
+
+    ref = get["ReferenceEventId"]
+    if ref is not None and not (isinstance(ref, str) and EVENT_ID_RE.fullmatch(ref)):
+        check("ReferenceEventId", f"expected {EVENT_ID_RULE}")
+
+    if errors:
+        raise bad_request("The event is not valid; see errors.", errors)
+    content = canonical_json([get["ProgramMemberId"], get["EventType"], start_us, end_us, data, ref])
+    return EventInput(
+        event_id=event_id, program_id=program_id, member_id=get["ProgramMemberId"],
+        event_type=get["EventType"], start_us=start_us, end_us=end_us,
+        data=json.dumps(data, separators=(",", ":"), ensure_ascii=False),
+        ref_event_id=ref, content_hash=hashlib.sha256(content.encode("utf-8")).digest(),
+    )
+
+
+def _json_type(value):
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def validate_program_body(body):
+    """``{"Name": "..."}`` -> the name, or Problem(400)."""
+    if not isinstance(body, dict):
+        raise bad_request("The body must be a JSON object.",
+                          [field_error("body", f"expected an object, got {_json_type(body)}")])
+    errors = [field_error(name, "unknown field; the only accepted field is Name")
+              for name in body if name != "Name"]
+    name = body.get("Name")
+    message = "is required" if name is None else _text_error(name, 1, 200, allow_controls=False)
+    if message:
+        errors.append(field_error("Name", message))
+    if errors:
+        raise bad_request("The program is not valid; see errors.", errors)
+    return name
+
+
+# --- Conditional request headers ----------------------------------------------
+
+def etag(revision):
+    return f'"{revision}"'
+
+
+def parse_etags(header):
+    """``If-Match``/``If-None-Match`` value -> "*" or a set of strong tag values."""
+    if header is None:
+        return None
+    if header.strip() == "*":
+        return "*"
+    return {tag.strip().removeprefix("W/") for tag in header.split(",") if tag.strip()}
+
+
+@dataclass(frozen=True)
+class Preconditions:
+    if_match: object = None       # None, "*" or a set of ETags
+    if_none_match: object = None
+
+    def check(self, live_revision):
+        """Raise 412 unless the headers hold for the event's current live revision
+        (None when there is no live event)."""
+        current = None if live_revision is None else etag(live_revision)
+        if self.if_match is not None:
+            if current is None or (self.if_match != "*" and current not in self.if_match):
+                raise Problem(412, "If-Match does not name the event's current revision.")
+        if self.if_none_match is not None and current is not None:
+            if self.if_none_match == "*" or current in self.if_none_match:
+                raise Problem(412, "If-None-Match: the event exists with a matching revision.")
+
+
+# --- Feed queries -------------------------------------------------------------
+
+FEED_PARAMETERS = ("ProgramId", "EventType", "ProgramMemberId", "ReferenceEventId",
+                   "EventStartFromUTC", "EventStartBeforeUTC", "after", "limit", "wait")
+REPEATABLE = {"ProgramId", "EventType"}
+MAX_LIMIT = 1000
+MAX_WAIT = 30
+
+
+@dataclass(frozen=True)
+class FeedQuery:
+    programs: tuple = ()      # empty: every program the caller may read
+    event_types: tuple = ()
+    member_id: str | None = None
+    ref_event_id: str | None = None
+    start_from_us: int | None = None
+    start_before_us: int | None = None
+    after: int = 0
+    limit: int = 100
+    wait: int = 0
+
+
+def _whole_number(name, text, low, high, errors):
+    if not re.fullmatch(r"[0-9]{1,19}", text) or not low <= int(text) <= high:
+        errors.append(field_error(name, f"expected a whole number from {low} to {high}"))
+        return None
+    return int(text)
+
+
+def parse_feed_query(pairs):
+    """Query string pairs of ``GET /events`` -> FeedQuery, or Problem(400)."""
+    errors = []
+    values = {}
+    for name, value in pairs:
+        if name not in FEED_PARAMETERS:
+            errors.append(field_error(name, "unknown parameter; accepted: " + ", ".join(FEED_PARAMETERS)))
+        elif name in REPEATABLE:
+            values.setdefault(name, []).append(value)
+        elif name in values:
+            errors.append(field_error(name, "given more than once"))
+        else:
+            values[name] = value
+    for program_id in values.get("ProgramId", ()):
+        if not PROGRAM_ID_RE.fullmatch(program_id):
+            errors.append(field_error("ProgramId", f"{program_id!r} is not {PROGRAM_ID_RULE}"))
+    times = {}
+    for name in ("EventStartFromUTC", "EventStartBeforeUTC"):
+        if name in values:
+            try:
+                times[name] = parse_datetime(values[name])
+            except ValueError as exc:
+                errors.append(field_error(name, str(exc)))
+    after = _whole_number("after", values.get("after", "0"), 0, 2**63 - 1, errors)
+    limit = _whole_number("limit", values.get("limit", "100"), 1, MAX_LIMIT, errors)
+    wait = _whole_number("wait", values.get("wait", "0"), 0, MAX_WAIT, errors)
+    if errors:
+        raise bad_request("The query is not valid; see errors.", errors)
+    return FeedQuery(
+        programs=tuple(dict.fromkeys(values.get("ProgramId", ()))),
+        event_types=tuple(dict.fromkeys(values.get("EventType", ()))),
+        member_id=values.get("ProgramMemberId"),
+        ref_event_id=values.get("ReferenceEventId"),
+        start_from_us=times.get("EventStartFromUTC"),
+        start_before_us=times.get("EventStartBeforeUTC"),
+        after=after, limit=limit, wait=wait,
+    )
+
+
+# ============================================================================
+# Storage
+# ============================================================================
+
+def now_us():
+    return time.time_ns() // 1000
+
+
+def connect(db_path, busy_timeout_ms=5000):
+    """A connection with the durability settings every eventstore connection uses:
+    WAL, synchronous=FULL (a commit is fsynced before it returns), secure_delete
+    (erased data is overwritten in the file, not just unlinked)."""
+    conn = sqlite3.connect(db_path, isolation_level=None, timeout=busy_timeout_ms / 1000)
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute("PRAGMA secure_delete = ON")
+    return conn
+
+
+class write_transaction:
+    """``with write_transaction(conn):`` runs the block in BEGIN IMMEDIATE ... COMMIT,
+    rolling back on any exception. The write lock is taken up front, so reads in
+    the block see the latest committed state and nothing commits in between."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def __enter__(self):
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.conn.execute("COMMIT")
+        elif self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
+        return False
+
+
+class read_snapshot(write_transaction):
+    """A deferred read transaction: every query in the block sees one snapshot."""
+
+    def __enter__(self):
+        self.conn.execute("BEGIN")
+        return self.conn
+
+
+def apply_schema(conn):
+    """Create what is missing, idempotently, and record the schema version."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise RuntimeError(f"the database has schema version {version}; this eventstore "
+                           f"knows up to {SCHEMA_VERSION}. Upgrade eventstore.")
+    script = SCHEMA_PATH.read_text(encoding="utf-8")
+    conn.executescript(f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;")
+
+
+def open_database(db_path):
+    """Connect and bring the schema up to date: what serve.py and the CLI start with."""
+    conn = connect(db_path)
+    try:
+        apply_schema(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+# --- Users, keys, grants --------------------------------------------------------
+
+def hash_key(api_key):
+    return hashlib.sha256(api_key.encode("utf-8")).digest()
+
+
+_DUMMY_HASH = hash_key("esk_" + "0" * 43)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated user and what it may do."""
+
+    user_id: str
+    is_system: bool
+    grants: dict = field(default_factory=dict)  # program_id -> "read" | "write"
+
+    def may(self, access, program_id):
+        if self.is_system:
+            return True
+        granted = self.grants.get(program_id)
+        return granted == "write" or (granted == "read" and access == "read")
+
+
+def authenticate(conn, user_id, api_key, now):
+    """``(user_id, api_key)`` -> Principal, or None for any kind of bad credential.
+
+    Takes the same steps for every failure (a hash and a constant-time compare),
+    so neither the answer nor its timing tells which part was wrong.
+    """
+    row = None
+    if API_KEY_RE.fullmatch(api_key):
+        row = conn.execute(
+            "SELECT k.user_id, k.key_hash, k.revoked_us, k.last_used_us, u.is_system, u.disabled"
+            " FROM api_keys k JOIN users u ON u.user_id = k.user_id WHERE k.key_id = ?",
+            (api_key[:KEY_ID_LENGTH],),
+        ).fetchone()
+    stored = row[1] if row else _DUMMY_HASH
+    hash_ok = hmac.compare_digest(stored, hash_key(api_key))
+    if not (row and hash_ok and row[0] == user_id and row[2] is None and not row[5]):
+        return None
+    key_owner, _, _, last_used, is_system, _ = row
+    if last_used is None or now - last_used > 60_000_000:
+        _touch_key(conn, api_key[:KEY_ID_LENGTH], now)
+    grants = dict(conn.execute(
+        "SELECT program_id, access FROM grants WHERE user_id = ?", (key_owner,)).fetchall())
+    return Principal(key_owner, bool(is_system), grants)
+
+
+def _touch_key(conn, key_id, now):
+    """Record a key's last use, to the minute. Best effort: a busy database must
+    not fail the request that is merely being authenticated."""
+    try:
+        conn.execute("UPDATE api_keys SET last_used_us = ? WHERE key_id = ?", (now, key_id))
+    except sqlite3.OperationalError:
+        pass
+
+
+def new_api_key():
+    return "esk_" + secrets.token_urlsafe(32)
+
+
+def add_key(conn, user_id, now):
+    """Create a key for ``user_id``; returns the key, which is never stored."""
+    api_key = new_api_key()
+    conn.execute("INSERT INTO api_keys (key_id, user_id, key_hash, created_us) VALUES (?, ?, ?, ?)",
+                 (api_key[:KEY_ID_LENGTH], user_id, hash_key(api_key), now))
+    return api_key
+
+
+def add_user(conn, user_id, is_system, grants, now):
+    """Create a user with ``grants`` ({program_id: access}) and its first key."""
+    with write_transaction(conn):
+        conn.execute("INSERT INTO users (user_id, is_system, created_us) VALUES (?, ?, ?)",
+                     (user_id, int(is_system), now))
+        set_grants(conn, user_id, grants)
+        return add_key(conn, user_id, now)
+
+
+def set_grants(conn, user_id, grants):
+    conn.executemany(
+        "INSERT INTO grants (user_id, program_id, access) VALUES (?, ?, ?)"
+        " ON CONFLICT (user_id, program_id) DO UPDATE SET access = excluded.access",
+        [(user_id, program_id, access) for program_id, access in grants.items()])
+
+
+def bootstrap_admin(conn, now):
+    """On a database with no users, create the SYSTEM user ``admin`` and return its
+    key; otherwise None."""
+    with write_transaction(conn):
+        if conn.execute("SELECT 1 FROM users LIMIT 1").fetchone():
+            return None
+        conn.execute("INSERT INTO users (user_id, is_system, created_us) VALUES ('admin', 1, ?)", (now,))
+        return add_key(conn, "admin", now)
+
+
+# --- Programs -----------------------------------------------------------------
+
+def program_exists(conn, program_id):
+    return conn.execute("SELECT 1 FROM programs WHERE program_id = ?", (program_id,)).fetchone() is not None
+
+
+def put_program(conn, program_id, name, now):
+    conn.execute(
+        "INSERT INTO programs (program_id, name, created_us) VALUES (?, ?, ?)"
+        " ON CONFLICT (program_id) DO UPDATE SET name = excluded.name",
+        (program_id, name, now))
+
+
+def list_programs(conn):
+    return conn.execute("SELECT program_id, name FROM programs ORDER BY program_id").fetchall()
+
+
+# --- Events -------------------------------------------------------------------
+
+EVENT_COLUMNS = ("seq, event_id, program_id, event_type, member_id, start_us, end_us, data,"
+                 " ref_event_id, deleted, revision, created_us, updated_us")
+
+
+def event_representation(row):
+    """A row selected with EVENT_COLUMNS -> the JSON representation of API.md §3."""
+    (seq, event_id, program_id, event_type, member_id, start_us, end_us, data,
+     ref, deleted, revision, created_us, updated_us) = row
+    if deleted:
+        return {"EventId": event_id, "ProgramId": program_id, "EventType": event_type,
+                "Deleted": True, "Revision": revision, "Sequence": seq,
+                "CreatedUTC": format_datetime(created_us), "UpdatedUTC": format_datetime(updated_us)}
+    return {
+        "EventId": event_id, "ProgramId": program_id, "ProgramMemberId": member_id,
+        "EventType": event_type, "EventStartUTC": format_datetime(start_us),
+        "EventEndUTC": format_datetime(end_us), "EventData": json.loads(data),
+        "ReferenceEventId": ref, "Deleted": False, "Revision": revision, "Sequence": seq,
+        "CreatedUTC": format_datetime(created_us), "UpdatedUTC": format_datetime(updated_us),
+    }
+
+
+def read_event(conn, event_id):
+    return conn.execute(f"SELECT {EVENT_COLUMNS} FROM events WHERE event_id = ?", (event_id,)).fetchone()
+
+
+def _next_seq(conn):
+    # Inside the write transaction: rows are never removed, so this is the
+    # largest Sequence ever assigned, and the lock makes commit order = seq order.
+    return conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events").fetchone()[0]
+
+
+def put_event(conn, event, preconditions, now):
+    """Create, update or replay ``event``; call inside write_transaction.
+
+    Returns ``(status, revision)`` with status "created", "updated" or
+    "unchanged". Raises Problem 404 (unregistered program) or 412.
+    """
+    if not program_exists(conn, event.program_id):
+        raise Problem(404, f"Program {event.program_id!r} is not registered.")
+    current = conn.execute(
+        "SELECT revision, deleted, content_hash FROM events WHERE event_id = ?",
+        (event.event_id,)).fetchone()
+    live_revision = current[0] if current and not current[1] else None
+    preconditions.check(live_revision)
+    if live_revision is not None and current[2] == event.content_hash:
+        return "unchanged", live_revision
+    row = {"event_id": event.event_id, "program_id": event.program_id,
+           "event_type": event.event_type, "member_id": event.member_id,
+           "start_us": event.start_us, "end_us": event.end_us, "data": event.data,
+           "ref_event_id": event.ref_event_id, "content_hash": event.content_hash,
+           "now": now, "seq": _next_seq(conn)}
+    if current is None:
+        conn.execute(
+            "INSERT INTO events (seq, event_id, program_id, event_type, member_id, start_us,"
+            " end_us, data, ref_event_id, content_hash, deleted, revision, created_us, updated_us)"
+            " VALUES (:seq, :event_id, :program_id, :event_type, :member_id, :start_us,"
+            " :end_us, :data, :ref_event_id, :content_hash, 0, 1, :now, :now)", row)
+        return "created", 1
+    conn.execute(
+        "UPDATE events SET seq = :seq, event_type = :event_type, member_id = :member_id,"
+        " start_us = :start_us, end_us = :end_us, data = :data, ref_event_id = :ref_event_id,"
+        " content_hash = :content_hash, deleted = 0, revision = revision + 1, updated_us = :now"
+        " WHERE event_id = :event_id", row)
+    return "updated", current[0] + 1
+
+
+def delete_event(conn, event_id, preconditions, now):
+    """Turn a live event into a tombstone, erasing its member, times, data and
+    reference; call inside write_transaction. Returns the new revision."""
+    current = conn.execute("SELECT revision FROM events WHERE event_id = ? AND deleted = 0",
+                           (event_id,)).fetchone()
+    if current is None:
+        raise Problem(404, f"Event {event_id!r} does not exist.")
+    preconditions.check(current[0])
+    conn.execute(
+        "UPDATE events SET member_id = NULL, start_us = NULL, end_us = NULL, data = NULL,"
+        " ref_event_id = NULL, content_hash = NULL, deleted = 1, revision = revision + 1,"
+        " updated_us = ?, seq = ? WHERE event_id = ?",
+        (now, _next_seq(conn), event_id))
+    return current[0] + 1
+
+
+def read_feed(conn, programs, query):
+    """One page of the change feed: up to ``query.limit + 1`` rows (the extra one
+    tells HasMore) with seq > query.after, in seq order, for ``programs``.
+
+    Each (program, event type) pair is one index range walked in seq order;
+    heapq.merge interleaves them lazily, so a page costs about
+    limit x log(number of ranges) row reads, whatever the table's size. The
+    member, reference and start filters are checked on the rows those ranges
+    yield (the member and reference ones use their own indexes where given).
+    """
+    where, params = ["program_id = ?"], []
+    if query.event_types:
+        where.append("event_type = ?")
+    for column, op, value in (("member_id", "=", query.member_id),
+                              ("ref_event_id", "=", query.ref_event_id),
+                              ("start_us", ">=", query.start_from_us),
+                              ("start_us", "<", query.start_before_us)):
+        if value is not None:
+            where.append(f"{column} {op} ?")
+            params.append(value)
+    sql = (f"SELECT {EVENT_COLUMNS} FROM events WHERE {' AND '.join(where)}"
+           " AND seq > ? ORDER BY seq LIMIT ?")
+    tail = (*params, query.after, query.limit + 1)
+    ranges = itertools.product(programs, query.event_types or [None])
+    with read_snapshot(conn):
+        cursors = [conn.execute(sql, (program, *([event_type] if event_type else []), *tail))
+                   for program, event_type in ranges]
+        try:
+            return list(itertools.islice(heapq.merge(*cursors), query.limit + 1))
+        finally:
+            for cursor in cursors:
+                cursor.close()
+
+
+def readable_programs(conn, principal):
+    """Every program the principal may read: all registered ones for SYSTEM."""
+    if principal.is_system:
+        return [row[0] for row in conn.execute("SELECT program_id FROM programs ORDER BY program_id")]
+    return sorted(principal.grants)
+
+
+def data_version(conn):
+    """Changes whenever another connection (in any process) commits."""
+    return conn.execute("PRAGMA data_version").fetchone()[0]
+
+
+# ============================================================================
+# Handlers
+# ============================================================================
+
+@dataclass
+class Response:
+    status: int
+    headers: list = field(default_factory=list)
+    body: bytes = b""
+    content_type: str | None = None
+
+
+def json_response(value, status=200, headers=()):
+    return Response(status, list(headers), _dumps(value), "application/json")
+
+
+@dataclass
+class Request:
+    """What a handler needs: the parsed request, the caller and the store."""
+
+    store: "EventStore"
+    method: str
+    path: str
+    params: dict
+    query: list          # [(name, value)] in order, names repeatable
+    environ: dict
+    user: Principal | None = None
+
+    @property
+    def db(self):
+        return self.store.connection()
+
+    def header(self, name):
+        key = name.upper().replace("-", "_")
+        return self.environ.get(key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + key)
+
+    def require(self, access, program_id):
+        """403 unless the caller holds ``access`` on ``program_id``; decided from
+        the id alone, before anything is looked up."""
+        if program_id is None or not self.user.may(access, program_id):
+            raise Problem(403, f"This key has no {access} access to program {program_id!r}."
+                          if program_id else "This key has no access to that program.")
+
+    def require_system(self):
+        if not self.user.is_system:
+            raise Problem(403, "Only a SYSTEM user may do this.")
+
+    def preconditions(self):
+        return Preconditions(parse_etags(self.header("If-Match")),
+                             parse_etags(self.header("If-None-Match")))
+
+    def url(self, path):
+        """A path of this app as clients must request it (mount prefix included)."""
+        return self.environ.get("SCRIPT_NAME", "").rstrip("/") + path
+
+    def json_body(self):
+        """The body as strict JSON: 415 for a non-JSON type, 413 over the limit."""
+        media_type, _, params = (self.header("Content-Type") or "application/json").partition(";")
+        charset = re.search(r"charset\s*=\s*\"?([^\";\s]+)", params, re.I)
+        if media_type.strip().lower() != "application/json" or (
+                charset and charset.group(1).lower() not in ("utf-8", "utf8")):
+            raise Problem(415, "The body must be JSON: send Content-Type: application/json (UTF-8).")
+        limit = self.store.max_body_bytes
+        too_large = Problem(413, f"The body is larger than the limit of {limit} bytes.")
+        length = self.header("Content-Length")
+        stream = self.environ["wsgi.input"]
+        if length:
+            if not length.isdigit():
+                raise bad_request("Content-Length is not a whole number.")
+            if int(length) > limit:
+                raise too_large
+            body = stream.read(int(length))
+        else:
+            body = stream.read(limit + 1)
+            if len(body) > limit:
+                raise too_large
+        return parse_json(body)
+
+
+def _event_id_param(req):
+    event_id = req.params["event_id"]
+    return event_id, program_of(event_id)
+
+
+def put_event_handler(req):
+    event_id, program_id = _event_id_param(req)
+    req.require("write", program_id)
+    event = validate_event(event_id, req.json_body())
+    preconditions = req.preconditions()
+    status, revision = req.store.write(lambda conn, now: put_event(conn, event, preconditions, now),
+                                       changed=lambda result: result[0] != "unchanged")
+    return Response(200, [("Location", req.url(f"/events/{event_id}")), ("ETag", etag(revision))])
+
+
+def get_event_handler(req):
+    event_id, program_id = _event_id_param(req)
+    req.require("read", program_id)
+    row = read_event(req.db, event_id) if EVENT_ID_RE.fullmatch(event_id) else None
+    if row is None or row[9]:
+        raise Problem(404, f"Event {event_id!r} does not exist.")
+    tag = etag(row[10])
+    if_none_match = parse_etags(req.header("If-None-Match"))
+    if if_none_match == "*" or (if_none_match and tag in if_none_match):
+        return Response(304, [("ETag", tag)])
+    return json_response(event_representation(row), headers=[("ETag", tag)])
+
+
+def delete_event_handler(req):
+    event_id, program_id = _event_id_param(req)
+    req.require("write", program_id)
+    if not EVENT_ID_RE.fullmatch(event_id):
+        raise bad_request("The eventId is not valid.", [field_error("EventId", f"expected {EVENT_ID_RULE}")])
+    preconditions = req.preconditions()
+    revision = req.store.write(lambda conn, now: delete_event(conn, event_id, preconditions, now))
+    return Response(204, [("ETag", etag(revision))])
+
+
+def list_events_handler(req):
+    requested = [value for name, value in req.query if name == "ProgramId"]
+    for program_id in requested:
+        req.require("read", program_id)
+    query = parse_feed_query(req.query)
+    programs = query.programs or readable_programs(req.db, req.user)
+    rows = req.store.wait_for_feed(programs, query)
+    has_more = len(rows) > query.limit
+    rows = rows[:query.limit]
+    last = rows[-1][0] if rows else query.after
+    kept = [(name, value) for name, value in req.query if name not in ("after", "wait")]
+    next_url = req.url("/events?" + urllib.parse.urlencode(kept + [("after", last)]))
+    headers = [("Link", f'<{next_url}>; rel="next"')] if has_more else []
+    return json_response({"Events": [event_representation(row) for row in rows],
+                          "Next": next_url, "HasMore": has_more}, headers=headers)
+
+
+def list_programs_handler(req):
+    user = req.user
+    programs = [{"ProgramId": program_id, "Name": name,
+                 "Access": "write" if user.is_system else user.grants[program_id]}
+                for program_id, name in list_programs(req.db)
+                if user.is_system or program_id in user.grants]
+    return json_response({"Programs": programs})
+
+
+def put_program_handler(req):
+    req.require_system()
+    program_id = req.params["program_id"]
+    if not PROGRAM_ID_RE.fullmatch(program_id):
+        raise bad_request("The ProgramId is not valid.",
+                          [field_error("ProgramId", f"{program_id!r} is not {PROGRAM_ID_RULE}")])
+    name = validate_program_body(req.json_body())
+    req.store.write(lambda conn, now: put_program(conn, program_id, name, now), changed=lambda _: False)
+    return json_response({"ProgramId": program_id, "Name": name})
+
+
+def health_handler(req):
+    try:
+        req.db.execute("SELECT 1 FROM programs LIMIT 1").fetchall()
+    except sqlite3.Error:
+        raise Problem(503, "The database does not answer.", headers=[("Retry-After", "5")])
+    return json_response({"status": "ok", "schemaVersion": SCHEMA_VERSION})
+
+
+def openapi_handler(req):
+    return Response(200, [], req.store.openapi, "application/json")
+
+
+# ============================================================================
+# Routes
+# ============================================================================
+
+# (method, path pattern, handler, needs authentication), read top to bottom.
+ROUTES = [
+    ("GET", r"/health", health_handler, False),
+    ("GET", r"/openapi\.json", openapi_handler, False),
+    ("GET", r"/events", list_events_handler, True),
+    ("PUT", r"/events/(?P<event_id>[^/]+)", put_event_handler, True),
+    ("GET", r"/events/(?P<event_id>[^/]+)", get_event_handler, True),
+    ("DELETE", r"/events/(?P<event_id>[^/]+)", delete_event_handler, True),
+    ("GET", r"/programs", list_programs_handler, True),
+    ("PUT", r"/programs/(?P<program_id>[^/]+)", put_program_handler, True),
+]
+COMPILED_ROUTES = [(method, re.compile(pattern), handler, auth) for method, pattern, handler, auth in ROUTES]
+
+
+def route(method, path):
+    """-> (handler, path params, needs auth); Problem 404 or 405 (with Allow)."""
+    allowed = []
+    for route_method, pattern, handler, auth in COMPILED_ROUTES:
+        match = pattern.fullmatch(path)
+        if match:
+            if route_method == method or (method == "HEAD" and route_method == "GET"):
+                return handler, match.groupdict(), auth
+            allowed.append(route_method)
+    if not allowed:
+        raise Problem(404, "There is no such resource.")
+    if "GET" in allowed:
+        allowed.append("HEAD")
+    raise Problem(405, f"{method} is not allowed here.", headers=[("Allow", ", ".join(sorted(set(allowed))))])
+
+
+def request_path(environ):
+    """The request path, percent-decoded as UTF-8. PATH_INFO carries it as
+    latin-1-decoded bytes (PEP 3333); a path that is not UTF-8 matches no route."""
+    raw = environ.get("PATH_INFO", "") or "/"
+    try:
+        return raw.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return None
+
+
+# ============================================================================
+# The app
+# ============================================================================
+
+class EventStore:
+    """The WSGI application. Only ``__call__`` touches environ and start_response."""
+
+    def __init__(self, db_path, *, max_body_bytes=DEFAULT_MAX_BODY, clock=now_us,
+                 max_waiting=8, busy_timeout_ms=5000, openapi=None):
+        self.db_path = str(db_path)
+        self.max_body_bytes = max_body_bytes
+        self.clock = clock
+        self.busy_timeout_ms = busy_timeout_ms
+        self.openapi = openapi if openapi is not None else OPENAPI_PATH.read_bytes()
+        self._local = threading.local()
+        # Long polls wait on this; every commit made through this app bumps the
+        # generation and wakes them. Commits by other processes are noticed by
+        # PRAGMA data_version at least once a second.
+        self._commits = threading.Condition()
+        self._generation = 0
+        self._waiting = threading.BoundedSemaphore(max_waiting) if max_waiting else None
+        conn = connect(self.db_path, busy_timeout_ms)
+        try:
+            apply_schema(conn)
+        finally:
+            conn.close()
+
+    def connection(self):
+        """This thread's own connection: sqlite3 connections are never shared."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = connect(self.db_path, self.busy_timeout_ms)
+        return conn
+
+    def write(self, change, changed=lambda result: True):
+        """Run ``change(conn, now)`` in one write transaction; wake long polls if
+        ``changed(result)``. Returns the change's result."""
+        conn = self.connection()
+        with write_transaction(conn):
+            result = change(conn, self.clock())
+        if changed(result):
+            with self._commits:
+                self._generation += 1
+                self._commits.notify_all()
+        return result
+
+    def wait_for_feed(self, programs, query):
+        """Read a feed page; with ``query.wait``, if it is empty, wait up to that
+        many seconds for a matching commit. At most ``max_waiting`` requests wait
+        at once; beyond that a request answers at once, as with wait=0."""
+        conn = self.connection()
+        rows = read_feed(conn, programs, query)
+        if rows or not query.wait or not self._waiting or not self._waiting.acquire(blocking=False):
+            return rows
+        try:
+            deadline = time.monotonic() + query.wait
+            seen_generation, seen_version = self._generation, data_version(conn)
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return rows
+                with self._commits:
+                    self._commits.wait_for(lambda: self._generation != seen_generation,
+                                           timeout=min(1.0, remaining))
+                    generation = self._generation
+                version = data_version(conn)
+                if generation != seen_generation or version != seen_version:
+                    seen_generation, seen_version = generation, version
+                    rows = read_feed(conn, programs, query)
+                    if rows:
+                        return rows
+        finally:
+            self._waiting.release()
+
+    def handle(self, environ):
+        """environ -> Response: route, authenticate, run the handler."""
+        method = environ.get("REQUEST_METHOD", "GET").upper()
+        path = request_path(environ)
+        if path is None:
+            raise Problem(404, "There is no such resource.")
+        handler, params, needs_auth = route(method, path)
+        query = urllib.parse.parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True)
+        req = Request(self, method, path, params, query, environ)
+        if needs_auth:
+            credentials = parse_basic_auth(environ.get("HTTP_AUTHORIZATION"))
+            req.user = credentials and authenticate(self.connection(), *credentials, self.clock())
+            if not req.user:
+                raise UNAUTHORIZED
+        return handler(req)
+
+    def __call__(self, environ, start_response):
+        try:
+            response = self.handle(environ)
+        except Problem as problem:
+            response = problem.response()
+        except sqlite3.OperationalError as exc:
+            response = storage_problem(exc).response()
+        except Exception:
+            log.exception("unhandled error in %s %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
+            response = Problem(500, "Internal error.").response()
+        headers = list(response.headers)
+        if response.content_type:
+            headers.append(("Content-Type", response.content_type))
+        body = response.body
+        if response.status in (204, 304):
+            body = b""
+        else:
+            headers.append(("Content-Length", str(len(body))))
+        if environ.get("REQUEST_METHOD", "").upper() == "HEAD":
+            body = b""
+        start_response(f"{response.status} {http.HTTPStatus(response.status).phrase}", headers)
+        return [body]
+
+
+def storage_problem(exc):
+    """A SQLite error the client can do something about -> its Problem; other
+    errors stay 500s. Details never leave the server."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return Problem(503, "The database is busy; try again shortly.", headers=[("Retry-After", "1")])
+    if code == sqlite3.SQLITE_FULL:
+        return Problem(507, "The server's disk is full; nothing was written.")
+    if code == sqlite3.SQLITE_READONLY:
+        return Problem(503, "The database is read-only at the moment; nothing was written.",
+                       headers=[("Retry-After", "60")])
+    log.exception("database error")
+    return Problem(500, "Internal error.")
+
+
+def make_app(db_path, **options):
+    """The WSGI application over the SQLite database at ``db_path`` (created if
+    missing). Options: max_body_bytes, clock, max_waiting, busy_timeout_ms, openapi."""
+    return EventStore(db_path, **options)
+
+
+# ============================================================================
+# The command line
+# ============================================================================
+
+class CommandError(Exception):
+    """A command-line error: printed to standard error, exit status 1."""
+
+
+def _grants_from(args):
+    grants = {program_id: "read" for program_id in args.read or ()}
+    grants.update({program_id: "write" for program_id in args.write or ()})
+    return grants
+
+
+def _check_programs(conn, program_ids):
+    missing = [p for p in program_ids if not program_exists(conn, p)]
+    if missing:
+        raise CommandError(f"not a registered program: {', '.join(missing)} "
+                           "(register it with: program add PROGRAM_ID)")
+
+
+def _check_user(conn, user_id):
+    if not conn.execute("SELECT 1 FROM users WHERE user_id = ?", (user_id,)).fetchone():
+        raise CommandError(f"no such user: {user_id}")
+
+
+def _fmt_time(micros):
+    return format_datetime(micros) if micros is not None else "never"
+
+
+def cmd_program_add(conn, args, out):
+    if not PROGRAM_ID_RE.fullmatch(args.program_id):
+        raise CommandError(f"{args.program_id!r} is not {PROGRAM_ID_RULE}")
+    name = args.name if args.name is not None else args.program_id
+    if not name.strip():
+        raise CommandError("--name must not be empty")
+    with write_transaction(conn):
+        if program_exists(conn, args.program_id) and args.name is None:
+            raise CommandError(f"program {args.program_id} already exists (give --name to rename it)")
+        put_program(conn, args.program_id, name, now_us())
+    print(f"program {args.program_id} registered", file=sys.stderr)
+
+
+def cmd_program_list(conn, args, out):
+    for program_id, name in list_programs(conn):
+        print(f"{program_id}\t{name}", file=out)
+
+
+def cmd_user_add(conn, args, out):
+    if not USER_ID_RE.fullmatch(args.user_id):
+        raise CommandError(f"{args.user_id!r} is not a userId: 1-64 characters of A-Z a-z 0-9 . _ @ -")
+    grants = _grants_from(args)
+    _check_programs(conn, grants)
+    if conn.execute("SELECT 1 FROM users WHERE user_id = ?", (args.user_id,)).fetchone():
+        raise CommandError(f"user {args.user_id} already exists (use: key add {args.user_id})")
+    print(add_user(conn, args.user_id, args.system, grants, now_us()), file=out)
+
+
+def cmd_user_grant(conn, args, out):
+    grants = _grants_from(args)
+    if not grants:
+        raise CommandError("nothing to grant: give --read PROGRAM_ID or --write PROGRAM_ID")
+    _check_user(conn, args.user_id)
+    _check_programs(conn, grants)
+    with write_transaction(conn):
+        set_grants(conn, args.user_id, grants)
+    print(f"granted {args.user_id}: " + ", ".join(f"{a} {p}" for p, a in grants.items()), file=sys.stderr)
+
+
+def cmd_user_revoke(conn, args, out):
+    with write_transaction(conn):
+        deleted = conn.execute("DELETE FROM grants WHERE user_id = ? AND program_id = ?",
+                               (args.user_id, args.program_id)).rowcount
+    if not deleted:
+        raise CommandError(f"user {args.user_id} holds no grant on {args.program_id}")
+    print(f"revoked {args.user_id}'s access to {args.program_id}", file=sys.stderr)
+
+
+def cmd_user_disable(conn, args, out):
+    with write_transaction(conn):
+        if not conn.execute("UPDATE users SET disabled = 1 WHERE user_id = ?", (args.user_id,)).rowcount:
+            raise CommandError(f"no such user: {args.user_id}")
+    print(f"user {args.user_id} disabled", file=sys.stderr)
+
+
+def cmd_user_list(conn, args, out):
+    users = conn.execute("SELECT user_id, is_system, disabled FROM users ORDER BY user_id").fetchall()
+    for user_id, is_system, disabled in users:
+        grants = conn.execute("SELECT program_id, access FROM grants WHERE user_id = ? ORDER BY program_id",
+                              (user_id,)).fetchall()
+        rights = "SYSTEM" if is_system else " ".join(f"{a}:{p}" for p, a in grants) or "-"
+        print(f"{user_id}\t{rights}\t{'disabled' if disabled else 'active'}", file=out)
+
+
+def cmd_key_add(conn, args, out):
+    _check_user(conn, args.user_id)
+    with write_transaction(conn):
+        api_key = add_key(conn, args.user_id, now_us())
+    print(api_key, file=out)
+
+
+def cmd_key_list(conn, args, out):
+    _check_user(conn, args.user_id)
+    keys = conn.execute("SELECT key_id, created_us, last_used_us, revoked_us FROM api_keys"
+                        " WHERE user_id = ? ORDER BY created_us", (args.user_id,)).fetchall()
+    for key_id, created, last_used, revoked in keys:
+        state = f"\trevoked {_fmt_time(revoked)}" if revoked else ""
+        print(f"{key_id}\tcreated {_fmt_time(created)}\tlast used {_fmt_time(last_used)}{state}", file=out)
+
+
+def cmd_key_revoke(conn, args, out):
+    with write_transaction(conn):
+        updated = conn.execute("UPDATE api_keys SET revoked_us = COALESCE(revoked_us, ?)"
+                               " WHERE user_id = ? AND key_id = ?",
+                               (now_us(), args.user_id, args.key_id)).rowcount
+    if not updated:
+        raise CommandError(f"user {args.user_id} has no key {args.key_id} (see: key list {args.user_id})")
+    print(f"key {args.key_id} revoked", file=sys.stderr)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="eventstore.py", description="Administer an eventstore database.")
+    parser.add_argument("--db", default=os.environ.get("EVENTSTORE_DB", DEFAULT_DB),
+                        help="database file (default: $EVENTSTORE_DB or %(default)s)")
+    groups = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
+
+    def command(group, name, func, help):
+        sub = group.add_parser(name, help=help, description=help)
+        sub.set_defaults(func=func)
+        return sub
+
+    def grant_flags(sub):
+        sub.add_argument("--read", action="append", metavar="PROGRAM_ID", help="grant read on a program")
+        sub.add_argument("--write", action="append", metavar="PROGRAM_ID", help="grant write on a program")
+
+    program = groups.add_parser("program", help="register and list programs").add_subparsers(
+        dest="command", required=True, metavar="COMMAND")
+    sub = command(program, "add", cmd_program_add, "register a program (or rename one with --name)")
+    sub.add_argument("program_id", metavar="PROGRAM_ID")
+    sub.add_argument("--name", help="display name (default: the ProgramId)")
+    command(program, "list", cmd_program_list, "list programs: id and name, tab-separated")
+
+    user = groups.add_parser("user", help="manage users and their grants").add_subparsers(
+        dest="command", required=True, metavar="COMMAND")
+    sub = command(user, "add", cmd_user_add, "create a user and print its first API key")
+    sub.add_argument("user_id", metavar="USER_ID")
+    sub.add_argument("--system", action="store_true", help="every right on every program, and admin")
+    grant_flags(sub)
+    sub = command(user, "grant", cmd_user_grant, "grant a user read or write on programs")
+    sub.add_argument("user_id", metavar="USER_ID")
+    grant_flags(sub)
+    sub = command(user, "revoke", cmd_user_revoke, "remove a user's grant on a program")
+    sub.add_argument("user_id", metavar="USER_ID")
+    sub.add_argument("program_id", metavar="PROGRAM_ID")
+    sub = command(user, "disable", cmd_user_disable, "disable a user: none of its keys work any more")
+    sub.add_argument("user_id", metavar="USER_ID")
+    command(user, "list", cmd_user_list, "list users: id, rights, state, tab-separated")
+
+    key = groups.add_parser("key", help="manage API keys").add_subparsers(
+        dest="command", required=True, metavar="COMMAND")
+    sub = command(key, "add", cmd_key_add, "create another API key for a user and print it")
+    sub.add_argument("user_id", metavar="USER_ID")
+    sub = command(key, "list", cmd_key_list, "list a user's keys: public id, created, last used")
+    sub.add_argument("user_id", metavar="USER_ID")
+    sub = command(key, "revoke", cmd_key_revoke, "revoke one of a user's keys by its public id")
+    sub.add_argument("user_id", metavar="USER_ID")
+    sub.add_argument("key_id", metavar="KEY_ID")
+    return parser
+
+
+def main(argv=None, out=None):
+    """The admin command line; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    out = out or sys.stdout
+    try:
+        conn = open_database(args.db)
+    except (sqlite3.Error, RuntimeError) as exc:
+        print(f"error: cannot open {args.db} as an eventstore database: {exc}", file=sys.stderr)
+        return 1
+    try:
+        args.func(conn, args, out)
+    except CommandError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as exc:
+        print(f"error: database: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        conn.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+-- eventstore schema. Applied by eventstore.apply_schema() on every start; every
+-- statement is idempotent (IF NOT EXISTS) and nothing is ever dropped. The schema
+-- version lives in PRAGMA user_version, set by the code after this script runs.
+-- Times are integers: microseconds since 1970-01-01T00:00:00Z, UTC.
+
+CREATE TABLE IF NOT EXISTS programs (
+    program_id  TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    created_us  INTEGER NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS users (
+    user_id     TEXT PRIMARY KEY,
+    is_system   INTEGER NOT NULL DEFAULT 0,
+    disabled    INTEGER NOT NULL DEFAULT 0,
+    created_us  INTEGER NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS grants (
+    user_id     TEXT NOT NULL REFERENCES users (user_id),
+    program_id  TEXT NOT NULL REFERENCES programs (program_id),
+    access      TEXT NOT NULL CHECK (access IN ('read', 'write')),
+    PRIMARY KEY (user_id, program_id)
+) WITHOUT ROWID;
+
+-- key_id is the key's public id (its first 12 characters); only a SHA-256 of
+-- the whole key is kept.
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id        TEXT PRIMARY KEY,
+    user_id       TEXT NOT NULL REFERENCES users (user_id),
+    key_hash      BLOB NOT NULL,
+    created_us    INTEGER NOT NULL,
+    last_used_us  INTEGER,
+    revoked_us    INTEGER
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS api_keys_by_user ON api_keys (user_id);
+
+-- One row per event in its current state, tombstones included. The rowid is the
+-- change-feed Sequence: every change moves the row to a new, larger rowid, so
+-- the table itself is stored in feed order and "seq > ? ORDER BY seq" is a
+-- range scan. Rows are never removed, so MAX(seq) never goes down.
+-- A tombstone keeps event_id, program_id, event_type and the bookkeeping
+-- columns; member_id, the times, data, ref_event_id and content_hash are NULL.
+CREATE TABLE IF NOT EXISTS events (
+    seq           INTEGER PRIMARY KEY,
+    event_id      TEXT NOT NULL UNIQUE,
+    program_id    TEXT NOT NULL,
+    event_type    TEXT NOT NULL,
+    member_id     TEXT,
+    start_us      INTEGER,
+    end_us        INTEGER,
+    data          TEXT,
+    ref_event_id  TEXT,
+    deleted       INTEGER NOT NULL DEFAULT 0,
+    revision      INTEGER NOT NULL,
+    content_hash  BLOB,
+    created_us    INTEGER NOT NULL,
+    updated_us    INTEGER NOT NULL
+);
+
+-- Feed indexes. Each ends, implicitly, in the rowid (seq), so a feed query with
+-- equality on the leading columns and "seq > ? ORDER BY seq LIMIT ?" walks one
+-- index range in order and stops after LIMIT rows.
+CREATE INDEX IF NOT EXISTS events_by_program ON events (program_id);
+CREATE INDEX IF NOT EXISTS events_by_type ON events (program_id, event_type);
+CREATE INDEX IF NOT EXISTS events_by_member ON events (program_id, member_id)
+    WHERE member_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS events_by_reference ON events (program_id, ref_event_id)
+    WHERE ref_event_id IS NOT NULL;

@@ -1,0 +1,70 @@
+"""Serve eventstore with waitress: ``python serve.py [--host] [--port] [--db] [--threads]``.
+
+Reads flags and ``EVENTSTORE_DB``, creates the SYSTEM user ``admin`` on a
+database that has none (printing its key once to standard error), and serves
+``eventstore.make_app`` until interrupted.
+"""
+
+import argparse
+import os
+import sqlite3
+import sys
+
+import eventstore
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Serve the eventstore registry with waitress.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8080, help="port to listen on (default: %(default)s)")
+    parser.add_argument("--db", default=os.environ.get("EVENTSTORE_DB", eventstore.DEFAULT_DB),
+                        help="database file (default: $EVENTSTORE_DB or %(default)s)")
+    parser.add_argument("--threads", type=int, default=8,
+                        help="waitress worker threads (default: %(default)s)")
+    parser.add_argument("--max-body", type=int, default=eventstore.DEFAULT_MAX_BODY, metavar="BYTES",
+                        help="largest request body accepted (default: %(default)s)")
+    return parser.parse_args(argv)
+
+
+def announce(db_path, host, port):
+    """Create the first admin on an empty database and tell the operator how to
+    authenticate. The key is printed once, to standard error."""
+    conn = eventstore.open_database(db_path)
+    try:
+        admin_key = eventstore.bootstrap_admin(conn, eventstore.now_us())
+    finally:
+        conn.close()
+    base = f"http://{host}:{port}"
+    say = lambda text="": print(text, file=sys.stderr)  # noqa: E731
+    say(f"eventstore serving {os.path.abspath(db_path)} on {base}")
+    if admin_key:
+        say()
+        say("Created the SYSTEM user 'admin'. Its API key is shown only this once:")
+        say()
+        say(f"    {admin_key}")
+        say()
+        say(f"Try:  curl -u 'admin:{admin_key}' {base}/programs")
+        say(f"More users: python eventstore.py --db {db_path} user add USER_ID --write PROGRAM_ID")
+    else:
+        say("Authenticate with HTTP Basic: your user id and API key (curl -u USER_ID:API_KEY ...).")
+        say(f"New key for admin: python eventstore.py --db {db_path} key add admin")
+    sys.stderr.flush()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        app = eventstore.make_app(args.db, max_body_bytes=args.max_body)
+        announce(args.db, args.host, args.port)
+    except (sqlite3.Error, RuntimeError, OSError) as exc:
+        print(f"error: cannot open {args.db} as an eventstore database: {exc}", file=sys.stderr)
+        return 1
+    import waitress
+
+    waitress.serve(app, host=args.host, port=args.port, threads=args.threads,
+                   max_request_body_size=args.max_body + 1024, ident="eventstore")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
