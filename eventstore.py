@@ -219,7 +219,8 @@ def _dumps(value):
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 DATETIME_RE = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d+))?)?"
-    r"(?:([Zz])|([+-])(\d{2})(?::?(\d{2}))?)?"
+    r"(?:([Zz])|([+-])(\d{2})(?::?(\d{2}))?)?",
+    re.ASCII,
 )
 DATETIME_RULE = "an ISO 8601 date-time such as 2026-03-01T09:30:00Z"
 

@@ -1,0 +1,111 @@
+"""Fixtures: a fresh registry on a temporary database, and WebTest clients
+authenticated as each kind of user."""
+
+import base64
+import sys
+from pathlib import Path
+
+import pytest
+import webtest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import eventstore  # noqa: E402
+
+
+def basic(user_id, api_key):
+    token = base64.b64encode(f"{user_id}:{api_key}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+class Client:
+    """A WebTest app that sends one user's credentials with every request."""
+
+    def __init__(self, app, headers):
+        self.app = webtest.TestApp(app)
+        self.headers = headers
+
+    def __getattr__(self, verb):
+        method = getattr(self.app, verb)
+
+        def call(url, *args, headers=None, **kwargs):
+            return method(url, *args, headers={**self.headers, **(headers or {})}, **kwargs)
+
+        return call
+
+
+class Registry:
+    """A registry with programs FOO and BAR and users of every kind."""
+
+    def __init__(self, db_path, **options):
+        self.db_path = str(db_path)
+        self.app = eventstore.make_app(self.db_path, **options)
+        self.db = eventstore.open_database(self.db_path)
+        now = eventstore.now_us()
+        self.keys = {"admin": eventstore.bootstrap_admin(self.db, now)}
+        for program_id in ("FOO", "BAR"):
+            with eventstore.write_transaction(self.db):
+                eventstore.put_program(self.db, program_id, f"Program {program_id}", now)
+        self.add_user("writer", grants={"FOO": "write"})
+        self.add_user("reader", grants={"FOO": "read"})
+        self.add_user("nobody")
+        self.anonymous = webtest.TestApp(self.app)
+
+    def add_user(self, user_id, is_system=False, grants=None):
+        self.keys[user_id] = eventstore.add_user(self.db, user_id, is_system, grants or {},
+                                                 eventstore.now_us())
+        return self.keys[user_id]
+
+    def client(self, user_id):
+        return Client(self.app, basic(user_id, self.keys[user_id]))
+
+    def row(self, event_id):
+        """The raw stored row, to check what really is in the database."""
+        cursor = self.db.execute("SELECT * FROM events WHERE event_id = ?", (event_id,))
+        names = [d[0] for d in cursor.description]
+        row = cursor.fetchone()
+        return dict(zip(names, row)) if row else None
+
+    def count_events(self):
+        return self.db.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+
+
+@pytest.fixture
+def registry(tmp_path):
+    registry = Registry(tmp_path / "events.db")
+    yield registry
+    registry.db.close()
+
+
+@pytest.fixture
+def admin(registry):
+    return registry.client("admin")
+
+
+@pytest.fixture
+def writer(registry):
+    return registry.client("writer")
+
+
+@pytest.fixture
+def reader(registry):
+    return registry.client("reader")
+
+
+def event_body(program_id="FOO", **fields):
+    body = {
+        "ProgramId": program_id,
+        "ProgramMemberId": "joebob@example.com",
+        "EventType": "CourseCompleted",
+        "EventStartUTC": "2026-03-01T09:30:00Z",
+        "EventEndUTC": "2026-03-01T11:00:00.250000Z",
+        "EventData": {"course": "CPR-101", "score": 97},
+    }
+    body.update(fields)
+    return {k: v for k, v in body.items() if v is not ...}
+
+
+@pytest.fixture
+def body():
+    return event_body
