@@ -982,23 +982,29 @@ ROUTES = [
     ("GET", r"/programs", list_programs_handler, True),
     ("PUT", r"/programs/(?P<program_id>[^/]+)", put_program_handler, True),
 ]
-COMPILED_ROUTES = [(method, re.compile(pattern), handler, auth) for method, pattern, handler, auth in ROUTES]
 
 
-def route(method, path):
-    """-> (handler, path params, needs auth); Problem 404 or 405 (with Allow)."""
-    allowed = []
-    for route_method, pattern, handler, auth in COMPILED_ROUTES:
-        match = pattern.fullmatch(path)
-        if match:
-            if route_method == method or (method == "HEAD" and route_method == "GET"):
-                return handler, match.groupdict(), auth
-            allowed.append(route_method)
-    if not allowed:
-        raise Problem(404, "There is no such resource.")
-    if "GET" in allowed:
-        allowed.append("HEAD")
-    raise Problem(405, f"{method} is not allowed here.", headers=[("Allow", ", ".join(sorted(set(allowed))))])
+class Router:
+    """Matches (method, path) against a route table read top to bottom."""
+
+    def __init__(self, routes):
+        self.routes = [(method, re.compile(pattern), handler, auth) for method, pattern, handler, auth in routes]
+
+    def match(self, method, path):
+        """-> (handler, path params, needs auth); Problem 404, or 405 with Allow."""
+        allowed = []
+        for route_method, pattern, handler, auth in self.routes:
+            found = pattern.fullmatch(path)
+            if found:
+                if route_method == method or (method == "HEAD" and route_method == "GET"):
+                    return handler, found.groupdict(), auth
+                allowed.append(route_method)
+        if not allowed:
+            raise Problem(404, "There is no such resource.")
+        if "GET" in allowed:
+            allowed.append("HEAD")
+        raise Problem(405, f"{method} is not allowed here.",
+                      headers=[("Allow", ", ".join(sorted(set(allowed))))])
 
 
 def request_path(environ):
@@ -1019,8 +1025,9 @@ class EventStore:
     """The WSGI application. Only ``__call__`` touches environ and start_response."""
 
     def __init__(self, db_path, *, max_body_bytes=DEFAULT_MAX_BODY, clock=now_us,
-                 max_waiting=8, busy_timeout_ms=5000, openapi=None):
+                 max_waiting=8, busy_timeout_ms=5000, openapi=None, routes=ROUTES):
         self.db_path = str(db_path)
+        self.router = Router(routes)
         self.max_body_bytes = max_body_bytes
         self.clock = clock
         self.busy_timeout_ms = busy_timeout_ms
@@ -1091,7 +1098,7 @@ class EventStore:
         path = request_path(environ)
         if path is None:
             raise Problem(404, "There is no such resource.")
-        handler, params, needs_auth = route(method, path)
+        handler, params, needs_auth = self.router.match(method, path)
         query = urllib.parse.parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True)
         req = Request(self, method, path, params, query, environ)
         if needs_auth:
@@ -1142,7 +1149,8 @@ def storage_problem(exc):
 
 def make_app(db_path, **options):
     """The WSGI application over the SQLite database at ``db_path`` (created if
-    missing). Options: max_body_bytes, clock, max_waiting, busy_timeout_ms, openapi."""
+    missing). Options: max_body_bytes, clock, max_waiting, busy_timeout_ms,
+    openapi (the document's bytes), routes (the route table)."""
     return EventStore(db_path, **options)
 
 

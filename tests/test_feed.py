@@ -1,0 +1,220 @@
+"""API.md §4: GET /events, the change feed."""
+
+import threading
+import time
+import urllib.parse
+
+import pytest
+
+from conftest import event_body
+
+
+def publish(client, event_id, **fields):
+    program_id = event_id.split("-")[0]
+    client.put_json(f"/events/{event_id}", event_body(program_id, **fields))
+
+
+def ids(response):
+    return [e["EventId"] for e in response.json["Events"]]
+
+
+def follow(client, url="/events?limit=2"):
+    """Follow Next until HasMore is false; every page's events, in order."""
+    events = []
+    while True:
+        page = client.get(url).json
+        events.extend(page["Events"])
+        url = page["Next"]
+        if not page["HasMore"]:
+            return events, url
+
+
+def test_empty_feed(writer):
+    page = writer.get("/events").json
+    assert page == {"Events": [], "Next": "/events?after=0", "HasMore": False}
+
+
+def test_events_come_in_sequence_order_with_latest_state_once(admin):
+    for event_id in ("FOO-1", "FOO-2", "BAR-1"):
+        publish(admin, event_id)
+    publish(admin, "FOO-1", EventType="Again")
+    events = admin.get("/events").json["Events"]
+    assert [e["EventId"] for e in events] == ["FOO-2", "BAR-1", "FOO-1"]
+    assert [e["Sequence"] for e in events] == [2, 3, 4]
+    assert events[-1]["EventType"] == "Again" and events[-1]["Revision"] == 2
+
+
+def test_following_next_pages_through_everything(admin):
+    for n in range(7):
+        publish(admin, f"FOO-{n}")
+    events, last_url = follow(admin)
+    assert [e["EventId"] for e in events] == [f"FOO-{n}" for n in range(7)]
+    assert dict(urllib.parse.parse_qsl(last_url.split("?")[1])) == {"limit": "2", "after": "7"}
+    publish(admin, "FOO-new")
+    assert ids(admin.get(last_url)) == ["FOO-new"]
+
+
+def test_next_keeps_filters_and_limit_but_not_wait(admin):
+    publish(admin, "FOO-1")
+    page = admin.get("/events?EventType=CourseCompleted&ProgramId=FOO&ProgramId=BAR&limit=5&wait=0&after=0").json
+    query = urllib.parse.parse_qsl(page["Next"].split("?", 1)[1])
+    assert query == [("EventType", "CourseCompleted"), ("ProgramId", "FOO"), ("ProgramId", "BAR"),
+                     ("limit", "5"), ("after", "1")]
+
+
+def test_has_more_and_link_header(admin):
+    for n in range(3):
+        publish(admin, f"FOO-{n}")
+    first = admin.get("/events?limit=2")
+    assert first.json["HasMore"] is True
+    assert first.headers["Link"] == f'<{first.json["Next"]}>; rel="next"'
+    last = admin.get("/events?limit=3")
+    assert last.json["HasMore"] is False and "Link" not in last.headers
+
+
+def test_next_when_nothing_returned_keeps_the_requests_after(admin):
+    assert admin.get("/events?after=42").json["Next"] == "/events?after=42"
+
+
+def test_tombstones_are_in_the_feed(admin):
+    publish(admin, "FOO-1")
+    admin.delete("/events/FOO-1")
+    events = admin.get("/events?ProgramId=FOO&EventType=CourseCompleted").json["Events"]
+    assert [(e["EventId"], e["Deleted"], e["Sequence"]) for e in events] == [("FOO-1", True, 2)]
+
+
+@pytest.mark.parametrize("query", [
+    "ProgramMemberId=joebob@example.com", "ReferenceEventId=FOO-9",
+    "EventStartFromUTC=2000-01-01T00:00:00Z", "EventStartBeforeUTC=2100-01-01T00:00:00Z",
+])
+def test_member_reference_and_time_filters_exclude_tombstones(admin, query):
+    publish(admin, "FOO-1", ReferenceEventId="FOO-9")
+    publish(admin, "FOO-2", ReferenceEventId="FOO-9")
+    admin.delete("/events/FOO-1")
+    assert ids(admin.get("/events?" + urllib.parse.quote(query, safe="=@"))) == ["FOO-2"]
+
+
+def test_filters(admin):
+    publish(admin, "FOO-a", EventType="Started", ProgramMemberId="ann", EventStartUTC="2026-01-01T00:00:00Z",
+            EventEndUTC=None)
+    publish(admin, "FOO-b", EventType="Done", ProgramMemberId="bob", EventStartUTC="2026-02-01T00:00:00Z",
+            EventEndUTC=None, ReferenceEventId="FOO-a")
+    publish(admin, "BAR-c", EventType="Done", ProgramMemberId="ann", EventStartUTC="2026-03-01T00:00:00Z",
+            EventEndUTC=None, ReferenceEventId="FOO-a")
+    cases = {
+        "ProgramId=FOO": ["FOO-a", "FOO-b"],
+        "ProgramId=BAR&ProgramId=FOO": ["FOO-a", "FOO-b", "BAR-c"],
+        "EventType=Done": ["FOO-b", "BAR-c"],
+        "EventType=Done&EventType=Started": ["FOO-a", "FOO-b", "BAR-c"],
+        "ProgramMemberId=ann": ["FOO-a", "BAR-c"],
+        "ProgramMemberId=ann&ProgramId=BAR": ["BAR-c"],
+        "ReferenceEventId=FOO-a": ["FOO-b", "BAR-c"],
+        "EventStartFromUTC=2026-02-01T00:00:00Z": ["FOO-b", "BAR-c"],
+        "EventStartBeforeUTC=2026-02-01T00:00:00Z": ["FOO-a"],
+        "EventStartFromUTC=2026-01-15T00:00:00Z&EventStartBeforeUTC=2026-02-15T00:00:00Z": ["FOO-b"],
+        "EventStartFromUTC=2026-01-31T19:00:00-05:00": ["FOO-b", "BAR-c"],
+        "ProgramId=ZZZ": [],
+        "EventType=Done&ProgramMemberId=bob&ReferenceEventId=FOO-a&ProgramId=FOO": ["FOO-b"],
+        "after=1": ["FOO-b", "BAR-c"],
+        "after=2&limit=1": ["BAR-c"],
+    }
+    for query, expected in cases.items():
+        assert ids(admin.get("/events?" + query.replace("+", "%2B"))) == expected, query
+
+
+def test_a_user_sees_only_programs_it_may_read(registry, admin, reader):
+    publish(admin, "FOO-1")
+    publish(admin, "BAR-1")
+    assert ids(reader.get("/events")) == ["FOO-1"]
+    assert ids(registry.client("nobody").get("/events")) == []
+    reader.get("/events?ProgramId=BAR", status=403)
+    reader.get("/events?ProgramId=FOO&ProgramId=BAR", status=403)
+    reader.get("/events?ProgramId=ZZZ", status=403)
+
+
+def test_403_comes_before_parameter_validation(reader):
+    reader.get("/events?ProgramId=BAR&limit=banana", status=403)
+
+
+@pytest.mark.parametrize("query, field", [
+    ("programid=FOO", "programid"), ("Limit=5", "Limit"), ("limit=0", "limit"), ("limit=1001", "limit"),
+    ("limit=x", "limit"), ("after=-1", "after"), ("after=1.5", "after"), ("wait=31", "wait"),
+    ("wait=-1", "wait"), ("EventStartFromUTC=soon", "EventStartFromUTC"), ("ProgramId=A-B", "ProgramId"),
+    ("after=1&after=2", "after"), ("after=" + "9" * 30, "after"), ("limit=%EF%BC%95", "limit"),
+])
+def test_bad_parameters_are_400_naming_the_parameter(admin, query, field):
+    problem = admin.get("/events?" + query, status=400).json
+    assert field in [e["field"] for e in problem["errors"]]
+
+
+def test_an_unknown_parameter_lists_the_accepted_names(admin):
+    message = admin.get("/events?colour=red", status=400).json["errors"][0]["message"]
+    for name in ("ProgramId", "EventType", "ProgramMemberId", "ReferenceEventId", "EventStartFromUTC",
+                 "EventStartBeforeUTC", "after", "limit", "wait"):
+        assert name in message
+
+
+def test_limit_bounds_are_inclusive(admin):
+    admin.get("/events?limit=1")
+    admin.get("/events?limit=1000")
+    admin.get("/events?wait=0")
+
+
+def test_feed_queries_walk_an_index_in_sequence_order(registry):
+    from eventstore import EVENT_COLUMNS
+    plans = {
+        "": "program_id=?",
+        " AND event_type = ?": "event_type=?",
+        " AND member_id = ?": "member_id=?",
+        " AND ref_event_id = ?": "ref_event_id=?",
+    }
+    for extra, column in plans.items():
+        sql = (f"EXPLAIN QUERY PLAN SELECT {EVENT_COLUMNS} FROM events WHERE program_id = ?{extra}"
+               " AND seq > ? ORDER BY seq LIMIT ?")
+        plan = " ".join(row[3] for row in registry.db.execute(sql, (1,) * sql.count("?")))
+        assert "USING" in plan and column in plan and "rowid>?" in plan, plan
+        assert "TEMP B-TREE" not in plan, plan
+
+
+def test_long_poll_returns_on_a_matching_commit(admin, registry):
+    def publish_later():
+        time.sleep(0.3)
+        publish(registry.client("admin"), "BAR-ignored")
+        time.sleep(0.3)
+        publish(registry.client("admin"), "FOO-wanted")
+
+    thread = threading.Thread(target=publish_later)
+    started = time.monotonic()
+    thread.start()
+    page = admin.get("/events?ProgramId=FOO&wait=10").json
+    elapsed = time.monotonic() - started
+    thread.join()
+    assert [e["EventId"] for e in page["Events"]] == ["FOO-wanted"]
+    assert 0.5 < elapsed < 5
+
+
+def test_long_poll_times_out_empty(admin):
+    started = time.monotonic()
+    page = admin.get("/events?wait=1").json
+    assert page["Events"] == [] and page["HasMore"] is False
+    assert time.monotonic() - started >= 1
+
+
+def test_long_poll_notices_commits_from_another_connection(admin, registry):
+    import eventstore
+
+    def publish_elsewhere():
+        time.sleep(0.3)
+        other = eventstore.open_database(registry.db_path)
+        event = eventstore.validate_event("FOO-x", event_body())
+        with eventstore.write_transaction(other):
+            eventstore.put_event(other, event, eventstore.Preconditions(), eventstore.now_us())
+        other.close()
+
+    thread = threading.Thread(target=publish_elsewhere)
+    thread.start()
+    started = time.monotonic()
+    page = admin.get("/events?wait=10").json
+    thread.join()
+    assert [e["EventId"] for e in page["Events"]] == ["FOO-x"]
+    assert time.monotonic() - started < 3

@@ -1,0 +1,121 @@
+"""API.md §5 programs, §6 service endpoints, §7 errors and routing."""
+
+import json
+
+import pytest
+
+from conftest import event_body
+
+
+def test_system_sees_every_program_with_write(admin):
+    programs = admin.get("/programs").json["Programs"]
+    assert programs == [{"ProgramId": "BAR", "Name": "Program BAR", "Access": "write"},
+                        {"ProgramId": "FOO", "Name": "Program FOO", "Access": "write"}]
+
+
+def test_a_user_sees_its_programs_with_its_access(registry, reader, writer):
+    assert reader.get("/programs").json["Programs"] == [{"ProgramId": "FOO", "Name": "Program FOO", "Access": "read"}]
+    assert writer.get("/programs").json["Programs"][0]["Access"] == "write"
+    assert registry.client("nobody").get("/programs").json == {"Programs": []}
+
+
+def test_system_registers_and_renames_a_program(admin):
+    assert admin.put_json("/programs/NEW_1", {"Name": "New"}).json == {"ProgramId": "NEW_1", "Name": "New"}
+    admin.put_json("/events/NEW_1-1", event_body("NEW_1"), status=200)
+    admin.put_json("/programs/NEW_1", {"Name": "Renamed"})
+    names = {p["ProgramId"]: p["Name"] for p in admin.get("/programs").json["Programs"]}
+    assert names["NEW_1"] == "Renamed"
+
+
+def test_only_system_registers_programs(writer, registry):
+    writer.put_json("/programs/FOO", {"Name": "Mine now"}, status=403)
+    writer.put_json("/programs/NEW", {"Name": "x"}, status=403)
+    assert registry.db.execute("SELECT name FROM programs WHERE program_id = 'FOO'").fetchone() == ("Program FOO",)
+
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/programs/A-B", {"Name": "x"}, "ProgramId"),
+    ("/programs/" + "A" * 33, {"Name": "x"}, "ProgramId"),
+    ("/programs/OK", {}, "Name"),
+    ("/programs/OK", {"Name": ""}, "Name"),
+    ("/programs/OK", {"Name": 5}, "Name"),
+    ("/programs/OK", {"Name": "x", "Owner": "me"}, "Owner"),
+    ("/programs/OK", [], "body"),
+])
+def test_bad_program_registrations_are_400(admin, path, body, field):
+    problem = admin.put_json(path, body, status=400).json
+    assert field in [e["field"] for e in problem["errors"]]
+    assert all(p["ProgramId"] != "OK" for p in admin.get("/programs").json["Programs"])
+
+
+def test_health_needs_no_credentials(registry):
+    assert registry.anonymous.get("/health").json["status"] == "ok"
+
+
+def test_health_is_503_when_the_database_does_not_answer(tmp_path):
+    import eventstore
+    app = eventstore.make_app(tmp_path / "gone.db")
+    (tmp_path / "gone.db").write_bytes(b"this is not a database" * 100)
+    import webtest
+    response = webtest.TestApp(app).get("/health", status=503)
+    assert response.content_type == "application/problem+json"
+
+
+def test_openapi_document_describes_every_route(registry):
+    import eventstore
+    document = registry.anonymous.get("/openapi.json").json
+    assert document["openapi"].startswith("3.1")
+    described = {(method.upper(), path) for path, item in document["paths"].items() for method in item
+                 if method in ("get", "put", "post", "delete")}
+    routed = {("GET", "/health"), ("GET", "/openapi.json"), ("GET", "/events"), ("PUT", "/events/{eventId}"),
+              ("GET", "/events/{eventId}"), ("DELETE", "/events/{eventId}"), ("GET", "/programs"),
+              ("PUT", "/programs/{ProgramId}")}
+    assert routed <= described
+    assert len(routed) == len(eventstore.ROUTES)
+
+
+def test_unknown_paths_are_404_problem_json(registry):
+    for path in ("/", "/event", "/events/", "/programs/FOO/extra", "/EVENTS"):
+        response = registry.anonymous.get(path, status=404)
+        assert response.content_type == "application/problem+json"
+        assert response.json["status"] == 404 and response.json["title"] == "Not Found"
+
+
+@pytest.mark.parametrize("method, path, allow", [
+    ("POST", "/events/FOO-1", "DELETE, GET, HEAD, PUT"),
+    ("PATCH", "/programs/FOO", "PUT"),
+    ("DELETE", "/programs", "GET, HEAD"),
+    ("PUT", "/health", "GET, HEAD"),
+])
+def test_wrong_method_is_405_with_allow(registry, method, path, allow):
+    response = registry.anonymous.request(path, method=method, status=405)
+    assert response.headers["Allow"] == allow
+    assert response.json["status"] == 405
+
+
+def test_head_is_get_without_a_body(registry, writer):
+    writer.put_json("/events/FOO-1", event_body())
+    response = writer.head("/events/FOO-1")
+    assert response.status_int == 200 and response.body == b""
+    assert int(response.headers["Content-Length"]) > 0
+
+
+def test_an_unexpected_error_is_a_bare_500_and_logged(tmp_path, caplog):
+    import eventstore
+    import webtest
+
+    def explode(req):
+        raise RuntimeError("secret internals /var/db/path")
+
+    app = eventstore.make_app(tmp_path / "boom.db", routes=[("GET", "/boom", explode, False)])
+    response = webtest.TestApp(app).get("/boom", status=500)
+    assert response.json == {"type": "about:blank", "title": "Internal Server Error", "status": 500,
+                             "detail": "Internal error."}
+    assert "secret internals" in caplog.text
+
+
+def test_location_includes_the_mount_point(writer):
+    response = writer.put("/events/FOO-1", json.dumps(event_body()),
+                          headers={"Content-Type": "application/json"},
+                          extra_environ={"SCRIPT_NAME": "/registry"})
+    assert response.headers["Location"] == "/registry/events/FOO-1"
