@@ -1,0 +1,140 @@
+"""API.md §8: the admin command line."""
+
+import subprocess
+import sys
+
+import pytest
+
+import eventstore
+from conftest import ROOT, basic
+
+
+@pytest.fixture
+def cli(tmp_path, capsys):
+    db = str(tmp_path / "cli.db")
+
+    def run(*argv, status=0):
+        code = eventstore.main(["--db", db, *argv])
+        out, err = capsys.readouterr()
+        assert code == status, err
+        return out, err
+
+    run.db = db
+    return run
+
+
+def test_program_add_and_list(cli):
+    cli("program", "add", "FOO", "--name", "Foo Courses")
+    cli("program", "add", "BAR")
+    assert cli("program", "list")[0] == "BAR\tBAR\nFOO\tFoo Courses\n"
+
+
+def test_program_add_twice_without_name_fails_and_rename_works(cli):
+    cli("program", "add", "FOO")
+    assert "already exists" in cli("program", "add", "FOO", status=1)[1]
+    cli("program", "add", "FOO", "--name", "New")
+    assert cli("program", "list")[0] == "FOO\tNew\n"
+
+
+def test_program_add_rejects_a_bad_id(cli):
+    assert "ProgramId" in cli("program", "add", "A-B", status=1)[1]
+
+
+def test_user_add_prints_only_the_key_and_the_key_works(cli):
+    cli("program", "add", "FOO")
+    out, _ = cli("user", "add", "alice", "--write", "FOO")
+    key = out.strip()
+    assert out == key + "\n" and eventstore.API_KEY_RE.fullmatch(key)
+    conn = eventstore.open_database(cli.db)
+    principal = eventstore.authenticate(conn, "alice", key, eventstore.now_us())
+    assert principal.grants == {"FOO": "write"} and not principal.is_system
+
+
+def test_user_add_system(cli):
+    key = cli("user", "add", "root", "--system")[0].strip()
+    conn = eventstore.open_database(cli.db)
+    assert eventstore.authenticate(conn, "root", key, eventstore.now_us()).is_system
+
+
+def test_grants_name_registered_programs_only(cli):
+    assert "not a registered program: NOPE" in cli("user", "add", "alice", "--read", "NOPE", status=1)[1]
+    cli("user", "add", "bob")
+    assert "NOPE" in cli("user", "grant", "bob", "--write", "NOPE", status=1)[1]
+
+
+def test_user_add_rejects_bad_and_duplicate_ids(cli):
+    cli("user", "add", "has:colon", status=1)
+    cli("user", "add", "alice")
+    assert "already exists" in cli("user", "add", "alice", status=1)[1]
+
+
+def test_grant_revoke_and_list(cli):
+    cli("program", "add", "FOO")
+    cli("program", "add", "BAR")
+    cli("user", "add", "alice", "--read", "FOO")
+    cli("user", "grant", "alice", "--write", "FOO", "--read", "BAR")
+    cli("user", "add", "root", "--system")
+    assert cli("user", "list")[0] == "alice\tread:BAR write:FOO\tactive\nroot\tSYSTEM\tactive\n"
+    cli("user", "revoke", "alice", "BAR")
+    assert "alice\twrite:FOO\tactive" in cli("user", "list")[0]
+    assert "no grant" in cli("user", "revoke", "alice", "BAR", status=1)[1]
+    cli("user", "grant", "nobody", "--read", "FOO", status=1)
+    cli("user", "grant", "alice", status=1)
+
+
+def test_disable_stops_every_key(cli):
+    key = cli("user", "add", "alice")[0].strip()
+    cli("user", "disable", "alice")
+    assert "disabled" in cli("user", "list")[0]
+    conn = eventstore.open_database(cli.db)
+    assert eventstore.authenticate(conn, "alice", key, eventstore.now_us()) is None
+    cli("user", "disable", "ghost", status=1)
+
+
+def test_keys_add_list_revoke(cli):
+    first = cli("user", "add", "alice")[0].strip()
+    second = cli("key", "add", "alice")[0].strip()
+    assert first != second
+    lines = cli("key", "list", "alice")[0].splitlines()
+    assert [line.split("\t")[0] for line in lines] == [first[:12], second[:12]]
+    assert all("last used never" in line for line in lines)
+    assert first not in "".join(lines) and first[12:] not in "".join(lines)
+    cli("key", "revoke", "alice", first[:12])
+    assert "revoked" in cli("key", "list", "alice")[0].splitlines()[0]
+    conn = eventstore.open_database(cli.db)
+    assert eventstore.authenticate(conn, "alice", first, eventstore.now_us()) is None
+    assert eventstore.authenticate(conn, "alice", second, eventstore.now_us()) is not None
+    cli("key", "revoke", "alice", "esk_nonexist", status=1)
+    cli("key", "add", "ghost", status=1)
+    cli("key", "list", "ghost", status=1)
+
+
+def test_a_file_that_is_not_a_database_is_refused_in_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.db"
+    bad.write_bytes(b"not a database at all" * 200)
+    assert eventstore.main(["--db", str(bad), "program", "list"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error:") and "Traceback" not in err
+
+
+def test_the_db_defaults_to_eventstore_db_env(tmp_path):
+    env = {"EVENTSTORE_DB": str(tmp_path / "env.db"), "PATH": "/usr/bin:/bin"}
+    subprocess.run([sys.executable, str(ROOT / "eventstore.py"), "program", "add", "ENV"], env=env, check=True,
+                   capture_output=True)
+    assert (tmp_path / "env.db").exists()
+
+
+@pytest.mark.parametrize("command", [
+    [], ["program"], ["program", "add"], ["program", "list"], ["user"], ["user", "add"], ["user", "grant"],
+    ["user", "revoke"], ["user", "disable"], ["user", "list"], ["key"], ["key", "add"], ["key", "list"],
+    ["key", "revoke"],
+])
+def test_every_command_has_help(command):
+    result = subprocess.run([sys.executable, str(ROOT / "eventstore.py"), *command, "--help"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("usage:")
+
+
+def test_serve_has_help():
+    result = subprocess.run([sys.executable, str(ROOT / "serve.py"), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--threads" in result.stdout and "EVENTSTORE_DB" in result.stdout

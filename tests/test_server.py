@@ -1,0 +1,124 @@
+"""End to end: serve.py with waitress on a free loopback port, over real HTTP."""
+
+import random
+import threading
+
+import pytest
+
+import eventstore
+from server import Server
+
+
+@pytest.fixture
+def server(tmp_path):
+    server = Server(tmp_path / "e2e.db", "--threads", "8")
+    yield server
+    server.stop()
+
+
+def test_first_start_creates_admin_and_prints_its_key_once(tmp_path):
+    first = Server(tmp_path / "boot.db")
+    first.stop()
+    assert first.admin_key and eventstore.API_KEY_RE.fullmatch(first.admin_key)
+    assert "Created the SYSTEM user 'admin'" in first.banner
+    second = Server(tmp_path / "boot.db")
+    second.stop()
+    assert second.admin_key is None and first.admin_key not in second.banner
+    assert "key add admin" in second.banner
+
+
+def test_a_corrupt_database_is_refused_in_one_line(tmp_path):
+    import subprocess
+    import sys
+    from server import ROOT
+    bad = tmp_path / "bad.db"
+    bad.write_bytes(b"garbage" * 1000)
+    result = subprocess.run([sys.executable, str(ROOT / "serve.py"), "--db", str(bad), "--port", "1"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error:") and result.stderr.count("\n") == 1
+
+
+def test_the_readme_session_over_http(server):
+    admin = {"user": "admin", "key": server.admin_key}
+    assert server.request("PUT", "/programs/FOO", {"Name": "Foo"}, **admin)[0] == 200
+    status, headers, _ = server.request("PUT", "/events/FOO-1", {
+        "ProgramId": "FOO", "ProgramMemberId": "m@example.com", "EventType": "CourseCompleted",
+        "EventStartUTC": "2026-03-01T09:30:00Z"}, **admin)
+    assert (status, headers["location"], headers["etag"]) == (200, "/events/FOO-1", '"1"')
+    assert server.request("GET", "/events/FOO-1", **admin)[2]["Revision"] == 1
+    assert [e["EventId"] for e in server.request("GET", "/events", **admin)[2]["Events"]] == ["FOO-1"]
+    status, headers, body = server.request("GET", "/events")
+    assert status == 401 and headers["www-authenticate"].startswith("Basic")
+    assert headers["content-type"] == "application/problem+json"
+
+
+def test_hostile_requests_over_http_get_4xx(server):
+    admin = {"user": "admin", "key": server.admin_key}
+    server.request("PUT", "/programs/FOO", {"Name": "Foo"}, **admin)
+    cases = [
+        ("PUT", "/events/FOO-1", b"\xff\xfe\x00garbage", {"Content-Type": "application/json"}),
+        ("PUT", "/events/FOO-1", b"[" * 200000, {"Content-Type": "application/json"}),
+        ("PUT", "/events/FOO-1", b'{"a":1,"a":2}', {"Content-Type": "application/json"}),
+        ("PUT", "/events/FOO-1", b"x" * (2 << 20), {"Content-Type": "application/json"}),
+        ("GET", "/events/FOO-%ff%fe", None, {}),
+        ("GET", "/events?limit=%00", None, {}),
+        ("GET", "/events?" + "a=1&" * 2000, None, {}),
+    ]
+    for method, path, body, headers in cases:
+        status, response_headers, _ = server.request(method, path, body, headers=headers, **admin)
+        assert 400 <= status < 500, (method, path[:40], status)
+    assert server.request("GET", "/events", **admin)[2]["Events"] == []
+
+
+def test_concurrent_publishers_and_a_follower_see_every_event_once_in_order(server):
+    """The sync guarantee: a consumer following Next while several threads publish
+    sees every acknowledged change exactly once, in increasing Sequence."""
+    admin = {"user": "admin", "key": server.admin_key}
+    server.request("PUT", "/programs/FOO", {"Name": "Foo"}, **admin)
+    acknowledged = {}  # event id -> last acknowledged revision
+    lock = threading.Lock()
+    publishing = threading.Event()
+    publishing.set()
+
+    def publish(worker):
+        rng = random.Random(worker)
+        for n in range(60):
+            event_id = f"FOO-w{worker}-{rng.randrange(30)}"
+            status, headers, _ = server.request("PUT", f"/events/{event_id}", {
+                "ProgramId": "FOO", "ProgramMemberId": f"m{n}", "EventType": "T",
+                "EventStartUTC": "2026-03-01T09:30:00Z", "EventData": {"n": n}}, **admin)
+            assert status == 200
+            with lock:
+                acknowledged[event_id] = int(headers["etag"].strip('"'))
+
+    seen = []  # (sequence, event id, revision) in the order served
+
+    def follow():
+        url = "/events?limit=7"
+        while True:
+            done = not publishing.is_set()
+            page = server.request("GET", url, **admin)[2]
+            seen.extend((e["Sequence"], e["EventId"], e["Revision"]) for e in page["Events"])
+            url = page["Next"]
+            if done and not page["HasMore"]:
+                return
+
+    follower = threading.Thread(target=follow)
+    follower.start()
+    workers = [threading.Thread(target=publish, args=(w,)) for w in range(6)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    publishing.clear()
+    follower.join(60)
+    sequences = [s for s, _, _ in seen]
+    assert sequences == sorted(sequences) and len(set(sequences)) == len(sequences)
+    # Every revision of an event that the follower saw is new to it, and the last
+    # one it saw of each event is the last one acknowledged.
+    last_seen = {}
+    for _, event_id, revision in seen:
+        assert revision > last_seen.get(event_id, 0)
+        last_seen[event_id] = revision
+    assert last_seen == acknowledged

@@ -1,0 +1,76 @@
+"""Storage properties: schema application, durability settings, connections."""
+
+import sqlite3
+import threading
+
+import pytest
+
+import eventstore
+
+
+def test_schema_applies_idempotently_and_records_its_version(tmp_path):
+    db = tmp_path / "s.db"
+    for _ in range(3):
+        conn = eventstore.open_database(db)
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == eventstore.SCHEMA_VERSION
+        conn.close()
+    conn = eventstore.open_database(db)
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"programs", "users", "grants", "api_keys", "events"} <= tables
+
+
+def test_schema_keeps_existing_data(registry):
+    registry.client("admin").put_json("/events/FOO-1", {
+        "ProgramId": "FOO", "ProgramMemberId": "m", "EventType": "T", "EventStartUTC": "2026-01-01T00:00:00Z"})
+    eventstore.apply_schema(registry.db)
+    assert registry.count_events() == 1
+
+
+def test_schema_sql_never_drops():
+    assert "DROP" not in eventstore.SCHEMA_PATH.read_text().upper()
+
+
+def test_a_newer_schema_is_refused(tmp_path):
+    conn = sqlite3.connect(tmp_path / "new.db")
+    conn.execute(f"PRAGMA user_version = {eventstore.SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(RuntimeError, match="Upgrade eventstore"):
+        eventstore.make_app(tmp_path / "new.db")
+
+
+def test_every_connection_is_wal_and_synchronous_full(registry):
+    conns = [registry.app.connection(), eventstore.open_database(registry.db_path)]
+    for conn in conns:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+        assert conn.execute("PRAGMA secure_delete").fetchone()[0] == 1
+
+
+def test_each_thread_gets_its_own_connection(registry):
+    seen = []
+    threads = [threading.Thread(target=lambda: seen.append(registry.app.connection())) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len({id(conn) for conn in seen}) == 3
+    assert registry.app.connection() is registry.app.connection()
+
+
+def test_a_failed_write_leaves_nothing_behind(registry):
+    event = eventstore.validate_event("FOO-1", {
+        "ProgramId": "FOO", "ProgramMemberId": "m", "EventType": "T", "EventStartUTC": "2026-01-01T00:00:00Z"})
+    with pytest.raises(RuntimeError):
+        with eventstore.write_transaction(registry.db):
+            eventstore.put_event(registry.db, event, eventstore.Preconditions(), 1)
+            raise RuntimeError("crash in the middle")
+    assert registry.count_events() == 0 and not registry.db.in_transaction
+
+
+def test_sql_sees_input_only_as_parameters(registry):
+    client = registry.client("admin")
+    nasty = "x'); DROP TABLE events; --"
+    client.put_json("/events/FOO-1", {"ProgramId": "FOO", "ProgramMemberId": nasty, "EventType": nasty,
+                                      "EventStartUTC": "2026-01-01T00:00:00Z"})
+    page = client.get("/events", params={"ProgramMemberId": nasty, "EventType": nasty}).json
+    assert [e["ProgramMemberId"] for e in page["Events"]] == [nasty]
