@@ -740,19 +740,37 @@ def put_event(conn, event, preconditions, now):
 
 
 def delete_event(conn, event_id, preconditions, now):
-    """Turn a live event into a tombstone, erasing its member, times, data and
-    reference; call inside write_transaction. Returns the new revision."""
+    """Turn a live event into a tombstone; call inside write_transaction.
+    Returns the new revision. Raises Problem 404 or 412."""
     current = conn.execute("SELECT revision FROM events WHERE event_id = ? AND deleted = 0",
                            (event_id,)).fetchone()
     if current is None:
         raise Problem(404, f"Event {event_id!r} does not exist.")
     preconditions.check(current[0])
-    conn.execute(
+    return _tombstone(conn, event_id, now)
+
+
+def _tombstone(conn, event_id, now):
+    # secure_delete (see connect) zeroes the old row's bytes in the file: the
+    # member id, times, data and reference are erased, not just unlinked.
+    return conn.execute(
         "UPDATE events SET member_id = NULL, start_us = NULL, end_us = NULL, data = NULL,"
         " ref_event_id = NULL, content_hash = NULL, deleted = 1, revision = revision + 1,"
-        " updated_us = ?, seq = ? WHERE event_id = ?",
-        (now, _next_seq(conn), event_id))
-    return current[0] + 1
+        " updated_us = ?, seq = ? WHERE event_id = ? RETURNING revision",
+        (now, _next_seq(conn), event_id)).fetchone()[0]
+
+
+def erase_member(conn, program_id, member_id, now):
+    """Tombstone every live event of one member in one program, each with its own
+    new Revision and Sequence; call inside write_transaction. Returns how many."""
+    if not program_exists(conn, program_id):
+        raise Problem(404, f"Program {program_id!r} is not registered.")
+    event_ids = [row[0] for row in conn.execute(
+        "SELECT event_id FROM events WHERE program_id = ? AND member_id = ? ORDER BY seq",
+        (program_id, member_id))]
+    for event_id in event_ids:
+        _tombstone(conn, event_id, now)
+    return len(event_ids)
 
 
 def read_feed(conn, programs, query):
@@ -787,6 +805,36 @@ def read_feed(conn, programs, query):
         finally:
             for cursor in cursors:
                 cursor.close()
+
+
+def import_tombstone(conn, event_id, event_type, now):
+    """Apply an exported tombstone: delete the live event, or record the tombstone
+    of an event this database never had, so an export/import round trip keeps
+    every deletion. Returns "deleted" or "already deleted"."""
+    current = conn.execute("SELECT deleted FROM events WHERE event_id = ?", (event_id,)).fetchone()
+    if current is None:
+        conn.execute(
+            "INSERT INTO events (seq, event_id, program_id, event_type, deleted, revision, created_us,"
+            " updated_us) VALUES (?, ?, ?, ?, 1, 1, ?, ?)",
+            (_next_seq(conn), event_id, program_of(event_id), event_type, now, now))
+        return "deleted"
+    if current[0]:
+        return "already deleted"
+    _tombstone(conn, event_id, now)
+    return "deleted"
+
+
+def export_events(conn, programs=()):
+    """Every event (tombstones included) in Sequence order, as representations,
+    from one read snapshot, streamed: memory stays flat whatever the size."""
+    # "+program_id" keeps SQLite off the program index, so it walks the table in
+    # rowid (= seq) order instead of collecting and sorting the matches.
+    where = f"WHERE +program_id IN ({', '.join('?' * len(programs))})" if programs else ""
+    with read_snapshot(conn):
+        cursor = conn.execute(f"SELECT {EVENT_COLUMNS} FROM events {where} ORDER BY seq", tuple(programs))
+        while rows := cursor.fetchmany(1000):
+            for row in rows:
+                yield event_representation(row)
 
 
 def readable_programs(conn, principal):
@@ -955,6 +1003,22 @@ def put_program_handler(req):
     return json_response({"ProgramId": program_id, "Name": name})
 
 
+def erase_member_handler(req):
+    program_id, member_id = req.params["program_id"], req.params["member_id"]
+    req.require("write", program_id)
+    errors = []
+    if not PROGRAM_ID_RE.fullmatch(program_id):
+        errors.append(field_error("ProgramId", f"{program_id!r} is not {PROGRAM_ID_RULE}"))
+    message = _text_error(member_id, 1, 256)
+    if message:
+        errors.append(field_error("ProgramMemberId", message))
+    if errors:
+        raise bad_request("The path is not valid; see errors.", errors)
+    erased = req.store.write(lambda conn, now: erase_member(conn, program_id, member_id, now),
+                             changed=bool)
+    return json_response({"Deleted": erased})
+
+
 def health_handler(req):
     try:
         req.db.execute("SELECT 1 FROM programs LIMIT 1").fetchall()
@@ -981,6 +1045,8 @@ ROUTES = [
     ("DELETE", r"/events/(?P<event_id>[^/]+)", delete_event_handler, True),
     ("GET", r"/programs", list_programs_handler, True),
     ("PUT", r"/programs/(?P<program_id>[^/]+)", put_program_handler, True),
+    # The member id is the rest of the path: a percent-encoded "/" in it arrives decoded.
+    ("DELETE", r"/programs/(?P<program_id>[^/]+)/members/(?P<member_id>.+)", erase_member_handler, True),
 ]
 
 
@@ -1274,6 +1340,197 @@ def cmd_key_revoke(conn, args, out):
     print(f"key {args.key_id} revoked", file=sys.stderr)
 
 
+class Progress:
+    """Progress of long work on standard error, only when it is a terminal:
+    count, rate and, where the total is known, an estimate of the time left."""
+
+    def __init__(self, label, total=None, stream=None, enabled=None):
+        self.label, self.total = label, total
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.started = self.shown = time.monotonic()
+        self.count = 0
+
+    def update(self, count):
+        self.count = count
+        now = time.monotonic()
+        if self.enabled and now - self.shown >= 0.5:
+            self.shown = now
+            self.stream.write(f"\r{self.describe(now)}\x1b[K")
+            self.stream.flush()
+
+    def describe(self, now):
+        rate = self.count / max(now - self.started, 1e-9)
+        text = f"{self.label}: {self.count:,}"
+        if self.total:
+            text += f"/{self.total:,} ({100 * self.count / self.total:.0f}%)"
+        text += f", {rate:,.0f}/s"
+        if self.total and rate > 0:
+            text += f", about {max(self.total - self.count, 0) / rate:.0f}s left"
+        return text
+
+    def finish(self):
+        if self.enabled:
+            self.stream.write(f"\r{self.describe(time.monotonic())}\x1b[K\n")
+            self.stream.flush()
+
+
+def _fsync_path(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def cmd_backup(conn, args, out):
+    dest = Path(args.dest)
+    if dest.exists() and not args.force:
+        raise CommandError(f"{dest} exists; give --force to overwrite it")
+    partial = dest.with_name(dest.name + ".partial")
+    partial.unlink(missing_ok=True)
+    target = sqlite3.connect(partial)
+    progress = Progress("backup (pages)")
+    try:
+        # One read transaction over the whole copy: the backup is the snapshot
+        # it started on, and writers (WAL) carry on meanwhile.
+        with read_snapshot(conn):
+            events = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+            conn.backup(target, pages=1024,
+                        progress=lambda status, remaining, total: (
+                            setattr(progress, "total", total), progress.update(total - remaining)))
+        progress.finish()
+        target.execute("PRAGMA journal_mode = DELETE")
+    finally:
+        target.close()
+    _fsync_path(partial)
+    check = sqlite3.connect(partial)
+    try:
+        verdict = check.execute("PRAGMA integrity_check").fetchall()
+        copied = check.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+    finally:
+        check.close()
+    if verdict != [("ok",)] or copied != events:
+        partial.unlink(missing_ok=True)
+        raise CommandError(f"the copy did not verify ({verdict[0][0]}); nothing was written to {dest}")
+    os.replace(partial, dest)
+    _fsync_path(dest.parent)
+    print(f"ok: {events:,} events backed up to {dest} (integrity_check ok)", file=sys.stderr)
+
+
+def cmd_export(conn, args, out):
+    programs = tuple(dict.fromkeys(args.program or ()))
+    for program_id in programs:
+        if not program_exists(conn, program_id):
+            raise CommandError(f"not a registered program: {program_id}")
+    progress = Progress("export")
+    count = 0
+    for count, event in enumerate(export_events(conn, programs), 1):
+        out.write(json_line(event))
+        if count % 1000 == 0:
+            progress.update(count)
+    out.flush()
+    progress.update(count)
+    progress.finish()
+    print(f"ok: {count:,} events exported", file=sys.stderr)
+
+
+def json_line(value):
+    """One JSON Lines record. U+2028/U+2029 are escaped: valid raw in JSON, but
+    many line readers (Python's str.splitlines among them) break lines there."""
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029") + "\n"
+
+
+IMPORT_IGNORED = frozenset(("Revision", "Sequence", "CreatedUTC", "UpdatedUTC", "Deleted"))
+TOMBSTONE_FIELDS = frozenset(("EventId", "ProgramId", "EventType"))
+
+
+def parse_import_line(line, registered):
+    """One JSON line as export writes it -> ("put", EventInput) or ("delete",
+    event_id); Problem if it would not be accepted by PUT or DELETE."""
+    record = parse_json(line)
+    if not isinstance(record, dict):
+        raise bad_request("expected a JSON object")
+    event_id = record.get("EventId")
+    if not isinstance(event_id, str) or not EVENT_ID_RE.fullmatch(event_id):
+        raise bad_request(f"EventId: expected {EVENT_ID_RULE}")
+    program_id = program_of(event_id)
+    if program_id not in registered:
+        raise Problem(404, f"program {program_id!r} is not registered")
+    body = {name: value for name, value in record.items() if name not in IMPORT_IGNORED and name != "EventId"}
+    if record.get("Deleted") is True:
+        unknown = sorted(set(body) - TOMBSTONE_FIELDS)
+        if unknown:
+            raise bad_request(f"a tombstone carries no {', '.join(unknown)}")
+        if body.get("ProgramId", program_id) != program_id:
+            raise bad_request("ProgramId: must equal the EventId's prefix")
+        message = _text_error(body.get("EventType"), 1, 100, allow_controls=False)
+        if message:
+            raise bad_request(f"EventType: {message}")
+        return "delete", (event_id, body["EventType"])
+    if record.get("Deleted") not in (None, False):
+        raise bad_request("Deleted: expected true or false")
+    return "put", validate_event(event_id, body)
+
+
+def _problem_text(problem):
+    if problem.errors:
+        return "; ".join(f"{e['field']}: {e['message']}" for e in problem.errors)
+    return problem.detail
+
+
+def _read_lines(path):
+    with open(path, "rb") as lines:
+        for number, line in enumerate(lines, 1):
+            if line.strip():
+                yield number, line
+
+
+def cmd_import(conn, args, out):
+    registered = {program_id for program_id, _ in list_programs(conn)}
+    # First pass: check every line, import nothing if any is bad.
+    bad, total = [], 0
+    checking = Progress("checking")
+    for number, line in _read_lines(args.file):
+        total += 1
+        try:
+            parse_import_line(line, registered)
+        except Problem as problem:
+            bad.append(f"line {number}: {_problem_text(problem)}")
+        if total % 1000 == 0:
+            checking.update(total)
+    checking.finish()
+    if bad:
+        print("\n".join(bad), file=sys.stderr)
+        raise CommandError(f"{len(bad)} of {total} lines are not valid; nothing was imported")
+    # Second pass: apply, as PUT and DELETE would, in large transactions.
+    outcomes = dict.fromkeys(("created", "updated", "unchanged", "deleted", "already deleted"), 0)
+    progress = Progress("import", total)
+    lines = _read_lines(args.file)
+    done = 0
+    while chunk := list(itertools.islice(lines, args.batch)):
+        with write_transaction(conn):
+            now = now_us()
+            for _, line in chunk:
+                kind, value = parse_import_line(line, registered)
+                if kind == "put":
+                    outcomes[put_event(conn, value, Preconditions(), now)[0]] += 1
+                else:
+                    outcomes[import_tombstone(conn, *value, now)] += 1
+        done += len(chunk)
+        progress.update(done)
+    progress.finish()
+    print(f"ok: {total:,} lines imported: " + ", ".join(f"{n:,} {what}" for what, n in outcomes.items()),
+          file=sys.stderr)
+
+
+def _positive_int(text):
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="eventstore.py", description="Administer an eventstore database.")
@@ -1322,6 +1579,19 @@ def build_parser():
     sub = command(key, "revoke", cmd_key_revoke, "revoke one of a user's keys by its public id")
     sub.add_argument("user_id", metavar="USER_ID")
     sub.add_argument("key_id", metavar="KEY_ID")
+
+    sub = command(groups, "backup", cmd_backup,
+                  "copy the database consistently while it is in use, verified before it says ok")
+    sub.add_argument("dest", metavar="DEST_PATH")
+    sub.add_argument("--force", action="store_true", help="overwrite DEST_PATH if it exists")
+    sub = command(groups, "export", cmd_export,
+                  "write every event (tombstones too) as JSON Lines to standard output, in feed order")
+    sub.add_argument("--program", action="append", metavar="PROGRAM_ID", help="only this program (repeatable)")
+    sub = command(groups, "import", cmd_import,
+                  "apply JSON Lines as export writes them, as PUT and DELETE would; all lines checked first")
+    sub.add_argument("file", metavar="FILE")
+    sub.add_argument("--batch", type=_positive_int, default=5000, metavar="N",
+                     help="lines per transaction (default: %(default)s)")
     return parser
 
 
@@ -1341,6 +1611,9 @@ def main(argv=None, out=None):
         return 1
     except sqlite3.Error as exc:
         print(f"error: database: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
         return 1
     finally:
         conn.close()

@@ -69,7 +69,7 @@ def test_openapi_document_describes_every_route(registry):
                  if method in ("get", "put", "post", "delete")}
     routed = {("GET", "/health"), ("GET", "/openapi.json"), ("GET", "/events"), ("PUT", "/events/{eventId}"),
               ("GET", "/events/{eventId}"), ("DELETE", "/events/{eventId}"), ("GET", "/programs"),
-              ("PUT", "/programs/{ProgramId}")}
+              ("PUT", "/programs/{ProgramId}"), ("DELETE", "/programs/{ProgramId}/members/{ProgramMemberId}")}
     assert routed <= described
     assert len(routed) == len(eventstore.ROUTES)
 
