@@ -372,6 +372,36 @@ def _json_type(value):
     return "an object"
 
 
+MAX_BATCH = 1000
+
+
+def parse_batch(body):
+    """``{"Events": [...]}`` -> [(index, EventId, the item's PUT body)], or
+    Problem(400) when the body is not of that shape (checked before authorization)."""
+    def shape_error(field, message):
+        return bad_request("The body must be {\"Events\": [1-1000 events, each with its EventId]}.",
+                           [field_error(field, message)])
+
+    if not isinstance(body, dict):
+        raise shape_error("body", f"expected an object, got {_json_type(body)}")
+    unknown = [name for name in body if name != "Events"]
+    if unknown:
+        raise shape_error(unknown[0], "unknown field; the only accepted field is Events")
+    items = body.get("Events")
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_BATCH:
+        raise shape_error("Events", f"expected an array of 1-{MAX_BATCH} events")
+    batch = []
+    for index, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("EventId"), str):
+            raise shape_error(f"Events[{index}]", "expected an object with a string EventId")
+        batch.append((index, item["EventId"], {k: v for k, v in item.items() if k != "EventId"}))
+    return batch
+
+
+def batch_errors(index, event_id, errors):
+    return [{"index": index, "EventId": event_id, **error} for error in errors]
+
+
 def validate_program_body(body):
     """``{"Name": "..."}`` -> the name, or Problem(400)."""
     if not isinstance(body, dict):
@@ -535,6 +565,97 @@ class read_snapshot(write_transaction):
     def __enter__(self):
         self.conn.execute("BEGIN")
         return self.conn
+
+
+class GroupCommitWriter:
+    """One thread that owns the write connection and commits, in a single
+    BEGIN IMMEDIATE ... COMMIT, every change queued while the previous commit was
+    being fsynced (group commit).
+
+    A change is a function ``change(conn, now) -> result``; each runs in its own
+    SAVEPOINT, so one that raises (a 412, a constraint) is rolled back alone and
+    the others commit. ``submit`` returns only after the COMMIT (synchronous=FULL:
+    after the fsync), or raises the change's own error. Sequences are assigned
+    inside the transaction, so Sequence order is still commit order.
+    """
+
+    def __init__(self, connect_db, clock, on_commit=lambda: None, max_batch=1000):
+        self.connect_db, self.clock, self.on_commit = connect_db, clock, on_commit
+        self.max_batch = max_batch
+        self._queue = []
+        self._wake = threading.Condition()
+        self._thread = None
+        self._stopping = False
+
+    def submit(self, change, changed=lambda result: True):
+        item = _Pending(change, changed)
+        with self._wake:
+            if self._stopping:
+                raise RuntimeError("the writer is stopped")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="eventstore-writer", daemon=True)
+                self._thread.start()
+            self._queue.append(item)
+            self._wake.notify()
+        item.done.wait()
+        if item.error is not None:
+            raise item.error
+        return item.result
+
+    def stop(self):
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self):
+        conn = self.connect_db()
+        try:
+            while True:
+                with self._wake:
+                    while not self._queue and not self._stopping:
+                        self._wake.wait()
+                    if not self._queue:
+                        return
+                    batch, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
+                self._commit(conn, batch)
+        finally:
+            conn.close()
+
+    def _commit(self, conn, batch):
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            now = self.clock()
+            for item in batch:
+                conn.execute("SAVEPOINT change")
+                try:
+                    item.result = item.change(conn, now)
+                except Exception as exc:  # this change fails alone
+                    if not conn.in_transaction:
+                        raise  # SQLite rolled the whole transaction back (disk full, I/O)
+                    conn.execute("ROLLBACK TO change")
+                    item.error = exc
+                conn.execute("RELEASE change")
+            conn.execute("COMMIT")
+        except Exception as exc:  # nothing of this batch is committed
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            for item in batch:
+                item.error, item.result = exc, None
+        if any(item.error is None and item.changed(item.result) for item in batch):
+            self.on_commit()
+        for item in batch:
+            item.done.set()
+
+
+class _Pending:
+    __slots__ = ("change", "changed", "done", "result", "error")
+
+    def __init__(self, change, changed):
+        self.change, self.changed = change, changed
+        self.done = threading.Event()
+        self.result = self.error = None
 
 
 def apply_schema(conn):
@@ -737,6 +858,18 @@ def put_event(conn, event, preconditions, now):
         " content_hash = :content_hash, deleted = 0, revision = revision + 1, updated_us = :now"
         " WHERE event_id = :event_id", row)
     return "updated", current[0] + 1
+
+
+def put_events(conn, indexed_events, now):
+    """A batch, all or nothing: [(index, EventInput)] -> [(status, revision)];
+    call inside a transaction (or savepoint) that a raised Problem rolls back."""
+    unregistered = [(index, event) for index, event in indexed_events
+                    if not program_exists(conn, event.program_id)]
+    if unregistered:
+        raise Problem(404, f"{len(unregistered)} events name an unregistered program; nothing was written.",
+                      [e for index, event in unregistered for e in batch_errors(
+                          index, event.event_id, [field_error("ProgramId", f"{event.program_id!r} is not registered")])])
+    return [put_event(conn, event, Preconditions(), now) for _, event in indexed_events]
 
 
 def delete_event(conn, event_id, preconditions, now):
@@ -943,6 +1076,32 @@ def put_event_handler(req):
     return Response(200, [("Location", req.url(f"/events/{event_id}")), ("ETag", etag(revision))])
 
 
+def post_events_handler(req):
+    batch = parse_batch(req.json_body())
+    forbidden = [e for index, event_id, _ in batch if not req.user.may("write", program_of(event_id))
+                 for e in batch_errors(index, event_id, [field_error(
+                     "EventId", f"no write access to program {program_of(event_id)!r}")])]
+    if forbidden:
+        raise Problem(403, f"{len(forbidden)} events are in programs this key may not write; "
+                      "nothing was written.", forbidden)
+    events, errors, seen = [], [], set()
+    for index, event_id, body in batch:
+        if event_id in seen:
+            errors += batch_errors(index, event_id, [field_error("EventId", "appears more than once in the batch")])
+        seen.add(event_id)
+        try:
+            events.append((index, validate_event(event_id, body)))
+        except Problem as problem:
+            errors += batch_errors(index, event_id, problem.errors)
+    if errors:
+        failing = len({e["index"] for e in errors})
+        raise bad_request(f"{failing} of {len(batch)} events are not valid; nothing was written.", errors)
+    results = req.store.write(lambda conn, now: put_events(conn, events, now),
+                              changed=lambda results: any(status != "unchanged" for status, _ in results))
+    return json_response({"Results": [{"EventId": event.event_id, "Revision": revision, "Status": status}
+                                      for (_, event), (status, revision) in zip(events, results)]})
+
+
 def get_event_handler(req):
     event_id, program_id = _event_id_param(req)
     req.require("read", program_id)
@@ -1040,6 +1199,7 @@ ROUTES = [
     ("GET", r"/health", health_handler, False),
     ("GET", r"/openapi\.json", openapi_handler, False),
     ("GET", r"/events", list_events_handler, True),
+    ("POST", r"/events", post_events_handler, True),
     ("PUT", r"/events/(?P<event_id>[^/]+)", put_event_handler, True),
     ("GET", r"/events/(?P<event_id>[^/]+)", get_event_handler, True),
     ("DELETE", r"/events/(?P<event_id>[^/]+)", delete_event_handler, True),
@@ -1105,6 +1265,8 @@ class EventStore:
         self._commits = threading.Condition()
         self._generation = 0
         self._waiting = threading.BoundedSemaphore(max_waiting) if max_waiting else None
+        self.writer = GroupCommitWriter(lambda: connect(self.db_path, busy_timeout_ms), clock,
+                                        on_commit=self._committed)
         conn = connect(self.db_path, busy_timeout_ms)
         try:
             apply_schema(conn)
@@ -1112,23 +1274,32 @@ class EventStore:
             conn.close()
 
     def connection(self):
-        """This thread's own connection: sqlite3 connections are never shared."""
+        """This thread's own connection for reads: sqlite3 connections are never
+        shared between threads (writes go through the writer's own)."""
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._local.conn = connect(self.db_path, self.busy_timeout_ms)
         return conn
 
     def write(self, change, changed=lambda result: True):
-        """Run ``change(conn, now)`` in one write transaction; wake long polls if
-        ``changed(result)``. Returns the change's result."""
-        conn = self.connection()
-        with write_transaction(conn):
-            result = change(conn, self.clock())
-        if changed(result):
-            with self._commits:
-                self._generation += 1
-                self._commits.notify_all()
-        return result
+        """Run ``change(conn, now)`` in a committed, durable write transaction
+        shared with whatever other writes are queued (group commit); wake long
+        polls if ``changed(result)``. Returns the change's result."""
+        return self.writer.submit(change, changed)
+
+    def _committed(self):
+        with self._commits:
+            self._generation += 1
+            self._commits.notify_all()
+
+    def close(self):
+        """Stop the writer and close this thread's connection. Other threads'
+        connections close when their threads end (thread-local storage)."""
+        self.writer.stop()
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
 
     def wait_for_feed(self, programs, query):
         """Read a feed page; with ``query.wait``, if it is empty, wait up to that

@@ -19,8 +19,16 @@ def parse_args(argv=None):
     parser.add_argument("--port", type=int, default=8080, help="port to listen on (default: %(default)s)")
     parser.add_argument("--db", default=os.environ.get("EVENTSTORE_DB", eventstore.DEFAULT_DB),
                         help="database file (default: $EVENTSTORE_DB or %(default)s)")
-    parser.add_argument("--threads", type=int, default=8,
+    parser.add_argument("--threads", type=int, default=16,
                         help="waitress worker threads (default: %(default)s)")
+    parser.add_argument("--max-waiting", type=int, default=None, metavar="N",
+                        help="long polls (wait=N) allowed to wait at once; more answer at once "
+                             "(default: half the threads)")
+    parser.add_argument("--connection-limit", type=int, default=200, metavar="N",
+                        help="open connections accepted at once (default: %(default)s)")
+    parser.add_argument("--channel-timeout", type=int, default=60, metavar="SECONDS",
+                        help="close a connection idle this long (default: %(default)s; "
+                             "must exceed the longest wait=, 30)")
     parser.add_argument("--max-body", type=int, default=eventstore.DEFAULT_MAX_BODY, metavar="BYTES",
                         help="largest request body accepted (default: %(default)s)")
     return parser.parse_args(argv)
@@ -54,7 +62,8 @@ def announce(db_path, host, port):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        app = eventstore.make_app(args.db, max_body_bytes=args.max_body)
+        max_waiting = args.max_waiting if args.max_waiting is not None else args.threads // 2
+        app = eventstore.make_app(args.db, max_body_bytes=args.max_body, max_waiting=max_waiting)
         announce(args.db, args.host, args.port)
     except (sqlite3.Error, RuntimeError, OSError) as exc:
         print(f"error: cannot open {args.db} as an eventstore database: {exc}", file=sys.stderr)
@@ -65,7 +74,9 @@ def main(argv=None):
     # app's limit it lets the app answer 413 as problem+json, beyond that it
     # answers its own plain 413 and closes the connection without buffering more.
     waitress.serve(app, host=args.host, port=args.port, threads=args.threads,
-                   max_request_body_size=8 * args.max_body, ident="eventstore")
+                   connection_limit=args.connection_limit, channel_timeout=args.channel_timeout,
+                   max_request_header_size=64 * 1024, max_request_body_size=8 * args.max_body,
+                   ident="eventstore")
     return 0
 
 

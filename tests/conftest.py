@@ -67,6 +67,10 @@ class Registry:
         row = cursor.fetchone()
         return dict(zip(names, row)) if row else None
 
+    def close(self):
+        self.app.close()
+        self.db.close()
+
     def count_events(self):
         return self.db.execute("SELECT COUNT(*) FROM events").fetchone()[0]
 
@@ -75,7 +79,7 @@ class Registry:
 def registry(tmp_path):
     registry = Registry(tmp_path / "events.db")
     yield registry
-    registry.db.close()
+    registry.close()
 
 
 @pytest.fixture

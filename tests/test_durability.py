@@ -1,0 +1,175 @@
+"""Issue 3 end to end: long polls under load, two server processes on one file,
+and acknowledged writes surviving SIGKILL."""
+
+import os
+import random
+import signal
+import sqlite3
+import threading
+import time
+
+import pytest
+
+from server import Server
+
+
+def body(n=0, member="m"):
+    return {"ProgramId": "FOO", "ProgramMemberId": member, "EventType": "T",
+            "EventStartUTC": "2026-03-01T09:30:00Z", "EventData": {"n": n}}
+
+
+def setup_program(server):
+    server.request("PUT", "/programs/FOO", {"Name": "Foo"}, user="admin", key=server.admin_key)
+
+
+def test_publishes_stay_prompt_while_more_consumers_wait_than_there_are_threads(tmp_path):
+    server = Server(tmp_path / "lp.db", "--threads", "4", "--max-waiting", "2")
+    try:
+        setup_program(server)
+        admin = {"user": "admin", "key": server.admin_key}
+        answers = []
+
+        def consume():
+            started = time.monotonic()
+            status, _, page = server.request("GET", "/events?ProgramId=FOO&wait=8", **admin)
+            answers.append((status, time.monotonic() - started, len(page["Events"])))
+
+        consumers = [threading.Thread(target=consume) for _ in range(10)]
+        for consumer in consumers:
+            consumer.start()
+        time.sleep(1)
+        started = time.monotonic()
+        status, _, _ = server.request("PUT", "/events/FOO-1", body(), **admin)
+        publish_time = time.monotonic() - started
+        for consumer in consumers:
+            consumer.join()
+        assert status == 200 and publish_time < 2, publish_time
+        # The two that could wait were woken by the publish; the rest answered at once.
+        woken = [a for a in answers if a[2] == 1]
+        assert all(status == 200 for status, _, _ in answers)
+        assert len(answers) == 10 and len(woken) >= 2
+        assert all(elapsed < 7 for _, elapsed, _ in answers)
+    finally:
+        server.stop()
+
+
+def test_two_server_processes_on_one_file_keep_sequence_in_commit_order(tmp_path):
+    first = Server(tmp_path / "two.db")
+    second = Server(tmp_path / "two.db")
+    try:
+        setup_program(first)
+        key = first.admin_key
+        acknowledged = {}
+        lock = threading.Lock()
+
+        def publish(server, worker):
+            for n in range(40):
+                event_id = f"FOO-w{worker}-{n % 10}"
+                status, headers, _ = server.request("PUT", f"/events/{event_id}", body(n), user="admin", key=key)
+                assert status == 200
+                with lock:
+                    acknowledged[event_id] = int(headers["etag"].strip('"'))
+
+        seen, done = [], threading.Event()
+
+        def follow():
+            url = "/events?limit=5"
+            while True:
+                finished = done.is_set()
+                page = second.request("GET", url, user="admin", key=key)[2]
+                seen.extend((e["Sequence"], e["EventId"], e["Revision"]) for e in page["Events"])
+                url = page["Next"]
+                if finished and not page["HasMore"]:
+                    return
+
+        follower = threading.Thread(target=follow)
+        follower.start()
+        workers = [threading.Thread(target=publish, args=((first, second)[w % 2], w)) for w in range(6)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        done.set()
+        follower.join(60)
+        sequences = [s for s, _, _ in seen]
+        assert sequences == sorted(set(sequences))
+        last = {}
+        for _, event_id, revision in seen:
+            assert revision > last.get(event_id, 0)
+            last[event_id] = revision
+        assert last == acknowledged
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_long_poll_on_one_process_wakes_for_a_commit_on_another(tmp_path):
+    first = Server(tmp_path / "lp2.db")
+    second = Server(tmp_path / "lp2.db")
+    try:
+        setup_program(first)
+        result = {}
+
+        def consume():
+            started = time.monotonic()
+            result["page"] = first.request("GET", "/events?wait=10", user="admin", key=first.admin_key)[2]
+            result["elapsed"] = time.monotonic() - started
+
+        consumer = threading.Thread(target=consume)
+        consumer.start()
+        time.sleep(0.5)
+        second.request("PUT", "/events/FOO-x", body(), user="admin", key=first.admin_key)
+        consumer.join()
+        assert [e["EventId"] for e in result["page"]["Events"]] == ["FOO-x"]
+        assert result["elapsed"] < 2.5
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_acknowledged_writes_survive_sigkill(tmp_path):
+    """Run the real server under concurrent PUT load, SIGKILL it at a random
+    moment, restart; every acknowledged event must be there with at least its
+    acknowledged revision, and the file must pass integrity_check. Several times."""
+    db = tmp_path / "crash.db"
+    rng = random.Random(7)
+    acknowledged = {}
+    key = None
+    for round_number in range(4):
+        server = Server(db)
+        key = key or server.admin_key
+        setup_program(server) if round_number == 0 else None
+        lock, stop = threading.Lock(), threading.Event()
+
+        def publish(worker):
+            n = 0
+            while not stop.is_set():
+                event_id = f"FOO-r{round_number}-w{worker}-{n % 25}"
+                try:
+                    status, headers, _ = server.request("PUT", f"/events/{event_id}", body(n), user="admin",
+                                                        key=key, timeout=5)
+                except OSError:
+                    return  # the server died mid-request: not acknowledged
+                if status == 200:
+                    with lock:
+                        acknowledged[event_id] = max(acknowledged.get(event_id, 0),
+                                                     int(headers["etag"].strip('"')))
+                n += 1
+
+        workers = [threading.Thread(target=publish, args=(w,)) for w in range(8)]
+        for worker in workers:
+            worker.start()
+        time.sleep(rng.uniform(0.3, 1.2))
+        os.kill(server.process.pid, signal.SIGKILL)
+        server.process.wait()
+        stop.set()
+        for worker in workers:
+            worker.join()
+        server.stop()
+        conn = sqlite3.connect(db)
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        stored = dict(conn.execute("SELECT event_id, revision FROM events"))
+        conn.close()
+        missing = {e: r for e, r in acknowledged.items() if stored.get(e, 0) < r}
+        assert not missing, missing
+    assert len(acknowledged) > 50

@@ -1,0 +1,131 @@
+"""Issue 3: group commit. Writes from many threads share transactions, fail
+alone, and are acknowledged only after the commit."""
+
+import threading
+
+import pytest
+
+import eventstore
+from conftest import event_body
+
+
+def test_concurrent_writes_share_commits_and_all_succeed(registry):
+    commits = []
+    original = registry.app.writer._commit
+
+    def counting_commit(conn, batch):
+        commits.append(len(batch))
+        original(conn, batch)
+
+    registry.app.writer._commit = counting_commit
+    barrier = threading.Barrier(16)
+
+    def publish(n):
+        client = registry.client("writer")
+        barrier.wait()
+        for i in range(10):
+            client.put_json(f"/events/FOO-{n}-{i}", event_body())
+
+    threads = [threading.Thread(target=publish, args=(n,)) for n in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert registry.count_events() == 160
+    assert sum(commits) == 160
+    assert len(commits) < 160  # some commits carried several writes
+    sequences = [row[0] for row in registry.db.execute("SELECT seq FROM events ORDER BY seq")]
+    assert sequences == list(range(1, 161))
+
+
+def test_a_failing_change_fails_alone(registry):
+    """One bad item (a 412) among concurrent good ones, in one group commit."""
+    writer = registry.app.writer
+    registry.client("writer").put_json("/events/FOO-cond", event_body())
+    gate = threading.Event()
+    original = writer._commit
+
+    def gated_commit(conn, batch):
+        gate.wait(5)
+        original(conn, batch)
+
+    writer._commit = gated_commit
+    outcomes = {}
+
+    def publish(event_id, headers):
+        response = registry.client("writer").put_json(f"/events/{event_id}", event_body(EventType="B"),
+                                                      headers=headers, expect_errors=True)
+        outcomes[event_id] = response.status_int
+
+    threads = [threading.Thread(target=publish, args=(f"FOO-ok{n}", {})) for n in range(5)]
+    threads.append(threading.Thread(target=publish, args=("FOO-cond", {"If-Match": '"9"'})))
+    for thread in threads:
+        thread.start()
+    while len(writer._queue) < 5:  # most of them are queued behind the gate
+        threading.Event().wait(0.01)
+    gate.set()
+    for thread in threads:
+        thread.join()
+    assert outcomes.pop("FOO-cond") == 412
+    assert set(outcomes.values()) == {200}
+    assert registry.row("FOO-cond")["event_type"] == "CourseCompleted"
+    assert registry.count_events() == 6
+
+
+def test_an_exception_inside_a_change_rolls_back_only_that_change(tmp_path):
+    writer = eventstore.GroupCommitWriter(lambda: eventstore.open_database(tmp_path / "w.db"), lambda: 1)
+
+    def good(n):
+        return lambda conn, now: conn.execute("INSERT INTO programs VALUES (?, 'x', ?)", (f"P{n}", now)).rowcount
+
+    def half_then_fail(conn, now):
+        conn.execute("INSERT INTO programs VALUES ('HALF', 'x', 1)")
+        raise ValueError("boom")
+
+    results = {}
+
+    def run(name, change):
+        try:
+            results[name] = writer.submit(change)
+        except ValueError as exc:
+            results[name] = str(exc)
+
+    threads = [threading.Thread(target=run, args=(n, good(n))) for n in range(5)]
+    threads.append(threading.Thread(target=run, args=("bad", half_then_fail)))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    writer.stop()
+    conn = eventstore.open_database(tmp_path / "w.db")
+    names = {row[0] for row in conn.execute("SELECT program_id FROM programs")}
+    assert names == {f"P{n}" for n in range(5)} and results["bad"] == "boom"
+
+
+def test_a_failed_commit_fails_every_change_in_it(tmp_path):
+    """When the COMMIT itself fails (here: the database is locked by another
+    connection), no change of the batch is acknowledged and nothing is written."""
+    db = tmp_path / "locked.db"
+    writer = eventstore.GroupCommitWriter(lambda: eventstore.connect(db, busy_timeout_ms=100), lambda: 1)
+    eventstore.open_database(db).close()
+    blocker = eventstore.connect(db)
+    blocker.execute("BEGIN IMMEDIATE")
+    with pytest.raises(Exception) as caught:
+        writer.submit(lambda conn, now: conn.execute("INSERT INTO programs VALUES ('P', 'x', 1)"))
+    assert getattr(caught.value, "sqlite_errorcode", None) == eventstore.sqlite3.SQLITE_BUSY
+    blocker.execute("ROLLBACK")
+    assert writer.submit(lambda conn, now: conn.execute("SELECT COUNT(*) FROM programs").fetchone()[0]) == 0
+    writer.stop()
+
+
+def test_a_busy_database_is_503_with_retry_after(tmp_path):
+    from conftest import Registry
+    registry = Registry(tmp_path / "busy.db", busy_timeout_ms=100)
+    blocker = eventstore.connect(registry.db_path)
+    blocker.execute("BEGIN IMMEDIATE")
+    response = registry.client("writer").put_json("/events/FOO-1", event_body(), status=503)
+    assert response.headers["Retry-After"] == "1"
+    assert response.content_type == "application/problem+json"
+    blocker.execute("ROLLBACK")
+    registry.client("writer").put_json("/events/FOO-1", event_body(), status=200)
+    registry.close()
