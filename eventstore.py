@@ -42,6 +42,7 @@ SCHEMA_VERSION = 1
 DEFAULT_DB = "eventstore.db"
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB
 REALM = 'Basic realm="eventstore", charset="UTF-8"'
+AUTH_CACHE_SECONDS = 1.0
 
 log = logging.getLogger("eventstore")
 
@@ -438,6 +439,9 @@ class Preconditions:
     if_match: object = None       # None, "*" or a set of ETags
     if_none_match: object = None
 
+    def __bool__(self):
+        return self.if_match is not None or self.if_none_match is not None
+
     def check(self, live_revision):
         """Raise 412 unless the headers hold for the event's current live revision
         (None when there is no live event)."""
@@ -572,16 +576,18 @@ class GroupCommitWriter:
     BEGIN IMMEDIATE ... COMMIT, every change queued while the previous commit was
     being fsynced (group commit).
 
-    A change is a function ``change(conn, now) -> result``; each runs in its own
-    SAVEPOINT, so one that raises (a 412, a constraint) is rolled back alone and
-    the others commit. ``submit`` returns only after the COMMIT (synchronous=FULL:
-    after the fsync), or raises the change's own error. Sequences are assigned
-    inside the transaction, so Sequence order is still commit order.
+    A change is a function ``change(tx) -> result`` over a Transaction. One that
+    raises a Problem (a 404, a 412) must do so before it writes: it fails alone
+    and the others commit. One that raises anything else, or after writing, makes
+    the batch roll back and rerun one change per transaction, so that it fails
+    alone too. ``submit`` returns only after the COMMIT (synchronous=FULL: after
+    the fsync) or raises the change's own error.
     """
 
     def __init__(self, connect_db, clock, on_commit=lambda: None, max_batch=1000):
         self.connect_db, self.clock, self.on_commit = connect_db, clock, on_commit
         self.max_batch = max_batch
+        self.known_programs = set()
         self._queue = []
         self._wake = threading.Condition()
         self._thread = None
@@ -625,28 +631,47 @@ class GroupCommitWriter:
 
     def _commit(self, conn, batch):
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            now = self.clock()
-            for item in batch:
-                conn.execute("SAVEPOINT change")
+            self._transaction(conn, batch)
+        except _ChangeFailed:
+            for item in batch:  # isolate the failing change: one transaction each
                 try:
-                    item.result = item.change(conn, now)
-                except Exception as exc:  # this change fails alone
-                    if not conn.in_transaction:
-                        raise  # SQLite rolled the whole transaction back (disk full, I/O)
-                    conn.execute("ROLLBACK TO change")
-                    item.error = exc
-                conn.execute("RELEASE change")
-            conn.execute("COMMIT")
-        except Exception as exc:  # nothing of this batch is committed
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+                    self._transaction(conn, [item])
+                except _ChangeFailed as failed:
+                    item.error, item.result = failed.__cause__, None
+                except Exception as exc:
+                    item.error, item.result = exc, None
+        except Exception as exc:  # BEGIN or COMMIT failed: nothing of the batch is written
             for item in batch:
                 item.error, item.result = exc, None
         if any(item.error is None and item.changed(item.result) for item in batch):
             self.on_commit()
         for item in batch:
             item.done.set()
+
+    def _transaction(self, conn, batch):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            tx = Transaction(conn, self.clock(), self.known_programs)
+            for item in batch:
+                changes_before = conn.total_changes
+                try:
+                    item.result, item.error = item.change(tx), None
+                except Problem as problem:
+                    if conn.total_changes != changes_before:
+                        raise _ChangeFailed() from problem
+                    item.result, item.error = None, problem
+                except Exception as exc:
+                    raise _ChangeFailed() from exc
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        tx.committed()
+
+
+class _ChangeFailed(Exception):
+    """A change failed in a way that only rolling back its transaction undoes."""
 
 
 class _Pending:
@@ -819,90 +844,132 @@ def read_event(conn, event_id):
     return conn.execute(f"SELECT {EVENT_COLUMNS} FROM events WHERE event_id = ?", (event_id,)).fetchone()
 
 
-def _next_seq(conn):
-    # Inside the write transaction: rows are never removed, so this is the
-    # largest Sequence ever assigned, and the lock makes commit order = seq order.
-    return conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events").fetchone()[0]
+class Transaction:
+    """What the changes in one write transaction share: the connection, one
+    clock reading, the next Sequence, and which programs are known to exist.
 
-
-def put_event(conn, event, preconditions, now):
-    """Create, update or replay ``event``; call inside write_transaction.
-
-    Returns ``(status, revision)`` with status "created", "updated" or
-    "unchanged". Raises Problem 404 (unregistered program) or 412.
+    The Sequence is read once (MAX(seq): rows are never removed, so it is the
+    largest ever assigned) and counted on in memory; the write lock, held from
+    BEGIN IMMEDIATE, makes Sequence order commit order across every process.
     """
-    if not program_exists(conn, event.program_id):
+
+    def __init__(self, conn, now, known_programs=None):
+        self.conn, self.now = conn, now
+        self.known_programs = known_programs if known_programs is not None else set()
+        self.found_programs = set()  # merged into known_programs once committed
+        self._last_seq = None
+
+    def peek_seq(self):
+        """The Sequence the next change will take (claim it with take_seq)."""
+        if self._last_seq is None:
+            self._last_seq = self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+        return self._last_seq + 1
+
+    def take_seq(self):
+        seq = self.peek_seq()
+        self._last_seq = seq
+        return seq
+
+    def program_exists(self, program_id):
+        # Programs are never removed, so a program once seen stays known.
+        if program_id in self.known_programs or program_id in self.found_programs:
+            return True
+        if program_exists(self.conn, program_id):
+            self.found_programs.add(program_id)
+            return True
+        return False
+
+    def committed(self):
+        self.known_programs |= self.found_programs
+
+
+# One statement for create, update and replay: the update happens only when the
+# content differs or the event is a tombstone, and RETURNING says whether it did.
+UPSERT_EVENT = (
+    "INSERT INTO events (seq, event_id, program_id, event_type, member_id, start_us, end_us, data,"
+    " ref_event_id, content_hash, deleted, revision, created_us, updated_us)"
+    " VALUES (:seq, :event_id, :program_id, :event_type, :member_id, :start_us, :end_us, :data,"
+    " :ref_event_id, :content_hash, 0, 1, :now, :now)"
+    " ON CONFLICT (event_id) DO UPDATE SET seq = excluded.seq, event_type = excluded.event_type,"
+    " member_id = excluded.member_id, start_us = excluded.start_us, end_us = excluded.end_us,"
+    " data = excluded.data, ref_event_id = excluded.ref_event_id,"
+    " content_hash = excluded.content_hash, deleted = 0, revision = revision + 1,"
+    " updated_us = excluded.updated_us"
+    " WHERE deleted = 1 OR content_hash IS NOT excluded.content_hash"
+    " RETURNING revision")
+
+
+def put_event(tx, event, preconditions=None):
+    """Create, update or replay ``event`` in transaction ``tx``.
+
+    Returns ``(status, revision)``, status "created", "updated" or "unchanged".
+    Raises Problem 404 (unregistered program) or 412, always before writing.
+    """
+    if not tx.program_exists(event.program_id):
         raise Problem(404, f"Program {event.program_id!r} is not registered.")
-    current = conn.execute(
-        "SELECT revision, deleted, content_hash FROM events WHERE event_id = ?",
-        (event.event_id,)).fetchone()
-    live_revision = current[0] if current and not current[1] else None
-    preconditions.check(live_revision)
-    if live_revision is not None and current[2] == event.content_hash:
-        return "unchanged", live_revision
-    row = {"event_id": event.event_id, "program_id": event.program_id,
-           "event_type": event.event_type, "member_id": event.member_id,
-           "start_us": event.start_us, "end_us": event.end_us, "data": event.data,
-           "ref_event_id": event.ref_event_id, "content_hash": event.content_hash,
-           "now": now, "seq": _next_seq(conn)}
+    current = None
+    if preconditions:
+        current = tx.conn.execute("SELECT revision, deleted FROM events WHERE event_id = ?",
+                                  (event.event_id,)).fetchone()
+        preconditions.check(current[0] if current and not current[1] else None)
+    written = tx.conn.execute(UPSERT_EVENT, {
+        "seq": tx.peek_seq(), "event_id": event.event_id, "program_id": event.program_id,
+        "event_type": event.event_type, "member_id": event.member_id, "start_us": event.start_us,
+        "end_us": event.end_us, "data": event.data, "ref_event_id": event.ref_event_id,
+        "content_hash": event.content_hash, "now": tx.now}).fetchall()
+    if written:
+        tx.take_seq()
+        revision = written[0][0]
+        return ("created" if revision == 1 else "updated"), revision
     if current is None:
-        conn.execute(
-            "INSERT INTO events (seq, event_id, program_id, event_type, member_id, start_us,"
-            " end_us, data, ref_event_id, content_hash, deleted, revision, created_us, updated_us)"
-            " VALUES (:seq, :event_id, :program_id, :event_type, :member_id, :start_us,"
-            " :end_us, :data, :ref_event_id, :content_hash, 0, 1, :now, :now)", row)
-        return "created", 1
-    conn.execute(
-        "UPDATE events SET seq = :seq, event_type = :event_type, member_id = :member_id,"
-        " start_us = :start_us, end_us = :end_us, data = :data, ref_event_id = :ref_event_id,"
-        " content_hash = :content_hash, deleted = 0, revision = revision + 1, updated_us = :now"
-        " WHERE event_id = :event_id", row)
-    return "updated", current[0] + 1
+        current = tx.conn.execute("SELECT revision FROM events WHERE event_id = ?", (event.event_id,)).fetchone()
+    return "unchanged", current[0]
 
 
-def put_events(conn, indexed_events, now):
-    """A batch, all or nothing: [(index, EventInput)] -> [(status, revision)];
-    call inside a transaction (or savepoint) that a raised Problem rolls back."""
+def put_events(tx, indexed_events):
+    """A batch, all or nothing: [(index, EventInput)] -> [(status, revision)].
+    Raises Problem 404 listing every item of an unregistered program, before writing."""
     unregistered = [(index, event) for index, event in indexed_events
-                    if not program_exists(conn, event.program_id)]
+                    if not tx.program_exists(event.program_id)]
     if unregistered:
         raise Problem(404, f"{len(unregistered)} events name an unregistered program; nothing was written.",
                       [e for index, event in unregistered for e in batch_errors(
                           index, event.event_id, [field_error("ProgramId", f"{event.program_id!r} is not registered")])])
-    return [put_event(conn, event, Preconditions(), now) for _, event in indexed_events]
+    return [put_event(tx, event) for _, event in indexed_events]
 
 
-def delete_event(conn, event_id, preconditions, now):
-    """Turn a live event into a tombstone; call inside write_transaction.
-    Returns the new revision. Raises Problem 404 or 412."""
-    current = conn.execute("SELECT revision FROM events WHERE event_id = ? AND deleted = 0",
-                           (event_id,)).fetchone()
+def delete_event(tx, event_id, preconditions=None):
+    """Turn a live event into a tombstone. Returns the new revision. Raises
+    Problem 404 or 412, before writing."""
+    current = tx.conn.execute("SELECT revision FROM events WHERE event_id = ? AND deleted = 0",
+                              (event_id,)).fetchone()
     if current is None:
         raise Problem(404, f"Event {event_id!r} does not exist.")
-    preconditions.check(current[0])
-    return _tombstone(conn, event_id, now)
+    if preconditions:
+        preconditions.check(current[0])
+    return _tombstone(tx, event_id)
 
 
-def _tombstone(conn, event_id, now):
+def _tombstone(tx, event_id):
     # secure_delete (see connect) zeroes the old row's bytes in the file: the
     # member id, times, data and reference are erased, not just unlinked.
-    return conn.execute(
+    return tx.conn.execute(
         "UPDATE events SET member_id = NULL, start_us = NULL, end_us = NULL, data = NULL,"
         " ref_event_id = NULL, content_hash = NULL, deleted = 1, revision = revision + 1,"
         " updated_us = ?, seq = ? WHERE event_id = ? RETURNING revision",
-        (now, _next_seq(conn), event_id)).fetchone()[0]
+        (tx.now, tx.take_seq(), event_id)).fetchall()[0][0]
 
 
-def erase_member(conn, program_id, member_id, now):
+def erase_member(tx, program_id, member_id):
     """Tombstone every live event of one member in one program, each with its own
-    new Revision and Sequence; call inside write_transaction. Returns how many."""
-    if not program_exists(conn, program_id):
+    new Revision and Sequence. Returns how many. Raises Problem 404 before writing."""
+    if not tx.program_exists(program_id):
         raise Problem(404, f"Program {program_id!r} is not registered.")
-    event_ids = [row[0] for row in conn.execute(
+    event_ids = [row[0] for row in tx.conn.execute(
         "SELECT event_id FROM events WHERE program_id = ? AND member_id = ? ORDER BY seq",
         (program_id, member_id))]
     for event_id in event_ids:
-        _tombstone(conn, event_id, now)
+        _tombstone(tx, event_id)
     return len(event_ids)
 
 
@@ -940,20 +1007,20 @@ def read_feed(conn, programs, query):
                 cursor.close()
 
 
-def import_tombstone(conn, event_id, event_type, now):
+def import_tombstone(tx, event_id, event_type):
     """Apply an exported tombstone: delete the live event, or record the tombstone
     of an event this database never had, so an export/import round trip keeps
     every deletion. Returns "deleted" or "already deleted"."""
-    current = conn.execute("SELECT deleted FROM events WHERE event_id = ?", (event_id,)).fetchone()
+    current = tx.conn.execute("SELECT deleted FROM events WHERE event_id = ?", (event_id,)).fetchone()
     if current is None:
-        conn.execute(
+        tx.conn.execute(
             "INSERT INTO events (seq, event_id, program_id, event_type, deleted, revision, created_us,"
             " updated_us) VALUES (?, ?, ?, ?, 1, 1, ?, ?)",
-            (_next_seq(conn), event_id, program_of(event_id), event_type, now, now))
+            (tx.take_seq(), event_id, program_of(event_id), event_type, tx.now, tx.now))
         return "deleted"
     if current[0]:
         return "already deleted"
-    _tombstone(conn, event_id, now)
+    _tombstone(tx, event_id)
     return "deleted"
 
 
@@ -1071,7 +1138,7 @@ def put_event_handler(req):
     req.require("write", program_id)
     event = validate_event(event_id, req.json_body())
     preconditions = req.preconditions()
-    status, revision = req.store.write(lambda conn, now: put_event(conn, event, preconditions, now),
+    status, revision = req.store.write(lambda tx: put_event(tx, event, preconditions),
                                        changed=lambda result: result[0] != "unchanged")
     return Response(200, [("Location", req.url(f"/events/{event_id}")), ("ETag", etag(revision))])
 
@@ -1096,7 +1163,7 @@ def post_events_handler(req):
     if errors:
         failing = len({e["index"] for e in errors})
         raise bad_request(f"{failing} of {len(batch)} events are not valid; nothing was written.", errors)
-    results = req.store.write(lambda conn, now: put_events(conn, events, now),
+    results = req.store.write(lambda tx: put_events(tx, events),
                               changed=lambda results: any(status != "unchanged" for status, _ in results))
     return json_response({"Results": [{"EventId": event.event_id, "Revision": revision, "Status": status}
                                       for (_, event), (status, revision) in zip(events, results)]})
@@ -1121,7 +1188,7 @@ def delete_event_handler(req):
     if not EVENT_ID_RE.fullmatch(event_id):
         raise bad_request("The eventId is not valid.", [field_error("EventId", f"expected {EVENT_ID_RULE}")])
     preconditions = req.preconditions()
-    revision = req.store.write(lambda conn, now: delete_event(conn, event_id, preconditions, now))
+    revision = req.store.write(lambda tx: delete_event(tx, event_id, preconditions))
     return Response(204, [("ETag", etag(revision))])
 
 
@@ -1158,7 +1225,7 @@ def put_program_handler(req):
         raise bad_request("The ProgramId is not valid.",
                           [field_error("ProgramId", f"{program_id!r} is not {PROGRAM_ID_RULE}")])
     name = validate_program_body(req.json_body())
-    req.store.write(lambda conn, now: put_program(conn, program_id, name, now), changed=lambda _: False)
+    req.store.write(lambda tx: put_program(tx.conn, program_id, name, tx.now), changed=lambda _: False)
     return json_response({"ProgramId": program_id, "Name": name})
 
 
@@ -1173,7 +1240,7 @@ def erase_member_handler(req):
         errors.append(field_error("ProgramMemberId", message))
     if errors:
         raise bad_request("The path is not valid; see errors.", errors)
-    erased = req.store.write(lambda conn, now: erase_member(conn, program_id, member_id, now),
+    erased = req.store.write(lambda tx: erase_member(tx, program_id, member_id),
                              changed=bool)
     return json_response({"Deleted": erased})
 
@@ -1251,8 +1318,10 @@ class EventStore:
     """The WSGI application. Only ``__call__`` touches environ and start_response."""
 
     def __init__(self, db_path, *, max_body_bytes=DEFAULT_MAX_BODY, clock=now_us,
-                 max_waiting=8, busy_timeout_ms=5000, openapi=None, routes=ROUTES):
+                 max_waiting=8, busy_timeout_ms=5000, auth_cache_seconds=AUTH_CACHE_SECONDS,
+                 openapi=None, routes=ROUTES):
         self.db_path = str(db_path)
+        self.auth_cache_seconds = auth_cache_seconds
         self.router = Router(routes)
         self.max_body_bytes = max_body_bytes
         self.clock = clock
@@ -1265,6 +1334,7 @@ class EventStore:
         self._commits = threading.Condition()
         self._generation = 0
         self._waiting = threading.BoundedSemaphore(max_waiting) if max_waiting else None
+        self._auth_cache = {}
         self.writer = GroupCommitWriter(lambda: connect(self.db_path, busy_timeout_ms), clock,
                                         on_commit=self._committed)
         conn = connect(self.db_path, busy_timeout_ms)
@@ -1282,7 +1352,7 @@ class EventStore:
         return conn
 
     def write(self, change, changed=lambda result: True):
-        """Run ``change(conn, now)`` in a committed, durable write transaction
+        """Run ``change(tx)`` in a committed, durable write transaction
         shared with whatever other writes are queued (group commit); wake long
         polls if ``changed(result)``. Returns the change's result."""
         return self.writer.submit(change, changed)
@@ -1339,11 +1409,25 @@ class EventStore:
         query = urllib.parse.parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True)
         req = Request(self, method, path, params, query, environ)
         if needs_auth:
-            credentials = parse_basic_auth(environ.get("HTTP_AUTHORIZATION"))
-            req.user = credentials and authenticate(self.connection(), *credentials, self.clock())
-            if not req.user:
-                raise UNAUTHORIZED
+            req.user = self.authenticate(environ.get("HTTP_AUTHORIZATION"))
         return handler(req)
+
+    def authenticate(self, header):
+        """Authorization header -> Principal, or the one 401. Successful answers
+        are cached for a second (keyed by a hash of the header), so a revoked key
+        or disabled user stops working within a second."""
+        cache_key = hashlib.sha256(header.encode("utf-8", "surrogateescape")).digest() if header else None
+        cached = self._auth_cache.get(cache_key)
+        if cached and cached[0] > time.monotonic():
+            return cached[1]
+        credentials = parse_basic_auth(header)
+        principal = credentials and authenticate(self.connection(), *credentials, self.clock())
+        if not principal:
+            raise UNAUTHORIZED
+        if len(self._auth_cache) >= 10_000:  # bounded: forget everything, refill on demand
+            self._auth_cache.clear()
+        self._auth_cache[cache_key] = (time.monotonic() + self.auth_cache_seconds, principal)
+        return principal
 
     def __call__(self, environ, start_response):
         try:
@@ -1386,7 +1470,7 @@ def storage_problem(exc):
 
 def make_app(db_path, **options):
     """The WSGI application over the SQLite database at ``db_path`` (created if
-    missing). Options: max_body_bytes, clock, max_waiting, busy_timeout_ms,
+    missing). Options: max_body_bytes, clock, max_waiting, busy_timeout_ms, auth_cache_seconds,
     openapi (the document's bytes), routes (the route table)."""
     return EventStore(db_path, **options)
 
@@ -1682,13 +1766,13 @@ def cmd_import(conn, args, out):
     done = 0
     while chunk := list(itertools.islice(lines, args.batch)):
         with write_transaction(conn):
-            now = now_us()
+            tx = Transaction(conn, now_us(), registered)
             for _, line in chunk:
                 kind, value = parse_import_line(line, registered)
                 if kind == "put":
-                    outcomes[put_event(conn, value, Preconditions(), now)[0]] += 1
+                    outcomes[put_event(tx, value)[0]] += 1
                 else:
-                    outcomes[import_tombstone(conn, *value, now)] += 1
+                    outcomes[import_tombstone(tx, *value)] += 1
         done += len(chunk)
         progress.update(done)
     progress.finish()

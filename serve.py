@@ -68,6 +68,14 @@ def main(argv=None):
     except (sqlite3.Error, RuntimeError, OSError) as exc:
         print(f"error: cannot open {args.db} as an eventstore database: {exc}", file=sys.stderr)
         return 1
+    run_waitress(app, args)
+    return 0
+
+
+def run_waitress(app, args):
+    import sys as _s; _s.setswitchinterval(float(os.environ.get("SWI", "0.005")))
+    """Serve ``app`` with the settings the flags give (the benchmark's baseline
+    app is served through here too, so both run under the same settings)."""
     import waitress
 
     # waitress reads a whole body before the app sees the request; up to 8x the
@@ -77,7 +85,6 @@ def main(argv=None):
                    connection_limit=args.connection_limit, channel_timeout=args.channel_timeout,
                    max_request_header_size=64 * 1024, max_request_body_size=8 * args.max_body,
                    ident="eventstore")
-    return 0
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import base64
 import hashlib
+import time
 
 import pytest
 
@@ -91,7 +92,7 @@ def test_keys_have_the_documented_shape(registry):
         assert len(key) == 47
 
 
-def test_a_user_may_hold_several_keys_and_revoke_one(registry):
+def test_a_user_may_hold_several_keys_and_a_revoked_one_stops_within_a_second(registry):
     first = registry.keys["writer"]
     with eventstore.write_transaction(registry.db):
         second = eventstore.add_key(registry.db, "writer", eventstore.now_us())
@@ -99,6 +100,7 @@ def test_a_user_may_hold_several_keys_and_revoke_one(registry):
     app.get("/events", headers=basic("writer", first), status=200)
     app.get("/events", headers=basic("writer", second), status=200)
     registry.db.execute("UPDATE api_keys SET revoked_us = 1 WHERE key_id = ?", (first[:12],))
+    time.sleep(eventstore.AUTH_CACHE_SECONDS)
     app.get("/events", headers=basic("writer", first), status=401)
     app.get("/events", headers=basic("writer", second), status=200)
 
@@ -151,11 +153,20 @@ def test_system_user_may_do_everything(admin):
     admin.delete("/events/BAR-1", status=204)
 
 
-def test_grants_take_effect_on_the_next_request(registry):
+def test_grants_and_disabling_take_effect_within_a_second(registry):
     nobody = registry.client("nobody")
     nobody.get("/events?ProgramId=BAR", status=403)
     eventstore.set_grants(registry.db, "nobody", {"BAR": "read"})
+    time.sleep(eventstore.AUTH_CACHE_SECONDS)
     nobody.get("/events?ProgramId=BAR", status=200)
+    registry.db.execute("UPDATE users SET disabled = 1 WHERE user_id = 'nobody'")
+    time.sleep(eventstore.AUTH_CACHE_SECONDS)
+    nobody.get("/events?ProgramId=BAR", status=401)
+
+
+def test_failed_authentications_are_not_cached(registry):
+    registry.anonymous.get("/events", headers=basic("writer", "esk_wrong"), status=401)
+    assert len(registry.app._auth_cache) == 0
 
 
 # --- order of checks: route -> 401 -> 403 -> 400/413/415 -> 404 -> 412 -----------

@@ -208,7 +208,7 @@ def test_long_poll_notices_commits_from_another_connection(admin, registry):
         other = eventstore.open_database(registry.db_path)
         event = eventstore.validate_event("FOO-x", event_body())
         with eventstore.write_transaction(other):
-            eventstore.put_event(other, event, eventstore.Preconditions(), eventstore.now_us())
+            eventstore.put_event(eventstore.Transaction(other, eventstore.now_us()), event)
         other.close()
 
     thread = threading.Thread(target=publish_elsewhere)

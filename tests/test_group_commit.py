@@ -39,17 +39,12 @@ def test_concurrent_writes_share_commits_and_all_succeed(registry):
 
 
 def test_a_failing_change_fails_alone(registry):
-    """One bad item (a 412) among concurrent good ones, in one group commit."""
+    """One bad item (a 412) among concurrent good ones, all in one group commit."""
     writer = registry.app.writer
     registry.client("writer").put_json("/events/FOO-cond", event_body())
     gate = threading.Event()
-    original = writer._commit
-
-    def gated_commit(conn, batch):
-        gate.wait(5)
-        original(conn, batch)
-
-    writer._commit = gated_commit
+    blocker = threading.Thread(target=writer.submit, args=(lambda tx: gate.wait(5),))
+    blocker.start()  # the writer is busy with this until the gate opens
     outcomes = {}
 
     def publish(event_id, headers):
@@ -61,11 +56,15 @@ def test_a_failing_change_fails_alone(registry):
     threads.append(threading.Thread(target=publish, args=("FOO-cond", {"If-Match": '"9"'})))
     for thread in threads:
         thread.start()
-    while len(writer._queue) < 5:  # most of them are queued behind the gate
+    while len(writer._queue) < 6:  # all six queue behind the blocker: one batch
         threading.Event().wait(0.01)
+    commits = []
+    original = writer._transaction
+    writer._transaction = lambda conn, batch: (commits.append(len(batch)), original(conn, batch))
     gate.set()
-    for thread in threads:
+    for thread in threads + [blocker]:
         thread.join()
+    assert commits == [6]
     assert outcomes.pop("FOO-cond") == 412
     assert set(outcomes.values()) == {200}
     assert registry.row("FOO-cond")["event_type"] == "CourseCompleted"
@@ -76,10 +75,10 @@ def test_an_exception_inside_a_change_rolls_back_only_that_change(tmp_path):
     writer = eventstore.GroupCommitWriter(lambda: eventstore.open_database(tmp_path / "w.db"), lambda: 1)
 
     def good(n):
-        return lambda conn, now: conn.execute("INSERT INTO programs VALUES (?, 'x', ?)", (f"P{n}", now)).rowcount
+        return lambda tx: tx.conn.execute("INSERT INTO programs VALUES (?, 'x', ?)", (f"P{n}", tx.now)).rowcount
 
-    def half_then_fail(conn, now):
-        conn.execute("INSERT INTO programs VALUES ('HALF', 'x', 1)")
+    def half_then_fail(tx):
+        tx.conn.execute("INSERT INTO programs VALUES ('HALF', 'x', 1)")
         raise ValueError("boom")
 
     results = {}
@@ -111,10 +110,10 @@ def test_a_failed_commit_fails_every_change_in_it(tmp_path):
     blocker = eventstore.connect(db)
     blocker.execute("BEGIN IMMEDIATE")
     with pytest.raises(Exception) as caught:
-        writer.submit(lambda conn, now: conn.execute("INSERT INTO programs VALUES ('P', 'x', 1)"))
+        writer.submit(lambda tx: tx.conn.execute("INSERT INTO programs VALUES ('P', 'x', 1)"))
     assert getattr(caught.value, "sqlite_errorcode", None) == eventstore.sqlite3.SQLITE_BUSY
     blocker.execute("ROLLBACK")
-    assert writer.submit(lambda conn, now: conn.execute("SELECT COUNT(*) FROM programs").fetchone()[0]) == 0
+    assert writer.submit(lambda tx: tx.conn.execute("SELECT COUNT(*) FROM programs").fetchone()[0]) == 0
     writer.stop()
 
 

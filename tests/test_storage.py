@@ -63,7 +63,7 @@ def test_a_failed_write_leaves_nothing_behind(registry):
         "ProgramId": "FOO", "ProgramMemberId": "m", "EventType": "T", "EventStartUTC": "2026-01-01T00:00:00Z"})
     with pytest.raises(RuntimeError):
         with eventstore.write_transaction(registry.db):
-            eventstore.put_event(registry.db, event, eventstore.Preconditions(), 1)
+            eventstore.put_event(eventstore.Transaction(registry.db, 1), event)
             raise RuntimeError("crash in the middle")
     assert registry.count_events() == 0 and not registry.db.in_transaction
 

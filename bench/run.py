@@ -1,0 +1,355 @@
+"""``make bench``: eventstore's speed and memory, each figure a ratio to a baseline
+measured in the same run on the same machine.
+
+Issue 3:
+  1. single PUT, new ids, 16 connections, authenticated, durable, events/s
+     / a WSGI app that only reads the body and answers 200 (same waitress settings)
+  2. GET /events/{id} req/s / the same baseline app answering the same GETs
+  3. POST /events, 1,000 events a request, events/s
+     / raw sqlite3 executemany of the same rows in 1,000-row synchronous=FULL transactions
+  4. pulling the whole database through Next with limit=1000, events/s
+     / raw keyset SELECT of the same rows serialized with json.dumps
+  5. PUT events/s with the database full / PUT events/s on an empty database
+  6. server RSS after 100,000 requests / before them
+  plus p50/p99 latency of 1 and 2.
+Issue 4:
+  export and import events/s / raw sqlite3 read and executemany of the same rows,
+  and the exporter's peak RSS.
+
+The load generator is wrk (Debian's package; the Makefile installs it).
+``python bench/run.py --events 100000`` runs a smaller database.
+"""
+
+import argparse
+import base64
+import http.client
+import json
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import eventstore  # noqa: E402
+from server import Server, free_port  # noqa: E402
+
+PYTHON = sys.executable
+TARGETS = {  # figure -> (lowest acceptable ratio, or highest for RSS growth)
+    "1. PUT vs baseline app": (">=", 0.5),
+    "2. GET vs baseline app": (">=", 0.6),
+    "3. POST batch vs executemany": (">=", 0.5),
+    "4. pull via Next vs keyset SELECT": (">=", 0.35),
+    "5. PUT full vs PUT empty": (">=", 0.8),
+    "6. RSS after/before 100k requests": ("<", 1.10),
+}
+
+PUT_LUA = """
+local counter = 0
+local threads = 0
+function setup(thread) threads = threads + 1; thread:set("tid", threads) end
+function init(args) run = args[1] end
+wrk.method = "PUT"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "%(auth)s"
+wrk.body = '%(body)s'
+function request()
+  counter = counter + 1
+  return wrk.format(nil, "/events/FOO-" .. run .. "-" .. tid .. "-" .. counter)
+end
+"""
+
+GET_LUA = """
+wrk.headers["Authorization"] = "%(auth)s"
+function request()
+  return wrk.format("GET", "/events/FOO-g-" .. math.random(1, %(count)d))
+end
+"""
+
+
+def event_body(n):
+    return {"ProgramId": "FOO", "ProgramMemberId": f"member{n % 5000}@example.com",
+            "EventType": ("CourseCompleted", "CourseStarted", "CreditEarned")[n % 3],
+            "EventStartUTC": "2026-03-01T09:30:00Z", "EventEndUTC": "2026-03-01T11:00:00.250000Z",
+            "EventData": {"course": f"CPR-{n % 300}", "score": n % 100, "passed": True}}
+
+
+# --- measuring ------------------------------------------------------------------------
+
+def wrk(port, lua, seconds, connections=16, args=()):
+    """-> (requests/s, p50 ms, p99 ms, total requests); fails on any non-2xx."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(lua)
+    try:
+        result = subprocess.run(
+            ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", script.name,
+             f"http://127.0.0.1:{port}", "--", *args], capture_output=True, text=True, check=True)
+    finally:
+        os.unlink(script.name)
+    out = result.stdout
+    if "Non-2xx" in out or "Socket errors" in out:
+        raise SystemExit(f"wrk saw errors:\n{out}")
+
+    def latency(percent):
+        value, unit = re.search(rf"^\s+{percent}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M).groups()
+        return float(value) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
+
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    return rate, latency(50), latency(99), total
+
+
+def rss_mb(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def timed_child(argv, stdout=subprocess.DEVNULL):
+    """Run a command; -> (seconds, peak RSS in MB) of that process alone."""
+    started = time.perf_counter()
+    process = subprocess.Popen(argv, stdout=stdout, stderr=subprocess.PIPE, cwd=ROOT)
+    _, status, usage = os.wait4(process.pid, 0)
+    elapsed = time.perf_counter() - started
+    if status != 0:
+        raise SystemExit(f"{argv} failed: {process.stderr.read().decode()}")
+    process.stderr.close()
+    return elapsed, usage.ru_maxrss / 1024
+
+
+class Baseline:
+    def __init__(self):
+        self.port = free_port()
+        self.process = subprocess.Popen([PYTHON, str(ROOT / "bench" / "baseline_server.py"), "--port",
+                                         str(self.port)], stderr=subprocess.PIPE, text=True)
+        self.process.stderr.readline()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+                connection.request("GET", "/")
+                connection.getresponse().read()
+                return
+            except OSError:
+                time.sleep(0.05)
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait()
+        self.process.stderr.close()
+
+
+# --- building databases -------------------------------------------------------------
+
+def rows_for(count, start=0):
+    """Event rows exactly as the app stores them (validated, normalized, hashed)."""
+    for n in range(start, start + count):
+        event = eventstore.validate_event(f"FOO-e{n}", event_body(n))
+        yield (event.event_id, event.program_id, event.event_type, event.member_id, event.start_us,
+               event.end_us, event.data, event.ref_event_id, event.content_hash)
+
+
+INSERT = ("INSERT INTO events (seq, event_id, program_id, event_type, member_id, start_us, end_us, data,"
+          " ref_event_id, content_hash, deleted, revision, created_us, updated_us)"
+          " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 1, ?, ?)")
+
+
+def insert_rows(conn, rows, first_seq, batch):
+    """Raw executemany in ``batch``-row synchronous=FULL transactions."""
+    now = eventstore.now_us()
+    seq = first_seq
+    for start in range(0, len(rows), batch):
+        chunk = rows[start:start + batch]
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(INSERT, [(seq + i, *row, now, now) for i, row in enumerate(chunk)])
+        conn.execute("COMMIT")
+        seq += len(chunk)
+
+
+def fresh_database(path):
+    conn = eventstore.open_database(path)
+    with eventstore.write_transaction(conn):
+        eventstore.put_program(conn, "FOO", "Foo", eventstore.now_us())
+    return conn
+
+
+def say(text):
+    print(text, file=sys.stderr, flush=True)
+
+
+# --- the figures ----------------------------------------------------------------------
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=1_000_000, help="size of the full database (default 1,000,000)")
+    parser.add_argument("--seconds", type=int, default=10, help="length of each wrk run (default 10)")
+    options = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="eventstore-bench-"))
+    figures, notes = {}, []
+
+    def ratio(name, ours, base, unit):
+        figures[name] = ours / base
+        notes.append(f"{name}: {ours:,.0f} vs {base:,.0f} {unit}")
+
+    # 1, 2: single requests against the baseline app.
+    say("1-2: PUT and GET, eventstore vs baseline app ...")
+    baseline = Baseline()
+    server = Server(workdir / "empty.db")
+    auth = "Basic " + base64.b64encode(f"admin:{server.admin_key}".encode()).decode()
+    server.request("PUT", "/programs/FOO", {"Name": "Foo"}, user="admin", key=server.admin_key)
+    put_lua = PUT_LUA % {"auth": auth, "body": json.dumps(event_body(1))}
+    get_count = 10_000
+    batch_bodies = [json.dumps({"Events": [{"EventId": f"FOO-g-{n}", **event_body(n)}
+                                           for n in range(start, start + 1000)]}).encode()
+                    for start in range(1, get_count + 1, 1000)]
+    for body in batch_bodies:
+        assert server.request("POST", "/events", body, user="admin", key=server.admin_key,
+                              headers={"Content-Type": "application/json"})[0] == 200
+    get_lua = GET_LUA % {"auth": auth, "count": get_count}
+    wrk(server.port, put_lua, 2, args=["warm"])
+    base_put = wrk(baseline.port, put_lua, options.seconds, args=["b"])
+    put_empty = wrk(server.port, put_lua, options.seconds, args=["empty"])
+    base_get = wrk(baseline.port, get_lua, options.seconds)
+    ours_get = wrk(server.port, get_lua, options.seconds)
+    baseline.stop()
+    ratio("1. PUT vs baseline app", put_empty[0], base_put[0], "req/s")
+    ratio("2. GET vs baseline app", ours_get[0], base_get[0], "req/s")
+    latencies = {"1. PUT": put_empty[1:3], "1. baseline PUT": base_put[1:3],
+                 "2. GET": ours_get[1:3], "2. baseline GET": base_get[1:3]}
+
+    # 6: RSS over 100,000 requests on the same server (it has served ~warm-up already).
+    say("6: RSS over 100,000 requests ...")
+    before = rss_mb(server.process.pid)
+    served = 0
+    while served < 100_000:
+        served += wrk(server.port, get_lua, 5)[3]
+        served += wrk(server.port, put_lua, 3, args=[f"rss{served}"])[3]
+    after = rss_mb(server.process.pid)
+    figures["6. RSS after/before 100k requests"] = after / before
+    notes.append(f"6. RSS: {before:.1f} MB before, {after:.1f} MB after {served:,} requests")
+    server.stop()
+
+    # 3: batches of 1,000 against raw executemany of the same rows.
+    say("3: POST /events batches vs executemany ...")
+    batches = 50
+    server = Server(workdir / "batch.db")
+    server.request("PUT", "/programs/FOO", {"Name": "Foo"}, user="admin", key=server.admin_key)
+    bodies = [json.dumps({"Events": [{"EventId": f"FOO-e{n}", **event_body(n)}
+                                     for n in range(start, start + 1000)]}).encode()
+              for start in range(0, batches * 1000, 1000)]
+    connection = http.client.HTTPConnection("127.0.0.1", server.port)
+    headers = {"Authorization": auth, "Content-Type": "application/json"}
+    started = time.perf_counter()
+    for body in bodies:
+        connection.request("POST", "/events", body, headers)
+        response = connection.getresponse()
+        response.read()
+        assert response.status == 200, response.status
+    post_rate = batches * 1000 / (time.perf_counter() - started)
+    connection.close()
+    server.stop()
+    rows = list(rows_for(batches * 1000))
+    conn = fresh_database(workdir / "raw-batch.db")
+    started = time.perf_counter()
+    insert_rows(conn, rows, 1, 1000)
+    raw_rate = len(rows) / (time.perf_counter() - started)
+    conn.close()
+    ratio("3. POST batch vs executemany", post_rate, raw_rate, "events/s")
+
+    # The full database, built with raw inserts (the same rows).
+    say(f"building a {options.events:,}-event database ...")
+    full = workdir / "full.db"
+    conn = fresh_database(full)
+    chunk = 100_000
+    for start in range(0, options.events, chunk):
+        insert_rows(conn, list(rows_for(min(chunk, options.events - start), start)), start + 1, 10_000)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    # 4: pull everything through Next against a raw keyset SELECT + json.dumps.
+    say("4: pulling through Next vs keyset SELECT ...")
+    server = Server(full)
+    key = eventstore.add_user(conn, "bench", True, {}, eventstore.now_us())
+    pull_auth = {"Authorization": "Basic " + base64.b64encode(f"bench:{key}".encode()).decode()}
+    connection = http.client.HTTPConnection("127.0.0.1", server.port)
+    url, pulled = "/events?limit=1000", 0
+    started = time.perf_counter()
+    while True:
+        connection.request("GET", url, headers=pull_auth)
+        body = connection.getresponse().read()
+        pulled += body.count(b'"EventId":')
+        tail = json.loads(body[body.rindex(b',"Next":') + 1:].join((b"{", b"")))
+        url = tail["Next"]
+        if not tail["HasMore"]:
+            break
+    pull_rate = pulled / (time.perf_counter() - started)
+    connection.close()
+    assert pulled == options.events, pulled
+    started, after_seq, selected = time.perf_counter(), 0, 0
+    while True:
+        page = conn.execute(f"SELECT {eventstore.EVENT_COLUMNS} FROM events WHERE seq > ? ORDER BY seq LIMIT 1000",
+                            (after_seq,)).fetchall()
+        if not page:
+            break
+        json.dumps(page)
+        selected += len(page)
+        after_seq = page[-1][0]
+    raw_pull = selected / (time.perf_counter() - started)
+    ratio("4. pull via Next vs keyset SELECT", pull_rate, raw_pull, "events/s")
+
+    # 5: PUT with the database full against PUT on an empty one (figure 1's run).
+    say("5: PUT on the full database ...")
+    full_auth = "Basic " + base64.b64encode(f"bench:{key}".encode()).decode()
+    put_full = wrk(server.port, PUT_LUA % {"auth": full_auth, "body": json.dumps(event_body(1))},
+                   options.seconds, args=["full"])
+    server.stop()
+    ratio("5. PUT full vs PUT empty", put_full[0], put_empty[0], "req/s")
+    latencies["5. PUT full"] = put_full[1:3]
+
+    # Issue 4: export and import against raw reads and executemany.
+    say("export and import ...")
+    dump = workdir / "dump.jsonl"
+    with open(dump, "wb") as out:
+        export_time, export_rss = timed_child([PYTHON, "eventstore.py", "--db", str(full), "export"], stdout=out)
+    started = time.perf_counter()
+    read = sum(1 for _ in conn.execute(f"SELECT {eventstore.EVENT_COLUMNS} FROM events ORDER BY seq"))
+    raw_read = read / (time.perf_counter() - started)
+    conn.close()
+    fresh_database(workdir / "import.db").close()
+    import_time, import_rss = timed_child([PYTHON, "eventstore.py", "--db", str(workdir / "import.db"),
+                                           "import", str(dump)])
+    raw = fresh_database(workdir / "raw-import.db")
+    started = time.perf_counter()
+    insert_rows(raw, list(rows_for(options.events)), 1, 5000)
+    raw_import = options.events / (time.perf_counter() - started)
+    raw.close()
+    ratio("export vs raw read", options.events / export_time, raw_read, "events/s")
+    ratio("import vs executemany", options.events / import_time, raw_import, "events/s")
+
+    # The report.
+    print(f"\neventstore benchmark: {options.events:,} events, wrk -t1 -c16 -d{options.seconds}s, "
+          f"{os.cpu_count()} cores, Python {sys.version.split()[0]}, SQLite {sqlite3.sqlite_version}")
+    print(f"{'figure':40} {'ratio':>7}  target")
+    for name, value in figures.items():
+        target = TARGETS.get(name)
+        verdict = ""
+        if target:
+            op, bound = target
+            met = value >= bound if op == ">=" else value < bound
+            verdict = f"{op} {bound:<5} {'met' if met else 'NOT MET'}"
+        print(f"{name:40} {value:7.2f}  {verdict}")
+    print("\nlatency (ms)            p50     p99")
+    for name, (p50, p99) in latencies.items():
+        print(f"{name:20} {p50:7.2f} {p99:7.2f}")
+    print(f"\nexporter peak RSS: {export_rss:.1f} MB; importer peak RSS: {import_rss:.1f} MB")
+    print("\n".join(notes))
+
+
+if __name__ == "__main__":
+    main()
