@@ -6,6 +6,7 @@ database that has none (printing its key once to standard error), and serves
 """
 
 import argparse
+import logging
 import os
 import sqlite3
 import sys
@@ -73,10 +74,14 @@ def main(argv=None):
 
 
 def run_waitress(app, args):
-    import sys as _s; _s.setswitchinterval(float(os.environ.get("SWI", "0.005")))
     """Serve ``app`` with the settings the flags give (the benchmark's baseline
     app is served through here too, so both run under the same settings)."""
     import waitress
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # waitress warns of queued requests on every request past the thread count;
+    # under load and with long polls that is the normal state, not news.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
 
     # waitress reads a whole body before the app sees the request; up to 8x the
     # app's limit it lets the app answer 413 as problem+json, beyond that it

@@ -19,5 +19,4 @@ def baseline_app(environ, start_response):
 
 if __name__ == "__main__":
     args = serve.parse_args()
-    print("baseline serving", file=sys.stderr, flush=True)
     serve.run_waitress(baseline_app, args)

@@ -128,8 +128,7 @@ class Baseline:
     def __init__(self):
         self.port = free_port()
         self.process = subprocess.Popen([PYTHON, str(ROOT / "bench" / "baseline_server.py"), "--port",
-                                         str(self.port)], stderr=subprocess.PIPE, text=True)
-        self.process.stderr.readline()
+                                         str(self.port)], stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -143,7 +142,6 @@ class Baseline:
     def stop(self):
         self.process.terminate()
         self.process.wait()
-        self.process.stderr.close()
 
 
 # --- building databases -------------------------------------------------------------

@@ -9,6 +9,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -44,7 +45,15 @@ class Server:
                 self.admin_key = found.group(1)
             if line.startswith(("More users:", "New key for admin:")):
                 break
+        # Keep reading the server's log, so that it never blocks on a full pipe.
+        self.log = []
+        self.log_reader = threading.Thread(target=self._drain, daemon=True)
+        self.log_reader.start()
         self.wait_healthy(deadline)
+
+    def _drain(self):
+        for line in self.process.stderr:
+            self.log.append(line)
 
     def wait_healthy(self, deadline):
         while time.monotonic() < deadline:
@@ -84,5 +93,6 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        self.log_reader.join(5)
         for stream in (self.process.stdout, self.process.stderr):
             stream.close()

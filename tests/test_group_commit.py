@@ -2,6 +2,7 @@
 alone, and are acknowledged only after the commit."""
 
 import threading
+import time
 
 import pytest
 
@@ -42,9 +43,10 @@ def test_a_failing_change_fails_alone(registry):
     """One bad item (a 412) among concurrent good ones, all in one group commit."""
     writer = registry.app.writer
     registry.client("writer").put_json("/events/FOO-cond", event_body())
-    gate = threading.Event()
-    blocker = threading.Thread(target=writer.submit, args=(lambda tx: gate.wait(5),))
-    blocker.start()  # the writer is busy with this until the gate opens
+    gate, blocking = threading.Event(), threading.Event()
+    blocker = threading.Thread(target=writer.submit, args=(lambda tx: (blocking.set(), gate.wait(10)),))
+    blocker.start()
+    assert blocking.wait(10)  # the writer is busy with this until the gate opens
     outcomes = {}
 
     def publish(event_id, headers):
@@ -56,8 +58,10 @@ def test_a_failing_change_fails_alone(registry):
     threads.append(threading.Thread(target=publish, args=("FOO-cond", {"If-Match": '"9"'})))
     for thread in threads:
         thread.start()
+    deadline = time.monotonic() + 10
     while len(writer._queue) < 6:  # all six queue behind the blocker: one batch
-        threading.Event().wait(0.01)
+        assert time.monotonic() < deadline, "the writes did not queue"
+        time.sleep(0.01)
     commits = []
     original = writer._transaction
     writer._transaction = lambda conn, batch: (commits.append(len(batch)), original(conn, batch))
