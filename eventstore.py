@@ -12,6 +12,7 @@ section only uses what stands above it.
 import argparse
 import base64
 import binascii
+import functools
 import hashlib
 import heapq
 import hmac
@@ -183,6 +184,9 @@ def json_depth_and_surrogates(value):
     return depth, surrogate
 
 
+SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89abcdefABCDEF]")
+
+
 def parse_json(body):
     """Request body bytes -> parsed JSON, or Problem(400) saying what is wrong."""
     try:
@@ -200,7 +204,9 @@ def parse_json(body):
         raise bad_request("The body is not valid JSON: it is nested too deeply.")
     except ValueError as exc:  # JSONDecodeError is a ValueError
         raise bad_request(f"The body is not valid JSON: {exc}.")
-    if json_depth_and_surrogates(value)[1]:
+    # Decoded UTF-8 holds no surrogates, so only a \\uD800-\\uDFFF escape can
+    # make one; walk the value only when the text has such an escape.
+    if SURROGATE_ESCAPE_RE.search(text) and json_depth_and_surrogates(value)[1]:
         raise bad_request("The body is not valid JSON: a string holds a lone surrogate (\\ud800-\\udfff).")
     return value
 
@@ -211,8 +217,18 @@ def canonical_json(value):
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+def json_text(value):
+    """Compact JSON as this service writes it. U+2028/U+2029 are escaped: valid
+    raw in JSON, but many line readers (Python's str.splitlines among them)
+    break lines there, and export writes one event per line."""
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    if "\u2028" in text or "\u2029" in text:
+        text = text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+    return text
+
+
 def _dumps(value):
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return json_text(value).encode("utf-8")
 
 
 # --- Times --------------------------------------------------------------------
@@ -250,11 +266,19 @@ def parse_datetime(text):
 
 def format_datetime(micros):
     """Microseconds since the epoch -> RFC 3339 UTC with ``Z``; six fraction digits
-    only when there are microseconds."""
-    moment = EPOCH + timedelta(microseconds=micros)
-    if moment.microsecond:
-        return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+    only when there are microseconds. (Arithmetic, not strftime: feeds format
+    four of these per event.)"""
+    seconds, fraction = divmod(micros, 1_000_000)
+    days, seconds = divmod(seconds, 86400)
+    hours, seconds = divmod(seconds, 3600)
+    minutes, seconds = divmod(seconds, 60)
+    text = f"{_format_date(days)}T{hours:02d}:{minutes:02d}:{seconds:02d}"
+    return f"{text}.{fraction:06d}Z" if fraction else f"{text}Z"
+
+
+@functools.lru_cache(maxsize=4096)
+def _format_date(days):
+    return (EPOCH + timedelta(days=days)).strftime("%Y-%m-%d")
 
 
 # --- Event bodies -------------------------------------------------------------
@@ -274,7 +298,7 @@ class EventInput:
     event_type: str
     start_us: int
     end_us: int
-    data: str  # compact JSON text, the client's key order kept
+    doc: str  # the representation up to "Deleted" (see schema.sql), EventData in the client's key order
     ref_event_id: str | None
     content_hash: bytes  # of the canonical content, for the replay rule
 
@@ -351,10 +375,14 @@ def validate_event(event_id, body):
     if errors:
         raise bad_request("The event is not valid; see errors.", errors)
     content = canonical_json([get["ProgramMemberId"], get["EventType"], start_us, end_us, data, ref])
+    doc = json_text({
+        "EventId": event_id, "ProgramId": program_id, "ProgramMemberId": get["ProgramMemberId"],
+        "EventType": get["EventType"], "EventStartUTC": format_datetime(start_us),
+        "EventEndUTC": format_datetime(end_us), "EventData": data, "ReferenceEventId": ref,
+        "Deleted": False})[:-1]
     return EventInput(
         event_id=event_id, program_id=program_id, member_id=get["ProgramMemberId"],
-        event_type=get["EventType"], start_us=start_us, end_us=end_us,
-        data=json.dumps(data, separators=(",", ":"), ensure_ascii=False),
+        event_type=get["EventType"], start_us=start_us, end_us=end_us, doc=doc,
         ref_event_id=ref, content_hash=hashlib.sha256(content.encode("utf-8")).digest(),
     )
 
@@ -819,25 +847,23 @@ def list_programs(conn):
 
 # --- Events -------------------------------------------------------------------
 
-EVENT_COLUMNS = ("seq, event_id, program_id, event_type, member_id, start_us, end_us, data,"
-                 " ref_event_id, deleted, revision, created_us, updated_us")
+EVENT_COLUMNS = "seq, event_id, program_id, event_type, doc, revision, created_us, updated_us"
 
 
-def event_representation(row):
-    """A row selected with EVENT_COLUMNS -> the JSON representation of API.md §3."""
-    (seq, event_id, program_id, event_type, member_id, start_us, end_us, data,
-     ref, deleted, revision, created_us, updated_us) = row
-    if deleted:
-        return {"EventId": event_id, "ProgramId": program_id, "EventType": event_type,
-                "Deleted": True, "Revision": revision, "Sequence": seq,
-                "CreatedUTC": format_datetime(created_us), "UpdatedUTC": format_datetime(updated_us)}
-    return {
-        "EventId": event_id, "ProgramId": program_id, "ProgramMemberId": member_id,
-        "EventType": event_type, "EventStartUTC": format_datetime(start_us),
-        "EventEndUTC": format_datetime(end_us), "EventData": json.loads(data),
-        "ReferenceEventId": ref, "Deleted": False, "Revision": revision, "Sequence": seq,
-        "CreatedUTC": format_datetime(created_us), "UpdatedUTC": format_datetime(updated_us),
-    }
+def render_event(row):
+    """A row selected with EVENT_COLUMNS -> its JSON representation (API.md §3)
+    as text: the stored doc (or, for a tombstone, what it keeps) plus the
+    bookkeeping members."""
+    seq, event_id, program_id, event_type, doc, revision, created_us, updated_us = row
+    if doc is None:
+        doc = (f'{{"EventId":{json_text(event_id)},"ProgramId":{json_text(program_id)},'
+               f'"EventType":{json_text(event_type)},"Deleted":true')
+    return (f'{doc},"Revision":{revision},"Sequence":{seq},"CreatedUTC":"{format_datetime(created_us)}",'
+            f'"UpdatedUTC":"{format_datetime(updated_us)}"}}')
+
+
+def is_tombstone(row):
+    return row[4] is None
 
 
 def read_event(conn, event_id):
@@ -886,13 +912,13 @@ class Transaction:
 # One statement for create, update and replay: the update happens only when the
 # content differs or the event is a tombstone, and RETURNING says whether it did.
 UPSERT_EVENT = (
-    "INSERT INTO events (seq, event_id, program_id, event_type, member_id, start_us, end_us, data,"
+    "INSERT INTO events (seq, event_id, program_id, event_type, member_id, start_us, end_us, doc,"
     " ref_event_id, content_hash, deleted, revision, created_us, updated_us)"
-    " VALUES (:seq, :event_id, :program_id, :event_type, :member_id, :start_us, :end_us, :data,"
+    " VALUES (:seq, :event_id, :program_id, :event_type, :member_id, :start_us, :end_us, :doc,"
     " :ref_event_id, :content_hash, 0, 1, :now, :now)"
     " ON CONFLICT (event_id) DO UPDATE SET seq = excluded.seq, event_type = excluded.event_type,"
     " member_id = excluded.member_id, start_us = excluded.start_us, end_us = excluded.end_us,"
-    " data = excluded.data, ref_event_id = excluded.ref_event_id,"
+    " doc = excluded.doc, ref_event_id = excluded.ref_event_id,"
     " content_hash = excluded.content_hash, deleted = 0, revision = revision + 1,"
     " updated_us = excluded.updated_us"
     " WHERE deleted = 1 OR content_hash IS NOT excluded.content_hash"
@@ -915,7 +941,7 @@ def put_event(tx, event, preconditions=None):
     written = tx.conn.execute(UPSERT_EVENT, {
         "seq": tx.peek_seq(), "event_id": event.event_id, "program_id": event.program_id,
         "event_type": event.event_type, "member_id": event.member_id, "start_us": event.start_us,
-        "end_us": event.end_us, "data": event.data, "ref_event_id": event.ref_event_id,
+        "end_us": event.end_us, "doc": event.doc, "ref_event_id": event.ref_event_id,
         "content_hash": event.content_hash, "now": tx.now}).fetchall()
     if written:
         tx.take_seq()
@@ -954,7 +980,7 @@ def _tombstone(tx, event_id):
     # secure_delete (see connect) zeroes the old row's bytes in the file: the
     # member id, times, data and reference are erased, not just unlinked.
     return tx.conn.execute(
-        "UPDATE events SET member_id = NULL, start_us = NULL, end_us = NULL, data = NULL,"
+        "UPDATE events SET member_id = NULL, start_us = NULL, end_us = NULL, doc = NULL,"
         " ref_event_id = NULL, content_hash = NULL, deleted = 1, revision = revision + 1,"
         " updated_us = ?, seq = ? WHERE event_id = ? RETURNING revision",
         (tx.now, tx.take_seq(), event_id)).fetchall()[0][0]
@@ -1025,7 +1051,7 @@ def import_tombstone(tx, event_id, event_type):
 
 
 def export_events(conn, programs=()):
-    """Every event (tombstones included) in Sequence order, as representations,
+    """Every event (tombstones included) in Sequence order, as JSON texts,
     from one read snapshot, streamed: memory stays flat whatever the size."""
     # "+program_id" keeps SQLite off the program index, so it walks the table in
     # rowid (= seq) order instead of collecting and sorting the matches.
@@ -1034,7 +1060,7 @@ def export_events(conn, programs=()):
         cursor = conn.execute(f"SELECT {EVENT_COLUMNS} FROM events {where} ORDER BY seq", tuple(programs))
         while rows := cursor.fetchmany(1000):
             for row in rows:
-                yield event_representation(row)
+                yield render_event(row)
 
 
 def readable_programs(conn, principal):
@@ -1173,13 +1199,13 @@ def get_event_handler(req):
     event_id, program_id = _event_id_param(req)
     req.require("read", program_id)
     row = read_event(req.db, event_id) if EVENT_ID_RE.fullmatch(event_id) else None
-    if row is None or row[9]:
+    if row is None or is_tombstone(row):
         raise Problem(404, f"Event {event_id!r} does not exist.")
-    tag = etag(row[10])
+    tag = etag(row[5])
     if_none_match = parse_etags(req.header("If-None-Match"))
     if if_none_match == "*" or (if_none_match and tag in if_none_match):
         return Response(304, [("ETag", tag)])
-    return json_response(event_representation(row), headers=[("ETag", tag)])
+    return Response(200, [("ETag", tag)], render_event(row).encode("utf-8"), "application/json")
 
 
 def delete_event_handler(req):
@@ -1205,8 +1231,9 @@ def list_events_handler(req):
     kept = [(name, value) for name, value in req.query if name not in ("after", "wait")]
     next_url = req.url("/events?" + urllib.parse.urlencode(kept + [("after", last)]))
     headers = [("Link", f'<{next_url}>; rel="next"')] if has_more else []
-    return json_response({"Events": [event_representation(row) for row in rows],
-                          "Next": next_url, "HasMore": has_more}, headers=headers)
+    events = ",".join(map(render_event, rows))
+    body = f'{{"Events":[{events}],"Next":{json_text(next_url)},"HasMore":{json_text(has_more)}}}'
+    return Response(200, headers, body.encode("utf-8"), "application/json")
 
 
 def list_programs_handler(req):
@@ -1681,20 +1708,13 @@ def cmd_export(conn, args, out):
     progress = Progress("export")
     count = 0
     for count, event in enumerate(export_events(conn, programs), 1):
-        out.write(json_line(event))
+        out.write(event + "\n")
         if count % 1000 == 0:
             progress.update(count)
     out.flush()
     progress.update(count)
     progress.finish()
     print(f"ok: {count:,} events exported", file=sys.stderr)
-
-
-def json_line(value):
-    """One JSON Lines record. U+2028/U+2029 are escaped: valid raw in JSON, but
-    many line readers (Python's str.splitlines among them) break lines there."""
-    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-    return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029") + "\n"
 
 
 IMPORT_IGNORED = frozenset(("Revision", "Sequence", "CreatedUTC", "UpdatedUTC", "Deleted"))

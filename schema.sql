@@ -39,8 +39,10 @@ CREATE INDEX IF NOT EXISTS api_keys_by_user ON api_keys (user_id);
 -- change-feed Sequence: every change moves the row to a new, larger rowid, so
 -- the table itself is stored in feed order and "seq > ? ORDER BY seq" is a
 -- range scan. Rows are never removed, so MAX(seq) never goes down.
+-- doc is the live event's JSON representation up to its "Deleted" member,
+-- rendered once at write time, so reads only append the bookkeeping members.
 -- A tombstone keeps event_id, program_id, event_type and the bookkeeping
--- columns; member_id, the times, data, ref_event_id and content_hash are NULL.
+-- columns; member_id, the times, doc, ref_event_id and content_hash are NULL.
 CREATE TABLE IF NOT EXISTS events (
     seq           INTEGER PRIMARY KEY,
     event_id      TEXT NOT NULL UNIQUE,
@@ -49,7 +51,7 @@ CREATE TABLE IF NOT EXISTS events (
     member_id     TEXT,
     start_us      INTEGER,
     end_us        INTEGER,
-    data          TEXT,
+    doc           TEXT,
     ref_event_id  TEXT,
     deleted       INTEGER NOT NULL DEFAULT 0,
     revision      INTEGER NOT NULL,

@@ -151,10 +151,10 @@ def rows_for(count, start=0):
     for n in range(start, start + count):
         event = eventstore.validate_event(f"FOO-e{n}", event_body(n))
         yield (event.event_id, event.program_id, event.event_type, event.member_id, event.start_us,
-               event.end_us, event.data, event.ref_event_id, event.content_hash)
+               event.end_us, event.doc, event.ref_event_id, event.content_hash)
 
 
-INSERT = ("INSERT INTO events (seq, event_id, program_id, event_type, member_id, start_us, end_us, data,"
+INSERT = ("INSERT INTO events (seq, event_id, program_id, event_type, member_id, start_us, end_us, doc,"
           " ref_event_id, content_hash, deleted, revision, created_us, updated_us)"
           " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 1, ?, ?)")
 
@@ -243,7 +243,8 @@ def main():
                                      for n in range(start, start + 1000)]}).encode()
               for start in range(0, batches * 1000, 1000)]
     connection = http.client.HTTPConnection("127.0.0.1", server.port)
-    headers = {"Authorization": auth, "Content-Type": "application/json"}
+    batch_auth = "Basic " + base64.b64encode(f"admin:{server.admin_key}".encode()).decode()
+    headers = {"Authorization": batch_auth, "Content-Type": "application/json"}
     started = time.perf_counter()
     for body in bodies:
         connection.request("POST", "/events", body, headers)

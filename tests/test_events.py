@@ -118,7 +118,7 @@ def test_delete_leaves_a_tombstone_that_erases_the_data(writer, registry):
     writer.get("/events/FOO-ABC123", status=404)
     row = registry.row("FOO-ABC123")
     assert row["deleted"] == 1 and row["revision"] == 2 and row["seq"] == 2
-    for column in ("member_id", "start_us", "end_us", "data", "ref_event_id", "content_hash"):
+    for column in ("member_id", "start_us", "end_us", "doc", "ref_event_id", "content_hash"):
         assert row[column] is None, column
     tombstone = writer.get("/events").json["Events"][0]
     assert set(tombstone) == {"EventId", "ProgramId", "EventType", "Deleted", "Revision",
