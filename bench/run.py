@@ -112,16 +112,20 @@ def rss_mb(pid):
     raise RuntimeError("no VmRSS")
 
 
+# Runs the command from a small process, so that its peak RSS is its own and not
+# that of this (large) process it would otherwise be forked from.
+PEAK_RSS_WRAPPER = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]);"
+                    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(code)")
+
+
 def timed_child(argv, stdout=subprocess.DEVNULL):
-    """Run a command; -> (seconds, peak RSS in MB) of that process alone."""
+    """Run a command; -> (seconds, peak RSS in MB) of that command alone."""
     started = time.perf_counter()
-    process = subprocess.Popen(argv, stdout=stdout, stderr=subprocess.PIPE, cwd=ROOT)
-    _, status, usage = os.wait4(process.pid, 0)
+    result = subprocess.run([PYTHON, "-c", PEAK_RSS_WRAPPER, *argv], stdout=stdout, stderr=subprocess.PIPE, cwd=ROOT)
     elapsed = time.perf_counter() - started
-    if status != 0:
-        raise SystemExit(f"{argv} failed: {process.stderr.read().decode()}")
-    process.stderr.close()
-    return elapsed, usage.ru_maxrss / 1024
+    if result.returncode != 0:
+        raise SystemExit(f"{argv} failed: {result.stderr.decode()}")
+    return elapsed, int(result.stderr.decode().split()[-1]) / 1024
 
 
 class Baseline:
