@@ -96,3 +96,57 @@ class Server:
         self.log_reader.join(5)
         for stream in (self.process.stdout, self.process.stderr):
             stream.close()
+
+
+def publish_while_following(publishers, follower, key, workers=6, puts=40, ids=10):
+    """Threads PUT events of program FOO through the ``publishers`` servers (round
+    robin) while one thread follows ``Next`` on ``follower`` until it has caught up.
+    -> (acknowledged {EventId: last acknowledged revision},
+        seen [(Sequence, EventId, Revision)] in the order served)."""
+    acknowledged, seen = {}, []
+    lock, publishing = threading.Lock(), threading.Event()
+    publishing.set()
+
+    def publish(worker):
+        server = publishers[worker % len(publishers)]
+        for n in range(puts):
+            event_id = f"FOO-w{worker}-{n % ids}"
+            status, headers, _ = server.request("PUT", f"/events/{event_id}", {
+                "ProgramId": "FOO", "ProgramMemberId": f"m{n}", "EventType": "T",
+                "EventStartUTC": "2026-03-01T09:30:00Z", "EventData": {"n": n}}, user="admin", key=key)
+            assert status == 200, status
+            with lock:
+                acknowledged[event_id] = int(headers["etag"].strip('"'))
+
+    def follow():
+        url = "/events?limit=7"
+        while True:
+            caught_up = not publishing.is_set()
+            page = follower.request("GET", url, user="admin", key=key)[2]
+            seen.extend((e["Sequence"], e["EventId"], e["Revision"]) for e in page["Events"])
+            url = page["Next"]
+            if caught_up and not page["HasMore"]:
+                return
+
+    following = threading.Thread(target=follow)
+    following.start()
+    threads = [threading.Thread(target=publish, args=(w,)) for w in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    publishing.clear()
+    following.join(60)
+    return acknowledged, seen
+
+
+def assert_seen_every_change_once_in_order(seen, acknowledged):
+    """The sync guarantee: Sequences strictly increase, each served revision of an
+    event is new to the follower, and the last one of each is the last acknowledged."""
+    sequences = [sequence for sequence, _, _ in seen]
+    assert sequences == sorted(set(sequences))
+    last_seen = {}
+    for _, event_id, revision in seen:
+        assert revision > last_seen.get(event_id, 0)
+        last_seen[event_id] = revision
+    assert last_seen == acknowledged

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from server import Server
+from server import Server, assert_seen_every_change_once_in_order, publish_while_following
 
 
 def body(n=0, member="m"):
@@ -53,61 +53,25 @@ def test_publishes_stay_prompt_while_more_consumers_wait_than_there_are_threads(
         server.stop()
 
 
+def two_servers(tmp_path, name):
+    first, second = Server(tmp_path / name), Server(tmp_path / name)
+    setup_program(first)
+    return first, second
+
+
 def test_two_server_processes_on_one_file_keep_sequence_in_commit_order(tmp_path):
-    first = Server(tmp_path / "two.db")
-    second = Server(tmp_path / "two.db")
+    first, second = two_servers(tmp_path, "two.db")
     try:
-        setup_program(first)
-        key = first.admin_key
-        acknowledged = {}
-        lock = threading.Lock()
-
-        def publish(server, worker):
-            for n in range(40):
-                event_id = f"FOO-w{worker}-{n % 10}"
-                status, headers, _ = server.request("PUT", f"/events/{event_id}", body(n), user="admin", key=key)
-                assert status == 200
-                with lock:
-                    acknowledged[event_id] = int(headers["etag"].strip('"'))
-
-        seen, done = [], threading.Event()
-
-        def follow():
-            url = "/events?limit=5"
-            while True:
-                finished = done.is_set()
-                page = second.request("GET", url, user="admin", key=key)[2]
-                seen.extend((e["Sequence"], e["EventId"], e["Revision"]) for e in page["Events"])
-                url = page["Next"]
-                if finished and not page["HasMore"]:
-                    return
-
-        follower = threading.Thread(target=follow)
-        follower.start()
-        workers = [threading.Thread(target=publish, args=((first, second)[w % 2], w)) for w in range(6)]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
-        done.set()
-        follower.join(60)
-        sequences = [s for s, _, _ in seen]
-        assert sequences == sorted(set(sequences))
-        last = {}
-        for _, event_id, revision in seen:
-            assert revision > last.get(event_id, 0)
-            last[event_id] = revision
-        assert last == acknowledged
+        acknowledged, seen = publish_while_following([first, second], second, first.admin_key)
+        assert_seen_every_change_once_in_order(seen, acknowledged)
     finally:
         first.stop()
         second.stop()
 
 
 def test_long_poll_on_one_process_wakes_for_a_commit_on_another(tmp_path):
-    first = Server(tmp_path / "lp2.db")
-    second = Server(tmp_path / "lp2.db")
+    first, second = two_servers(tmp_path, "lp2.db")
     try:
-        setup_program(first)
         result = {}
 
         def consume():

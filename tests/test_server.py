@@ -1,12 +1,9 @@
 """End to end: serve.py with waitress on a free loopback port, over real HTTP."""
 
-import random
-import threading
-
 import pytest
 
 import eventstore
-from server import Server
+from server import Server, assert_seen_every_change_once_in_order, publish_while_following
 
 
 @pytest.fixture
@@ -74,51 +71,7 @@ def test_hostile_requests_over_http_get_4xx(server):
 def test_concurrent_publishers_and_a_follower_see_every_event_once_in_order(server):
     """The sync guarantee: a consumer following Next while several threads publish
     sees every acknowledged change exactly once, in increasing Sequence."""
-    admin = {"user": "admin", "key": server.admin_key}
-    server.request("PUT", "/programs/FOO", {"Name": "Foo"}, **admin)
-    acknowledged = {}  # event id -> last acknowledged revision
-    lock = threading.Lock()
-    publishing = threading.Event()
-    publishing.set()
-
-    def publish(worker):
-        rng = random.Random(worker)
-        for n in range(60):
-            event_id = f"FOO-w{worker}-{rng.randrange(30)}"
-            status, headers, _ = server.request("PUT", f"/events/{event_id}", {
-                "ProgramId": "FOO", "ProgramMemberId": f"m{n}", "EventType": "T",
-                "EventStartUTC": "2026-03-01T09:30:00Z", "EventData": {"n": n}}, **admin)
-            assert status == 200
-            with lock:
-                acknowledged[event_id] = int(headers["etag"].strip('"'))
-
-    seen = []  # (sequence, event id, revision) in the order served
-
-    def follow():
-        url = "/events?limit=7"
-        while True:
-            done = not publishing.is_set()
-            page = server.request("GET", url, **admin)[2]
-            seen.extend((e["Sequence"], e["EventId"], e["Revision"]) for e in page["Events"])
-            url = page["Next"]
-            if done and not page["HasMore"]:
-                return
-
-    follower = threading.Thread(target=follow)
-    follower.start()
-    workers = [threading.Thread(target=publish, args=(w,)) for w in range(6)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    publishing.clear()
-    follower.join(60)
-    sequences = [s for s, _, _ in seen]
-    assert sequences == sorted(sequences) and len(set(sequences)) == len(sequences)
-    # Every revision of an event that the follower saw is new to it, and the last
-    # one it saw of each event is the last one acknowledged.
-    last_seen = {}
-    for _, event_id, revision in seen:
-        assert revision > last_seen.get(event_id, 0)
-        last_seen[event_id] = revision
-    assert last_seen == acknowledged
+    server.request("PUT", "/programs/FOO", {"Name": "Foo"}, user="admin", key=server.admin_key)
+    acknowledged, seen = publish_while_following([server], server, server.admin_key, puts=60, ids=30)
+    assert len(acknowledged) > 30
+    assert_seen_every_change_once_in_order(seen, acknowledged)
