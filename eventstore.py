@@ -193,7 +193,7 @@ def parse_json(body):
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise bad_request(f"The body is not valid UTF-8 (byte {exc.start}).")
+        raise bad_request(f"The body is not valid UTF-8 (byte {exc.start}).") from None
     try:
         value = json.loads(
             text,
@@ -202,10 +202,10 @@ def parse_json(body):
             parse_float=_finite_float,
         )
     except RecursionError:
-        raise bad_request("The body is not valid JSON: it is nested too deeply.")
+        raise bad_request("The body is not valid JSON: it is nested too deeply.") from None
     except ValueError as exc:  # JSONDecodeError is a ValueError
-        raise bad_request(f"The body is not valid JSON: {exc}.")
-    # Decoded UTF-8 holds no surrogates, so only a \\uD800-\\uDFFF escape can
+        raise bad_request(f"The body is not valid JSON: {exc}.") from None
+    # Decoded UTF-8 holds no surrogates, so only a \uD800-\uDFFF escape can
     # make one; walk the value only when the text has such an escape.
     if SURROGATE_ESCAPE_RE.search(text) and has_lone_surrogate(value):
         raise bad_request("The body is not valid JSON: a string holds a lone surrogate (\\ud800-\\udfff).")
@@ -1237,7 +1237,7 @@ def post_events_handler(req):
     results = req.store.write(lambda tx: put_events(tx, events),
                               changed=lambda results: any(status != "unchanged" for status, _ in results))
     return json_response({"Results": [{"EventId": event.event_id, "Revision": revision, "Status": status}
-                                      for (_, event), (status, revision) in zip(events, results)]})
+                                      for (_, event), (status, revision) in zip(events, results, strict=True)]})
 
 
 def get_event_handler(req):
@@ -1321,7 +1321,7 @@ def health_handler(req):
     try:
         req.db.execute("SELECT 1 FROM programs LIMIT 1").fetchall()
     except sqlite3.Error:
-        raise Problem(503, "The database does not answer.", headers=[("Retry-After", "5")])
+        raise Problem(503, "The database does not answer.", headers=[("Retry-After", "5")]) from None
     return json_response({"status": "ok", "schemaVersion": SCHEMA_VERSION})
 
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 import eventstore
-from conftest import ROOT, basic
+from conftest import ROOT
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import sqlite3
 import threading
 import time
 
-import pytest
 
 from server import Server, assert_seen_every_change_once_in_order, publish_while_following
 
