@@ -75,3 +75,16 @@ def test_concurrent_publishers_and_a_follower_see_every_event_once_in_order(serv
     acknowledged, seen = publish_while_following([server], server, server.admin_key, puts=60, ids=30)
     assert len(acknowledged) > 30
     assert_seen_every_change_once_in_order(seen, acknowledged)
+
+
+def test_erasure_with_a_percent_encoded_member_id_over_http(server):
+    import urllib.parse
+    admin = {"user": "admin", "key": server.admin_key}
+    server.request("PUT", "/programs/FOO", {"Name": "Foo"}, **admin)
+    member = "Zoë Ñúñez+tag@example.com/x"
+    for n in range(3):
+        server.request("PUT", f"/events/FOO-{n}", {"ProgramId": "FOO", "ProgramMemberId": member,
+                                                   "EventType": "T", "EventStartUTC": "2026-03-01T09:30:00Z"}, **admin)
+    path = "/programs/FOO/members/" + urllib.parse.quote(member, safe="")
+    assert server.request("DELETE", path, **admin)[2] == {"Deleted": 3}
+    assert server.request("DELETE", path, **admin)[2] == {"Deleted": 0}
