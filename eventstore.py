@@ -1448,12 +1448,14 @@ class EventStore:
         many seconds for a matching commit. At most ``max_waiting`` requests wait
         at once; beyond that a request answers at once, as with wait=0."""
         conn = self.connection()
+        # Noted before the first read, so that a commit landing right after it
+        # still counts as news.
+        seen_generation, seen_version = (self._generation, data_version(conn)) if query.wait else (0, 0)
         rows = read_feed(conn, programs, query)
         if rows or not query.wait or not self._waiting or not self._waiting.acquire(blocking=False):
             return rows
         try:
             deadline = time.monotonic() + query.wait
-            seen_generation, seen_version = self._generation, data_version(conn)
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
