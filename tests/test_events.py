@@ -42,7 +42,7 @@ def test_update_bumps_revision_and_sequence(writer):
     put(writer)
     put(writer, "FOO-OTHER")
     response = put(writer, body=event_body(EventType="CourseFailed"))
-    assert response.headers["ETag"] == '"2"'
+    assert response.headers["ETag"] == '"2"' and response.headers["Location"] == "/events/FOO-ABC123"
     event = writer.get("/events/FOO-ABC123").json
     assert (event["Revision"], event["Sequence"], event["EventType"]) == (2, 3, "CourseFailed")
     assert event["UpdatedUTC"] > event["CreatedUTC"]
@@ -56,7 +56,8 @@ def test_replay_changes_nothing(writer, registry):
               "ProgramMemberId": "joebob@example.com", "EventType": "CourseCompleted",
               "EventStartUTC": "2026-03-01T10:30:00+01:00", "EventEndUTC": "2026-03-01T11:00:00.2500009Z"}
     response = put(writer, body=replay)
-    assert response.headers["ETag"] == '"1"'
+    assert response.status_int == 200 and response.body == b""
+    assert response.headers["ETag"] == '"1"' and response.headers["Location"] == "/events/FOO-ABC123"
     assert registry.row("FOO-ABC123") == before
 
 
