@@ -12,6 +12,7 @@ section only uses what stands above it.
 import argparse
 import base64
 import binascii
+import collections
 import functools
 import hashlib
 import heapq
@@ -1386,13 +1387,70 @@ def request_path(environ):
 # The app
 # ============================================================================
 
+class AuthThrottle:
+    """Slows down guessing: failed authentications counted per user id and per
+    client address within a sliding window.
+
+    Past ``threshold`` failures in ``window`` seconds a source is refused (429)
+    for a delay that doubles with every further failure, up to ``max_delay``.
+    An address is refused whatever user it names; a user id is refused only to
+    addresses that have failed recently themselves, so a stranger guessing at a
+    user's keys cannot lock its owner out. A success clears nothing (a guesser
+    holding one good key cannot reset its count); failures age out of the window.
+    At most ``max_sources`` sources are remembered, the least recently failing
+    forgotten first.
+    """
+
+    def __init__(self, threshold=10, window=60.0, base_delay=1.0, max_delay=900.0,
+                 max_sources=10_000, clock=time.monotonic):
+        self.threshold, self.window = threshold, window
+        self.base_delay, self.max_delay = base_delay, max_delay
+        self.max_sources, self.clock = max_sources, clock
+        self._failures = collections.OrderedDict()  # source -> deque of failure times
+        self._lock = threading.Lock()
+
+    def retry_after(self, user_id, address):
+        """Seconds to wait before trying again, or 0 when the attempt may go ahead."""
+        with self._lock:
+            now = self.clock()
+            by_address = self._delay(("address", address), now)
+            if by_address or not self._recent(("address", address), now):
+                return by_address
+            return self._delay(("user", user_id), now)
+
+    def failed(self, user_id, address):
+        with self._lock:
+            now = self.clock()
+            for source in (("address", address), ("user", user_id)):
+                times = self._failures.pop(source, None) or collections.deque()
+                times.append(now)
+                self._failures[source] = times  # now the most recent
+            while len(self._failures) > self.max_sources:
+                self._failures.popitem(last=False)
+
+    def _recent(self, source, now):
+        times = self._failures.get(source)
+        while times and now - times[0] > self.window:
+            times.popleft()
+        return len(times) if times else 0
+
+    def _delay(self, source, now):
+        count = self._recent(source, now)
+        if count < self.threshold:
+            return 0
+        delay = min(self.base_delay * 2 ** (count - self.threshold), self.max_delay)
+        remaining = self._failures[source][-1] + delay - now
+        return math.ceil(remaining) if remaining > 0 else 0
+
+
 class EventStore:
     """The WSGI application. Only ``__call__`` touches environ and start_response."""
 
     def __init__(self, db_path, *, max_body_bytes=DEFAULT_MAX_BODY, clock=now_us,
                  max_waiting=8, busy_timeout_ms=5000, auth_cache_seconds=AUTH_CACHE_SECONDS,
-                 openapi=None, routes=ROUTES):
+                 throttle=None, openapi=None, routes=ROUTES):
         self.db_path = str(db_path)
+        self.throttle = throttle if throttle is not None else AuthThrottle()
         self.auth_cache_seconds = auth_cache_seconds
         self.router = Router(routes)
         self.max_body_bytes = max_body_bytes
@@ -1483,20 +1541,27 @@ class EventStore:
         query = urllib.parse.parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True)
         req = Request(self, method, path, params, query, environ)
         if needs_auth:
-            req.user = self.authenticate(environ.get("HTTP_AUTHORIZATION"))
+            req.user = self.authenticate(environ.get("HTTP_AUTHORIZATION"), environ.get("REMOTE_ADDR", ""))
         return handler(req)
 
-    def authenticate(self, header):
-        """Authorization header -> Principal, or the one 401. Successful answers
-        are cached for a second (keyed by a hash of the header), so a revoked key
-        or disabled user stops working within a second."""
+    def authenticate(self, header, address):
+        """Authorization header -> Principal, or the one 401 (429 while the source
+        is throttled). Successful answers are cached for a second (keyed by a hash
+        of the header), so a revoked key or disabled user stops working within a
+        second."""
         cache_key = hashlib.sha256(header.encode("utf-8", "surrogateescape")).digest() if header else None
         cached = self._auth_cache.get(cache_key)
+        credentials = parse_basic_auth(header)
+        user_id = credentials[0] if credentials else ""
+        wait = self.throttle.retry_after(user_id, address)
+        if wait:
+            raise Problem(429, "Too many failed authentications; try again later.",
+                          headers=[("Retry-After", str(wait))])
         if cached and cached[0] > time.monotonic():
             return cached[1]
-        credentials = parse_basic_auth(header)
         principal = credentials and authenticate(self.connection(), *credentials, self.clock())
         if not principal:
+            self.throttle.failed(user_id, address)
             raise UNAUTHORIZED
         if len(self._auth_cache) >= 10_000:  # bounded: forget everything, refill on demand
             self._auth_cache.clear()
@@ -1545,6 +1610,7 @@ def storage_problem(exc):
 def make_app(db_path, **options):
     """The WSGI application over the SQLite database at ``db_path`` (created if
     missing). Options: max_body_bytes, clock, max_waiting, busy_timeout_ms, auth_cache_seconds,
+    throttle (an AuthThrottle),
     openapi (the document's bytes), routes (the route table)."""
     return EventStore(db_path, **options)
 

@@ -1,0 +1,99 @@
+"""Guessing attackers: failed authentications are throttled per user id and per
+client address (429 with Retry-After), without locking out the real owner."""
+
+import pytest
+import webtest
+
+import eventstore
+from conftest import Registry, basic
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def throttle(clock):
+    return eventstore.AuthThrottle(threshold=3, window=60, base_delay=2, max_delay=30, clock=clock)
+
+
+def fail(throttle, user="writer", address="10.0.0.1", times=1):
+    for _ in range(times):
+        throttle.failed(user, address)
+
+
+def test_below_the_threshold_nothing_waits(throttle):
+    fail(throttle, times=2)
+    assert throttle.retry_after("writer", "10.0.0.1") == 0
+
+
+def test_at_the_threshold_the_delay_starts_and_doubles(throttle, clock):
+    fail(throttle, times=3)
+    assert throttle.retry_after("writer", "10.0.0.1") == 2
+    fail(throttle)
+    assert throttle.retry_after("writer", "10.0.0.1") == 4
+    fail(throttle, times=5)
+    assert throttle.retry_after("writer", "10.0.0.1") == 30  # capped
+    clock.now += 30
+    assert throttle.retry_after("writer", "10.0.0.1") == 0
+
+
+def test_failures_age_out_of_the_window(throttle, clock):
+    fail(throttle, times=2)
+    clock.now += 61
+    fail(throttle)
+    assert throttle.retry_after("writer", "10.0.0.1") == 0
+
+
+def test_a_failing_address_is_refused_for_every_user(throttle):
+    fail(throttle, user="a", times=1)
+    fail(throttle, user="b", times=1)
+    fail(throttle, user="c", times=1)
+    assert throttle.retry_after("anyone", "10.0.0.1") > 0
+
+
+def test_a_guessed_user_is_refused_only_to_failing_addresses(throttle):
+    for n in range(3):
+        fail(throttle, user="owner", address=f"10.0.1.{n}")
+    assert throttle.retry_after("owner", "10.0.1.0") > 0  # a guesser that failed before
+    assert throttle.retry_after("owner", "192.168.5.5") == 0  # the owner, elsewhere
+
+
+def test_memory_is_bounded(clock):
+    throttle = eventstore.AuthThrottle(max_sources=100, clock=clock)
+    for n in range(1000):
+        throttle.failed(f"user{n}", f"10.1.{n // 256}.{n % 256}")
+    assert len(throttle._failures) <= 100
+
+
+def client_from(registry, address):
+    return webtest.TestApp(registry.app, extra_environ={"REMOTE_ADDR": address})
+
+
+def test_over_http_guessing_gets_429_and_the_owner_elsewhere_still_gets_in(tmp_path, clock):
+    registry = Registry(tmp_path / "t.db", throttle=eventstore.AuthThrottle(threshold=5, clock=clock))
+    try:
+        attacker = client_from(registry, "203.0.113.9")
+        for n in range(5):
+            attacker.get("/events", headers=basic("writer", f"esk_guess{n}"), status=401)
+        refused = attacker.get("/events", headers=basic("writer", "esk_guess"), status=429)
+        assert refused.content_type == "application/problem+json"
+        assert int(refused.headers["Retry-After"]) >= 1
+        # Even the right key is refused from the guessing address ...
+        attacker.get("/events", headers=basic("writer", registry.keys["writer"]), status=429)
+        # ... but works from the owner's own address.
+        owner = client_from(registry, "198.51.100.7")
+        owner.get("/events", headers=basic("writer", registry.keys["writer"]), status=200)
+        clock.now += 2
+        attacker.get("/events", headers=basic("writer", registry.keys["writer"]), status=200)
+    finally:
+        registry.close()
