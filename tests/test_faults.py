@@ -1,0 +1,78 @@
+"""Faults against the real server: a full disk."""
+
+import errno
+import os
+import sqlite3
+import subprocess
+
+import pytest
+
+from server import Server
+
+
+def event(n, pad=0):
+    return {"ProgramId": "FOO", "ProgramMemberId": "m", "EventType": "T",
+            "EventStartUTC": "2026-03-01T09:30:00Z", "EventData": {"n": n, "pad": "x" * pad}}
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tiny tmpfs needs root")
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)]).returncode != 0:
+        pytest.skip("this machine does not let the test mount a tmpfs")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)])
+
+
+def fill(path):
+    """Write a file until the disk is full; return its path."""
+    with open(path, "wb") as filler:
+        try:
+            while True:
+                filler.write(b"\0" * 65536)
+                filler.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    return path
+
+
+def test_a_full_disk_answers_507_keeps_reads_and_recovers_without_a_restart(tiny_disk):
+    server = Server(tiny_disk / "full.db")
+    admin = {"user": "admin", "key": server.admin_key}
+    try:
+        server.request("PUT", "/programs/FOO", {"Name": "Foo"}, **admin)
+        acknowledged = []
+        for n in range(20):
+            assert server.request("PUT", f"/events/FOO-{n}", event(n), **admin)[0] == 200
+            acknowledged.append(f"FOO-{n}")
+        filler = fill(tiny_disk / "filler")
+        statuses, refused = set(), None
+        for n in range(20, 60):  # big events, until the database cannot grow
+            status, headers, problem = server.request("PUT", f"/events/FOO-{n}", event(n, pad=50_000), **admin)
+            statuses.add(status)
+            if status == 200:
+                acknowledged.append(f"FOO-{n}")
+            else:
+                refused = f"FOO-{n}"
+                assert status == 507, problem
+                assert headers["content-type"] == "application/problem+json"
+                break
+        assert 507 in statuses
+        # Reads keep working.
+        assert server.request("GET", "/events/FOO-0", **admin)[0] == 200
+        assert server.request("GET", "/events?limit=1000", **admin)[0] == 200
+        # Space comes back: writes succeed again, no restart.
+        filler.unlink()
+        assert server.request("PUT", "/events/FOO-after", event(1), **admin)[0] == 200
+        acknowledged.append("FOO-after")
+    finally:
+        server.stop()
+    conn = sqlite3.connect(tiny_disk / "full.db")
+    assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    stored = {row[0] for row in conn.execute("SELECT event_id FROM events")}
+    conn.close()
+    assert set(acknowledged) <= stored
+    assert refused not in stored  # nothing half-written
