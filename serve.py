@@ -28,8 +28,7 @@ def parse_args(argv=None):
     parser.add_argument("--connection-limit", type=int, default=200, metavar="N",
                         help="open connections accepted at once (default: %(default)s)")
     parser.add_argument("--channel-timeout", type=int, default=60, metavar="SECONDS",
-                        help="close a connection idle this long (default: %(default)s; "
-                             "must exceed the longest wait=, 30)")
+                        help="close a connection idle this long, between requests (default: %(default)s)")
     parser.add_argument("--max-body", type=int, default=eventstore.DEFAULT_MAX_BODY, metavar="BYTES",
                         help="largest request body accepted (default: %(default)s)")
     return parser.parse_args(argv)
@@ -88,6 +87,7 @@ def run_waitress(app, args):
     # answers its own plain 413 and closes the connection without buffering more.
     waitress.serve(app, host=args.host, port=args.port, threads=args.threads,
                    connection_limit=args.connection_limit, channel_timeout=args.channel_timeout,
+                   cleanup_interval=max(1, min(30, args.channel_timeout // 2)),
                    max_request_header_size=64 * 1024, max_request_body_size=8 * args.max_body,
                    ident="eventstore")
 

@@ -76,3 +76,56 @@ def test_a_full_disk_answers_507_keeps_reads_and_recovers_without_a_restart(tiny
     conn.close()
     assert set(acknowledged) <= stored
     assert refused not in stored  # nothing half-written
+
+
+def test_idle_connections_past_the_limit_do_not_stop_the_server_for_good(tmp_path):
+    import socket
+    import time
+    server = Server(tmp_path / "idle.db", "--connection-limit", "4", "--channel-timeout", "2")
+    idle = []
+    try:
+        for _ in range(8):
+            sock = socket.create_connection(("127.0.0.1", server.port))
+            idle.append(sock)
+        started = time.monotonic()
+        status, _, body = server.request("GET", "/health", timeout=20)
+        assert status == 200 and body["status"] == "ok"
+        assert time.monotonic() - started < 15
+    finally:
+        for sock in idle:
+            sock.close()
+        server.stop()
+
+
+def test_a_slow_body_does_not_hold_up_other_clients(tmp_path):
+    import socket
+    import threading
+    import time
+    server = Server(tmp_path / "slow.db")
+    body = b'{"Name": "' + b"x" * 40 + b'"}'
+    finished = threading.Event()
+
+    def trickle():
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(b"PUT /programs/SLOW HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body))
+            for byte in body:
+                sock.sendall(bytes([byte]))
+                time.sleep(0.05)
+            finished.set()
+            sock.recv(1000)
+
+    try:
+        slow = threading.Thread(target=trickle)
+        slow.start()
+        time.sleep(0.3)
+        served = 0
+        while not finished.is_set():
+            started = time.monotonic()
+            assert server.request("GET", "/health", timeout=5)[0] == 200
+            assert time.monotonic() - started < 1
+            served += 1
+        slow.join()
+        assert served >= 5
+    finally:
+        server.stop()

@@ -40,7 +40,8 @@ def test_a_newer_schema_is_refused(tmp_path):
 
 
 def test_every_connection_is_wal_and_synchronous_full(registry):
-    conns = [registry.app.connection(), eventstore.open_database(registry.db_path)]
+    # The request threads' connections, the group-commit writer's, the command line's.
+    conns = [registry.app.connection(), registry.app.writer.connect_db(), eventstore.open_database(registry.db_path)]
     for conn in conns:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2
