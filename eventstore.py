@@ -1552,14 +1552,16 @@ class EventStore:
         cache_key = hashlib.sha256(header.encode("utf-8", "surrogateescape")).digest() if header else None
         cached = self._auth_cache.get(cache_key)
         credentials = parse_basic_auth(header)
-        user_id = credentials[0] if credentials else ""
+        if not credentials:  # nothing was guessed: no credentials, or not Basic ones
+            raise UNAUTHORIZED
+        user_id = credentials[0]
         wait = self.throttle.retry_after(user_id, address)
         if wait:
             raise Problem(429, "Too many failed authentications; try again later.",
                           headers=[("Retry-After", str(wait))])
         if cached and cached[0] > time.monotonic():
             return cached[1]
-        principal = credentials and authenticate(self.connection(), *credentials, self.clock())
+        principal = authenticate(self.connection(), *credentials, self.clock())
         if not principal:
             self.throttle.failed(user_id, address)
             raise UNAUTHORIZED

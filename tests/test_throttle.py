@@ -97,3 +97,14 @@ def test_over_http_guessing_gets_429_and_the_owner_elsewhere_still_gets_in(tmp_p
         attacker.get("/events", headers=basic("writer", registry.keys["writer"]), status=200)
     finally:
         registry.close()
+
+
+def test_requests_without_credentials_are_401_and_count_nothing(tmp_path, clock):
+    registry = Registry(tmp_path / "t.db", throttle=eventstore.AuthThrottle(threshold=2, clock=clock))
+    try:
+        client = client_from(registry, "203.0.113.9")
+        for header in ({}, {"Authorization": "Bearer x"}, {"Authorization": "Basic %%%"}) * 3:
+            client.get("/events", headers=header, status=401)
+        client.get("/events", headers=basic("writer", registry.keys["writer"]), status=200)
+    finally:
+        registry.close()
