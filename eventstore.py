@@ -1070,7 +1070,7 @@ def read_feed(conn, programs, query):
     tail = (*params, query.after, query.limit + 1)
     ranges = itertools.product(programs, query.event_types or [None])
     with read_snapshot(conn):
-        cursors = [conn.execute(sql, (program, *([event_type] if event_type else []), *tail))
+        cursors = [conn.execute(sql, (program, *([] if event_type is None else [event_type]), *tail))
                    for program, event_type in ranges]
         try:
             return list(itertools.islice(heapq.merge(*cursors), query.limit + 1))
@@ -1391,14 +1391,14 @@ class AuthThrottle:
     """Slows down guessing: failed authentications counted per user id and per
     client address within a sliding window.
 
-    Past ``threshold`` failures in ``window`` seconds a source is refused (429)
+    From ``threshold`` failures in ``window`` seconds on, a source is refused (429)
     for a delay that doubles with every further failure, up to ``max_delay``.
     An address is refused whatever user it names; a user id is refused only to
     addresses that have failed recently themselves, so a stranger guessing at a
     user's keys cannot lock its owner out. A success clears nothing (a guesser
     holding one good key cannot reset its count); failures age out of the window.
     At most ``max_sources`` sources are remembered, the least recently failing
-    forgotten first.
+    forgotten first. A threshold of 0 switches throttling off.
     """
 
     def __init__(self, threshold=10, window=60.0, base_delay=1.0, max_delay=900.0,
@@ -1411,6 +1411,8 @@ class AuthThrottle:
 
     def retry_after(self, user_id, address):
         """Seconds to wait before trying again, or 0 when the attempt may go ahead."""
+        if not self.threshold:  # throttling switched off
+            return 0
         with self._lock:
             now = self.clock()
             by_address = self._delay(("address", address), now)
@@ -1419,6 +1421,8 @@ class AuthThrottle:
             return self._delay(("user", user_id), now)
 
     def failed(self, user_id, address):
+        if not self.threshold:
+            return
         with self._lock:
             now = self.clock()
             for source in (("address", address), ("user", user_id)):

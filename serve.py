@@ -29,6 +29,9 @@ def parse_args(argv=None):
                         help="open connections accepted at once (default: %(default)s)")
     parser.add_argument("--channel-timeout", type=int, default=60, metavar="SECONDS",
                         help="close a connection idle this long, between requests (default: %(default)s)")
+    parser.add_argument("--max-auth-failures", type=int, default=10, metavar="N",
+                        help="failed authentications per address or user id in 60 s before 429s "
+                             "(default: %(default)s; 0 switches throttling off, for fuzzing)")
     parser.add_argument("--max-body", type=int, default=eventstore.DEFAULT_MAX_BODY, metavar="BYTES",
                         help="largest request body accepted (default: %(default)s)")
     return parser.parse_args(argv)
@@ -63,7 +66,8 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         max_waiting = args.max_waiting if args.max_waiting is not None else args.threads // 2
-        app = eventstore.make_app(args.db, max_body_bytes=args.max_body, max_waiting=max_waiting)
+        app = eventstore.make_app(args.db, max_body_bytes=args.max_body, max_waiting=max_waiting,
+                                  throttle=eventstore.AuthThrottle(threshold=args.max_auth_failures))
         announce(args.db, args.host, args.port)
     except (sqlite3.Error, RuntimeError, OSError) as exc:
         print(f"error: cannot open {args.db} as an eventstore database: {exc}", file=sys.stderr)

@@ -108,3 +108,9 @@ def test_requests_without_credentials_are_401_and_count_nothing(tmp_path, clock)
         client.get("/events", headers=basic("writer", registry.keys["writer"]), status=200)
     finally:
         registry.close()
+
+
+def test_a_threshold_of_zero_switches_throttling_off(clock):
+    throttle = eventstore.AuthThrottle(threshold=0, clock=clock)
+    fail(throttle, times=100)
+    assert throttle.retry_after("writer", "10.0.0.1") == 0 and not throttle._failures
