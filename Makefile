@@ -6,13 +6,17 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8080
 DB     ?= $(or $(EVENTSTORE_DB),eventstore.db)
 
-.PHONY: run test bench clean
+.PHONY: run test bench fuzz clean
 
 run: $(VENV)/.runtime
 	$(PY) serve.py --host $(HOST) --port $(PORT) --db $(DB)
 
 test: $(VENV)/.dev
 	$(PY) -m pytest -q
+
+# A longer schemathesis run than make test's: FUZZ_SECONDS per user (default 600).
+fuzz: $(VENV)/.dev
+	FUZZ_SECONDS=$(or $(FUZZ_SECONDS),600) $(PY) -m pytest -q -s tests/test_fuzz.py
 
 bench: $(VENV)/.dev
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }

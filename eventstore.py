@@ -468,7 +468,7 @@ def etag(revision):
 
 def parse_etags(header):
     """``If-Match``/``If-None-Match`` value -> "*" or a set of strong tag values."""
-    if header is None:
+    if header is None or not header.strip():  # an empty header is no condition
         return None
     if header.strip() == "*":
         return "*"

@@ -216,3 +216,9 @@ def test_the_body_limit_is_configurable(tmp_path):
     client = registry.client("writer")
     client.put_json("/events/FOO-1", event_body(EventData={"x": "y" * 300}), status=413)
     client.put_json("/events/FOO-1", event_body(EventData={}), status=200)
+
+
+def test_empty_conditional_headers_are_no_condition(writer):
+    put(writer, headers={"If-Match": "", "If-None-Match": " "}, status=200)
+    put(writer, body=event_body(EventType="B"), headers={"If-Match": ""}, status=200)
+    writer.get("/events/FOO-ABC123", headers={"If-None-Match": ""}, status=200)

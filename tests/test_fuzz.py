@@ -1,0 +1,51 @@
+"""Fuzzing from the contract: schemathesis, every check on, against the live
+server's /openapi.json, once as a SYSTEM user and once as a user with read on one
+program only. FUZZ_SECONDS sets each run's budget (default 30)."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import eventstore
+from server import ROOT, Server
+
+SECONDS = int(os.environ.get("FUZZ_SECONDS", "30"))
+SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    db = tmp_path_factory.mktemp("fuzz") / "fuzz.db"
+    server = Server(db, "--max-auth-failures", "0")  # the fuzzer sends bad credentials on purpose
+    server.request("PUT", "/programs/FOO", {"Name": "Foo"}, user="admin", key=server.admin_key)
+    conn = eventstore.open_database(db)
+    server.reader_key = eventstore.add_user(conn, "reader", False, {"FOO": "read"}, eventstore.now_us())
+    conn.close()
+    yield server
+    server.stop()
+
+
+def fuzz(server, user, key):
+    result = subprocess.run(
+        [str(SCHEMATHESIS), "run", f"http://127.0.0.1:{server.port}/openapi.json", "--auth", f"{user}:{key}",
+         "--checks", "all", "--mode", "all", "--seed", "1", "--max-time", str(SECONDS),
+         "--request-timeout", "40", "--max-response-time", "35", "--no-color"],
+        capture_output=True, text=True, cwd=ROOT / "tests",
+        env={**os.environ, "SCHEMATHESIS_HOOKS": "schemathesis_hooks", "PYTHONPATH": f"{ROOT / 'tests'}:{ROOT}"})
+    summary = re.search(r"(\d+) generated, .*", result.stdout)
+    print(f"schemathesis as {user}: {summary.group(0) if summary else '?'}")
+    return result
+
+
+@pytest.mark.parametrize("user", ["admin", "reader"])
+def test_schemathesis_finds_nothing(server, user):
+    key = server.admin_key if user == "admin" else server.reader_key
+    result = fuzz(server, user, key)
+    report = result.stdout
+    start = min((i for i in (report.find("ERRORS ="), report.find("FAILURES =")) if i >= 0), default=0)
+    assert result.returncode == 0, report[start:][:8000]
+    assert "Traceback" not in "".join(server.log)
