@@ -129,3 +129,24 @@ def test_a_slow_body_does_not_hold_up_other_clients(tmp_path):
         assert served >= 5
     finally:
         server.stop()
+
+
+def test_a_write_lock_held_by_another_process_is_503_and_nothing_stays_stuck(tmp_path):
+    import time
+    server = Server(tmp_path / "locked.db")
+    admin = {"user": "admin", "key": server.admin_key}
+    try:
+        server.request("PUT", "/programs/FOO", {"Name": "Foo"}, **admin)
+        blocker = sqlite3.connect(tmp_path / "locked.db", isolation_level=None)  # this test's own process
+        blocker.execute("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        status, headers, problem = server.request("PUT", "/events/FOO-1", event(1), **admin)
+        assert (status, headers["retry-after"], problem["status"]) == (503, "1", 503)
+        assert time.monotonic() - started < 8  # the 5 s busy timeout, then an answer
+        assert server.request("GET", "/health")[0] == 200  # readers are not blocked
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        assert server.request("PUT", "/events/FOO-1", event(1), **admin)[0] == 200
+        assert server.request("GET", "/events/FOO-1", **admin)[0] == 200
+    finally:
+        server.stop()
