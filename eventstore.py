@@ -730,6 +730,8 @@ def apply_schema(conn):
     if version > SCHEMA_VERSION:
         raise RuntimeError(f"the database has schema version {version}; this eventstore "
                            f"knows up to {SCHEMA_VERSION}. Upgrade eventstore.")
+    if version == SCHEMA_VERSION:
+        return  # up to date: nothing to write (so a read-only database still opens)
     script = SCHEMA_PATH.read_text(encoding="utf-8")
     conn.executescript(f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;")
 
@@ -834,6 +836,8 @@ def set_grants(conn, user_id, grants):
 def bootstrap_admin(conn, now):
     """On a database with no users, create the SYSTEM user ``admin`` and return its
     key; otherwise None."""
+    if conn.execute("SELECT 1 FROM users LIMIT 1").fetchone():
+        return None  # checked before taking the write lock, which a read-only file refuses
     with write_transaction(conn):
         if conn.execute("SELECT 1 FROM users LIMIT 1").fetchone():
             return None

@@ -150,3 +150,38 @@ def test_a_write_lock_held_by_another_process_is_503_and_nothing_stays_stuck(tmp
         assert server.request("GET", "/events/FOO-1", **admin)[0] == 200
     finally:
         server.stop()
+
+
+def test_a_read_only_database_serves_reads_and_answers_writes_with_503(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("a read-only bind mount needs root")
+    writable, read_only = tmp_path / "rw", tmp_path / "ro"
+    writable.mkdir()
+    read_only.mkdir()
+    first = Server(writable / "ro.db")
+    admin = {"user": "admin", "key": first.admin_key}
+    first.request("PUT", "/programs/FOO", {"Name": "Foo"}, **admin)
+    first.request("PUT", "/events/FOO-1", event(1), **admin)
+    first.stop()
+    keeper = sqlite3.connect(writable / "ro.db")  # keeps the -wal and -shm files in place
+    keeper.execute("SELECT 1 FROM events").fetchall()
+    mounted = subprocess.run(["mount", "--bind", str(writable), str(read_only)]).returncode == 0 and \
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(read_only)]).returncode == 0
+    if not mounted:
+        subprocess.run(["umount", "-l", str(read_only)])
+        pytest.skip("this machine does not let the test make a read-only bind mount")
+    try:
+        server = Server(read_only / "ro.db")
+        try:
+            assert server.request("GET", "/events/FOO-1", **admin)[0] == 200
+            status, headers, problem = server.request("PUT", "/events/FOO-2", event(2), **admin)
+            assert status == 503 and headers["retry-after"] and problem["status"] == 503
+            assert headers["content-type"] == "application/problem+json"
+        finally:
+            server.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(read_only)])
+        keeper.close()
+    conn = sqlite3.connect(writable / "ro.db")
+    assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert [row[0] for row in conn.execute("SELECT event_id FROM events")] == ["FOO-1"]
