@@ -150,6 +150,10 @@ def test_a_write_lock_held_by_another_process_is_503_and_nothing_stays_stuck(tmp
         assert server.request("GET", "/events/FOO-1", **admin)[0] == 200
     finally:
         server.stop()
+    conn = sqlite3.connect(tmp_path / "locked.db")
+    assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert conn.execute("SELECT revision FROM events WHERE event_id = 'FOO-1'").fetchone() == (1,)
+    conn.close()
 
 
 def test_a_read_only_database_serves_reads_and_answers_writes_with_503(tmp_path):
