@@ -328,12 +328,24 @@ def _text_error(value, low, high, allow_controls=True):
     return None
 
 
-def validate_event(event_id, body):
-    """A parsed PUT body for ``event_id`` -> EventInput, or Problem(400) listing
-    every problem (one ``errors`` entry each)."""
+def require_object(body):
+    """Problem(400) unless a parsed body is a JSON object."""
     if not isinstance(body, dict):
         raise bad_request("The body must be a JSON object.",
                           [field_error("body", f"expected an object, got {_json_type(body)}")])
+
+
+def program_id_error(program_id):
+    """The error entry for a malformed ProgramId, or None when it is well formed."""
+    if PROGRAM_ID_RE.fullmatch(program_id):
+        return None
+    return field_error("ProgramId", f"{program_id!r} is not {PROGRAM_ID_RULE}")
+
+
+def validate_event(event_id, body):
+    """A parsed PUT body for ``event_id`` -> EventInput, or Problem(400) listing
+    every problem (one ``errors`` entry each)."""
+    require_object(body)
     errors = []
 
     def check(name, message):
@@ -446,9 +458,7 @@ def batch_errors(index, event_id, errors):
 
 def validate_program_body(body):
     """``{"Name": "..."}`` -> the name, or Problem(400)."""
-    if not isinstance(body, dict):
-        raise bad_request("The body must be a JSON object.",
-                          [field_error("body", f"expected an object, got {_json_type(body)}")])
+    require_object(body)
     errors = [field_error(name, "unknown field; the only accepted field is Name")
               for name in body if name != "Name"]
     name = body.get("Name")
@@ -537,9 +547,7 @@ def parse_feed_query(pairs):
             errors.append(field_error(name, "given more than once"))
         else:
             values[name] = value
-    for program_id in values.get("ProgramId", ()):
-        if not PROGRAM_ID_RE.fullmatch(program_id):
-            errors.append(field_error("ProgramId", f"{program_id!r} is not {PROGRAM_ID_RULE}"))
+    errors += filter(None, map(program_id_error, values.get("ProgramId", ())))
     times = {}
     for name in ("EventStartFromUTC", "EventStartBeforeUTC"):
         if name in values:
@@ -942,6 +950,14 @@ UPSERT_EVENT = (
     " RETURNING revision")
 
 
+def _event_row(event, seq, now):
+    """The named parameters of UPSERT_EVENT, INSERT_EVENT and UPDATE_EVENT."""
+    return {"seq": seq, "event_id": event.event_id, "program_id": event.program_id,
+            "event_type": event.event_type, "member_id": event.member_id, "start_us": event.start_us,
+            "end_us": event.end_us, "doc": event.doc, "ref_event_id": event.ref_event_id,
+            "content_hash": event.content_hash, "now": now}
+
+
 def put_event(tx, event, preconditions=None):
     """Create, update or replay ``event`` in transaction ``tx``.
 
@@ -955,11 +971,7 @@ def put_event(tx, event, preconditions=None):
         current = tx.conn.execute("SELECT revision, deleted FROM events WHERE event_id = ?",
                                   (event.event_id,)).fetchone()
         preconditions.check(current[0] if current and not current[1] else None)
-    written = tx.conn.execute(UPSERT_EVENT, {
-        "seq": tx.peek_seq(), "event_id": event.event_id, "program_id": event.program_id,
-        "event_type": event.event_type, "member_id": event.member_id, "start_us": event.start_us,
-        "end_us": event.end_us, "doc": event.doc, "ref_event_id": event.ref_event_id,
-        "content_hash": event.content_hash, "now": tx.now}).fetchall()
+    written = tx.conn.execute(UPSERT_EVENT, _event_row(event, tx.peek_seq(), tx.now)).fetchall()
     if written:
         tx.take_seq()
         revision = written[0][0]
@@ -1003,11 +1015,7 @@ def put_events(tx, indexed_events):
         if found and not found[1] and found[2] == event.content_hash:
             results.append(("unchanged", found[0]))
             continue
-        row = {"seq": tx.take_seq(), "event_id": event.event_id, "program_id": event.program_id,
-               "event_type": event.event_type, "member_id": event.member_id, "start_us": event.start_us,
-               "end_us": event.end_us, "doc": event.doc, "ref_event_id": event.ref_event_id,
-               "content_hash": event.content_hash, "now": tx.now}
-        (updates if found else inserts).append(row)
+        (updates if found else inserts).append(_event_row(event, tx.take_seq(), tx.now))
         results.append(("updated", found[0] + 1) if found else ("created", 1))
     tx.conn.executemany(INSERT_EVENT, inserts)
     tx.conn.executemany(UPDATE_EVENT, updates)
@@ -1298,9 +1306,8 @@ def list_programs_handler(req):
 def put_program_handler(req):
     req.require_system()
     program_id = req.params["program_id"]
-    if not PROGRAM_ID_RE.fullmatch(program_id):
-        raise bad_request("The ProgramId is not valid.",
-                          [field_error("ProgramId", f"{program_id!r} is not {PROGRAM_ID_RULE}")])
+    if program_id_error(program_id):
+        raise bad_request("The ProgramId is not valid.", [program_id_error(program_id)])
     name = validate_program_body(req.json_body())
     req.store.write(lambda tx: put_program(tx.conn, program_id, name, tx.now), changed=lambda _: False)
     return json_response({"ProgramId": program_id, "Name": name})
@@ -1309,12 +1316,9 @@ def put_program_handler(req):
 def erase_member_handler(req):
     program_id, member_id = req.params["program_id"], req.params["member_id"]
     req.require("write", program_id)
-    errors = []
-    if not PROGRAM_ID_RE.fullmatch(program_id):
-        errors.append(field_error("ProgramId", f"{program_id!r} is not {PROGRAM_ID_RULE}"))
-    message = _text_error(member_id, 1, 256)
-    if message:
-        errors.append(field_error("ProgramMemberId", message))
+    member_error = _text_error(member_id, 1, 256)
+    errors = [error for error in (program_id_error(program_id),
+                                  member_error and field_error("ProgramMemberId", member_error)) if error]
     if errors:
         raise bad_request("The path is not valid; see errors.", errors)
     erased = req.store.write(lambda tx: erase_member(tx, program_id, member_id),
@@ -1656,8 +1660,8 @@ def _fmt_time(micros):
 
 
 def cmd_program_add(conn, args, out):
-    if not PROGRAM_ID_RE.fullmatch(args.program_id):
-        raise CommandError(f"{args.program_id!r} is not {PROGRAM_ID_RULE}")
+    if program_id_error(args.program_id):
+        raise CommandError(program_id_error(args.program_id)["message"])
     name = args.name if args.name is not None else args.program_id
     if not name.strip():
         raise CommandError("--name must not be empty")
