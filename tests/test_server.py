@@ -88,3 +88,59 @@ def test_erasure_with_a_percent_encoded_member_id_over_http(server):
     path = "/programs/FOO/members/" + urllib.parse.quote(member, safe="")
     assert server.request("DELETE", path, **admin)[2] == {"Deleted": 3}
     assert server.request("DELETE", path, **admin)[2] == {"Deleted": 0}
+
+
+# --- serve.py's waitress task: a response's head and body in one send -------------
+
+def _task(status, headers, content_length):
+    from types import SimpleNamespace
+
+    import serve
+    writes = []
+    channel = SimpleNamespace(write_soon=writes.append,
+                              server=SimpleNamespace(adj=SimpleNamespace(ident="eventstore")))
+    task = serve.OneWriteTask(channel, SimpleNamespace(version="1.1", headers={}))
+    task.complete, task.status, task.response_headers = True, status, list(headers)
+    task.content_length = content_length
+    return task, writes
+
+
+def test_a_whole_body_goes_out_with_its_head_in_one_write():
+    task, writes = _task("200 OK", [("Content-Length", "7")], 7)
+    task.write(b'{"a":1}')
+    task.finish()
+    assert len(writes) == 1
+    head, _, body = writes[0].partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"Content-Length: 7" in head
+    assert body == b'{"a":1}' and task.content_bytes_written == 7
+
+
+def test_a_body_in_pieces_or_without_a_length_is_written_as_waitress_does():
+    task, writes = _task("200 OK", [("Content-Length", "6")], 6)
+    task.write(b"abc")
+    task.write(b"def")
+    assert writes[1:] == [b"abc", b"def"] and writes[0].endswith(b"\r\n\r\n")
+    task, writes = _task("200 OK", [], None)  # no length: chunked, as waitress does it
+    task.write(b"abc")
+    task.finish()
+    assert writes[1:] == [b"3\r\nabc\r\n", b"0\r\n\r\n"] and b"Transfer-Encoding: chunked" in writes[0]
+
+
+def test_pipelined_requests_get_whole_responses_in_order(server):
+    import json
+    import socket
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" * 2
+                     + b"GET /nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    answers = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")))
+        answers.append((head.split(b" ")[1], json.loads(rest[:length])))
+        data = rest[length:]
+    assert [status for status, _ in answers] == [b"200", b"200", b"404"]
+    assert answers[0][1] == answers[1][1] and answers[2][1]["status"] == 404
