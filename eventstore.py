@@ -33,6 +33,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 __all__ = ["make_app", "EventStore", "Problem", "main"]
 
@@ -159,6 +160,8 @@ def _finite_float(text):
 def json_depth(value):
     """Nesting depth of a parsed JSON value: a scalar is 0, ``{}`` and ``[]`` are 1.
     Iterative, so no input can exhaust the stack; only containers are visited."""
+    if isinstance(value, dict) and not any(isinstance(child, (dict, list)) for child in value.values()):
+        return 1  # the usual EventData: flat
     depth, stack = 0, [(value, 1)] if isinstance(value, (dict, list)) else []
     while stack:
         item, level = stack.pop()
@@ -213,17 +216,34 @@ def parse_json(body):
     return value
 
 
+def _encoder(sort_keys):
+    """A compact, non-ASCII-escaping JSON encoder function made once. json.dumps
+    sets up a new encoder on every call, which was a fifth of a batch's validation
+    time; this builds the stdlib's C encoder once, when there is one. (No cycle
+    check: values parsed from JSON or built here have no cycles.)"""
+    encoder = json.JSONEncoder(sort_keys=sort_keys, separators=(",", ":"), ensure_ascii=False)
+    if json.encoder.c_make_encoder is None:
+        return encoder.encode
+    encode = json.encoder.c_make_encoder(None, encoder.default, json.encoder.encode_basestring, None,
+                                         ":", ",", sort_keys, False, True)
+    return lambda value: "".join(encode(value, 0))
+
+
+_canonical_encode = _encoder(sort_keys=True)
+_compact_encode = _encoder(sort_keys=False)
+
+
 def canonical_json(value):
     """One spelling per JSON value: sorted keys, no spaces. ``1``, ``1.0`` and
     ``true`` stay distinct."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _canonical_encode(value)
 
 
 def json_text(value):
     """Compact JSON as this service writes it. U+2028/U+2029 are escaped: valid
     raw in JSON, but many line readers (Python's str.splitlines among them)
     break lines there, and export writes one event per line."""
-    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    text = _compact_encode(value)
     if "\u2028" in text or "\u2029" in text:
         text = text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
     return text
@@ -249,9 +269,33 @@ MIN_US = (datetime(1, 1, 1).toordinal() - EPOCH_ORDINAL) * 86_400_000_000
 MAX_US = (datetime(9999, 12, 31).toordinal() - EPOCH_ORDINAL + 1) * 86_400_000_000 - 1
 
 
+# The common spelling, which datetime.fromisoformat reads some thirty times
+# faster than the general path below; anything else, or anything it rejects,
+# takes the general path (and gets its error message).
+COMMON_DATETIME_RE = re.compile(
+    r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,6})?(?:Z|[+-](?:[01]\d|2[0-3]):[0-5]\d)?", re.ASCII)
+ONE_MICROSECOND = timedelta(microseconds=1)
+
+
 def parse_datetime(text):
     """ISO 8601 date-time -> microseconds since the epoch, UTC. No offset means
     UTC; fractions beyond microseconds are truncated. Raises ValueError."""
+    if isinstance(text, str) and COMMON_DATETIME_RE.fullmatch(text):
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            pass
+        else:
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=timezone.utc)
+            micros = (moment - EPOCH) // ONE_MICROSECOND
+            if MIN_US <= micros <= MAX_US:
+                return micros
+    return parse_any_datetime(text)
+
+
+def parse_any_datetime(text):
+    """parse_datetime for every spelling DATETIME_RE accepts, with the error messages."""
     match = DATETIME_RE.fullmatch(text) if isinstance(text, str) else None
     if not match:
         raise ValueError(f"expected {DATETIME_RULE}")
@@ -295,12 +339,13 @@ def _format_date(days):
 
 EVENT_FIELDS = ("ProgramId", "ProgramMemberId", "EventType", "EventStartUTC",
                 "EventEndUTC", "EventData", "ReferenceEventId")
+EVENT_FIELD_SET = frozenset(EVENT_FIELDS)
 MAX_EVENT_DATA_DEPTH = 32
 
 
-@dataclass(frozen=True)
-class EventInput:
-    """A validated, normalized event as a PUT asks it to be."""
+class EventInput(NamedTuple):
+    """A validated, normalized event as a PUT asks it to be. (A named tuple:
+    a batch makes a thousand of them, and a frozen dataclass is slow to build.)"""
 
     event_id: str
     program_id: str
@@ -342,9 +387,13 @@ def program_id_error(program_id):
     return field_error("ProgramId", f"{program_id!r} is not {PROGRAM_ID_RULE}")
 
 
-def validate_event(event_id, body):
+def validate_event(event_id, body, ignore=()):
     """A parsed PUT body for ``event_id`` -> EventInput, or Problem(400) listing
-    every problem (one ``errors`` entry each)."""
+    every problem (one ``errors`` entry each). Fields named in ``ignore`` are
+    skipped (a batch item's own EventId).
+
+    Written for speed (a batch validates a thousand of these): locals rather
+    than lookups, and the error messages built only when there is an error."""
     require_object(body)
     errors = []
 
@@ -354,62 +403,65 @@ def validate_event(event_id, body):
 
     if not EVENT_ID_RE.fullmatch(event_id):
         check("EventId", f"{event_id!r} is not {EVENT_ID_RULE}")
-    for name in body:
-        if name not in EVENT_FIELDS:
-            check(name, "unknown field; accepted fields are " + ", ".join(EVENT_FIELDS))
+    if not body.keys() <= EVENT_FIELD_SET:
+        for name in body:
+            if name not in EVENT_FIELD_SET and name not in ignore:
+                check(name, "unknown field; accepted fields are " + ", ".join(EVENT_FIELDS))
     # An optional field sent as null counts as absent.
-    get = {name: body.get(name) for name in EVENT_FIELDS}
-    for name in ("ProgramId", "ProgramMemberId", "EventType", "EventStartUTC"):
-        if get[name] is None:
-            check(name, "is required" if name not in body else "is required and must not be null")
+    program_id, member_id, event_type, start_text, end_text, data, ref = map(body.get, EVENT_FIELDS)
+    if program_id is None or member_id is None or event_type is None or start_text is None:
+        for name, value in zip(EVENT_FIELDS[:4], (program_id, member_id, event_type, start_text)):
+            if value is None:
+                check(name, "is required" if name not in body else "is required and must not be null")
 
-    program_id = get["ProgramId"]
     if program_id is not None:
         if not isinstance(program_id, str):
             check("ProgramId", f"expected a string, got {_json_type(program_id)}")
         elif program_id != program_of(event_id):
             check("ProgramId", f"must equal the eventId's prefix {program_of(event_id)!r}")
-    if get["ProgramMemberId"] is not None:
-        check("ProgramMemberId", _text_error(get["ProgramMemberId"], 1, 256))
-    if get["EventType"] is not None:
-        check("EventType", _text_error(get["EventType"], 1, 100, allow_controls=False))
+    if member_id is not None:
+        check("ProgramMemberId", _text_error(member_id, 1, 256))
+    if event_type is not None:
+        check("EventType", _text_error(event_type, 1, 100, allow_controls=False))
 
-    times = {}
-    for name in ("EventStartUTC", "EventEndUTC"):
-        if get[name] is not None:
-            try:
-                times[name] = parse_datetime(get[name])
-            except ValueError as exc:
-                check(name, str(exc) if isinstance(get[name], str)
-                      else f"expected a string holding {DATETIME_RULE}")
-    start_us = times.get("EventStartUTC")
-    end_us = times.get("EventEndUTC", start_us if get["EventEndUTC"] is None else None)
+    start_us = end_us = None
+    if start_text is not None:
+        start_us = _parse_field_datetime("EventStartUTC", start_text, check)
+    if end_text is None:
+        end_us = start_us
+    else:
+        end_us = _parse_field_datetime("EventEndUTC", end_text, check)
     if start_us is not None and end_us is not None and end_us < start_us:
         check("EventEndUTC", "must not be before EventStartUTC")
 
-    data = {} if get["EventData"] is None else get["EventData"]
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
         check("EventData", f"expected a JSON object, got {_json_type(data)}")
     elif json_depth(data) > MAX_EVENT_DATA_DEPTH:
         check("EventData", f"nested more than {MAX_EVENT_DATA_DEPTH} levels deep")
 
-    ref = get["ReferenceEventId"]
     if ref is not None and not (isinstance(ref, str) and EVENT_ID_RE.fullmatch(ref)):
         check("ReferenceEventId", f"expected {EVENT_ID_RULE}")
 
     if errors:
         raise bad_request("The event is not valid; see errors.", errors)
-    content = canonical_json([get["ProgramMemberId"], get["EventType"], start_us, end_us, data, ref])
+    content = canonical_json([member_id, event_type, start_us, end_us, data, ref])
     doc = json_text({
-        "EventId": event_id, "ProgramId": program_id, "ProgramMemberId": get["ProgramMemberId"],
-        "EventType": get["EventType"], "EventStartUTC": format_datetime(start_us),
+        "EventId": event_id, "ProgramId": program_id, "ProgramMemberId": member_id,
+        "EventType": event_type, "EventStartUTC": format_datetime(start_us),
         "EventEndUTC": format_datetime(end_us), "EventData": data, "ReferenceEventId": ref,
         "Deleted": False})[:-1]
-    return EventInput(
-        event_id=event_id, program_id=program_id, member_id=get["ProgramMemberId"],
-        event_type=get["EventType"], start_us=start_us, end_us=end_us, doc=doc,
-        ref_event_id=ref, content_hash=hashlib.sha256(content.encode("utf-8")).digest(),
-    )
+    return EventInput(event_id, program_id, member_id, event_type, start_us, end_us, doc, ref,
+                      hashlib.sha256(content.encode("utf-8")).digest())
+
+
+def _parse_field_datetime(name, value, check):
+    try:
+        return parse_datetime(value)
+    except ValueError as exc:
+        check(name, str(exc) if isinstance(value, str) else f"expected a string holding {DATETIME_RULE}")
+        return None
 
 
 def _json_type(value):
@@ -430,7 +482,7 @@ MAX_BATCH = 1000
 
 
 def parse_batch(body):
-    """``{"Events": [...]}`` -> [(index, EventId, the item's PUT body)], or
+    """``{"Events": [...]}`` -> [(index, EventId, the item: a PUT body plus its EventId)], or
     Problem(400) when the body is not of that shape (checked before authorization)."""
     def shape_error(field, message):
         return bad_request("The body must be {\"Events\": [1-1000 events, each with its EventId]}.",
@@ -448,7 +500,7 @@ def parse_batch(body):
     for index, item in enumerate(items):
         if not isinstance(item, dict) or not isinstance(item.get("EventId"), str):
             raise shape_error(f"Events[{index}]", "expected an object with a string EventId")
-        batch.append((index, item["EventId"], {k: v for k, v in item.items() if k != "EventId"}))
+        batch.append((index, item["EventId"], item))
     return batch
 
 
@@ -1241,7 +1293,7 @@ def post_events_handler(req):
             errors += batch_errors(index, event_id, [field_error("EventId", "appears more than once in the batch")])
         seen.add(event_id)
         try:
-            events.append((index, validate_event(event_id, body)))
+            events.append((index, validate_event(event_id, body, ignore=("EventId",))))
         except Problem as problem:
             errors += batch_errors(index, event_id, problem.errors)
     if errors:

@@ -116,3 +116,23 @@ def test_following_next_from_zero_yields_exactly_the_final_state(history):
             assert len(served) == len(final)
         finally:
             registry.close()
+
+
+common_times = st.tuples(
+    st.integers(1, 9999), st.integers(0, 13), st.integers(0, 32), st.integers(0, 24), st.integers(0, 60),
+    st.integers(0, 60), st.sampled_from(["", ".5", ".25", ".123456", ".000000"]),
+    st.sampled_from(["", "Z", "+00:00", "-23:59", "+05:30", "+14:00", "+23:59", "-00:01", "+24:00", "+01:60"]),
+).map(lambda t: f"{t[0]:04d}-{t[1]:02d}-{t[2]:02d}T{t[3]:02d}:{t[4]:02d}:{t[5]:02d}{t[6]}{t[7]}")
+
+
+@SETTINGS
+@given(common_times)
+def test_the_fast_datetime_path_agrees_with_the_general_one(text):
+    """parse_datetime reads the common spelling with datetime.fromisoformat; it must
+    give what the general parser gives: the same microseconds, or the same error."""
+    def outcome(parse):
+        try:
+            return parse(text)
+        except ValueError as exc:
+            return str(exc)
+    assert outcome(eventstore.parse_datetime) == outcome(eventstore.parse_any_datetime)
