@@ -320,19 +320,21 @@ def parse_any_datetime(text):
 
 def format_datetime(micros):
     """Microseconds since the epoch -> RFC 3339 UTC with ``Z``; six fraction digits
-    only when there are microseconds. (Arithmetic, not strftime: feeds format
-    four of these per event.)"""
+    only when there are microseconds."""
     seconds, fraction = divmod(micros, 1_000_000)
-    days, seconds = divmod(seconds, 86400)
-    hours, seconds = divmod(seconds, 3600)
-    minutes, seconds = divmod(seconds, 60)
-    text = f"{_format_date(days)}T{hours:02d}:{minutes:02d}:{seconds:02d}"
+    text = _format_second(seconds)
     return f"{text}.{fraction:06d}Z" if fraction else f"{text}Z"
 
 
 @functools.lru_cache(maxsize=4096)
-def _format_date(days):
-    return (EPOCH + timedelta(days=days)).strftime("%Y-%m-%d")
+def _format_second(seconds):
+    """Whole seconds since the epoch -> ``YYYY-MM-DDTHH:MM:SS``. Cached: a feed page
+    formats two of these per event, and in Sequence (commit) order the Created
+    and Updated times of neighbouring events mostly fall in the same few seconds."""
+    days, seconds = divmod(seconds, 86400)
+    hours, seconds = divmod(seconds, 3600)
+    minutes, seconds = divmod(seconds, 60)
+    return f"{(EPOCH + timedelta(days=days)).date().isoformat()}T{hours:02d}:{minutes:02d}:{seconds:02d}"
 
 
 # --- Event bodies -------------------------------------------------------------

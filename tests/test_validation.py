@@ -30,6 +30,9 @@ def errors_of(event_id, body):
     ("2026-03-01T01:30:00-0230", "2026-03-01T04:00:00Z"),
     ("2026-03-01T23:30:00-01", "2026-03-02T00:30:00Z"),
     ("1969-12-31T23:59:59.999999Z", "1969-12-31T23:59:59.999999Z"),
+    ("0001-01-01T00:00:00Z", "0001-01-01T00:00:00Z"),  # four-digit years, zero-padded
+    ("0999-12-31T23:59:59.5Z", "0999-12-31T23:59:59.500000Z"),
+    ("9999-12-31T23:59:59.999999Z", "9999-12-31T23:59:59.999999Z"),
 ])
 def test_times_parse_to_utc(text, expected):
     assert eventstore.format_datetime(parse_datetime(text)) == expected
