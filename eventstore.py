@@ -833,11 +833,12 @@ class Principal:
         return granted == "write" or (granted == "read" and access == "read")
 
 
-def authenticate(conn, user_id, api_key, now):
+def authenticate(conn, user_id, api_key, now, touch=None):
     """``(user_id, api_key)`` -> Principal, or None for any kind of bad credential.
 
     Takes the same steps for every failure (a hash and a constant-time compare),
-    so neither the answer nor its timing tells which part was wrong.
+    so neither the answer nor its timing tells which part was wrong. A key's last
+    use is recorded, to the minute, by ``touch(key_id, now)`` (default: on ``conn``).
     """
     row = None
     if API_KEY_RE.fullmatch(api_key):
@@ -852,17 +853,20 @@ def authenticate(conn, user_id, api_key, now):
         return None
     key_owner, _, _, last_used, is_system, _ = row
     if last_used is None or now - last_used > 60_000_000:
-        _touch_key(conn, api_key[:KEY_ID_LENGTH], now)
+        (touch or functools.partial(_touch_key, conn))(api_key[:KEY_ID_LENGTH], now)
     grants = dict(conn.execute(
         "SELECT program_id, access FROM grants WHERE user_id = ?", (key_owner,)).fetchall())
     return Principal(key_owner, bool(is_system), grants)
 
 
+TOUCH_KEY = "UPDATE api_keys SET last_used_us = ? WHERE key_id = ?"
+
+
 def _touch_key(conn, key_id, now):
-    """Record a key's last use, to the minute. Best effort: a busy database must
-    not fail the request that is merely being authenticated."""
+    """Record a key's last use. Best effort: a busy database must not fail the
+    request that is merely being authenticated."""
     try:
-        conn.execute("UPDATE api_keys SET last_used_us = ? WHERE key_id = ?", (now, key_id))
+        conn.execute(TOUCH_KEY, (now, key_id))
     except sqlite3.OperationalError:
         pass
 
@@ -1545,6 +1549,7 @@ class EventStore:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._local.conn = connect(self.db_path, self.busy_timeout_ms)
+            conn.execute("PRAGMA query_only = ON")  # every write goes through the writer
         return conn
 
     def write(self, change, changed=lambda result: True):
@@ -1627,7 +1632,7 @@ class EventStore:
                           headers=[("Retry-After", str(wait))])
         if cached and cached[0] > time.monotonic():
             return cached[1]
-        principal = authenticate(self.connection(), *credentials, self.clock())
+        principal = authenticate(self.connection(), *credentials, self.clock(), touch=self._touch_key)
         if not principal:
             self.throttle.failed(user_id, address)
             raise UNAUTHORIZED
@@ -1635,6 +1640,16 @@ class EventStore:
             self._auth_cache.clear()
         self._auth_cache[cache_key] = (time.monotonic() + self.auth_cache_seconds, principal)
         return principal
+
+    def _touch_key(self, key_id, now):
+        """Record a key's last use through the writer, best effort. (From a read
+        connection it would contend with the writer for the write lock, and the
+        writer, finding it taken, would wait in SQLite's busy handler, which backs
+        off in sleeps of up to 100 ms while every queued write waits behind it.)"""
+        try:
+            self.write(lambda tx: tx.conn.execute(TOUCH_KEY, (now, key_id)), changed=lambda result: False)
+        except (sqlite3.Error, RuntimeError):
+            pass
 
     def __call__(self, environ, start_response):
         try:

@@ -2,6 +2,7 @@
 
 import base64
 import hashlib
+import sqlite3
 import time
 
 import pytest
@@ -185,3 +186,16 @@ def test_validation_comes_before_existence(admin):
 
 def test_existence_comes_before_preconditions(admin):
     admin.delete("/events/FOO-404", headers={"If-Match": '"1"'}, status=404)
+
+
+def test_a_key_s_last_use_is_written_by_the_writer_not_by_a_read_connection(registry, writer):
+    """A write from a request thread's read connection would contend with the
+    group-commit writer for the write lock; read connections are query-only."""
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        registry.app.connection().execute("UPDATE api_keys SET last_used_us = 0")
+    commits = []
+    original = registry.app.writer._commit
+    registry.app.writer._commit = lambda conn, batch: (commits.append(len(batch)), original(conn, batch))
+    writer.get("/events")
+    assert commits == [1]
+    assert registry.db.execute("SELECT last_used_us FROM api_keys WHERE user_id = 'writer'").fetchone()[0]
