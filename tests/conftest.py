@@ -74,6 +74,17 @@ class Registry:
     def count_events(self):
         return self.db.execute("SELECT COUNT(*) FROM events").fetchone()[0]
 
+    def record_commits(self):
+        """-> a list that gets the number of changes of each group commit from now on."""
+        commits, original = [], self.app.writer._commit
+
+        def counting_commit(conn, batch):
+            commits.append(len(batch))
+            original(conn, batch)
+
+        self.app.writer._commit = counting_commit
+        return commits
+
 
 @pytest.fixture
 def registry(tmp_path):

@@ -193,9 +193,7 @@ def test_a_key_s_last_use_is_written_by_the_writer_not_by_a_read_connection(regi
     group-commit writer for the write lock; read connections are query-only."""
     with pytest.raises(sqlite3.OperationalError, match="readonly"):
         registry.app.connection().execute("UPDATE api_keys SET last_used_us = 0")
-    commits = []
-    original = registry.app.writer._commit
-    registry.app.writer._commit = lambda conn, batch: (commits.append(len(batch)), original(conn, batch))
+    commits = registry.record_commits()
     writer.get("/events")
     assert commits == [1]
     assert registry.db.execute("SELECT last_used_us FROM api_keys WHERE user_id = 'writer'").fetchone()[0]

@@ -12,14 +12,7 @@ from conftest import event_body
 
 def test_concurrent_writes_share_commits_and_all_succeed(registry):
     registry.client("writer").get("/events")  # the key's last use is recorded now, not among the PUTs
-    commits = []
-    original = registry.app.writer._commit
-
-    def counting_commit(conn, batch):
-        commits.append(len(batch))
-        original(conn, batch)
-
-    registry.app.writer._commit = counting_commit
+    commits = registry.record_commits()
     barrier = threading.Barrier(16)
 
     def publish(n):
