@@ -13,6 +13,7 @@ import argparse
 import base64
 import binascii
 import collections
+import copy
 import functools
 import hashlib
 import heapq
@@ -87,11 +88,16 @@ def bad_request(detail, errors=None):
     return Problem(400, detail, errors)
 
 
-UNAUTHORIZED = Problem(
-    401,
-    "Valid credentials are required: HTTP Basic authentication with your user id and API key.",
-    headers=[("WWW-Authenticate", REALM)],
-)
+def unauthorized():
+    """The one 401 for every kind of bad credential. A new exception each time:
+    re-raising one shared instance grows its traceback chain (frames, environ)
+    with every raise, without bound."""
+    return Problem(401, "Valid credentials are required: HTTP Basic authentication with your user id and API key.",
+                   headers=[("WWW-Authenticate", REALM)])
+
+
+def service_unavailable(detail, retry_after=1):
+    return Problem(503, detail, headers=[("Retry-After", str(retry_after))])
 
 
 # ============================================================================
@@ -419,7 +425,7 @@ def validate_event(event_id, body, ignore=()):
     if program_id is not None:
         if not isinstance(program_id, str):
             check("ProgramId", f"expected a string, got {_json_type(program_id)}")
-        elif program_id != program_of(event_id):
+        elif program_id != program_of(event_id) and program_of(event_id) is not None:
             check("ProgramId", f"must equal the eventId's prefix {program_of(event_id)!r}")
     if member_id is not None:
         check("ProgramMemberId", _text_error(member_id, 1, 256))
@@ -530,18 +536,41 @@ def etag(revision):
     return f'"{revision}"'
 
 
+ENTITY_TAG_RE = re.compile(r'\s*(W/)?("[\x21\x23-\x7e\x80-\xff]*")\s*(?:,|$)')
+
+
 def parse_etags(header):
-    """``If-Match``/``If-None-Match`` value -> "*" or a set of strong tag values."""
+    """``If-Match``/``If-None-Match`` value -> None (no condition), "*", or a set
+    of ``(weak, opaque_tag)`` pairs (RFC 9110 §8.8.3). An element that is not an
+    entity-tag is kept as an opaque value that matches nothing."""
     if header is None or not header.strip():  # an empty header is no condition
         return None
     if header.strip() == "*":
         return "*"
-    return {tag.strip().removeprefix("W/") for tag in header.split(",") if tag.strip()}
+    tags, position = set(), 0
+    while position < len(header):
+        found = ENTITY_TAG_RE.match(header, position)
+        if not found:
+            tags.add((False, header[position:]))
+            break
+        tags.add((bool(found.group(1)), found.group(2)))
+        position = found.end()
+    return tags
+
+
+def strong_match(tags, current):
+    """If-Match compares strongly: a weak tag never matches (RFC 9110 §13.1.1)."""
+    return tags == "*" or (False, current) in tags
+
+
+def weak_match(tags, current):
+    """If-None-Match compares weakly: ``W/"2"`` matches ``"2"`` (RFC 9110 §13.1.2)."""
+    return tags == "*" or any(opaque == current for _, opaque in tags)
 
 
 @dataclass(frozen=True)
 class Preconditions:
-    if_match: object = None       # None, "*" or a set of ETags
+    if_match: object = None       # None, "*" or a set of (weak, tag) pairs (parse_etags)
     if_none_match: object = None
 
     def __bool__(self):
@@ -552,10 +581,10 @@ class Preconditions:
         (None when there is no live event)."""
         current = None if live_revision is None else etag(live_revision)
         if self.if_match is not None:
-            if current is None or (self.if_match != "*" and current not in self.if_match):
-                raise Problem(412, "If-Match does not name the event's current revision.")
+            if current is None or not strong_match(self.if_match, current):
+                raise Problem(412, "If-Match does not name the event's current revision (as a strong ETag).")
         if self.if_none_match is not None and current is not None:
-            if self.if_none_match == "*" or current in self.if_none_match:
+            if weak_match(self.if_none_match, current):
                 raise Problem(412, "If-None-Match: the event exists with a matching revision.")
 
 
@@ -563,7 +592,8 @@ class Preconditions:
 
 FEED_PARAMETERS = ("ProgramId", "EventType", "ProgramMemberId", "ReferenceEventId",
                    "EventStartFromUTC", "EventStartBeforeUTC", "after", "limit", "wait")
-REPEATABLE = {"ProgramId", "EventType"}
+REPEATABLE = ("ProgramId", "EventType")
+MAX_REPEATED = 100  # values of one repeatable parameter: each one is an index range to walk
 MAX_LIMIT = 1000
 MAX_WAIT = 30
 
@@ -601,6 +631,10 @@ def parse_feed_query(pairs):
             errors.append(field_error(name, "given more than once"))
         else:
             values[name] = value
+    for name in REPEATABLE:
+        if len(values.get(name, ())) > MAX_REPEATED:
+            errors.append(field_error(name, f"at most {MAX_REPEATED} values, got {len(values[name])}"))
+            values[name] = []
     errors += filter(None, map(program_id_error, values.get("ProgramId", ())))
     times = {}
     for name in ("EventStartFromUTC", "EventStartBeforeUTC"):
@@ -685,31 +719,64 @@ class GroupCommitWriter:
     the batch roll back and rerun one change per transaction, so that it fails
     alone too. ``submit`` returns only after the COMMIT (synchronous=FULL: after
     the fsync) or raises the change's own error.
+
+    If the thread dies (its connection cannot be opened, or anything unexpected
+    escapes), every change it held or had queued fails with a 503, ``failure``
+    says why until a new thread has connected, and the next change starts one.
     """
 
     def __init__(self, connect_db, clock, on_commit=lambda: None, max_batch=1000):
         self.connect_db, self.clock, self.on_commit = connect_db, clock, on_commit
         self.max_batch = max_batch
         self.known_programs = set()
+        self.failure = None  # why the last writer thread died, until another connects
         self._queue = []
         self._wake = threading.Condition()
         self._thread = None
         self._stopping = False
 
     def submit(self, change, changed=lambda result: True):
+        """Queue ``change`` and wait for its outcome: its result, or its error."""
+        item = self.post(change, changed)
+        # Bounded waits: a writer that died without answering is noticed.
+        while not item.done.wait(0.5):
+            with self._wake:
+                if item.done.is_set() or (item.writer or self._thread).is_alive():
+                    continue
+                if item.writer is None:  # still queued: hand it to a new writer
+                    self._start()
+                    continue
+            raise self.unavailable()
+        if item.error is not None:
+            raise item.error
+        return item.result
+
+    def post(self, change, changed=lambda result: True):
+        """Queue ``change`` without waiting for it (best-effort bookkeeping)."""
         item = _Pending(change, changed)
         with self._wake:
             if self._stopping:
                 raise RuntimeError("the writer is stopped")
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="eventstore-writer", daemon=True)
-                self._thread.start()
+            self._start()
             self._queue.append(item)
             self._wake.notify()
-        item.done.wait()
-        if item.error is not None:
-            raise item.error
-        return item.result
+        return item
+
+    def start(self):
+        """Start a writer thread unless one is running (health checks call this,
+        so that a writer that died is brought back even while nobody writes)."""
+        with self._wake:
+            if not self._stopping:
+                self._start()
+
+    def _start(self):
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="eventstore-writer", daemon=True)
+            self._thread.start()
+
+    def unavailable(self):
+        return service_unavailable("The database cannot take writes at the moment; nothing was written. "
+                                   "Try again shortly.")
 
     def stop(self):
         with self._wake:
@@ -719,7 +786,12 @@ class GroupCommitWriter:
             self._thread.join()
 
     def _run(self):
-        conn = self.connect_db()
+        batch = []
+        try:
+            conn = self.connect_db()
+        except Exception as exc:
+            return self._died(exc, batch)
+        self.failure = None
         try:
             while True:
                 with self._wake:
@@ -728,9 +800,25 @@ class GroupCommitWriter:
                     if not self._queue:
                         return
                     batch, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
+                    for item in batch:
+                        item.writer = threading.current_thread()
                 self._commit(conn, batch)
+                batch = []
+        except BaseException as exc:
+            self._died(exc, batch)
         finally:
             conn.close()
+
+    def _died(self, exc, batch):
+        """Fail every change this thread held or that is queued, and say why."""
+        log.error("the database writer stopped: %r; the next write starts another", exc)
+        self.failure = exc
+        with self._wake:
+            batch, self._queue = batch + self._queue, []
+        for item in batch:
+            if not item.done.is_set():
+                item.error, item.result = self.unavailable(), None
+                item.done.set()
 
     def _commit(self, conn, batch):
         try:
@@ -744,8 +832,8 @@ class GroupCommitWriter:
                 except Exception as exc:
                     item.error, item.result = exc, None
         except Exception as exc:  # BEGIN or COMMIT failed: nothing of the batch is written
-            for item in batch:
-                item.error, item.result = exc, None
+            for item in batch:  # each its own copy: an exception is raised in one thread only
+                item.error, item.result = copy.copy(exc).with_traceback(None), None
         if any(item.error is None and item.changed(item.result) for item in batch):
             self.on_commit()
         for item in batch:
@@ -778,12 +866,13 @@ class _ChangeFailed(Exception):
 
 
 class _Pending:
-    __slots__ = ("change", "changed", "done", "result", "error")
+    __slots__ = ("change", "changed", "done", "result", "error", "writer")
 
     def __init__(self, change, changed):
         self.change, self.changed = change, changed
         self.done = threading.Event()
         self.result = self.error = None
+        self.writer = None  # the writer thread that took it
 
 
 def apply_schema(conn):
@@ -1229,7 +1318,10 @@ class Request:
 
     def require(self, access, program_id):
         """403 unless the caller holds ``access`` on ``program_id``; decided from
-        the id alone, before anything is looked up."""
+        the id alone, before anything is looked up. A SYSTEM user holds every
+        right, so an id that names no program is left to validation (400/404)."""
+        if self.user.is_system:
+            return
         if program_id is None or not self.user.may(access, program_id):
             raise Problem(403, f"This key has no {access} access to program {program_id!r}."
                           if program_id else "This key has no access to that program.")
@@ -1258,16 +1350,23 @@ class Request:
         length = self.header("Content-Length")
         stream = self.environ["wsgi.input"]
         if length:
-            if not length.isdigit():
-                raise bad_request("Content-Length is not a whole number.")
-            if int(length) > limit:
+            # Checked here, not left to the server: ASCII digits only (str.isdigit
+            # takes "²"), and a length of more digits than int() parses is too large.
+            if not CONTENT_LENGTH_RE.fullmatch(length):
+                raise bad_request("Content-Length is not a whole number of bytes.",
+                                  [field_error("Content-Length", "expected ASCII digits")])
+            digits = length.lstrip("0") or "0"
+            if len(digits) > 18 or int(digits) > limit:
                 raise too_large
-            body = stream.read(int(length))
+            body = stream.read(int(digits))
         else:
             body = stream.read(limit + 1)
             if len(body) > limit:
                 raise too_large
         return parse_json(body)
+
+
+CONTENT_LENGTH_RE = re.compile(r"[0-9]+", re.ASCII)
 
 
 def _event_id_param(req):
@@ -1319,7 +1418,7 @@ def get_event_handler(req):
         raise Problem(404, f"Event {event_id!r} does not exist.")
     tag = etag(row[5])
     if_none_match = parse_etags(req.header("If-None-Match"))
-    if if_none_match == "*" or (if_none_match and tag in if_none_match):
+    if if_none_match is not None and weak_match(if_none_match, tag):
         return Response(304, [("ETag", tag)])
     return Response(200, [("ETag", tag)], render_event(row).encode("utf-8"), "application/json")
 
@@ -1388,8 +1487,14 @@ def health_handler(req):
     try:
         req.db.execute("SELECT 1 FROM programs LIMIT 1").fetchall()
     except sqlite3.Error:
-        raise Problem(503, "The database does not answer.", headers=[("Retry-After", "5")]) from None
-    return json_response({"status": "ok", "schemaVersion": SCHEMA_VERSION})
+        raise service_unavailable("The database does not answer.", retry_after=5) from None
+    writer = req.store.writer
+    writer.start()  # brings back a writer that died, even while nobody writes
+    if writer.failure is not None:
+        raise service_unavailable("The database answers reads but its writer is down; writes get 503 "
+                                  "until it is back.", retry_after=5)
+    return json_response({"status": "ok", "schemaVersion": SCHEMA_VERSION,
+                          "longPolls": req.store.long_polls})
 
 
 def openapi_handler(req):
@@ -1518,7 +1623,7 @@ class EventStore:
 
     def __init__(self, db_path, *, max_body_bytes=DEFAULT_MAX_BODY, clock=now_us,
                  max_waiting=8, busy_timeout_ms=5000, auth_cache_seconds=AUTH_CACHE_SECONDS,
-                 throttle=None, openapi=None, routes=ROUTES):
+                 throttle=None, openapi=None, routes=ROUTES, poll_interval=1.0):
         self.db_path = str(db_path)
         self.throttle = throttle if throttle is not None else AuthThrottle()
         self.auth_cache_seconds = auth_cache_seconds
@@ -1530,10 +1635,12 @@ class EventStore:
         self._local = threading.local()
         # Long polls wait on this; every commit made through this app bumps the
         # generation and wakes them. Commits by other processes are noticed by
-        # PRAGMA data_version at least once a second.
+        # PRAGMA data_version every poll_interval seconds.
         self._commits = threading.Condition()
         self._generation = 0
+        self.poll_interval = poll_interval
         self._waiting = threading.BoundedSemaphore(max_waiting) if max_waiting else None
+        self.long_polls = 0  # requests waiting now (reported by /health)
         self._auth_cache = {}
         self.writer = GroupCommitWriter(lambda: connect(self.db_path, busy_timeout_ms), clock,
                                         on_commit=self._committed)
@@ -1583,6 +1690,8 @@ class EventStore:
         rows = read_feed(conn, programs, query)
         if rows or not query.wait or not self._waiting or not self._waiting.acquire(blocking=False):
             return rows
+        with self._commits:
+            self.long_polls += 1
         try:
             deadline = time.monotonic() + query.wait
             while True:
@@ -1591,7 +1700,7 @@ class EventStore:
                     return rows
                 with self._commits:
                     self._commits.wait_for(lambda: self._generation != seen_generation,
-                                           timeout=min(1.0, remaining))
+                                           timeout=min(self.poll_interval, remaining))
                     generation = self._generation
                 version = data_version(conn)
                 if generation != seen_generation or version != seen_version:
@@ -1600,6 +1709,8 @@ class EventStore:
                     if rows:
                         return rows
         finally:
+            with self._commits:
+                self.long_polls -= 1
             self._waiting.release()
 
     def handle(self, environ):
@@ -1624,7 +1735,7 @@ class EventStore:
         cached = self._auth_cache.get(cache_key)
         credentials = parse_basic_auth(header)
         if not credentials:  # nothing was guessed: no credentials, or not Basic ones
-            raise UNAUTHORIZED
+            raise unauthorized()
         user_id = credentials[0]
         wait = self.throttle.retry_after(user_id, address)
         if wait:
@@ -1635,20 +1746,20 @@ class EventStore:
         principal = authenticate(self.connection(), *credentials, self.clock(), touch=self._touch_key)
         if not principal:
             self.throttle.failed(user_id, address)
-            raise UNAUTHORIZED
+            raise unauthorized()
         if len(self._auth_cache) >= 10_000:  # bounded: forget everything, refill on demand
             self._auth_cache.clear()
         self._auth_cache[cache_key] = (time.monotonic() + self.auth_cache_seconds, principal)
         return principal
 
     def _touch_key(self, key_id, now):
-        """Record a key's last use through the writer, best effort. (From a read
-        connection it would contend with the writer for the write lock, and the
-        writer, finding it taken, would wait in SQLite's busy handler, which backs
-        off in sleeps of up to 100 ms while every queued write waits behind it.)"""
+        """Record a key's last use through the writer, best effort, without
+        waiting for it: the request being authenticated may be a read, and a read
+        never waits for the write lock. (From a read connection the update would
+        contend with the writer for that lock.)"""
         try:
-            self.write(lambda tx: tx.conn.execute(TOUCH_KEY, (now, key_id)), changed=lambda result: False)
-        except (sqlite3.Error, RuntimeError):
+            self.writer.post(lambda tx: tx.conn.execute(TOUCH_KEY, (now, key_id)), changed=lambda result: False)
+        except RuntimeError:  # the app is closing
             pass
 
     def __call__(self, environ, start_response):
@@ -1693,8 +1804,8 @@ def storage_problem(exc):
 def make_app(db_path, **options):
     """The WSGI application over the SQLite database at ``db_path`` (created if
     missing). Options: max_body_bytes, clock, max_waiting, busy_timeout_ms, auth_cache_seconds,
-    throttle (an AuthThrottle),
-    openapi (the document's bytes), routes (the route table)."""
+    throttle (an AuthThrottle), openapi (the document's bytes), routes (the route table),
+    poll_interval (seconds between checks for other processes' commits while long polls wait)."""
     return EventStore(db_path, **options)
 
 

@@ -22,7 +22,8 @@ import eventstore
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Serve the eventstore registry with waitress.")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=8080, help="port to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8080,
+                        help="port to listen on; 0 picks a free one, which the banner names (default: %(default)s)")
     parser.add_argument("--db", default=os.environ.get("EVENTSTORE_DB", eventstore.DEFAULT_DB),
                         help="database file (default: $EVENTSTORE_DB or %(default)s)")
     parser.add_argument("--threads", type=int, default=16,
@@ -73,11 +74,20 @@ def main(argv=None):
         max_waiting = args.max_waiting if args.max_waiting is not None else args.threads // 2
         app = eventstore.make_app(args.db, max_body_bytes=args.max_body, max_waiting=max_waiting,
                                   throttle=eventstore.AuthThrottle(threshold=args.max_auth_failures))
-        announce(args.db, args.host, args.port)
     except (sqlite3.Error, RuntimeError, OSError) as exc:
         print(f"error: cannot open {args.db} as an eventstore database: {exc}", file=sys.stderr)
         return 1
-    run_waitress(app, args)
+    try:
+        server = create_waitress(app, args)
+    except OSError as exc:
+        print(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr)
+        return 1
+    try:
+        announce(args.db, args.host, server.effective_port)
+    except (sqlite3.Error, RuntimeError, OSError) as exc:
+        print(f"error: cannot open {args.db} as an eventstore database: {exc}", file=sys.stderr)
+        return 1
+    server.run()
     return 0
 
 
@@ -108,6 +118,11 @@ class OneWriteChannel(waitress.channel.HTTPChannel):
 def run_waitress(app, args):
     """Serve ``app`` with the settings the flags give (the benchmark's baseline
     app is served through here too, so both run under the same settings)."""
+    create_waitress(app, args).run()
+
+
+def create_waitress(app, args):
+    """A waitress server for ``app``, listening (so the port is known), not yet serving."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # waitress warns of queued requests on every request past the thread count;
     # under load and with long polls that is the normal state, not news.
@@ -126,8 +141,7 @@ def run_waitress(app, args):
     for listener in listeners.values():  # one per listening socket
         if isinstance(listener, waitress.server.BaseWSGIServer):
             listener.channel_class = OneWriteChannel
-    server.print_listen("Serving on http://{}:{}")
-    server.run()
+    return server
 
 
 if __name__ == "__main__":

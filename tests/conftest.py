@@ -3,6 +3,8 @@ authenticated as each kind of user."""
 
 import base64
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -84,6 +86,40 @@ class Registry:
 
         self.app.writer._commit = counting_commit
         return commits
+
+
+def eventually(predicate, what, timeout=10.0):
+    """Poll ``predicate`` until it is true; fail the test if it is not within
+    ``timeout`` seconds (every wait in these tests is bounded)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.01)
+
+
+def run_in_thread(function, *args):
+    """Start ``function(*args)`` in a thread -> a callable that waits for it (at
+    most ``timeout`` seconds, failing the test past that) and returns its result
+    or raises its exception in the test's own thread."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["result"] = function(*args)
+        except BaseException as exc:  # handed to the test's thread below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def result(timeout=20.0):
+        thread.join(timeout)
+        assert not thread.is_alive(), f"{getattr(function, '__name__', function)} did not finish in {timeout} s"
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["result"]
+
+    return result
 
 
 @pytest.fixture

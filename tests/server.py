@@ -5,7 +5,9 @@ import base64
 import http.client
 import json
 import os
+import queue
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -17,43 +19,57 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port():
+    """A port that was free a moment ago (for a test that must restart a server
+    on the same port; otherwise let serve.py pick one with --port 0)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
 class Server:
-    """``python serve.py`` on a temporary database; stopped by stop()."""
+    """``python serve.py`` on a temporary database, on a port it picks itself
+    (named in its banner) unless ``port`` is given; stopped by stop().
+    ``prefix`` runs it under another command (strace)."""
 
-    def __init__(self, db_path, *args, env=None):
-        self.port = free_port()
+    def __init__(self, db_path, *args, env=None, port=0, prefix=(), startup_seconds=30):
         self.db_path = str(db_path)
         self.process = subprocess.Popen(
-            [sys.executable, "-u", str(ROOT / "serve.py"), "--port", str(self.port), "--db", self.db_path, *args],
+            [*prefix, sys.executable, "-u", str(ROOT / "serve.py"), "--port", str(port), "--db", self.db_path,
+             *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-            env={**os.environ, **(env or {})})
-        self.banner = ""
-        self.admin_key = None
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            line = self.process.stderr.readline()
-            if not line and self.process.poll() is not None:
+            env={**os.environ, **(env or {})}, start_new_session=True)
+        # Read the server's log from the start, in a thread, so that it never
+        # blocks on a full pipe and no read here can wait without a bound.
+        self.log, self._lines = [], queue.Queue()
+        self.log_reader = threading.Thread(target=self._drain, daemon=True)
+        self.log_reader.start()
+        self.banner, self.admin_key, self.port = "", None, None
+        deadline = time.monotonic() + startup_seconds
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.stop()
+                raise RuntimeError(f"serve.py did not start within {startup_seconds} s: {self.banner}") from None
+            if line is None:
+                self.stop()
                 raise RuntimeError(f"serve.py exited: {self.banner}")
             self.banner += line
             found = re.search(r"^\s+(esk_\S+)$", line)
             if found:
                 self.admin_key = found.group(1)
+            found = re.search(r" on http://[^\s:]+:(\d+)$", line)
+            if found:
+                self.port = int(found.group(1))
             if line.startswith(("More users:", "New key for admin:")):
                 break
-        # Keep reading the server's log, so that it never blocks on a full pipe.
-        self.log = []
-        self.log_reader = threading.Thread(target=self._drain, daemon=True)
-        self.log_reader.start()
         self.wait_healthy(deadline)
 
     def _drain(self):
         for line in self.process.stderr:
             self.log.append(line)
+            self._lines.put(line)
+        self._lines.put(None)
 
     def wait_healthy(self, deadline):
         while time.monotonic() < deadline:
@@ -86,16 +102,27 @@ class Server:
             connection.close()
 
     def stop(self):
-        if self.process.poll() is None:
-            self.process.terminate()
+        """SIGTERM to the server's process group (a wrapper such as strace and
+        the server itself), SIGKILL if it has not stopped within 10 s."""
+        for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            if self.process.poll() is not None:
+                break
             try:
-                self.process.wait(10)
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.process.wait(grace)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log_reader.join(5)
-        for stream in (self.process.stdout, self.process.stderr):
-            stream.close()
+                continue
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # whatever of the group is left
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.log_reader.join(10)
+        if not self.log_reader.is_alive():  # closing a pipe another thread reads would block
+            for stream in (self.process.stdout, self.process.stderr):
+                stream.close()
 
 
 def publish_while_following(publishers, follower, key, workers=6, puts=40, ids=10):
@@ -128,15 +155,21 @@ def publish_while_following(publishers, follower, key, workers=6, puts=40, ids=1
             if caught_up and not page["HasMore"]:
                 return
 
-    following = threading.Thread(target=follow)
+    following = threading.Thread(target=follow, daemon=True)
     following.start()
-    threads = [threading.Thread(target=publish, args=(w,)) for w in range(workers)]
+    threads = [threading.Thread(target=publish, args=(w,), daemon=True) for w in range(workers)]
     for thread in threads:
         thread.start()
+    deadline = time.monotonic() + 120
     for thread in threads:
-        thread.join()
+        thread.join(max(0.0, deadline - time.monotonic()))
+        assert not thread.is_alive(), "a publisher did not finish in time"
     publishing.clear()
     following.join(60)
+    assert not following.is_alive(), "the follower did not catch up in time"
+    # An exception in a thread fails the test (pytest.ini); and the run did its work:
+    assert len(acknowledged) == workers * ids, f"{len(acknowledged)} of {workers * ids} events acknowledged"
+    assert len(seen) >= len(acknowledged)
     return acknowledged, seen
 
 

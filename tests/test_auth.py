@@ -8,7 +8,7 @@ import time
 import pytest
 
 import eventstore
-from conftest import basic, event_body
+from conftest import Registry, eventually, run_in_thread, basic, event_body
 from eventstore import parse_basic_auth
 
 
@@ -110,7 +110,33 @@ def test_a_key_records_its_last_use(registry, writer):
     query = "SELECT last_used_us FROM api_keys WHERE user_id = 'writer'"
     assert registry.db.execute(query).fetchone()[0] is None
     writer.get("/events")
-    assert registry.db.execute(query).fetchone()[0] is not None
+    eventually(lambda: registry.db.execute(query).fetchone()[0] is not None, "the last use is recorded")
+
+
+def test_a_read_never_waits_for_the_write_lock_to_record_a_key_s_last_use(tmp_path):
+    """Another process holds the write lock; a first request with a key must be
+    answered at once, its last use recorded once the lock is free."""
+    registry = Registry(tmp_path / "locked.db", busy_timeout_ms=60_000)
+    try:
+        blocker = eventstore.connect(registry.db_path)
+        blocker.execute("BEGIN IMMEDIATE")
+        answered = run_in_thread(lambda: registry.client("reader").get("/events?ProgramId=FOO").status_int)
+        assert answered(timeout=10) == 200  # well before the 60 s busy timeout
+        blocker.execute("ROLLBACK")
+        eventually(lambda: registry.db.execute(
+            "SELECT last_used_us FROM api_keys WHERE user_id = 'reader'").fetchone()[0], "last use recorded")
+    finally:
+        registry.close()
+
+
+def test_the_auth_cache_never_accepts_a_wrong_key_after_a_right_one(registry):
+    """The cache is keyed by the whole credential, not by the user id."""
+    app = registry.anonymous
+    app.get("/events", headers=basic("writer", registry.keys["writer"]), status=200)
+    wrong = "esk_" + "A" * 43
+    app.get("/events", headers=basic("writer", wrong), status=401)
+    app.get("/events", headers=basic("writer", registry.keys["writer"] + "x"), status=401)
+    app.get("/events", headers=basic("writer", registry.keys["reader"]), status=401)
 
 
 # --- 403: decided from the ProgramId before any lookup ------------------------------
@@ -146,6 +172,28 @@ def test_403_comes_before_body_validation(writer, registry):
 
 def test_an_id_without_a_program_prefix_is_forbidden_to_non_system_users(writer):
     writer.get("/events/nohyphen", status=403)
+    writer.put_json("/events/nohyphen", event_body(), status=403)
+    writer.delete("/events/nohyphen", status=403)
+
+
+def test_an_id_without_a_hyphen_is_malformed_not_forbidden_for_a_system_user(admin, registry):
+    """A SYSTEM user holds every right: a malformed id is its mistake (400), and a
+    GET of it finds nothing (404), as for an id ending in a hyphen."""
+    for event_id in ("FOO", "FOO-"):
+        put = admin.put_json(f"/events/{event_id}", event_body(), status=400)
+        assert "EventId" in [e["field"] for e in put.json["errors"]]
+        admin.get(f"/events/{event_id}", status=404)
+        deleted = admin.delete(f"/events/{event_id}", status=400)
+        assert [e["field"] for e in deleted.json["errors"]] == ["EventId"]
+    assert registry.count_events() == 0
+
+
+def test_delete_is_403_before_404_for_a_program_without_a_grant(registry, reader, writer):
+    """Whether the event exists is never told to a caller without the right."""
+    writer.delete("/events/BAR-missing", status=403)     # no grant on BAR
+    writer.delete("/events/ZZZ-missing", status=403)     # unregistered program
+    reader.delete("/events/FOO-missing", status=403)     # read is not write
+    registry.client("nobody").delete("/events/FOO-missing", status=403)
 
 
 def test_system_user_may_do_everything(admin):
@@ -195,5 +243,6 @@ def test_a_key_s_last_use_is_written_by_the_writer_not_by_a_read_connection(regi
         registry.app.connection().execute("UPDATE api_keys SET last_used_us = 0")
     commits = registry.record_commits()
     writer.get("/events")
-    assert commits == [1]
-    assert registry.db.execute("SELECT last_used_us FROM api_keys WHERE user_id = 'writer'").fetchone()[0]
+    eventually(lambda: registry.db.execute("SELECT last_used_us FROM api_keys WHERE user_id = 'writer'")
+               .fetchone()[0], "the last use recorded")
+    assert commits == [1]  # by the writer, in one commit

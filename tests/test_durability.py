@@ -3,11 +3,14 @@ and acknowledged writes surviving SIGKILL."""
 
 import os
 import random
+import re
+import shutil
 import signal
 import sqlite3
 import threading
 import time
 
+import pytest
 
 from server import Server, assert_seen_every_change_once_in_order, publish_while_following
 
@@ -33,15 +36,16 @@ def test_publishes_stay_prompt_while_more_consumers_wait_than_there_are_threads(
             status, _, page = server.request("GET", "/events?ProgramId=FOO&wait=8", **admin)
             answers.append((status, time.monotonic() - started, len(page["Events"])))
 
-        consumers = [threading.Thread(target=consume) for _ in range(10)]
+        consumers = [threading.Thread(target=consume, daemon=True) for _ in range(10)]
         for consumer in consumers:
             consumer.start()
-        time.sleep(1)
+        wait_for_long_polls(server, 2)  # the two that may wait are waiting
         started = time.monotonic()
         status, _, _ = server.request("PUT", "/events/FOO-1", body(), **admin)
         publish_time = time.monotonic() - started
         for consumer in consumers:
-            consumer.join()
+            consumer.join(20)
+            assert not consumer.is_alive()
         assert status == 200 and publish_time < 2, publish_time
         # The two that could wait were woken by the publish; the rest answered at once.
         woken = [a for a in answers if a[2] == 1]
@@ -50,6 +54,14 @@ def test_publishes_stay_prompt_while_more_consumers_wait_than_there_are_threads(
         assert all(elapsed < 7 for _, elapsed, _ in answers)
     finally:
         server.stop()
+
+
+def wait_for_long_polls(server, count, timeout=10):
+    """Bounded wait until ``count`` long polls wait in ``server`` (its /health says)."""
+    deadline = time.monotonic() + timeout
+    while server.request("GET", "/health")[2]["longPolls"] != count:
+        assert time.monotonic() < deadline, f"{count} long polls were not waiting within {timeout} s"
+        time.sleep(0.02)
 
 
 def two_servers(tmp_path, name):
@@ -78,11 +90,12 @@ def test_long_poll_on_one_process_wakes_for_a_commit_on_another(tmp_path):
             result["page"] = first.request("GET", "/events?wait=10", user="admin", key=first.admin_key)[2]
             result["elapsed"] = time.monotonic() - started
 
-        consumer = threading.Thread(target=consume)
+        consumer = threading.Thread(target=consume, daemon=True)
         consumer.start()
-        time.sleep(0.5)
+        wait_for_long_polls(first, 1)
         second.request("PUT", "/events/FOO-x", body(), user="admin", key=first.admin_key)
-        consumer.join()
+        consumer.join(20)
+        assert not consumer.is_alive()
         assert [e["EventId"] for e in result["page"]["Events"]] == ["FOO-x"]
         assert result["elapsed"] < 2.5
     finally:
@@ -119,15 +132,16 @@ def test_acknowledged_writes_survive_sigkill(tmp_path):
                                                      int(headers["etag"].strip('"')))
                 n += 1
 
-        workers = [threading.Thread(target=publish, args=(w,)) for w in range(8)]
+        workers = [threading.Thread(target=publish, args=(w,), daemon=True) for w in range(8)]
         for worker in workers:
             worker.start()
-        time.sleep(rng.uniform(0.3, 1.2))
+        time.sleep(rng.uniform(0.3, 1.2))  # a random moment under load, not a synchronization
         os.kill(server.process.pid, signal.SIGKILL)
-        server.process.wait()
+        server.process.wait(10)
         stop.set()
         for worker in workers:
-            worker.join()
+            worker.join(20)
+            assert not worker.is_alive()
         server.stop()
         conn = sqlite3.connect(db)
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
@@ -136,3 +150,37 @@ def test_acknowledged_writes_survive_sigkill(tmp_path):
         missing = {e: r for e, r in acknowledged.items() if stored.get(e, 0) < r}
         assert not missing, missing
     assert len(acknowledged) > 50
+
+
+@pytest.mark.skipif(shutil.which("strace") is None and not os.environ.get("CI"),
+                    reason="strace is not installed (the Makefile installs it where it can; CI requires it)")
+def test_a_200_is_sent_only_after_the_write_ahead_log_is_fsynced(tmp_path):
+    """What a SIGKILL cannot show (the kernel keeps what the process wrote): the
+    COMMIT's fsync of the WAL happens before the answer leaves, for every write.
+    Traced with strace: each response to a PUT must follow a WAL fsync that
+    follows that PUT's request."""
+    trace = tmp_path / "trace"
+    server = Server(tmp_path / "sync.db", "--threads", "1", prefix=(
+        "strace", "-f", "-y", "-qq", "-s", "40", "-o", str(trace),
+        "-e", "trace=fsync,fdatasync,recvfrom,read,sendto,write,sendmsg,writev"))
+    admin = {"user": "admin", "key": server.admin_key}
+    try:
+        setup_program(server)
+        for n in range(5):
+            assert server.request("PUT", f"/events/FOO-{n}", body(n), **admin)[0] == 200
+    finally:
+        server.stop()
+    lines = trace.read_text().splitlines()
+    # From the program's PUT on: every PUT request is followed by a WAL fsync
+    # before the next 200 is sent.
+    puts = synced = answered = 0
+    state = None
+    for line in lines:
+        if '"PUT /events/' in line:
+            puts, state = puts + 1, "received"
+        elif state == "received" and re.search(r"f(data)?sync\(\d+<[^>]*-wal>\) += 0", line):
+            synced, state = synced + 1, "synced"
+        elif state is not None and "HTTP/1.1 200" in line:
+            assert state == "synced", f"a 200 was sent before the WAL was fsynced:\n{line}"
+            answered, state = answered + 1, None
+    assert puts == answered == 5 and synced == 5, (puts, synced, answered)

@@ -1,10 +1,16 @@
 """API.md §3: PUT, GET and DELETE /events/{eventId}."""
 
+import io
 import json
+from datetime import datetime
 
 import pytest
 
-from conftest import event_body
+from conftest import basic, event_body
+
+
+def utc(text):
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 def put(client, event_id="FOO-ABC123", body=None, **kwargs):
@@ -45,7 +51,7 @@ def test_update_bumps_revision_and_sequence(writer):
     assert response.headers["ETag"] == '"2"' and response.headers["Location"] == "/events/FOO-ABC123"
     event = writer.get("/events/FOO-ABC123").json
     assert (event["Revision"], event["Sequence"], event["EventType"]) == (2, 3, "CourseFailed")
-    assert event["UpdatedUTC"] > event["CreatedUTC"]
+    assert utc(event["UpdatedUTC"]) > utc(event["CreatedUTC"])
 
 
 def test_replay_changes_nothing(writer, registry):
@@ -65,6 +71,22 @@ def test_replay_changes_nothing(writer, registry):
 def test_replay_compares_json_values_exactly(writer, score):
     put(writer, body=event_body(EventData={"score": 97}))
     assert put(writer, body=event_body(EventData={"score": score})).headers["ETag"] == '"2"'
+
+
+@pytest.mark.parametrize("first, second", [
+    ({"a": {"b": 1}}, {"a": {"b": 1.0}}),
+    ({"a": {"b": 1}}, {"a": {"b": True}}),
+    ({"a": [1, {"c": 0}]}, {"a": [1, {"c": False}]}),
+    ({"a": [1]}, {"a": [1.0]}),
+    ({"a": {"b": None}}, {"a": {}}),
+    ({"a": {"b": "1"}}, {"a": {"b": 1}}),
+])
+def test_replay_compares_nested_json_values_exactly(writer, first, second):
+    """1, 1.0 and true differ at every depth of EventData, not just the top."""
+    put(writer, body=event_body(EventData=first))
+    assert put(writer, body=event_body(EventData=second)).headers["ETag"] == '"2"'
+    assert put(writer, body=event_body(EventData=second)).headers["ETag"] == '"2"'  # and that is a replay
+    assert writer.get("/events/FOO-ABC123").json["EventData"] == second
 
 
 def test_omitted_end_defaults_to_start_and_data_to_empty(writer):
@@ -166,6 +188,25 @@ def test_if_none_match_star_creates_only(writer):
     put(writer, headers={"If-None-Match": "*"}, status=200)
 
 
+def test_if_match_compares_strongly_so_a_weak_tag_never_matches(writer, registry):
+    """RFC 9110 §13.1.1: If-Match uses the strong comparison."""
+    put(writer)
+    for header in ('W/"1"', 'W/"1", W/"2"', 'w/"1"', '1', '"1'):
+        put(writer, body=event_body(EventType="B"), headers={"If-Match": header}, status=412)
+        writer.delete("/events/FOO-ABC123", headers={"If-Match": header}, status=412)
+    assert registry.row("FOO-ABC123")["revision"] == 1
+    put(writer, body=event_body(EventType="B"), headers={"If-Match": 'W/"1", "1"'}, status=200)
+
+
+def test_if_none_match_compares_weakly(writer):
+    """RFC 9110 §13.1.2: W/"1" names revision 1 for If-None-Match."""
+    put(writer)
+    writer.get("/events/FOO-ABC123", headers={"If-None-Match": 'W/"1"'}, status=304)
+    writer.get("/events/FOO-ABC123", headers={"If-None-Match": '"0", W/"1"'}, status=304)
+    writer.get("/events/FOO-ABC123", headers={"If-None-Match": 'W/"2"'}, status=200)
+    put(writer, body=event_body(EventType="B"), headers={"If-None-Match": 'W/"1"'}, status=412)
+
+
 def test_delete_honors_if_match(writer, registry):
     put(writer)
     writer.delete("/events/FOO-ABC123", headers={"If-Match": '"7"'}, status=412)
@@ -222,3 +263,30 @@ def test_empty_conditional_headers_are_no_condition(writer):
     put(writer, headers={"If-Match": "", "If-None-Match": " "}, status=200)
     put(writer, body=event_body(EventType="B"), headers={"If-Match": ""}, status=200)
     writer.get("/events/FOO-ABC123", headers={"If-None-Match": ""}, status=200)
+
+
+@pytest.mark.parametrize("length", ["\u00b2", "\u0661\u0662", "1" * 5000, "-1", "+5", "0x10", "1.5", " ", "1 2"])
+def test_a_malformed_or_absurd_content_length_is_a_4xx_whatever_the_server(registry, length):
+    """The app does not rely on its WSGI server having checked Content-Length
+    (waitress refuses these itself; other servers pass them on)."""
+    environ = {"REQUEST_METHOD": "PUT", "PATH_INFO": "/events/FOO-1", "CONTENT_TYPE": "application/json",
+               "CONTENT_LENGTH": length, "wsgi.input": io.BytesIO(json.dumps(event_body()).encode()),
+               "HTTP_AUTHORIZATION": basic("writer", registry.keys["writer"])["Authorization"]}
+    answers = []
+    body = b"".join(registry.app(environ, lambda status, headers: answers.append((status, dict(headers)))))
+    (status, headers), = answers
+    if length.strip():
+        assert status[:3] in ("400", "413"), status
+        assert headers["Content-Type"] == "application/problem+json"
+        assert json.loads(body)["status"] == int(status[:3])
+    assert registry.count_events() == 0
+
+
+def test_a_content_length_with_leading_zeros_is_read_as_its_number(registry):
+    raw = json.dumps(event_body()).encode()
+    environ = {"REQUEST_METHOD": "PUT", "PATH_INFO": "/events/FOO-1", "CONTENT_TYPE": "application/json",
+               "CONTENT_LENGTH": "0" * 30 + str(len(raw)), "wsgi.input": io.BytesIO(raw),
+               "HTTP_AUTHORIZATION": basic("writer", registry.keys["writer"])["Authorization"]}
+    answers = []
+    registry.app(environ, lambda status, headers: answers.append(status))
+    assert answers == ["200 OK"]

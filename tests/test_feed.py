@@ -6,7 +6,7 @@ import urllib.parse
 
 import pytest
 
-from conftest import event_body
+from conftest import Registry, event_body, eventually, run_in_thread
 
 
 def publish(client, event_id, **fields):
@@ -179,21 +179,36 @@ def test_feed_queries_walk_an_index_in_sequence_order(registry):
         assert "TEMP B-TREE" not in plan, plan
 
 
-def test_long_poll_returns_on_a_matching_commit(admin, registry):
-    def publish_later():
-        time.sleep(0.3)
-        publish(registry.client("admin"), "BAR-ignored")
-        time.sleep(0.3)
-        publish(registry.client("admin"), "FOO-wanted")
+def wait_until_polling(registry, count=1):
+    """Bounded wait until ``count`` long polls are waiting in the app: a long-poll
+    test must exercise the wait, not race past it."""
+    eventually(lambda: registry.app.long_polls == count, f"{count} long poll(s) waiting")
 
-    thread = threading.Thread(target=publish_later)
-    started = time.monotonic()
-    thread.start()
-    page = admin.get("/events?ProgramId=FOO&wait=10").json
-    elapsed = time.monotonic() - started
-    thread.join()
+
+def test_long_poll_returns_on_a_matching_commit(admin, registry):
+    answer = run_in_thread(lambda: admin.get("/events?ProgramId=FOO&wait=20").json)
+    wait_until_polling(registry)
+    publish(registry.client("admin"), "BAR-ignored")  # wakes it, matches nothing: it waits on
+    time.sleep(0.2)
+    assert registry.app.long_polls == 1
+    publish(registry.client("admin"), "FOO-wanted")
+    page = answer()
     assert [e["EventId"] for e in page["Events"]] == ["FOO-wanted"]
-    assert 0.5 < elapsed < 5
+    assert registry.app.long_polls == 0
+
+
+def test_a_commit_in_the_same_process_wakes_a_long_poll_without_polling(tmp_path):
+    """With the cross-process check pushed out to a minute, only the in-process
+    wake-up on commit can answer the long poll before its 60 s are up."""
+    registry = Registry(tmp_path / "wake.db", poll_interval=60)
+    try:
+        admin = registry.client("admin")
+        answer = run_in_thread(lambda: admin.get("/events?wait=30").json)
+        wait_until_polling(registry)
+        publish(admin, "FOO-now")
+        assert [e["EventId"] for e in answer(timeout=15)["Events"]] == ["FOO-now"]
+    finally:
+        registry.close()
 
 
 def test_long_poll_times_out_empty(admin):
@@ -206,18 +221,20 @@ def test_long_poll_times_out_empty(admin):
 def test_long_poll_notices_commits_from_another_connection(admin, registry):
     import eventstore
 
-    def publish_elsewhere():
-        time.sleep(0.3)
-        other = eventstore.open_database(registry.db_path)
-        event = eventstore.validate_event("FOO-x", event_body())
-        with eventstore.write_transaction(other):
-            eventstore.put_event(eventstore.Transaction(other, eventstore.now_us()), event)
-        other.close()
+    answer = run_in_thread(lambda: admin.get("/events?wait=20").json)
+    wait_until_polling(registry)
+    other = eventstore.open_database(registry.db_path)
+    event = eventstore.validate_event("FOO-x", event_body())
+    with eventstore.write_transaction(other):
+        eventstore.put_event(eventstore.Transaction(other, eventstore.now_us()), event)
+    other.close()
+    assert [e["EventId"] for e in answer()["Events"]] == ["FOO-x"]
 
-    thread = threading.Thread(target=publish_elsewhere)
-    thread.start()
-    started = time.monotonic()
-    page = admin.get("/events?wait=10").json
-    thread.join()
-    assert [e["EventId"] for e in page["Events"]] == ["FOO-x"]
-    assert time.monotonic() - started < 3
+
+@pytest.mark.parametrize("name", ["ProgramId", "EventType"])
+def test_a_repeatable_parameter_takes_at_most_100_values(admin, name):
+    values = "&".join(f"{name}=P{n}" for n in range(101))
+    problem = admin.get(f"/events?{values}", status=400).json
+    assert [e["field"] for e in problem["errors"]] == [name]
+    assert "at most 100" in problem["errors"][0]["message"]
+    admin.get("/events?" + "&".join(f"{name}=P{n}" for n in range(100)), status=200)

@@ -1,17 +1,20 @@
 """Issue 3: group commit. Writes from many threads share transactions, fail
 alone, and are acknowledged only after the commit."""
 
+import sqlite3
 import threading
 import time
 
 import pytest
 
 import eventstore
-from conftest import event_body
+from conftest import event_body, eventually, run_in_thread
 
 
 def test_concurrent_writes_share_commits_and_all_succeed(registry):
     registry.client("writer").get("/events")  # the key's last use is recorded now, not among the PUTs
+    eventually(lambda: registry.db.execute("SELECT last_used_us FROM api_keys WHERE user_id = 'writer'")
+               .fetchone()[0], "the key's last use recorded")
     commits = registry.record_commits()
     barrier = threading.Barrier(16)
 
@@ -126,3 +129,82 @@ def test_a_busy_database_is_503_with_retry_after(tmp_path):
     blocker.execute("ROLLBACK")
     registry.client("writer").put_json("/events/FOO-1", event_body(), status=200)
     registry.close()
+
+
+# --- a writer that dies, and a COMMIT that fails --------------------------------------
+
+def test_a_writer_that_cannot_connect_fails_writes_fast_with_503_and_comes_back(registry):
+    """The writer thread dies (here: its connection cannot be opened). Writes
+    answer 503 at once instead of waiting forever, /health says so, and the next
+    write after the cause is gone starts a new writer."""
+    writer = registry.app.writer
+    writer.stop()  # a fresh start, so that the next write opens a new connection
+    writer._stopping = False
+    real_connect, attempts = writer.connect_db, []
+
+    def broken_connect():
+        attempts.append(1)
+        raise sqlite3.OperationalError("unable to open database file")
+
+    writer.connect_db = broken_connect
+    client = registry.client("writer")
+    answer = run_in_thread(lambda: client.put_json("/events/FOO-1", event_body(), expect_errors=True))
+    response = answer(timeout=10)
+    assert response.status_int == 503 and response.headers["Retry-After"]
+    assert response.content_type == "application/problem+json"
+    health = registry.anonymous.get("/health", status=503)
+    assert "writer" in health.json["detail"]
+    writer.connect_db = real_connect
+    eventually(lambda: registry.anonymous.get("/health", expect_errors=True).status_int == 200,
+               "health recovers once the writer can connect")
+    client.put_json("/events/FOO-1", event_body(), status=200)
+    assert registry.count_events() == 1 and len(attempts) >= 1
+
+
+def test_a_writer_killed_by_an_unexpected_error_fails_what_it_held_and_is_replaced(registry):
+    writer = registry.app.writer
+    registry.client("writer").put_json("/events/FOO-0", event_body())
+    original = writer._commit
+
+    def crash(conn, batch):
+        writer._commit = original
+        raise SystemExit("the writer's loop died")  # escapes every `except Exception`
+
+    writer._commit = crash
+    response = run_in_thread(lambda: registry.client("writer").put_json(
+        "/events/FOO-1", event_body(), expect_errors=True))(timeout=10)
+    assert response.status_int == 503
+    assert registry.row("FOO-1") is None
+    registry.client("writer").put_json("/events/FOO-2", event_body(), status=200)
+    assert registry.row("FOO-2") is not None
+
+
+def violating_change(tx):
+    """A change whose COMMIT fails: a grant for a user that does not exist, with
+    the foreign key check deferred to COMMIT."""
+    tx.conn.execute("PRAGMA defer_foreign_keys = ON")
+    tx.conn.execute("INSERT INTO grants (user_id, program_id, access) VALUES ('ghost', 'FOO', 'read')")
+
+
+def test_a_commit_that_fails_is_never_acknowledged(registry):
+    """A real failing COMMIT (a deferred foreign key violation) in the same group
+    commit as a PUT: neither is acknowledged and neither is written."""
+    writer = registry.app.writer
+    registry.client("writer").get("/events")  # its key's last use is recorded now, not in the batch
+    eventually(lambda: not writer._queue, "the last use recorded")
+    gate, blocking = threading.Event(), threading.Event()
+    blocker = run_in_thread(writer.submit, lambda tx: (blocking.set(), gate.wait(10)))
+    assert blocking.wait(10)
+    bad = run_in_thread(writer.submit, violating_change)
+    eventually(lambda: len(writer._queue) == 1, "the bad change queued")
+    put = run_in_thread(lambda: registry.client("writer").put_json("/events/FOO-1", event_body(),
+                                                                    expect_errors=True))
+    eventually(lambda: len(writer._queue) == 2, "the PUT queued behind it")
+    gate.set()
+    blocker()
+    with pytest.raises(sqlite3.IntegrityError):
+        bad()
+    assert put().status_int >= 500
+    assert registry.row("FOO-1") is None
+    assert registry.db.execute("SELECT COUNT(*) FROM grants WHERE user_id = 'ghost'").fetchone()[0] == 0
+    registry.client("writer").put_json("/events/FOO-1", event_body(), status=200)

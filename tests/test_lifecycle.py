@@ -59,6 +59,13 @@ def test_erasure_needs_write(registry, reader):
     erase(registry.client("writer"), "BAR", "ann", status=403)
 
 
+def test_erasure_is_403_before_404_so_an_unregistered_program_is_not_revealed(registry, reader):
+    for client in (registry.client("writer"), reader, registry.client("nobody")):
+        forbidden = erase(client, "ZZZ", "ann", status=403)
+        assert forbidden.json["detail"] == erase(client, "BAR", "ann", status=403).json["detail"].replace(
+            "BAR", "ZZZ")
+
+
 def test_erasure_of_an_unregistered_program_is_404_for_system(admin):
     erase(admin, "ZZZ", "ann", status=404)
     erase(admin, "A-B", "ann", status=400)

@@ -50,7 +50,8 @@ def test_bad_program_registrations_are_400(admin, path, body, field):
 
 def test_health_needs_no_credentials(registry):
     import eventstore
-    assert registry.anonymous.get("/health").json == {"status": "ok", "schemaVersion": eventstore.SCHEMA_VERSION}
+    assert registry.anonymous.get("/health").json == {"status": "ok", "schemaVersion": eventstore.SCHEMA_VERSION,
+                                                      "longPolls": 0}
 
 
 def test_health_is_503_when_the_database_does_not_answer(tmp_path):

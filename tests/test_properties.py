@@ -2,6 +2,7 @@
 contract's errors, replays change nothing, and the feed replays any history."""
 
 import base64
+import collections
 import json
 import tempfile
 from pathlib import Path
@@ -22,16 +23,71 @@ field_names = st.sampled_from(eventstore.EVENT_FIELDS) | st.text(max_size=12)
 bodies = st.dictionaries(field_names, json_values, max_size=9) | json_values
 
 
-@SETTINGS
-@given(st.text(max_size=60), bodies)
-def test_the_validator_returns_an_event_or_raises_a_400(event_id, body):
-    try:
-        event = eventstore.validate_event(event_id, body)
-    except Problem as problem:
-        assert problem.status == 400
-        assert problem.errors and all(set(e) == {"field", "message"} for e in problem.errors)
-    else:
+times = st.datetimes(min_value=__import__("datetime").datetime(1900, 1, 1),
+                     max_value=__import__("datetime").datetime(2200, 1, 1)).map(lambda d: d.isoformat() + "Z")
+valid_bodies = st.fixed_dictionaries({
+    "ProgramId": st.just("FOO"),
+    "ProgramMemberId": st.text(min_size=1, max_size=20).filter(str.strip),
+    "EventType": st.text(alphabet=st.characters(blacklist_categories=["Cc", "Cs"]), min_size=1, max_size=20)
+    .filter(str.strip),
+    "EventStartUTC": times,
+    "EventData": st.dictionaries(st.text(max_size=8), json_values, max_size=4),
+})
+
+
+def run_property(test, *strategies):
+    """Run ``test`` over examples drawn from ``strategies``; -> a Counter of what
+    each call returned, so that the caller can check every branch was reached."""
+    reached = collections.Counter()
+
+    @SETTINGS
+    @given(st.tuples(*strategies))
+    def check(args):
+        reached[test(*args)] += 1
+
+    check()
+    return reached
+
+
+def mutated(body, data):
+    """A valid body with one thing broken in it, or left as it is."""
+    if not isinstance(body, dict) or not body:
+        return body
+    how = data.draw(st.sampled_from(["keep", "drop", "null", "retype", "extra"]))
+    body = dict(body)
+    name = data.draw(st.sampled_from(sorted(body)))
+    if how == "drop":
+        del body[name]
+    elif how == "null":
+        body[name] = None
+    elif how == "retype":
+        body[name] = data.draw(json_values)
+    elif how == "extra":
+        body[data.draw(st.text(max_size=12))] = data.draw(json_values)
+    return body
+
+
+def test_the_validator_returns_an_event_or_raises_a_400():
+    def check(event_id, body):
+        try:
+            event = eventstore.validate_event(event_id, body)
+        except Problem as problem:
+            assert problem.status == 400
+            assert problem.errors and all(set(e) == {"field", "message"} for e in problem.errors)
+            return "rejected"
         assert event.event_id == event_id and json.loads(event.doc + "}")["EventId"] == event_id
+        assert json.loads(event.doc + "}")["EventType"] == body["EventType"]
+        return "accepted"
+
+    # Half the examples are valid bodies under a good id (perhaps broken in one
+    # place), the other half anything at all.
+    good_ids = st.sampled_from(["FOO-1", "FOO-a.b~c:d@e-f", "FOO-" + "x" * 200])
+    event_ids = st.sampled_from(["BAR-1", "FOO", "-1", "FOO-", "FOO-" + "x" * 201]) | st.text(max_size=60)
+    reached = run_property(
+        lambda valid, event_id, body, data: check(event_id, mutated(body, data)) if valid else check(
+            event_id, body),
+        st.booleans(), good_ids | event_ids, valid_bodies | bodies, st.data())
+    assert reached["accepted"] >= 30 and reached["rejected"] >= 30, reached
 
 
 @SETTINGS
@@ -43,24 +99,31 @@ def test_the_json_parser_returns_a_value_or_raises_a_400(raw):
         assert problem.status == 400
 
 
-@SETTINGS
-@given(st.text(max_size=100) | st.none()
-       | st.binary(max_size=100).map(lambda b: "Basic " + base64.b64encode(b).decode()))
-def test_the_basic_auth_parser_returns_a_pair_or_none(header):
-    result = eventstore.parse_basic_auth(header)
-    assert result is None or (len(result) == 2 and ":" not in result[0] and all(result))
+def test_the_basic_auth_parser_returns_a_pair_or_none():
+    def check(header):
+        result = eventstore.parse_basic_auth(header)
+        if result is None:
+            return "refused"
+        assert len(result) == 2 and ":" not in result[0] and all(result)
+        return "parsed"
+
+    pairs = st.tuples(st.text(min_size=1, max_size=20).filter(lambda u: ":" not in u), st.text(min_size=1, max_size=40))
+    well_formed = st.builds(
+        lambda scheme, pair, pad: f"{scheme}{pad}" + base64.b64encode(f"{pair[0]}:{pair[1]}".encode()).decode(),
+        st.sampled_from(["Basic", "basic", "BASIC", "bAsIc"]), pairs, st.sampled_from([" ", "  "]))
+    reached = run_property(check, well_formed | st.text(max_size=100) | st.none()
+                           | st.binary(max_size=100).map(lambda b: "Basic " + base64.b64encode(b).decode()))
+    assert reached["parsed"] >= 30 and reached["refused"] >= 30, reached
 
 
-times = st.datetimes(min_value=__import__("datetime").datetime(1900, 1, 1),
-                     max_value=__import__("datetime").datetime(2200, 1, 1)).map(lambda d: d.isoformat() + "Z")
-valid_bodies = st.fixed_dictionaries({
-    "ProgramId": st.just("FOO"),
-    "ProgramMemberId": st.text(min_size=1, max_size=20).filter(str.strip),
-    "EventType": st.text(alphabet=st.characters(blacklist_categories=["Cc", "Cs"]), min_size=1, max_size=20)
-    .filter(str.strip),
-    "EventStartUTC": times,
-    "EventData": st.dictionaries(st.text(max_size=8), json_values, max_size=4),
-})
+def test_a_well_formed_basic_header_gives_back_exactly_its_pair():
+    @SETTINGS
+    @given(st.text(min_size=1, max_size=20).filter(lambda u: ":" not in u), st.text(min_size=1, max_size=40))
+    def check(user_id, api_key):
+        header = "Basic " + base64.b64encode(f"{user_id}:{api_key}".encode()).decode()
+        assert eventstore.parse_basic_auth(header) == (user_id, api_key)
+
+    check()
 
 
 @SETTINGS
