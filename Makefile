@@ -6,7 +6,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8080
 DB     ?= $(or $(EVENTSTORE_DB),eventstore.db)
 
-.PHONY: run test tools bench fuzz clean
+.PHONY: run test tools bench fuzz mutants clean
 
 run: $(VENV)/.runtime
 	$(PY) serve.py --host $(HOST) --port $(PORT) --db $(DB)
@@ -20,9 +20,16 @@ tools:
 	@command -v strace >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
 	  apt-get install -y -qq strace >/dev/null; } || echo "note: strace is not installed; its test will skip"
 
-# A longer schemathesis run than make test's: FUZZ_SECONDS per user (default 600).
+# Longer schemathesis runs than make test's: FUZZ_SECONDS per user and seed
+# (default 120), over FUZZ_SEEDS (default 2 3 4 5; make test uses seed 1).
 fuzz: $(VENV)/.dev
-	FUZZ_SECONDS=$(or $(FUZZ_SECONDS),600) $(PY) -m pytest -q -s tests/test_fuzz.py
+	set -e; for seed in $(or $(FUZZ_SEEDS),2 3 4 5); do \
+	  FUZZ_SEED=$$seed FUZZ_SECONDS=$(or $(FUZZ_SECONDS),120) $(PY) -m pytest -q -s -p no:cacheprovider tests/test_fuzz.py; \
+	done
+
+# Break one rule at a time in a copy of the code; every mutant must be killed.
+mutants: $(VENV)/.dev tools
+	$(PY) bench/mutants.py $(MUTANTS_ARGS)
 
 bench: $(VENV)/.dev
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }

@@ -536,23 +536,23 @@ def etag(revision):
     return f'"{revision}"'
 
 
-ENTITY_TAG_RE = re.compile(r'\s*(W/)?("[\x21\x23-\x7e\x80-\xff]*")\s*(?:,|$)')
+ENTITY_TAG_RE = re.compile(r'[ \t]*(W/)?("[\x21\x23-\x7e]*")[ \t]*(,|$)')
 
 
-def parse_etags(header):
+def parse_etags(name, header):
     """``If-Match``/``If-None-Match`` value -> None (no condition), "*", or a set
-    of ``(weak, opaque_tag)`` pairs (RFC 9110 §8.8.3). An element that is not an
-    entity-tag is kept as an opaque value that matches nothing."""
-    if header is None or not header.strip():  # an empty header is no condition
+    of ``(weak, opaque_tag)`` pairs (RFC 9110 §8.8.3); Problem(400) when it is
+    neither ``*`` nor a list of entity-tags."""
+    if header is None or not header.strip(" \t"):  # an empty header is no condition
         return None
-    if header.strip() == "*":
+    if header.strip(" \t") == "*":
         return "*"
     tags, position = set(), 0
     while position < len(header):
         found = ENTITY_TAG_RE.match(header, position)
-        if not found:
-            tags.add((False, header[position:]))
-            break
+        if not found or (found.group(3) == "," and found.end() == len(header)):
+            raise bad_request(f"{name} is not valid.", [field_error(
+                name, 'expected * or a comma-separated list of entity tags such as "3" or W/"3"')])
         tags.add((bool(found.group(1)), found.group(2)))
         position = found.end()
     return tags
@@ -1331,8 +1331,8 @@ class Request:
             raise Problem(403, "Only a SYSTEM user may do this.")
 
     def preconditions(self):
-        return Preconditions(parse_etags(self.header("If-Match")),
-                             parse_etags(self.header("If-None-Match")))
+        return Preconditions(parse_etags("If-Match", self.header("If-Match")),
+                             parse_etags("If-None-Match", self.header("If-None-Match")))
 
     def url(self, path):
         """A path of this app as clients must request it (mount prefix included)."""
@@ -1413,11 +1413,11 @@ def post_events_handler(req):
 def get_event_handler(req):
     event_id, program_id = _event_id_param(req)
     req.require("read", program_id)
+    if_none_match = parse_etags("If-None-Match", req.header("If-None-Match"))
     row = read_event(req.db, event_id) if EVENT_ID_RE.fullmatch(event_id) else None
     if row is None or is_tombstone(row):
         raise Problem(404, f"Event {event_id!r} does not exist.")
     tag = etag(row[5])
-    if_none_match = parse_etags(req.header("If-None-Match"))
     if if_none_match is not None and weak_match(if_none_match, tag):
         return Response(304, [("ETag", tag)])
     return Response(200, [("ETag", tag)], render_event(row).encode("utf-8"), "application/json")
@@ -1724,6 +1724,8 @@ class EventStore:
         req = Request(self, method, path, params, query, environ)
         if needs_auth:
             req.user = self.authenticate(environ.get("HTTP_AUTHORIZATION"), environ.get("REMOTE_ADDR", ""))
+            # For the server's access log (serve.py): who the request was, once authenticated.
+            environ["eventstore.user_id"] = req.user.user_id
         return handler(req)
 
     def authenticate(self, header, address):

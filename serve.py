@@ -6,10 +6,14 @@ database that has none (printing its key once to standard error), and serves
 """
 
 import argparse
+import datetime
 import logging
 import os
+import re
 import sqlite3
 import sys
+import time
+import urllib.parse
 
 import waitress
 import waitress.channel
@@ -40,6 +44,8 @@ def parse_args(argv=None):
                              "(default: %(default)s; 0 switches throttling off, for fuzzing)")
     parser.add_argument("--max-body", type=int, default=eventstore.DEFAULT_MAX_BODY, metavar="BYTES",
                         help="largest request body accepted (default: %(default)s)")
+    parser.add_argument("--no-access-log", dest="access_log", action="store_false",
+                        help="do not write a line per request to standard error")
     return parser.parse_args(argv)
 
 
@@ -77,6 +83,8 @@ def main(argv=None):
     except (sqlite3.Error, RuntimeError, OSError) as exc:
         print(f"error: cannot open {args.db} as an eventstore database: {exc}", file=sys.stderr)
         return 1
+    if args.access_log:
+        app = AccessLog(app)
     try:
         server = create_waitress(app, args)
     except OSError as exc:
@@ -89,6 +97,60 @@ def main(argv=None):
         return 1
     server.run()
     return 0
+
+
+class AccessLog:
+    """WSGI middleware: one line per request on standard error, written when the
+    response has been sent: time (UTC), client address, authenticated user id
+    (or -), method, path with query, status, response bytes, duration in ms.
+    Never a header's value: the Authorization header and keys stay out of it."""
+
+    def __init__(self, app, stream=None, clock=time.monotonic):
+        self.app, self.stream, self.clock = app, stream or sys.stderr, clock
+
+    def __call__(self, environ, start_response):
+        started, answer = self.clock(), {}
+
+        def recording_start_response(status, headers, exc_info=None):
+            answer["status"] = status.split(" ", 1)[0]
+            answer["length"] = next((v for k, v in headers if k.lower() == "content-length"), None)
+            return start_response(status, headers, exc_info)
+
+        body = self.app(environ, recording_start_response)
+        return _LoggedBody(body, lambda sent: self.write(environ, answer, sent, started))
+
+    def write(self, environ, answer, sent, started):
+        target = urllib.parse.quote(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""),
+                                    safe="/:@!$&'()*+,;=-._~%", encoding="latin-1")
+        if environ.get("QUERY_STRING"):
+            target += "?" + urllib.parse.quote(environ["QUERY_STRING"], safe="/:@!$&'()*+,;=-._~%?",
+                                               encoding="latin-1")
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+        method = re.sub(r"[^A-Za-z]", "?", environ.get("REQUEST_METHOD", "-"))[:20]
+        self.stream.write(
+            f"{now.replace('+00:00', 'Z')} {environ.get('REMOTE_ADDR', '-')} "
+            f"{environ.get('eventstore.user_id', '-')} {method} {target} {answer.get('status', '-')} "
+            f"{answer.get('length') or sent} {(self.clock() - started) * 1000:.1f}ms\n")
+        self.stream.flush()
+
+
+class _LoggedBody:
+    """The app's body iterable; calls ``on_close(bytes sent)`` once the server closes it."""
+
+    def __init__(self, body, on_close):
+        self.body, self.on_close, self.sent = body, on_close, 0
+
+    def __iter__(self):
+        for chunk in self.body:
+            self.sent += len(chunk)
+            yield chunk
+
+    def close(self):
+        try:
+            if hasattr(self.body, "close"):
+                self.body.close()
+        finally:
+            self.on_close(self.sent)
 
 
 class OneWriteTask(waitress.task.WSGITask):

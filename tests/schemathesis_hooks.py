@@ -17,7 +17,10 @@ def _prefix(event_id):
 def _align(body, event_id):
     if not isinstance(body, dict):
         return
-    if isinstance(body.get("ProgramId"), str) and _prefix(event_id):
+    # Only a well-formed ProgramId is aligned: a malformed one is a negative case
+    # the fuzzer made on purpose, and must stay malformed.
+    if isinstance(body.get("ProgramId"), str) and eventstore.PROGRAM_ID_RE.fullmatch(body["ProgramId"]) \
+            and _prefix(event_id):
         body["ProgramId"] = _prefix(event_id)
     try:
         if eventstore.parse_datetime(body["EventEndUTC"]) < eventstore.parse_datetime(body["EventStartUTC"]):

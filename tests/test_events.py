@@ -191,11 +191,23 @@ def test_if_none_match_star_creates_only(writer):
 def test_if_match_compares_strongly_so_a_weak_tag_never_matches(writer, registry):
     """RFC 9110 §13.1.1: If-Match uses the strong comparison."""
     put(writer)
-    for header in ('W/"1"', 'W/"1", W/"2"', 'w/"1"', '1', '"1'):
+    for header in ('W/"1"', 'W/"1", W/"2"', ' W/"1" '):
         put(writer, body=event_body(EventType="B"), headers={"If-Match": header}, status=412)
         writer.delete("/events/FOO-ABC123", headers={"If-Match": header}, status=412)
     assert registry.row("FOO-ABC123")["revision"] == 1
     put(writer, body=event_body(EventType="B"), headers={"If-Match": 'W/"1", "1"'}, status=200)
+
+
+@pytest.mark.parametrize("header", ['1', '"1', 'w/"1"', '"1",', '"1" "2"', '"a b"', ',', '*, "1"', 'W/ "1"'])
+def test_a_malformed_conditional_header_is_a_400_naming_it(writer, registry, header):
+    put(writer)
+    for name in ("If-Match", "If-None-Match"):
+        problem = put(writer, body=event_body(EventType="B"), headers={name: header}, status=400).json
+        assert [e["field"] for e in problem["errors"]] == [name]
+    writer.delete("/events/FOO-ABC123", headers={"If-Match": header}, status=400)
+    writer.get("/events/FOO-ABC123", headers={"If-None-Match": header}, status=400)
+    writer.get("/events/FOO-missing", headers={"If-None-Match": header}, status=400)  # 400 before 404
+    assert registry.row("FOO-ABC123")["revision"] == 1
 
 
 def test_if_none_match_compares_weakly(writer):

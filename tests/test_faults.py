@@ -118,14 +118,14 @@ def test_a_slow_body_does_not_hold_up_other_clients(tmp_path):
     try:
         slow = threading.Thread(target=trickle)
         slow.start()
-        time.sleep(0.3)
         served = 0
         while not finished.is_set():
             started = time.monotonic()
             assert server.request("GET", "/health", timeout=5)[0] == 200
             assert time.monotonic() - started < 1
             served += 1
-        slow.join()
+        slow.join(30)
+        assert not slow.is_alive(), 'a thread did not finish in 30 s'
         assert served >= 5
     finally:
         server.stop()

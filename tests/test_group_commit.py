@@ -28,7 +28,8 @@ def test_concurrent_writes_share_commits_and_all_succeed(registry):
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        thread.join(30)
+        assert not thread.is_alive(), 'a thread did not finish in 30 s'
     assert registry.count_events() == 160
     assert sum(commits) == 160
     assert len(commits) < 160  # some commits carried several writes
@@ -64,7 +65,8 @@ def test_a_failing_change_fails_alone(registry):
     writer._transaction = lambda conn, batch: (commits.append(len(batch)), original(conn, batch))
     gate.set()
     for thread in threads + [blocker]:
-        thread.join()
+        thread.join(30)
+        assert not thread.is_alive(), 'a thread did not finish in 30 s'
     assert commits == [6]
     assert outcomes.pop("FOO-cond") == 412
     assert set(outcomes.values()) == {200}
@@ -95,7 +97,8 @@ def test_an_exception_inside_a_change_rolls_back_only_that_change(tmp_path):
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        thread.join(30)
+        assert not thread.is_alive(), 'a thread did not finish in 30 s'
     writer.stop()
     conn = eventstore.open_database(tmp_path / "w.db")
     names = {row[0] for row in conn.execute("SELECT program_id FROM programs")}

@@ -9,7 +9,7 @@ import urllib.parse
 import pytest
 
 import eventstore
-from conftest import Registry, event_body
+from conftest import Registry, event_body, eventually
 
 
 def erase(client, program_id, member_id, **kwargs):
@@ -119,15 +119,15 @@ def test_erasure_under_concurrent_publishing_leaves_nothing_committed_before_it(
     threads = [threading.Thread(target=publish, args=(n,)) for n in range(4)]
     for thread in threads:
         thread.start()
-    while len(acknowledged) < 20:
-        threading.Event().wait(0.01)
+    eventually(lambda: len(acknowledged) >= 20, "20 events acknowledged")
     with lock:
         before = dict(acknowledged)
     erased = erase(registry.client("writer"), "FOO", "ann").json["Deleted"]
     after = {row[0]: row[1:] for row in registry.db.execute("SELECT event_id, revision, deleted FROM events")}
     stop.set()
     for thread in threads:
-        thread.join()
+        thread.join(30)
+        assert not thread.is_alive(), 'a thread did not finish in 30 s'
     assert erased >= len(before)
     for event_id, revision in before.items():
         now_revision, deleted = after[event_id]
@@ -199,7 +199,8 @@ def test_backup_during_writes_holds_everything_acknowledged_before_it(registry, 
     before = list(acknowledged)
     run(registry.db_path, "backup", str(tmp_path / "live.db"), capsys=capsys)
     stop.set()
-    thread.join()
+    thread.join(30)
+    assert not thread.is_alive(), 'a thread did not finish in 30 s'
     copy = sqlite3.connect(tmp_path / "live.db")
     assert copy.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     present = {row[0] for row in copy.execute("SELECT event_id FROM events")}

@@ -1,5 +1,10 @@
 """End to end: serve.py with waitress on a free loopback port, over real HTTP."""
 
+import base64
+import datetime
+import re
+import time
+
 import pytest
 
 import eventstore
@@ -144,3 +149,70 @@ def test_pipelined_requests_get_whole_responses_in_order(server):
         data = rest[length:]
     assert [status for status, _ in answers] == [b"200", b"200", b"404"]
     assert answers[0][1] == answers[1][1] and answers[2][1]["status"] == 404
+
+
+# --- the access log -----------------------------------------------------------------------
+
+ACCESS_LINE = re.compile(
+    r"^(?P<time>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) (?P<address>\S+) (?P<user>\S+) (?P<method>[A-Z]+) "
+    r"(?P<target>\S+) (?P<status>\d{3}) (?P<bytes>\d+) (?P<ms>\d+\.\d)ms$")
+
+
+def access_lines(server, count, timeout=10):
+    """The server's access-log lines, once there are ``count`` of them (bounded wait)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = [m.groupdict() for m in map(ACCESS_LINE.match, map(str.rstrip, server.log)) if m]
+        if len(lines) >= count or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.02)
+
+
+def test_the_access_log_has_a_line_per_request_with_its_fields(server):
+    admin = {"user": "admin", "key": server.admin_key}
+    server.request("GET", "/health")  # from the start-up wait, plus this one
+    before = len(access_lines(server, 0))
+    status, headers, body = server.request("GET", "/programs?x=%20y", **admin)
+    assert status == 200
+    server.request("GET", "/events", user="admin", key="esk_" + "x" * 43)
+    server.request("GET", "/nowhere/at%20all")
+    lines = access_lines(server, before + 3)[before:]
+    assert [(line["user"], line["method"], line["target"], line["status"]) for line in lines] == [
+        ("admin", "GET", "/programs?x=%20y", "200"),
+        ("-", "GET", "/events", "401"),
+        ("-", "GET", "/nowhere/at%20all", "404")]
+    assert lines[0]["bytes"] == headers["content-length"] and int(lines[1]["bytes"]) > 0
+    assert all(line["address"] == "127.0.0.1" for line in lines)
+    logged = datetime.datetime.fromisoformat(lines[0]["time"].replace("Z", "+00:00"))
+    assert abs((datetime.datetime.now(datetime.timezone.utc) - logged).total_seconds()) < 60
+
+
+def test_no_key_ever_reaches_the_access_log(server):
+    key = server.admin_key
+    token = base64.b64encode(f"admin:{key}".encode()).decode()
+    headers_tried = [f"Basic {token}", f"Basic {token}!!", f"Bearer {key}", f"Basic admin:{key}", key]
+    for header in headers_tried:
+        server.request("GET", "/programs", headers={"Authorization": header})
+    lines = access_lines(server, len(headers_tried) + 1)
+    assert len(lines) >= len(headers_tried)
+    log = "".join(server.log)
+    assert log.startswith(server.banner)  # the start-up banner shows the new key once, by design
+    log = log[len(server.banner):]
+    assert key not in log and token not in log and key[12:] not in log
+
+
+def test_no_access_log_turns_it_off(tmp_path):
+    quiet = Server(tmp_path / "quiet.db", "--no-access-log")
+    try:
+        for _ in range(3):
+            assert quiet.request("GET", "/programs", user="admin", key=quiet.admin_key)[0] == 200
+    finally:
+        quiet.stop()
+    assert not [line for line in quiet.log if ACCESS_LINE.match(line.rstrip())]
+
+
+def test_the_app_itself_logs_no_requests(registry, caplog):
+    with caplog.at_level("DEBUG"):
+        registry.client("admin").get("/programs")
+        registry.anonymous.get("/nowhere", status=404)
+    assert caplog.records == []

@@ -54,7 +54,8 @@ def test_each_thread_gets_its_own_connection(registry):
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        thread.join(30)
+        assert not thread.is_alive(), 'a thread did not finish in 30 s'
     assert len({id(conn) for conn in seen}) == 3
     assert registry.app.connection() is registry.app.connection()
 

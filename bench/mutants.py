@@ -1,0 +1,175 @@
+"""``make mutants``: break one rule of the contract at a time, in a copy of the
+repository, and check that the test suite notices (the mutant is "killed").
+
+Each mutant is a few exact text replacements in one file; every replacement
+must match exactly once, so a mutant that no longer applies to the code is
+reported as such instead of passing silently. By default each mutant runs the
+test files that own its rule (fast); ``--full`` runs the whole suite for each.
+
+    python bench/mutants.py               # every mutant, its own test files
+    python bench/mutants.py --full        # every mutant, the whole suite
+    python bench/mutants.py --only sync   # mutants whose name contains "sync"
+
+Exit status 1 when any mutant survives or does not apply.
+"""
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# (name, file, [(old, new), ...], test files that should kill it)
+MUTANTS = [
+    ("shared 401 exception re-raised", "eventstore.py", [
+        ("def service_unavailable(", "_SHARED_401 = None\n\n\ndef service_unavailable("),
+        ("    return Problem(401, ", "    global _SHARED_401\n    _SHARED_401 = _SHARED_401 or Problem(401, "),
+        ('               headers=[("WWW-Authenticate", REALM)])\n',
+         '               headers=[("WWW-Authenticate", REALM)])\n    return _SHARED_401\n'),
+    ], ["tests/test_memory.py"]),
+    ("DELETE answers 404 before 403", "eventstore.py", [
+        ('    event_id, program_id = _event_id_param(req)\n    req.require("write", program_id)\n'
+         '    if not EVENT_ID_RE',
+         '    event_id, program_id = _event_id_param(req)\n'
+         '    if read_event(req.db, event_id) is None:\n'
+         '        raise Problem(404, f"Event {event_id!r} does not exist.")\n'
+         '    req.require("write", program_id)\n    if not EVENT_ID_RE'),
+    ], ["tests/test_auth.py", "tests/test_events.py"]),
+    ("member erasure answers 404 before 403", "eventstore.py", [
+        ('    program_id, member_id = req.params["program_id"], req.params["member_id"]\n',
+         '    program_id, member_id = req.params["program_id"], req.params["member_id"]\n'
+         '    if not program_exists(req.db, program_id):\n'
+         '        raise Problem(404, f"Program {program_id!r} is not registered.")\n'),
+    ], ["tests/test_lifecycle.py"]),
+    ("replay treats 1, 1.0 and true alike below the top level", "eventstore.py", [
+        ("    content = canonical_json([member_id, event_type, start_us, end_us, data, ref])",
+         "    content = canonical_json([member_id, event_type, start_us, end_us, {k: v if not isinstance(v, "
+         "(dict, list)) else json.loads(json.dumps(v).replace('true', '1').replace('.0', '')) "
+         "for k, v in data.items()}, ref])"),
+    ], ["tests/test_events.py"]),
+    ("auth cache keyed by user id", "eventstore.py", [
+        ('        cache_key = hashlib.sha256(header.encode("utf-8", "surrogateescape")).digest() if header else None',
+         '        cache_key = (parse_basic_auth(header) or (None,))[0]'),
+    ], ["tests/test_auth.py"]),
+    ("no in-process wake-up of long polls on commit", "eventstore.py", [
+        ("                                        on_commit=self._committed)",
+         "                                        on_commit=lambda: None)"),
+    ], ["tests/test_feed.py"]),
+    ("synchronous=NORMAL", "eventstore.py", [
+        ('conn.execute("PRAGMA synchronous = FULL")', 'conn.execute("PRAGMA synchronous = NORMAL")'),
+    ], ["tests/test_durability.py"]),
+    ("a failed COMMIT acknowledged", "eventstore.py", [
+        ("                item.error, item.result = copy.copy(exc).with_traceback(None), None",
+         "                pass"),
+    ], ["tests/test_group_commit.py"]),
+    ("writer connection opened outside error handling", "eventstore.py", [
+        ("        try:\n            conn = self.connect_db()\n        except Exception as exc:\n"
+         "            return self._died(exc, batch)\n",
+         "        conn = self.connect_db()\n"),
+    ], ["tests/test_group_commit.py"]),
+    ("a dead writer's changes never answered", "eventstore.py", [
+        ("            if not item.done.is_set():\n                item.error, item.result = self.unavailable(), None\n"
+         "                item.done.set()",
+         "            pass"),
+    ], ["tests/test_group_commit.py"]),
+    ("a key's last use waits for the writer", "eventstore.py", [
+        ("            self.writer.post(lambda tx: tx.conn.execute(TOUCH_KEY",
+         "            self.writer.submit(lambda tx: tx.conn.execute(TOUCH_KEY"),
+    ], ["tests/test_auth.py"]),
+    ("Content-Length checked with str.isdigit", "eventstore.py", [
+        ("            if not CONTENT_LENGTH_RE.fullmatch(length):", "            if not length.isdigit():"),
+        ('            digits = length.lstrip("0") or "0"', "            digits = length"),
+    ], ["tests/test_events.py"]),
+    ("repeatable feed parameters unbounded", "eventstore.py", [
+        ("MAX_REPEATED = 100 ", "MAX_REPEATED = 10**9 "),
+    ], ["tests/test_feed.py"]),
+    ("If-Match compares weakly", "eventstore.py", [
+        ("            if current is None or not strong_match(self.if_match, current):",
+         "            if current is None or not weak_match(self.if_match, current):"),
+    ], ["tests/test_events.py"]),
+    ("SYSTEM user gets 403 for an id without a hyphen", "eventstore.py", [
+        ("        if self.user.is_system:\n            return\n", ""),
+    ], ["tests/test_auth.py"]),
+    ("Sequence counted per process, not read in the transaction", "eventstore.py", [
+        ("class Transaction:", "SEQ_COUNTERS = {}\n\n\nclass Transaction:"),
+        ('            self._last_seq = self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]',
+         '            self._last_seq = SEQ_COUNTERS.setdefault(id(self.known_programs), self.conn.execute('
+         '"SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0])'),
+        ("        self._last_seq = seq\n",
+         "        self._last_seq = SEQ_COUNTERS[id(self.known_programs)] = seq\n"),
+    ], ["tests/test_durability.py"]),
+    ("tombstones keep the member id", "eventstore.py", [
+        ('        "UPDATE events SET member_id = NULL, start_us = NULL',
+         '        "UPDATE events SET member_id = member_id, start_us = NULL'),
+    ], ["tests/test_events.py", "tests/test_lifecycle.py"]),
+    ("batch is not all or nothing", "eventstore.py", [
+        ("    if errors:\n        failing = len({e[\"index\"] for e in errors})",
+         "    events = [e for e in events if True]\n    if errors and not events:\n"
+         "        failing = len({e[\"index\"] for e in errors})"),
+    ], ["tests/test_batch.py"]),
+]
+
+
+def copy_repository(dest):
+    """The tracked and untracked-but-not-ignored files, as they are now."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.split()
+    for name in files:
+        source = ROOT / name
+        if source.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+
+
+def apply(dest, path, replacements):
+    """Apply the replacements; -> None, or why the mutant does not apply."""
+    target = dest / path
+    text = target.read_text()
+    for old, new in replacements:
+        if text.count(old) != 1:
+            return f"the text to replace is found {text.count(old)} times: {old[:60]!r}"
+        text = text.replace(old, new)
+    target.write_text(text)
+    return None
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="run the whole suite for every mutant")
+    parser.add_argument("--only", help="only mutants whose name contains this")
+    args = parser.parse_args()
+    chosen = [m for m in MUTANTS if not args.only or args.only.lower() in m[0].lower()]
+    outcomes = []
+    with tempfile.TemporaryDirectory() as folder:
+        base = Path(folder) / "base"
+        base.mkdir()
+        copy_repository(base)
+        for number, (name, path, replacements, tests) in enumerate(chosen, 1):
+            work = Path(folder) / f"m{number}"
+            shutil.copytree(base, work)
+            started = time.monotonic()
+            problem = apply(work, path, replacements)
+            if problem:
+                outcome = f"DOES NOT APPLY ({problem})"
+            else:
+                command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                           *([] if args.full else tests)]
+                result = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=1800)
+                failed = [line for line in result.stdout.splitlines() if line.startswith("FAILED")]
+                outcome = f"killed by {failed[0][7:].split(' - ')[0]}" if result.returncode else "SURVIVED"
+                if result.returncode and not failed:
+                    outcome = f"killed (pytest exit {result.returncode})"
+            outcomes.append((name, outcome))
+            print(f"{number:2d}. {name}: {outcome} ({time.monotonic() - started:.0f} s)", flush=True)
+            shutil.rmtree(work)
+    killed = sum(outcome.startswith("killed") for _, outcome in outcomes)
+    print(f"\n{killed} of {len(outcomes)} mutants killed")
+    return 0 if killed == len(outcomes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
