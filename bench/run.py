@@ -11,6 +11,7 @@ Issue 3:
      / raw keyset SELECT of the same rows serialized with json.dumps
   5. PUT events/s with the database full / PUT events/s on an empty database
   6. server RSS after 100,000 requests / before them
+  7. server RSS after 50,000 requests without credentials (401s) / before them
   plus p50/p99 latency of 1 and 2.
 Issue 4:
   export and import events/s / raw sqlite3 read and executemany of the same rows,
@@ -48,7 +49,12 @@ TARGETS = {  # figure -> (lowest acceptable ratio, or highest for RSS growth)
     "4. pull via Next vs keyset SELECT": (">=", 0.35),
     "5. PUT full vs PUT empty": (">=", 0.8),
     "6. RSS after/before 100k requests": ("<", 1.10),
+    "7. RSS after/before 50k 401s": ("<", 1.10),
 }
+
+NO_AUTH_LUA = """
+function request() return wrk.format("GET", "/events") end
+"""
 
 PUT_LUA = """
 local counter = 0
@@ -82,8 +88,9 @@ def event_body(n):
 
 # --- measuring ------------------------------------------------------------------------
 
-def wrk(port, lua, seconds, connections=16, args=()):
-    """-> (requests/s, p50 ms, p99 ms, total requests); fails on any non-2xx."""
+def wrk(port, lua, seconds, connections=16, args=(), expect_errors=False):
+    """-> (requests/s, p50 ms, p99 ms, total requests); fails on any non-2xx
+    (unless ``expect_errors``) and on any socket error."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(lua)
     try:
@@ -93,7 +100,7 @@ def wrk(port, lua, seconds, connections=16, args=()):
     finally:
         os.unlink(script.name)
     out = result.stdout
-    if "Non-2xx" in out or "Socket errors" in out:
+    if ("Non-2xx" in out and not expect_errors) or "Socket errors" in out:
         raise SystemExit(f"wrk saw errors:\n{out}")
 
     def latency(percent):
@@ -236,6 +243,17 @@ def main():
     after = rss_mb(server.process.pid)
     figures["6. RSS after/before 100k requests"] = after / before
     notes.append(f"6. RSS: {before:.1f} MB before, {after:.1f} MB after {served:,} requests")
+
+    # 7: RSS over 50,000 requests without credentials (each a 401; it once leaked ~6.5 KB a 401).
+    say("7: RSS over 50,000 401s ...")
+    wrk(server.port, NO_AUTH_LUA, 2, expect_errors=True)
+    before = rss_mb(server.process.pid)
+    refused = 0
+    while refused < 50_000:
+        refused += wrk(server.port, NO_AUTH_LUA, 5, expect_errors=True)[3]
+    after = rss_mb(server.process.pid)
+    figures["7. RSS after/before 50k 401s"] = after / before
+    notes.append(f"7. RSS: {before:.1f} MB before, {after:.1f} MB after {refused:,} requests answered 401")
     server.stop()
 
     # 3: batches of 1,000 against raw executemany of the same rows.
