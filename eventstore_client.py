@@ -1,0 +1,470 @@
+"""eventstore_client: publish to and follow an eventstore registry.
+
+One standard-library file: copy it into a consuming program, or import it.
+
+    from eventstore_client import Client
+    client = Client("http://127.0.0.1:8080", "course-platform", os.environ["EVENTSTORE_KEY"])
+    for event in client.follow(ProgramId="FOO"):
+        handle(event)
+
+``python eventstore_client.py --help`` is its command line (the key comes from
+the environment variable EVENTSTORE_KEY, never from an argument).
+"""
+
+import argparse
+import base64
+import http.client
+import json
+import os
+import random
+import re
+import sys
+import tempfile
+import time
+import urllib.parse
+from email.utils import parsedate_to_datetime
+
+__all__ = ["Client", "ClientError"]
+
+MAX_BATCH = 1000
+LONG_POLL_SECONDS = 30
+MAX_BACKOFF_SECONDS = 10.0
+EVENT_ID_RE = re.compile(r"[A-Za-z0-9_]{1,32}-[A-Za-z0-9._~:@-]{1,200}")
+
+
+# ============================================================================
+# Errors
+# ============================================================================
+
+class ClientError(Exception):
+    """The registry refused a request: ``status`` is the HTTP status, ``problem``
+    the RFC 9457 problem body as a dict (or None)."""
+
+    def __init__(self, status, problem=None, message=None):
+        self.status, self.problem = status, problem
+        detail = (problem or {}).get("detail") if isinstance(problem, dict) else None
+        super().__init__(message or f"HTTP {status}: {detail or 'no detail'}")
+
+
+class _Retry(Exception):
+    """An answer or failure worth trying again: after ``delay`` seconds if given,
+    else after the next back-off step."""
+
+    def __init__(self, error, delay=None):
+        super().__init__(str(error))
+        self.error, self.delay = error, delay
+
+
+# ============================================================================
+# The client
+# ============================================================================
+
+class Client:
+    """A registry at ``url`` (``http://host:port``, perhaps with a path prefix),
+    as the user ``user_id`` with ``api_key``.
+
+    429 and 503 are retried after their Retry-After; a refused or dropped
+    connection and other 5xx with exponential back-off and jitter, at most
+    ``MAX_BACKOFF_SECONDS`` apart. Single calls give up after ``retry_for``
+    seconds and raise the last error; ``follow`` never gives up. Any other 4xx
+    raises ClientError at once. ``log`` (a function taking one string) hears
+    about every retry.
+    """
+
+    def __init__(self, url, user_id, api_key, timeout=60.0, retry_for=300.0, log=None, sleep=time.sleep):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"expected an http:// or https:// URL, got {url!r}")
+        self.scheme, self.host, self.port = parts.scheme, parts.hostname, parts.port
+        self.prefix = parts.path.rstrip("/")
+        self.timeout, self.retry_for = timeout, retry_for
+        self.log, self.sleep = log or (lambda message: None), sleep
+        token = base64.b64encode(f"{user_id}:{api_key}".encode("utf-8")).decode("ascii")
+        self._headers = {"Authorization": f"Basic {token}", "Accept": "application/json"}
+        self._connection = None
+
+    # --- single calls --------------------------------------------------------
+
+    def put(self, event_id, body, if_match=None):
+        """Create or update an event; -> its Revision (a replay changes nothing)."""
+        headers = {"If-Match": if_match} if if_match else {}
+        _, answer_headers, _ = self._call("PUT", self._event_path(event_id), body, headers)
+        return int(answer_headers["etag"].strip('"'))
+
+    def get(self, event_id):
+        """-> the event's representation as a dict (ClientError 404 if there is none)."""
+        return self._call("GET", self._event_path(event_id))[2]
+
+    def delete(self, event_id, if_match=None):
+        """Delete an event; -> the tombstone's Revision, or None when a resent
+        DELETE (its first answer lost) found the event already deleted."""
+        headers = {"If-Match": if_match} if if_match else {}
+        _, answer_headers, _ = self._call("DELETE", self._event_path(event_id), headers=headers,
+                                          resent_404_is_done=not if_match)
+        return int(answer_headers["etag"].strip('"')) if answer_headers else None
+
+    def publish(self, events):
+        """Publish any number of events (each a PUT body plus its ``EventId``),
+        in order, in all-or-nothing batches of at most 1000; an EventId already
+        in the current batch starts a new one. -> the server's Results entries,
+        ``{"EventId", "Revision", "Status"}``, in order."""
+        results = []
+        for batch in _batches(events):
+            results += self._call("POST", "/events", {"Events": batch})[2]["Results"]
+        return results
+
+    # --- following the feed ----------------------------------------------------
+
+    def follow(self, after=0, until_caught_up=False, **filters):
+        """Every change after Sequence ``after``, in Sequence order, as
+        representation dicts: forever, long-polling, or with
+        ``until_caught_up=True`` until the first empty page. Filters are the
+        feed's parameters (``ProgramId=`` and ``EventType=`` take a string or a
+        list; ``ProgramMemberId=``, ``ReferenceEventId=``, ``EventStartFromUTC=``,
+        ``EventStartBeforeUTC=``, ``limit=``)."""
+        for events, _ in self.follow_pages(after, until_caught_up, **filters):
+            yield from events
+
+    def follow_pages(self, after=0, until_caught_up=False, **filters):
+        """follow, a page at a time: -> (events, the Sequence to resume after)."""
+        wait = 0 if until_caught_up else LONG_POLL_SECONDS
+        query = []
+        for name, value in filters.items():
+            for item in ([value] if isinstance(value, (str, int)) else value):
+                query.append((name, str(item)))
+        path = "/events?" + urllib.parse.urlencode(query + [("after", int(after))])
+        while True:
+            page = self._call("GET", f"{path}&wait={wait}", retry_for=None,
+                              timeout=max(self.timeout, wait + 30))[2]
+            events = page["Events"]
+            after = events[-1]["Sequence"] if events else after
+            # Next is relative to the server's root; keep our own path prefix off it.
+            path = page["Next"][len(self.prefix):] if page["Next"].startswith(self.prefix + "/") else page["Next"]
+            if events:
+                yield events, after
+            elif until_caught_up:
+                return
+
+    # --- HTTP ------------------------------------------------------------------
+
+    def _event_path(self, event_id):
+        return "/events/" + urllib.parse.quote(event_id, safe="")
+
+    def _call(self, method, path, body=None, headers=None, retry_for=..., timeout=None,
+              resent_404_is_done=False):
+        """One request, retried as the class says -> (status, headers, parsed body)."""
+        retry_for = self.retry_for if retry_for is ... else retry_for
+        deadline = None if retry_for is None else time.monotonic() + retry_for
+        payload = None if body is None else json.dumps(body, ensure_ascii=False).encode("utf-8")
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return self._send(method, path, payload, headers or {}, timeout)
+            except ClientError as error:
+                if error.status == 404 and resent_404_is_done and attempt > 1:
+                    return 404, {}, None  # an earlier try did it; its answer was lost
+                raise
+            except _Retry as retry:
+                delay = retry.delay if retry.delay is not None else min(
+                    MAX_BACKOFF_SECONDS, 0.25 * 2 ** min(attempt, 10)) * random.uniform(0.5, 1.0)
+                if deadline is not None and time.monotonic() + delay > deadline:
+                    raise retry.error from None
+                self.log(f"{method} {path}: {retry.error}; trying again in {delay:.1f} s")
+                self.sleep(delay)
+
+    def _send(self, method, path, payload, headers, timeout):
+        all_headers = dict(self._headers, **headers)
+        if payload is not None:
+            all_headers["Content-Type"] = "application/json"
+        try:
+            connection = self._connect(timeout)
+            connection.request(method, self.prefix + path, body=payload, headers=all_headers)
+            response = connection.getresponse()
+            raw = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            self._close()
+            raise _Retry(ConnectionError(f"no answer from {self.host}: {exc or type(exc).__name__}")) from None
+        if response.getheader("Connection", "").lower() == "close":
+            self._close()
+        answer_headers = {name.lower(): value for name, value in response.getheaders()}
+        try:
+            answer = json.loads(raw) if raw else None
+        except ValueError:
+            answer = None
+        if response.status < 400:
+            return response.status, answer_headers, answer
+        error = ClientError(response.status, answer if isinstance(answer, dict) else None)
+        if response.status in (429, 503):
+            raise _Retry(error, _retry_after(answer_headers.get("retry-after")))
+        if response.status >= 500:
+            raise _Retry(error)
+        raise error
+
+    def _connect(self, timeout):
+        timeout = timeout or self.timeout
+        if self._connection is None:
+            factory = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
+            self._connection = factory(self.host, self.port, timeout=timeout)
+        self._connection.timeout = timeout
+        if self._connection.sock is not None:
+            self._connection.sock.settimeout(timeout)
+        return self._connection
+
+    def _close(self):
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    def close(self):
+        self._close()
+
+
+def _retry_after(value):
+    """Retry-After (seconds or an HTTP date) -> seconds to wait, or None."""
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value.strip())
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def _batches(events):
+    batch, ids = [], set()
+    for event in events:
+        if len(batch) == MAX_BATCH or event.get("EventId") in ids:
+            yield batch
+            batch, ids = [], set()
+        batch.append(event)
+        ids.add(event.get("EventId"))
+    if batch:
+        yield batch
+
+
+# ============================================================================
+# Publishing a file
+# ============================================================================
+
+EVENT_FIELDS = ("ProgramId", "ProgramMemberId", "EventType", "EventStartUTC", "EventEndUTC",
+                "EventData", "ReferenceEventId")
+EXPORT_FIELDS = ("Revision", "Sequence", "CreatedUTC", "UpdatedUTC", "Deleted")
+DATETIME_RE = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(:\d{2}([.,]\d+)?)?([Zz]|[+-]\d{2}(:?\d{2})?)?")
+
+
+def _reject_duplicates(pairs):
+    names = [name for name, _ in pairs]
+    if len(names) != len(set(names)):
+        raise ValueError("a key appears twice")
+    return dict(pairs)
+
+
+def parse_line(text):
+    """One JSON line -> ("put", event) or ("delete", event_id); ValueError
+    saying what is wrong. Checks what can be checked here; the server checks
+    the rest when it is sent."""
+    try:
+        record = json.loads(text, object_pairs_hook=_reject_duplicates)
+    except ValueError as exc:
+        raise ValueError(f"not valid JSON ({exc})") from None
+    if not isinstance(record, dict):
+        raise ValueError("expected a JSON object")
+    event_id = record.get("EventId")
+    if not isinstance(event_id, str) or not EVENT_ID_RE.fullmatch(event_id):
+        raise ValueError("EventId: expected a ProgramId, a hyphen, then 1-200 of A-Z a-z 0-9 . _ ~ : @ -")
+    if record.get("Deleted") is True:
+        return "delete", event_id
+    if record.get("Deleted") not in (None, False):
+        raise ValueError("Deleted: expected true or false")
+    body = {name: value for name, value in record.items() if name not in EXPORT_FIELDS}
+    problems = [f"{name}: unknown field" for name in body if name not in EVENT_FIELDS + ("EventId",)]
+    for name in EVENT_FIELDS[:4]:
+        if body.get(name) is None:
+            problems.append(f"{name}: is required")
+    for name in ("ProgramId", "ProgramMemberId", "EventType", "EventStartUTC"):
+        if body.get(name) is not None and not isinstance(body[name], str):
+            problems.append(f"{name}: expected a string")
+    if isinstance(body.get("ProgramId"), str) and body["ProgramId"] != event_id.partition("-")[0]:
+        problems.append(f"ProgramId: must equal the EventId's prefix {event_id.partition('-')[0]!r}")
+    for name in ("EventStartUTC", "EventEndUTC"):
+        value = body.get(name)
+        if value is not None and not (isinstance(value, str) and DATETIME_RE.fullmatch(value)):
+            problems.append(f"{name}: expected an ISO 8601 date-time such as 2026-03-01T09:30:00Z")
+    if body.get("EventData") is not None and not isinstance(body["EventData"], dict):
+        problems.append("EventData: expected a JSON object")
+    ref = body.get("ReferenceEventId")
+    if ref is not None and not (isinstance(ref, str) and EVENT_ID_RE.fullmatch(ref)):
+        problems.append("ReferenceEventId: expected an EventId")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return "put", body
+
+
+def publish_file(client, lines):
+    """Send checked lines in file order: PUT bodies in batches, tombstones as
+    DELETEs (one for an event that does not exist counts as done). -> counts."""
+    counts = dict.fromkeys(("created", "updated", "unchanged", "deleted"), 0)
+    pending = []
+
+    def flush():
+        for result in client.publish(pending):
+            counts[result["Status"]] += 1
+        pending.clear()
+
+    for kind, value in lines:
+        if kind == "put":
+            pending.append(value)
+            continue
+        flush()  # the DELETE comes after every earlier line
+        try:
+            client.delete(value)
+        except ClientError as exc:
+            if exc.status != 404:
+                raise
+        counts["deleted"] += 1
+    flush()
+    return counts
+
+
+# ============================================================================
+# The command line
+# ============================================================================
+
+def json_line(value):
+    """Compact JSON on one line: U+2028/U+2029 escaped, since line readers split there."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029") + "\n"
+
+
+def write_cursor(path, sequence):
+    """Replace the cursor file atomically: its digits and a newline, fsynced."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, temporary = tempfile.mkstemp(dir=folder, prefix=".cursor-")
+    try:
+        with os.fdopen(fd, "w") as cursor:
+            cursor.write(f"{sequence}\n")
+            cursor.flush()
+            os.fsync(cursor.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def read_cursor(path):
+    try:
+        text = open(path, encoding="ascii").read().strip()
+    except FileNotFoundError:
+        return 0
+    if not text.isdigit():
+        raise ValueError(f"{path} does not hold a Sequence (digits), it holds {text[:40]!r}")
+    return int(text)
+
+
+def cmd_follow(client, args, out, err):
+    after = read_cursor(args.cursor_file) if args.cursor_file else args.after
+    filters = {name: value for name, value in (("ProgramId", args.program), ("EventType", args.type),
+                                                 ("ProgramMemberId", args.member)) if value}
+    count = 0
+    for events, last in client.follow_pages(after, args.until_caught_up, **filters):
+        out.write("".join(map(json_line, events)).encode("utf-8"))
+        out.flush()  # the events are out before the cursor says so
+        if args.cursor_file:
+            write_cursor(args.cursor_file, last)
+        count += len(events)
+        print(f"followed {count:,} changes, up to Sequence {last}", file=err, flush=True)
+    return 0
+
+
+def cmd_publish(client, args, out, err):
+    checked, bad = [], []
+    with open(args.file, "rb") as lines:
+        for number, raw in enumerate(lines, 1):
+            if not raw.strip():
+                continue
+            try:
+                checked.append(parse_line(raw.decode("utf-8")))
+            except UnicodeDecodeError:
+                bad.append(f"line {number}: not valid UTF-8")
+            except ValueError as exc:
+                bad.append(f"line {number}: {exc}")
+    if bad:
+        print("\n".join(bad), file=err)
+        print(f"error: {len(bad)} of {len(checked) + len(bad)} lines are not valid; nothing was sent", file=err)
+        return 1
+    counts = publish_file(client, checked)
+    out.write((f"published {len(checked):,} lines: " + ", ".join(f"{n:,} {what}" for what, n in counts.items())
+               + "\n").encode("utf-8"))
+    return 0
+
+
+def cmd_get(client, args, out, err):
+    out.write((json.dumps(client.get(args.event_id), ensure_ascii=False, indent=2) + "\n").encode("utf-8"))
+    return 0
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="eventstore_client.py",
+        description="Follow and publish to an eventstore registry. The API key is read from "
+                    "the environment variable EVENTSTORE_KEY, never from an argument.")
+    parser.add_argument("--url", required=True, help="the registry, e.g. http://127.0.0.1:8080")
+    parser.add_argument("--user", required=True, metavar="USER_ID", help="your user id")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    follow = commands.add_parser("follow", help="write every change as JSON Lines to standard output",
+                                 description="Write every change, in Sequence order, as JSON Lines to "
+                                             "standard output; long-poll for more unless --until-caught-up.")
+    start = follow.add_mutually_exclusive_group()
+    start.add_argument("--after", type=int, default=0, metavar="N", help="start after Sequence N (default 0)")
+    start.add_argument("--cursor-file", metavar="PATH",
+                       help="start after the Sequence stored here (0 if missing); rewritten after each page")
+    follow.add_argument("--program", action="append", metavar="P", help="only this program (repeatable)")
+    follow.add_argument("--type", action="append", metavar="T", help="only this event type (repeatable)")
+    follow.add_argument("--member", metavar="M", help="only this ProgramMemberId")
+    follow.add_argument("--until-caught-up", action="store_true", help="stop at the first empty page")
+    follow.set_defaults(func=cmd_follow)
+    publish = commands.add_parser("publish", help="publish a JSON Lines file (every line checked first)",
+                                  description="Publish JSON Lines of PUT bodies plus EventId (export's extra "
+                                              "fields are ignored; a tombstone line is sent as a DELETE). Every "
+                                              "line is checked before anything is sent.")
+    publish.add_argument("file", metavar="FILE.jsonl")
+    publish.set_defaults(func=cmd_publish)
+    get = commands.add_parser("get", help="print one event", description="Print one event's representation.")
+    get.add_argument("event_id", metavar="EVENT_ID")
+    get.set_defaults(func=cmd_get)
+    return parser
+
+
+def main(argv=None, environ=None, out=None, err=None):
+    """The command line; -> exit status: 0 done, 1 failed, 2 wrong usage."""
+    environ = os.environ if environ is None else environ
+    out, err = out or sys.stdout.buffer, err or sys.stderr
+    args = build_parser().parse_args(argv)
+    key = environ.get("EVENTSTORE_KEY")
+    if not key:
+        print("error: set EVENTSTORE_KEY to your API key (it is never taken as an argument)", file=err)
+        return 2
+    try:
+        client = Client(args.url, args.user, key, log=lambda message: print(message, file=err, flush=True))
+    except ValueError as exc:
+        print(f"error: --url: {exc}", file=err)
+        return 2
+    try:
+        return args.func(client, args, out, err)
+    except ClientError as exc:
+        print(f"error: {exc}", file=err)
+        return 1
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=err)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        client.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
