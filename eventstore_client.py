@@ -367,7 +367,7 @@ def read_cursor(path):
 def cmd_follow(client, args, out, err):
     after = read_cursor(args.cursor_file) if args.cursor_file else args.after
     filters = {name: value for name, value in (("ProgramId", args.program), ("EventType", args.type),
-                                                 ("ProgramMemberId", args.member)) if value}
+                                                 ("ProgramMemberId", args.member), ("limit", args.limit)) if value}
     count = 0
     for events, last in client.follow_pages(after, args.until_caught_up, **filters):
         out.write("".join(map(json_line, events)).encode("utf-8"))
@@ -425,6 +425,8 @@ def build_parser():
     follow.add_argument("--type", action="append", metavar="T", help="only this event type (repeatable)")
     follow.add_argument("--member", metavar="M", help="only this ProgramMemberId")
     follow.add_argument("--until-caught-up", action="store_true", help="stop at the first empty page")
+    follow.add_argument("--limit", type=int, default=MAX_BATCH, metavar="N",
+                        help="events per page, 1-1000 (default: %(default)s)")
     follow.set_defaults(func=cmd_follow)
     publish = commands.add_parser("publish", help="publish a JSON Lines file (every line checked first)",
                                   description="Publish JSON Lines of PUT bodies plus EventId (export's extra "

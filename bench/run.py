@@ -12,6 +12,8 @@ Issue 3:
   5. PUT events/s with the database full / PUT events/s on an empty database
   6. server RSS after 100,000 requests / before them
   7. server RSS after 50,000 requests without credentials (401s) / before them
+  8. eventstore_client.py follow --until-caught-up of the full database to /dev/null
+     / figure 4's pull through Next
   plus p50/p99 latency of 1 and 2.
 Issue 4:
   export and import events/s / raw sqlite3 read and executemany of the same rows,
@@ -50,6 +52,7 @@ TARGETS = {  # figure -> (lowest acceptable ratio, or highest for RSS growth)
     "5. PUT full vs PUT empty": (">=", 0.8),
     "6. RSS after/before 100k requests": ("<", 1.10),
     "7. RSS after/before 50k 401s": ("<", 1.10),
+    "8. client follow vs pull via Next": (">=", 0.7),
 }
 
 NO_AUTH_LUA = """
@@ -323,6 +326,16 @@ def main():
         after_seq = page[-1][0]
     raw_pull = selected / (time.perf_counter() - started)
     ratio("4. pull via Next vs keyset SELECT", pull_rate, raw_pull, "events/s")
+
+    # Issue 13: the client's follow, to /dev/null, against the server's own pull (figure 4).
+    say("client follow --until-caught-up vs the pull ...")
+    with open(os.devnull, "wb") as sink:
+        started = time.perf_counter()
+        subprocess.run([PYTHON, "eventstore_client.py", "--url", f"http://127.0.0.1:{server.port}",
+                        "--user", "bench", "follow", "--until-caught-up"], stdout=sink, stderr=subprocess.DEVNULL,
+                       env={**os.environ, "EVENTSTORE_KEY": key}, cwd=ROOT, check=True)
+        follow_rate = options.events / (time.perf_counter() - started)
+    ratio("8. client follow vs pull via Next", follow_rate, pull_rate, "events/s")
 
     # 5: PUT with the database full against PUT on an empty one (figure 1's run).
     say("5: PUT on the full database ...")
