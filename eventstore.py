@@ -14,6 +14,7 @@ import base64
 import binascii
 import collections
 import copy
+import fcntl
 import functools
 import hashlib
 import heapq
@@ -667,11 +668,100 @@ def now_us():
     return time.time_ns() // 1000
 
 
+class WriterLock:
+    """An exclusive lock that the writers of every process on one database take
+    around each write transaction: ``flock`` on a file beside the database.
+
+    A waiting writer wakes the moment the holder releases it, where SQLite's
+    busy handler would sleep 1, 2, 5, 10 ... ms between retries (with two
+    processes that gave PUT p99 near a second). The wait is bounded: past its
+    timeout ``acquire`` gives up (the caller answers 503, as a busy database
+    does), and a lock obtained after that is released at once. A process that
+    dies holding it releases it with its file descriptor.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._mutex = threading.Lock()
+        self._waiter = None    # an Event set when a helper thread got the lock for us
+        self._wanted = False   # whether that lock is still wanted when it comes
+
+    @classmethod
+    def beside(cls, db_path):
+        """The lock for ``db_path``, or None where no lock file can be made (a
+        read-only folder: nothing will be written there anyway)."""
+        try:
+            return cls(f"{db_path}-writer.lock")
+        except OSError:
+            return None
+
+    def acquire(self, timeout):
+        with self._mutex:
+            if self._waiter is None:
+                try:
+                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return True
+                except BlockingIOError:
+                    # Wait in a helper thread, so that this wait can be bounded.
+                    self._waiter = threading.Event()
+                    threading.Thread(target=self._wait, args=(self._waiter,), daemon=True,
+                                     name="eventstore-writer-lock").start()
+            got = self._waiter
+            self._wanted = True
+        if got.wait(timeout):
+            with self._mutex:
+                self._waiter = None
+            return True
+        with self._mutex:
+            if got.is_set():
+                self._waiter = None
+                return True
+            self._wanted = False  # when it comes, release it at once
+        return False
+
+    def _wait(self, got):
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        with self._mutex:
+            if self._wanted:
+                got.set()
+                return
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            self._waiter = None
+
+    def release(self):
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self):
+        os.close(self._fd)
+
+
+class Connection(sqlite3.Connection):
+    """A sqlite3 connection that knows the database's WriterLock (None: none);
+    ``own_writer_lock`` closes it with the connection."""
+
+    writer_lock = None
+    owns_writer_lock = False
+
+    def close(self):
+        if self.owns_writer_lock and self.writer_lock is not None:
+            self.writer_lock.close()
+            self.writer_lock = None
+        super().close()
+
+
+def busy_error():
+    """What SQLite raises when its write lock cannot be had in time (mapped to 503)."""
+    error = sqlite3.OperationalError("database is locked (the writer lock was not released in time)")
+    error.sqlite_errorcode = sqlite3.SQLITE_BUSY
+    return error
+
+
 def connect(db_path, busy_timeout_ms=5000):
     """A connection with the durability settings every eventstore connection uses:
     WAL, synchronous=FULL (a commit is fsynced before it returns), secure_delete
     (erased data is overwritten in the file, not just unlinked)."""
-    conn = sqlite3.connect(db_path, isolation_level=None, timeout=busy_timeout_ms / 1000)
+    conn = sqlite3.connect(db_path, isolation_level=None, timeout=busy_timeout_ms / 1000, factory=Connection)
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = FULL")
@@ -682,30 +772,55 @@ def connect(db_path, busy_timeout_ms=5000):
 
 class write_transaction:
     """``with write_transaction(conn):`` runs the block in BEGIN IMMEDIATE ... COMMIT,
-    rolling back on any exception. The write lock is taken up front, so reads in
-    the block see the latest committed state and nothing commits in between."""
+    rolling back on any exception. The write lock is taken up front (the
+    connection's WriterLock first, then SQLite's), so reads in the block see the
+    latest committed state and nothing commits in between."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.lock = getattr(conn, "writer_lock", None)
+
+    def __enter__(self):
+        if self.lock is not None and not self.lock.acquire(self.conn.execute("PRAGMA busy_timeout").fetchone()[0] / 1000):
+            raise busy_error()
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self._release()
+            raise
+        return self.conn
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None:
+                self.conn.execute("COMMIT")
+            elif self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+        finally:
+            if self.conn.in_transaction:  # a COMMIT that failed leaves it open
+                self.conn.execute("ROLLBACK")
+            self._release()
+        return False
+
+    def _release(self):
+        if self.lock is not None:
+            self.lock.release()
+
+
+class read_snapshot:
+    """A deferred read transaction: every query in the block sees one snapshot."""
 
     def __init__(self, conn):
         self.conn = conn
 
     def __enter__(self):
-        self.conn.execute("BEGIN IMMEDIATE")
+        self.conn.execute("BEGIN")
         return self.conn
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.conn.execute("COMMIT")
-        elif self.conn.in_transaction:
-            self.conn.execute("ROLLBACK")
+        if self.conn.in_transaction:
+            self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
         return False
-
-
-class read_snapshot(write_transaction):
-    """A deferred read transaction: every query in the block sees one snapshot."""
-
-    def __enter__(self):
-        self.conn.execute("BEGIN")
-        return self.conn
 
 
 class GroupCommitWriter:
@@ -840,8 +955,7 @@ class GroupCommitWriter:
             item.done.set()
 
     def _transaction(self, conn, batch):
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with write_transaction(conn):
             tx = Transaction(conn, self.clock(), self.known_programs)
             for item in batch:
                 changes_before = conn.total_changes
@@ -853,11 +967,6 @@ class GroupCommitWriter:
                     item.result, item.error = None, problem
                 except Exception as exc:
                     raise _ChangeFailed() from exc
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
         tx.committed()
 
 
@@ -888,8 +997,10 @@ def apply_schema(conn):
 
 
 def open_database(db_path):
-    """Connect and bring the schema up to date: what serve.py and the CLI start with."""
+    """Connect and bring the schema up to date: what serve.py and the CLI start with.
+    Its write transactions take the writer lock that the server's writers take."""
     conn = connect(db_path)
+    conn.writer_lock, conn.owns_writer_lock = WriterLock.beside(db_path), True
     try:
         apply_schema(conn)
     except BaseException:
@@ -1623,7 +1734,7 @@ class EventStore:
 
     def __init__(self, db_path, *, max_body_bytes=DEFAULT_MAX_BODY, clock=now_us,
                  max_waiting=8, busy_timeout_ms=5000, auth_cache_seconds=AUTH_CACHE_SECONDS,
-                 throttle=None, openapi=None, routes=ROUTES, poll_interval=1.0):
+                 throttle=None, openapi=None, routes=ROUTES, poll_interval=0.025):
         self.db_path = str(db_path)
         self.throttle = throttle if throttle is not None else AuthThrottle()
         self.auth_cache_seconds = auth_cache_seconds
@@ -1635,20 +1746,28 @@ class EventStore:
         self._local = threading.local()
         # Long polls wait on this; every commit made through this app bumps the
         # generation and wakes them. Commits by other processes are noticed by
-        # PRAGMA data_version every poll_interval seconds.
+        # one watcher thread's PRAGMA data_version every poll_interval seconds.
         self._commits = threading.Condition()
         self._generation = 0
         self.poll_interval = poll_interval
+        self._watcher = None
+        self._closing = threading.Event()
         self._waiting = threading.BoundedSemaphore(max_waiting) if max_waiting else None
         self.long_polls = 0  # requests waiting now (reported by /health)
         self._auth_cache = {}
-        self.writer = GroupCommitWriter(lambda: connect(self.db_path, busy_timeout_ms), clock,
+        self.writer_lock = WriterLock.beside(self.db_path)
+        self.writer = GroupCommitWriter(self._writer_connection, clock,
                                         on_commit=self._committed)
         conn = connect(self.db_path, busy_timeout_ms)
         try:
             apply_schema(conn)
         finally:
             conn.close()
+
+    def _writer_connection(self):
+        conn = connect(self.db_path, self.busy_timeout_ms)
+        conn.writer_lock = self.writer_lock  # shared by the writer threads this app starts
+        return conn
 
     def connection(self):
         """This thread's own connection for reads: sqlite3 connections are never
@@ -1673,7 +1792,10 @@ class EventStore:
     def close(self):
         """Stop the writer and close this thread's connection. Other threads'
         connections close when their threads end (thread-local storage)."""
+        self.end_long_polls()
         self.writer.stop()
+        if self.writer_lock is not None:
+            self.writer_lock.close()
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
@@ -1686,32 +1808,68 @@ class EventStore:
         conn = self.connection()
         # Noted before the first read, so that a commit landing right after it
         # still counts as news.
-        seen_generation, seen_version = (self._generation, data_version(conn)) if query.wait else (0, 0)
+        seen_generation = self._generation
         rows = read_feed(conn, programs, query)
-        if rows or not query.wait or not self._waiting or not self._waiting.acquire(blocking=False):
+        if (rows or not query.wait or self._closing.is_set() or not self._waiting
+                or not self._waiting.acquire(blocking=False)):
             return rows
         with self._commits:
             self.long_polls += 1
+            if self._watcher is None:
+                self._watcher = threading.Thread(target=self._watch_other_processes, daemon=True,
+                                                 name="eventstore-commit-watcher")
+                self._watcher.start()
         try:
             deadline = time.monotonic() + query.wait
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return rows
+            while not self._closing.is_set():
                 with self._commits:
-                    self._commits.wait_for(lambda: self._generation != seen_generation,
-                                           timeout=min(self.poll_interval, remaining))
-                    generation = self._generation
-                version = data_version(conn)
-                if generation != seen_generation or version != seen_version:
-                    seen_generation, seen_version = generation, version
-                    rows = read_feed(conn, programs, query)
-                    if rows:
-                        return rows
+                    if not self._commits.wait_for(
+                            lambda: self._generation != seen_generation or self._closing.is_set(),
+                            timeout=deadline - time.monotonic()):
+                        return rows  # the wait is over: empty
+                    seen_generation = self._generation
+                if self._closing.is_set():
+                    break
+                rows = read_feed(conn, programs, query)
+                if rows:
+                    return rows
+            return rows
         finally:
             with self._commits:
                 self.long_polls -= 1
             self._waiting.release()
+
+    def _watch_other_processes(self):
+        """While long polls wait, one thread per app looks for other processes'
+        commits: one PRAGMA data_version every poll_interval, not one query per
+        waiting request. A change wakes every waiter, as a commit of ours does."""
+        conn = connect(self.db_path, self.busy_timeout_ms)
+        try:
+            version = data_version(conn)
+            self._committed()  # another process may have committed before that first look
+            while not self._closing.wait(self.poll_interval):
+                with self._commits:
+                    if not self.long_polls:
+                        self._watcher = None
+                        return
+                current = data_version(conn)
+                if current != version:
+                    version = current
+                    self._committed()
+        except sqlite3.Error:
+            log.exception("the commit watcher stopped; long polls see other processes' commits at their end")
+        finally:
+            with self._commits:
+                if self._watcher is threading.current_thread():
+                    self._watcher = None
+            conn.close()
+
+    def end_long_polls(self):
+        """Answer every waiting long poll now, and every new one at once (a
+        server that is stopping calls this, so that nothing keeps it waiting)."""
+        self._closing.set()
+        with self._commits:
+            self._commits.notify_all()
 
     def handle(self, environ):
         """environ -> Response: route, authenticate, run the handler."""
