@@ -24,10 +24,12 @@ import itertools
 import json
 import logging
 import math
+import mmap
 import os
 import re
 import secrets
 import sqlite3
+import struct
 import sys
 import threading
 import time
@@ -1669,9 +1671,72 @@ def request_path(environ):
 # The app
 # ============================================================================
 
+class SharedFailureTable:
+    """Failed-authentication counts shared by every process of a server: a
+    fixed-size table in a memory-mapped file beside the database, so that N
+    worker processes do not give a guesser N times the guesses.
+
+    A slot is (source hash, count, last failure time). A source's count restarts
+    once it has been quiet for the window. Reads take no lock (a torn read at
+    worst misjudges one attempt by one); writes hold an flock on the file. When
+    the probed slots are all taken, the one whose last failure is oldest goes.
+    """
+
+    SLOT = struct.Struct("<QIxxxxd")   # hash, count, padding, last failure (time.time())
+    SLOTS = 16384
+    PROBES = 8
+
+    def __init__(self, path):
+        self.path = path
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        size = self.SLOT.size * self.SLOTS
+        if os.fstat(self._fd).st_size != size:
+            os.ftruncate(self._fd, size)
+        self._map = mmap.mmap(self._fd, size)
+
+    @staticmethod
+    def _hash(source):
+        digest = hashlib.blake2b(repr(source).encode("utf-8"), digest_size=8).digest()
+        return int.from_bytes(digest, "little") | 1  # 0 marks an empty slot
+
+    def _find(self, key):
+        """-> (slot offset holding key or None, offset to replace)."""
+        first = key % self.SLOTS
+        oldest, oldest_time = None, math.inf
+        for probe in range(self.PROBES):
+            offset = ((first + probe) % self.SLOTS) * self.SLOT.size
+            stored, _, last = self.SLOT.unpack_from(self._map, offset)
+            if stored == key:
+                return offset, offset
+            if last < oldest_time:
+                oldest, oldest_time = offset, last
+        return None, oldest
+
+    def recent(self, source, now, window):
+        """-> (failures of ``source`` since it was last quiet for ``window``, last failure time)."""
+        offset, _ = self._find(self._hash(source))
+        if offset is None:
+            return 0, None
+        _, count, last = self.SLOT.unpack_from(self._map, offset)
+        return (count, last) if now - last <= window else (0, None)
+
+    def add(self, source, now, window):
+        key = self._hash(source)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            found, offset = self._find(key)
+            count = 0
+            if found is not None:
+                _, count, last = self.SLOT.unpack_from(self._map, found)
+                count = count if now - last <= window else 0
+            self.SLOT.pack_into(self._map, offset, key, count + 1, now)
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+
 class AuthThrottle:
     """Slows down guessing: failed authentications counted per user id and per
-    client address within a sliding window.
+    client address.
 
     From ``threshold`` failures in ``window`` seconds on, a source is refused (429)
     for a delay that doubles with every further failure, up to ``max_delay``.
@@ -1679,15 +1744,20 @@ class AuthThrottle:
     addresses that have failed recently themselves, so a stranger guessing at a
     user's keys cannot lock its owner out. A success clears nothing (a guesser
     holding one good key cannot reset its count); failures age out of the window.
-    At most ``max_sources`` sources are remembered, the least recently failing
-    forgotten first. A threshold of 0 switches throttling off.
+    A threshold of 0 switches throttling off.
+
+    Counts live in this process (a sliding window; at most ``max_sources``
+    sources, the least recently failing forgotten first) or, with ``path``, in a
+    SharedFailureTable that every process serving the database shares (a count
+    restarts once its source has been quiet for the window).
     """
 
     def __init__(self, threshold=10, window=60.0, base_delay=1.0, max_delay=900.0,
-                 max_sources=10_000, clock=time.monotonic):
+                 max_sources=10_000, clock=time.time, path=None):
         self.threshold, self.window = threshold, window
         self.base_delay, self.max_delay = base_delay, max_delay
         self.max_sources, self.clock = max_sources, clock
+        self.shared = SharedFailureTable(path) if path and threshold else None
         self._failures = collections.OrderedDict()  # source -> deque of failure times
         self._lock = threading.Lock()
 
@@ -1698,7 +1768,7 @@ class AuthThrottle:
         with self._lock:
             now = self.clock()
             by_address = self._delay(("address", address), now)
-            if by_address or not self._recent(("address", address), now):
+            if by_address or not self._recent(("address", address), now)[0]:
                 return by_address
             return self._delay(("user", user_id), now)
 
@@ -1708,6 +1778,9 @@ class AuthThrottle:
         with self._lock:
             now = self.clock()
             for source in (("address", address), ("user", user_id)):
+                if self.shared is not None:
+                    self.shared.add(source, now, self.window)
+                    continue
                 times = self._failures.pop(source, None) or collections.deque()
                 times.append(now)
                 self._failures[source] = times  # now the most recent
@@ -1715,18 +1788,31 @@ class AuthThrottle:
                 self._failures.popitem(last=False)
 
     def _recent(self, source, now):
+        """-> (failures within the window, the last one's time)."""
+        if self.shared is not None:
+            return self.shared.recent(source, now, self.window)
         times = self._failures.get(source)
         while times and now - times[0] > self.window:
             times.popleft()
-        return len(times) if times else 0
+        return (len(times), times[-1]) if times else (0, None)
 
     def _delay(self, source, now):
-        count = self._recent(source, now)
+        count, last = self._recent(source, now)
         if count < self.threshold:
             return 0
         delay = min(self.base_delay * 2 ** (count - self.threshold), self.max_delay)
-        remaining = self._failures[source][-1] + delay - now
+        remaining = last + delay - now
         return math.ceil(remaining) if remaining > 0 else 0
+
+
+def shared_throttle(db_path, **options):
+    """An AuthThrottle whose counts every process serving ``db_path`` shares (a
+    file beside it), or one of this process alone where that file cannot be made."""
+    try:
+        return AuthThrottle(path=f"{db_path}-throttle", **options)
+    except OSError as exc:
+        log.warning("failed authentications are counted per process: %s", exc)
+        return AuthThrottle(**options)
 
 
 class EventStore:
@@ -1736,7 +1822,7 @@ class EventStore:
                  max_waiting=8, busy_timeout_ms=5000, auth_cache_seconds=AUTH_CACHE_SECONDS,
                  throttle=None, openapi=None, routes=ROUTES, poll_interval=0.025):
         self.db_path = str(db_path)
-        self.throttle = throttle if throttle is not None else AuthThrottle()
+        self.throttle = throttle if throttle is not None else shared_throttle(self.db_path)
         self.auth_cache_seconds = auth_cache_seconds
         self.router = Router(routes)
         self.max_body_bytes = max_body_bytes

@@ -79,7 +79,7 @@ def main(argv=None):
     try:
         max_waiting = args.max_waiting if args.max_waiting is not None else args.threads // 2
         app = eventstore.make_app(args.db, max_body_bytes=args.max_body, max_waiting=max_waiting,
-                                  throttle=eventstore.AuthThrottle(threshold=args.max_auth_failures))
+                                  throttle=eventstore.shared_throttle(args.db, threshold=args.max_auth_failures))
     except (sqlite3.Error, RuntimeError, OSError) as exc:
         print(f"error: cannot open {args.db} as an eventstore database: {exc}", file=sys.stderr)
         return 1

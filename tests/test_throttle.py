@@ -21,9 +21,12 @@ def clock():
     return FakeClock()
 
 
-@pytest.fixture
-def throttle(clock):
-    return eventstore.AuthThrottle(threshold=3, window=60, base_delay=2, max_delay=30, clock=clock)
+@pytest.fixture(params=["this process", "shared file"])
+def throttle(clock, request, tmp_path):
+    """The same rules whether the counts live in this process or in the file
+    that every process of a server shares."""
+    path = tmp_path / "db-throttle" if request.param == "shared file" else None
+    return eventstore.AuthThrottle(threshold=3, window=60, base_delay=2, max_delay=30, clock=clock, path=path)
 
 
 def fail(throttle, user="writer", address="10.0.0.1", times=1):
@@ -114,3 +117,25 @@ def test_a_threshold_of_zero_switches_throttling_off(clock):
     throttle = eventstore.AuthThrottle(threshold=0, clock=clock)
     fail(throttle, times=100)
     assert throttle.retry_after("writer", "10.0.0.1") == 0 and not throttle._failures
+
+
+def test_processes_sharing_the_file_share_the_count(clock, tmp_path):
+    """Two throttles on one file, as two worker processes of one server: the
+    guesses made against either count for both."""
+    first, second = (eventstore.AuthThrottle(threshold=4, clock=clock, path=tmp_path / "t") for _ in range(2))
+    for throttle in (first, second, first, second):
+        assert throttle.retry_after("writer", "10.0.0.9") == 0
+        throttle.failed("writer", "10.0.0.9")
+    assert first.retry_after("writer", "10.0.0.9") > 0 and second.retry_after("writer", "10.0.0.9") > 0
+    assert second.retry_after("writer", "10.0.0.10") == 0  # another address, not failing itself
+
+
+def test_the_shared_table_keeps_its_size_and_forgets_the_stalest(clock, tmp_path):
+    throttle = eventstore.AuthThrottle(threshold=2, clock=clock, path=tmp_path / "t")
+    size = (tmp_path / "t").stat().st_size
+    for n in range(40_000):
+        clock.now += 0.001
+        throttle.failed(f"user{n}", f"10.1.{n // 256}.{n % 256}")
+    assert (tmp_path / "t").stat().st_size == size
+    fail(throttle, user="fresh", address="10.9.9.9", times=2)
+    assert throttle.retry_after("fresh", "10.9.9.9") > 0
