@@ -1,8 +1,10 @@
-"""Serve eventstore with waitress: ``python serve.py [--host] [--port] [--db] [--threads]``.
+"""Serve eventstore with waitress: ``python serve.py [--host] [--port] [--db] [--processes] ...``.
 
 Reads flags and ``EVENTSTORE_DB``, creates the SYSTEM user ``admin`` on a
 database that has none (printing its key once to standard error), and serves
-``eventstore.make_app`` until interrupted.
+``eventstore.make_app`` until SIGTERM or SIGINT: in one process, or in N worker
+processes on one port (each its own SO_REUSEPORT socket, so the kernel spreads
+connections over them) supervised by the first, which restarts any that dies.
 """
 
 import argparse
@@ -10,8 +12,12 @@ import datetime
 import logging
 import os
 import re
+import signal
+import socket
 import sqlite3
+import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 
@@ -19,6 +25,7 @@ import waitress
 import waitress.channel
 import waitress.server
 import waitress.task
+import waitress.wasyncore
 
 import eventstore
 
@@ -46,10 +53,24 @@ def parse_args(argv=None):
                         help="largest request body accepted (default: %(default)s)")
     parser.add_argument("--no-access-log", dest="access_log", action="store_false",
                         help="do not write a line per request to standard error")
-    return parser.parse_args(argv)
+    parser.add_argument("--processes", type=int, default=None, metavar="N",
+                        help="worker processes on the one port (default: one per available CPU, "
+                             f"here {default_processes()})")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by the supervisor
+    args = parser.parse_args(argv)
+    if args.processes is not None and args.processes < 1:
+        parser.error("--processes must be at least 1")
+    return args
 
 
-def announce(db_path, host, port):
+def default_processes():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def announce(db_path, host, port, processes=1):
     """Create the first admin on an empty database and tell the operator how to
     authenticate. The key is printed once, to standard error."""
     conn = eventstore.open_database(db_path)
@@ -59,7 +80,8 @@ def announce(db_path, host, port):
         conn.close()
     base = f"http://{host}:{port}"
     say = lambda text="": print(text, file=sys.stderr)  # noqa: E731
-    say(f"eventstore serving {os.path.abspath(db_path)} on {base}")
+    workers = f" with {processes} worker processes" if processes > 1 else ""
+    say(f"eventstore serving {os.path.abspath(db_path)}{workers} on {base}")
     if admin_key:
         say()
         say("Created the SYSTEM user 'admin'. Its API key is shown only this once:")
@@ -76,27 +98,162 @@ def announce(db_path, host, port):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
+    processes = args.processes or default_processes()
+    if args.worker or processes == 1:
+        return serve_one(args, app_factory(args), announce_it=not args.worker)
+    if not hasattr(socket, "SO_REUSEPORT"):
+        print("note: this platform has no SO_REUSEPORT; serving in one process", file=sys.stderr)
+        return serve_one(args, app_factory(args), announce_it=True)
+    return supervise(args, sys.argv[1:] if argv is None else list(argv), processes, prepare=prepare_database)
+
+
+def prepare_database(args, port, processes):
+    """The supervisor's part before any worker starts: check the database and its
+    schema once, create the first admin, say how to authenticate."""
+    eventstore.make_app(args.db).close()
+    announce(args.db, args.host, port, processes)
+
+
+def app_factory(args):
+    """-> a function making the WSGI app this process serves (the access log around it)."""
+    def make():
         max_waiting = args.max_waiting if args.max_waiting is not None else args.threads // 2
         app = eventstore.make_app(args.db, max_body_bytes=args.max_body, max_waiting=max_waiting,
                                   throttle=eventstore.shared_throttle(args.db, threshold=args.max_auth_failures))
+        return app, (AccessLog(app) if args.access_log else app)
+    return make
+
+
+def serve_one(args, make_app, announce_it):
+    """Serve in this process until SIGTERM or SIGINT; -> exit status."""
+    try:
+        app, wsgi = make_app()
     except (sqlite3.Error, RuntimeError, OSError) as exc:
         print(f"error: cannot open {args.db} as an eventstore database: {exc}", file=sys.stderr)
         return 1
-    if args.access_log:
-        app = AccessLog(app)
     try:
-        server = create_waitress(app, args)
+        server = create_waitress(wsgi, args, reuse_port=args.worker)
     except OSError as exc:
         print(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr)
         return 1
+    if announce_it:
+        try:
+            announce(args.db, args.host, server.effective_port)
+        except (sqlite3.Error, RuntimeError, OSError) as exc:
+            print(f"error: cannot open {args.db} as an eventstore database: {exc}", file=sys.stderr)
+            return 1
+    run_until_stopped(server, app)
+    return 0
+
+
+def run_until_stopped(server, app=None, grace=10.0):
+    """Run waitress until SIGTERM or SIGINT, then stop cleanly: stop accepting,
+    answer waiting long polls now, finish the requests in progress and send
+    their answers (at most ``grace`` seconds), stop the app's writer."""
+    stopping = threading.Event()
+
+    def stop(signum, frame):
+        stopping.set()
+        server.pull_trigger()  # wake the loop now
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    loop = waitress.wasyncore.loop
+    while not stopping.is_set():
+        loop(timeout=1.0, map=server._map, use_poll=True, count=1)
+    for listener in list(server._map.values()):
+        if isinstance(listener, waitress.server.BaseWSGIServer):
+            listener.accepting = False
+            listener.del_channel()
+            listener.socket.close()
+    if app is not None and hasattr(app, "end_long_polls"):
+        app.end_long_polls()
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and not idle(server):
+        loop(timeout=0.05, map=server._map, use_poll=True, count=1)
+    server.task_dispatcher.shutdown(cancel_pending=True, timeout=1)
+    if app is not None and hasattr(app, "close"):
+        app.close()
+
+
+def idle(server):
+    """No request being worked on, and every answer sent."""
+    dispatcher = server.task_dispatcher
+    channels = [c for c in server._map.values() if isinstance(c, waitress.channel.HTTPChannel)]
+    return not dispatcher.queue and all(not c.requests and not c.total_outbufs_len for c in channels)
+
+
+def supervise(args, argv, processes, prepare, script=__file__, restart_limit=5, restart_window=30.0):
+    """The first process: reserve the port, ``prepare(args, port, processes)``
+    (create the first admin), start ``processes`` workers (``script`` with
+    --worker) and keep them running.
+    SIGTERM/SIGINT stop them all cleanly; a worker that dies is restarted and
+    logged; if workers die ``restart_limit`` times within ``restart_window``
+    seconds of starting, the server gives up with exit status 1."""
+    # A bound but not listening SO_REUSEPORT socket: it reserves the port (and
+    # resolves --port 0) for the workers' own sockets, and takes no connections.
+    reserved = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
+    reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
-        announce(args.db, args.host, server.effective_port)
-    except (sqlite3.Error, RuntimeError, OSError) as exc:
+        reserved.bind((args.host, args.port))
+        port = reserved.getsockname()[1]
+        prepare(args, port, processes)
+    except OSError as exc:
+        print(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except (sqlite3.Error, RuntimeError) as exc:
         print(f"error: cannot open {args.db} as an eventstore database: {exc}", file=sys.stderr)
         return 1
-    server.run()
-    return 0
+    command = [sys.executable, os.path.abspath(script), *without_port(argv), "--port", str(port), "--worker"]
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    log = logging.getLogger("eventstore.supervisor")
+    workers, early_deaths = {}, []
+    for slot in range(processes):
+        workers[slot] = (subprocess.Popen(command), time.monotonic())
+    status = 0
+    while not stopping.wait(0.2):
+        for slot, (worker, started) in list(workers.items()):
+            code = worker.poll()
+            if code is None:
+                continue
+            now = time.monotonic()
+            log.warning("worker %d (pid %d) exited with status %s; starting another", slot, worker.pid, code)
+            if now - started < restart_window:
+                early_deaths = [t for t in early_deaths if now - t < restart_window] + [now]
+            if len(early_deaths) >= restart_limit:
+                log.error("workers keep dying at start (%d times in %.0f s); stopping", len(early_deaths),
+                          restart_window)
+                stopping.set()
+                status = 1
+                break
+            workers[slot] = (subprocess.Popen(command), now)
+    for worker, _ in workers.values():
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    for worker, _ in workers.values():
+        try:
+            worker.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+    reserved.close()
+    return status
+
+
+def without_port(argv):
+    """The command line minus --port (the workers get the port the supervisor reserved)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--port":
+            skip = True
+        elif not arg.startswith("--port="):
+            kept.append(arg)
+    return kept
 
 
 class AccessLog:
@@ -177,14 +334,9 @@ class OneWriteChannel(waitress.channel.HTTPChannel):
     task_class = OneWriteTask
 
 
-def run_waitress(app, args):
-    """Serve ``app`` with the settings the flags give (the benchmark's baseline
-    app is served through here too, so both run under the same settings)."""
-    create_waitress(app, args).run()
-
-
-def create_waitress(app, args):
-    """A waitress server for ``app``, listening (so the port is known), not yet serving."""
+def create_waitress(app, args, reuse_port=False):
+    """A waitress server for ``app``, listening (so the port is known), not yet
+    serving; with ``reuse_port``, on its own SO_REUSEPORT socket."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # waitress warns of queued requests on every request past the thread count;
     # under load and with long polls that is the normal state, not news.
@@ -194,8 +346,17 @@ def create_waitress(app, args):
     # app's limit it lets the app answer 413 as problem+json, beyond that it
     # answers its own plain 413 and closes the connection without buffering more.
     listeners = {}
+    sockets = {}
+    if reuse_port:
+        sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((args.host, args.port))
+        sock.listen(1024)
+        sockets = {"sockets": [sock]}
+    else:
+        sockets = {"host": args.host, "port": args.port}
     server = waitress.create_server(
-        app, map=listeners, host=args.host, port=args.port, threads=args.threads,
+        app, map=listeners, **sockets, threads=args.threads,
         connection_limit=args.connection_limit, channel_timeout=args.channel_timeout,
         cleanup_interval=max(1, min(30, args.channel_timeout // 2)),
         max_request_header_size=64 * 1024, max_request_body_size=8 * args.max_body,

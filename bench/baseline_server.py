@@ -17,6 +17,14 @@ def baseline_app(environ, start_response):
     return [b""]
 
 
+def announce(args, port, processes):
+    print(f"baseline serving on http://{args.host}:{port} with {processes} processes", file=sys.stderr)
+
+
 if __name__ == "__main__":
     args = serve.parse_args()
-    serve.run_waitress(baseline_app, args)
+    processes = args.processes or 1
+    if args.worker or processes == 1:
+        serve.run_until_stopped(serve.create_waitress(baseline_app, args, reuse_port=args.worker))
+    else:
+        sys.exit(serve.supervise(args, sys.argv[1:], processes, prepare=announce, script=__file__))

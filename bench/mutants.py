@@ -106,6 +106,15 @@ MUTANTS = [
         ('        "UPDATE events SET member_id = NULL, start_us = NULL',
          '        "UPDATE events SET member_id = member_id, start_us = NULL'),
     ], ["tests/test_events.py", "tests/test_lifecycle.py"]),
+    ("failed authentications counted per process", "eventstore.py", [
+        ('        return AuthThrottle(path=f"{db_path}-throttle", **options)', "        return AuthThrottle(**options)"),
+    ], ["tests/test_processes.py"]),
+    ("other processes' commits never wake a long poll", "eventstore.py", [
+        ("                if current != version:", "                if False:"),
+    ], ["tests/test_processes.py"]),
+    ("a stopping server does not answer waiting long polls", "serve.py", [
+        ("        app.end_long_polls()\n", "        pass\n"),
+    ], ["tests/test_processes.py"]),
     ("batch is not all or nothing", "eventstore.py", [
         ("    if errors:\n        failing = len({e[\"index\"] for e in errors})",
          "    events = [e for e in events if True]\n    if errors and not events:\n"

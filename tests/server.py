@@ -28,14 +28,15 @@ def free_port():
 
 class Server:
     """``python serve.py`` on a temporary database, on a port it picks itself
-    (named in its banner) unless ``port`` is given; stopped by stop().
-    ``prefix`` runs it under another command (strace)."""
+    (named in its banner) unless ``port`` is given, in one process unless
+    ``processes`` says more; stopped by stop(). ``prefix`` runs it under another
+    command (strace)."""
 
-    def __init__(self, db_path, *args, env=None, port=0, prefix=(), startup_seconds=30):
+    def __init__(self, db_path, *args, env=None, port=0, prefix=(), startup_seconds=30, processes=1):
         self.db_path = str(db_path)
         self.process = subprocess.Popen(
             [*prefix, sys.executable, "-u", str(ROOT / "serve.py"), "--port", str(port), "--db", self.db_path,
-             *args],
+             "--processes", str(processes), *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
             env={**os.environ, **(env or {})}, start_new_session=True)
         # Read the server's log from the start, in a thread, so that it never
@@ -101,6 +102,11 @@ class Server:
         finally:
             connection.close()
 
+    def workers(self):
+        """The pids of the supervisor's worker processes (--processes > 1)."""
+        path = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        return [int(pid) for pid in path.read_text().split()] if path.exists() else []
+
     def stop(self):
         """SIGTERM to the server's process group (a wrapper such as strace and
         the server itself), SIGKILL if it has not stopped within 10 s."""
@@ -125,12 +131,14 @@ class Server:
                 stream.close()
 
 
-def publish_while_following(publishers, follower, key, workers=6, puts=40, ids=10):
+def publish_while_following(publishers, follower, key, workers=6, puts=40, ids=10, followers=()):
     """Threads PUT events of program FOO through the ``publishers`` servers (round
-    robin) while one thread follows ``Next`` on ``follower`` until it has caught up.
+    robin) while a thread follows ``Next`` on ``follower`` (and one on each of
+    ``followers``) until it has caught up.
     -> (acknowledged {EventId: last acknowledged revision},
-        seen [(Sequence, EventId, Revision)] in the order served)."""
-    acknowledged, seen = {}, []
+        seen [(Sequence, EventId, Revision)] in the order served to the first
+        follower; with ``followers``, a list of those, one per follower)."""
+    acknowledged = {}
     lock, publishing = threading.Lock(), threading.Event()
     publishing.set()
 
@@ -145,18 +153,21 @@ def publish_while_following(publishers, follower, key, workers=6, puts=40, ids=1
             with lock:
                 acknowledged[event_id] = int(headers["etag"].strip('"'))
 
-    def follow():
+    def follow(server, seen):
         url = "/events?limit=7"
         while True:
             caught_up = not publishing.is_set()
-            page = follower.request("GET", url, user="admin", key=key)[2]
+            page = server.request("GET", url, user="admin", key=key)[2]
             seen.extend((e["Sequence"], e["EventId"], e["Revision"]) for e in page["Events"])
             url = page["Next"]
             if caught_up and not page["HasMore"]:
                 return
 
-    following = threading.Thread(target=follow, daemon=True)
-    following.start()
+    seens = [[] for _ in (follower, *followers)]
+    followings = [threading.Thread(target=follow, args=(server, seen), daemon=True)
+                  for server, seen in zip((follower, *followers), seens)]
+    for following in followings:
+        following.start()
     threads = [threading.Thread(target=publish, args=(w,), daemon=True) for w in range(workers)]
     for thread in threads:
         thread.start()
@@ -165,12 +176,13 @@ def publish_while_following(publishers, follower, key, workers=6, puts=40, ids=1
         thread.join(max(0.0, deadline - time.monotonic()))
         assert not thread.is_alive(), "a publisher did not finish in time"
     publishing.clear()
-    following.join(60)
-    assert not following.is_alive(), "the follower did not catch up in time"
+    for following in followings:
+        following.join(60)
+        assert not following.is_alive(), "a follower did not catch up in time"
     # An exception in a thread fails the test (pytest.ini); and the run did its work:
     assert len(acknowledged) == workers * ids, f"{len(acknowledged)} of {workers * ids} events acknowledged"
-    assert len(seen) >= len(acknowledged)
-    return acknowledged, seen
+    assert all(len(seen) >= len(acknowledged) for seen in seens)
+    return acknowledged, (seens if followers else seens[0])
 
 
 def assert_seen_every_change_once_in_order(seen, acknowledged):

@@ -1,0 +1,218 @@
+"""serve.py --processes N: worker processes on one port over one database,
+supervised; writers that take turns across processes; long polls and the
+throttle that hold for the server as a whole."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from server import ROOT, Server, assert_seen_every_change_once_in_order, publish_while_following
+
+
+def setup_program(server):
+    assert server.request("PUT", "/programs/FOO", {"Name": "Foo"}, user="admin", key=server.admin_key)[0] == 200
+
+
+def body(n=0):
+    return {"ProgramId": "FOO", "ProgramMemberId": "m", "EventType": "T",
+            "EventStartUTC": "2026-03-01T09:30:00Z", "EventData": {"n": n}}
+
+
+def wait_for(predicate, what, timeout=20):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def two(tmp_path):
+    server = Server(tmp_path / "two.db", processes=2)
+    wait_for(lambda: len(server.workers()) == 2, "two workers")
+    setup_program(server)
+    yield server
+    server.stop()
+
+
+def test_two_worker_processes_keep_the_sync_guarantee_for_every_follower(two):
+    acknowledged, seens = publish_while_following([two], two, two.admin_key, workers=6, puts=40, ids=10,
+                                                  followers=[two])
+    for seen in seens:
+        assert_seen_every_change_once_in_order(seen, acknowledged)
+
+
+def test_both_workers_answer(two):
+    """Connections are spread over the workers (each its own SO_REUSEPORT socket):
+    a long poll held in one worker does not stop the other from answering."""
+    pids = set(two.workers())
+    assert len(pids) == 2
+    answered = []
+
+    def poll():
+        answered.append(two.request("GET", "/events?wait=3", user="admin", key=two.admin_key)[0])
+
+    pollers = [threading.Thread(target=poll, daemon=True) for _ in range(6)]
+    for poller in pollers:
+        poller.start()
+    for _ in range(20):
+        assert two.request("GET", "/health")[0] == 200
+    for poller in pollers:
+        poller.join(20)
+    assert answered == [200] * 6
+
+
+def test_long_polls_in_each_worker_wake_on_commits_of_the_other(tmp_path):
+    """Two separate servers on one file stand for two workers, so that the test
+    knows which process holds the poll and which commits."""
+    first, second = Server(tmp_path / "wake.db"), Server(tmp_path / "wake.db")
+    try:
+        setup_program(first)
+        for poller, publisher, n in ((first, second, 1), (second, first, 2), (first, first, 3)):
+            result = {}
+
+            def consume():
+                started = time.monotonic()
+                result["page"] = poller.request("GET", f"/events?wait=20&after={n - 1}", user="admin",
+                                                key=first.admin_key)[2]
+                result["elapsed"] = time.monotonic() - started
+
+            consumer = threading.Thread(target=consume, daemon=True)
+            consumer.start()
+            wait_for(lambda: poller.request("GET", "/health")[2]["longPolls"] == 1, "the poll waits")
+            assert publisher.request("PUT", f"/events/FOO-{n}", body(n), user="admin", key=first.admin_key)[0] == 200
+            consumer.join(25)
+            assert not consumer.is_alive()
+            assert [e["EventId"] for e in result["page"]["Events"]] == [f"FOO-{n}"]
+            assert result["elapsed"] < 10  # woken, not timed out (speed is make bench's job)
+        # The command line's commit wakes a poll too.
+        result = {}
+        consumer = threading.Thread(target=lambda: result.update(page=first.request(
+            "GET", "/events?wait=20&after=3", user="admin", key=first.admin_key)[2]), daemon=True)
+        consumer.start()
+        wait_for(lambda: first.request("GET", "/health")[2]["longPolls"] == 1, "the poll waits")
+        line = tmp_path / "one.jsonl"
+        line.write_text(json.dumps({"EventId": "FOO-cli", **body()}) + "\n")
+        subprocess.run([sys.executable, str(ROOT / "eventstore.py"), "--db", first.db_path, "import", str(line)],
+                       check=True, capture_output=True, timeout=30)
+        consumer.join(25)
+        assert not consumer.is_alive()
+        assert [e["EventId"] for e in result["page"]["Events"]] == ["FOO-cli"]
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_a_killed_worker_is_restarted_and_nothing_acknowledged_is_lost(two):
+    acknowledged, lock, stop = {}, threading.Lock(), threading.Event()
+    answered_during = []
+
+    def publish(worker):
+        n = 0
+        while not stop.is_set():
+            event_id = f"FOO-k{worker}-{n % 20}"
+            try:
+                status, headers, _ = two.request("PUT", f"/events/{event_id}", body(n), user="admin",
+                                                 key=two.admin_key, timeout=10)
+            except OSError:
+                continue  # the killed worker's connection: not acknowledged
+            if status == 200:
+                with lock:
+                    acknowledged[event_id] = max(acknowledged.get(event_id, 0), int(headers["etag"].strip('"')))
+            n += 1
+
+    publishers = [threading.Thread(target=publish, args=(w,), daemon=True) for w in range(6)]
+    for publisher in publishers:
+        publisher.start()
+    wait_for(lambda: len(acknowledged) >= 30, "publishing under way")
+    victim, survivor = two.workers()
+    os.kill(victim, signal.SIGKILL)
+    # Meanwhile the server keeps answering (a connection that was queued on the
+    # killed worker's socket is reset: a client tries again), and the supervisor
+    # starts another worker.
+    for _ in range(10):
+        try:
+            answered_during.append(two.request("GET", "/health")[0])
+        except ConnectionResetError:
+            answered_during.append(two.request("GET", "/health")[0])
+    wait_for(lambda: len(two.workers()) == 2 and victim not in two.workers(), "a new worker")
+    assert survivor in two.workers()
+    assert answered_during == [200] * 10
+    time.sleep(0.5)
+    stop.set()
+    for publisher in publishers:
+        publisher.join(30)
+        assert not publisher.is_alive()
+    assert "exited with status -9; starting another" in "".join(two.log)
+    conn = sqlite3.connect(two.db_path)
+    stored = dict(conn.execute("SELECT event_id, revision FROM events"))
+    assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    conn.close()
+    assert {e: r for e, r in acknowledged.items() if stored.get(e, 0) < r} == {}
+    assert len(acknowledged) >= 60
+
+
+def test_sigterm_stops_every_process_cleanly_answering_long_polls(tmp_path):
+    server = Server(tmp_path / "term.db", processes=2)
+    try:
+        wait_for(lambda: len(server.workers()) == 2, "two workers")
+        setup_program(server)
+        assert server.request("PUT", "/events/FOO-1", body(), user="admin", key=server.admin_key)[0] == 200
+        workers = server.workers()
+        answers = []
+
+        def poll():
+            answers.append(server.request("GET", "/events?wait=30&after=1", user="admin",
+                                          key=server.admin_key, timeout=40)[0])
+
+        pollers = [threading.Thread(target=poll, daemon=True) for _ in range(4)]
+        for poller in pollers:
+            poller.start()
+        time.sleep(0.5)  # the polls are waiting (a poll not yet begun is refused or answered, either is fine)
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(15) == 0
+        stopped_in = time.monotonic() - started
+        for poller in pollers:
+            poller.join(10)
+            assert not poller.is_alive()
+        assert answers == [200] * 4  # answered early, not cut off
+        assert stopped_in < 10
+        assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}")]
+    finally:
+        server.stop()
+    conn = sqlite3.connect(tmp_path / "term.db")
+    assert conn.execute("SELECT revision FROM events WHERE event_id = 'FOO-1'").fetchone() == (1,)
+    conn.close()
+
+
+def test_the_failed_authentication_throttle_holds_across_workers(tmp_path):
+    server = Server(tmp_path / "throttle.db", "--max-auth-failures", "4", processes=2)
+    try:
+        wait_for(lambda: len(server.workers()) == 2, "two workers")
+        statuses = [server.request("GET", "/programs", user="admin", key="esk_" + "x" * 43)[0] for _ in range(10)]
+    finally:
+        server.stop()
+    # Each request is a new connection, spread over both workers; had each kept its
+    # own count, up to 8 guesses would have been answered 401.
+    assert statuses[:4] == [401] * 4 and set(statuses[4:]) == {429}, statuses
+
+
+def test_workers_that_keep_dying_at_start_stop_the_server_with_status_1(tmp_path):
+    import eventstore
+    db = tmp_path / "dying.db"
+    eventstore.open_database(db).close()
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    # A sitecustomize that makes every worker (and only the workers) exit at once.
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os, sys\nif '--worker' in sys.argv: os._exit(3)\n")
+    result = subprocess.run([sys.executable, str(ROOT / "serve.py"), "--db", str(db), "--port", "0",
+                             "--processes", "2"], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 1
+    assert "workers keep dying at start" in result.stderr
