@@ -127,6 +127,11 @@ class Client:
 
     def follow_pages(self, after=0, until_caught_up=False, **filters):
         """follow, a page at a time: -> (events, the Sequence to resume after)."""
+        for events, _, last in self._pages(after, until_caught_up, filters):
+            yield events, last
+
+    def _pages(self, after, until_caught_up, filters):
+        """-> (events, their JSON texts as the server sent them, last Sequence) a page at a time."""
         wait = 0 if until_caught_up else LONG_POLL_SECONDS
         query = []
         for name, value in filters.items():
@@ -134,14 +139,13 @@ class Client:
                 query.append((name, str(item)))
         path = "/events?" + urllib.parse.urlencode(query + [("after", int(after))])
         while True:
-            page = self._call("GET", f"{path}&wait={wait}", retry_for=None,
-                              timeout=max(self.timeout, wait + 30))[2]
-            events = page["Events"]
+            events, texts, page = self._call("GET", f"{path}&wait={wait}", retry_for=None,
+                                             timeout=max(self.timeout, wait + 30), parse=parse_page)[2]
             after = events[-1]["Sequence"] if events else after
             # Next is relative to the server's root; keep our own path prefix off it.
             path = page["Next"][len(self.prefix):] if page["Next"].startswith(self.prefix + "/") else page["Next"]
             if events:
-                yield events, after
+                yield events, texts, after
             elif until_caught_up:
                 return
 
@@ -151,8 +155,9 @@ class Client:
         return "/events/" + urllib.parse.quote(event_id, safe="")
 
     def _call(self, method, path, body=None, headers=None, retry_for=..., timeout=None,
-              resent_404_is_done=False):
-        """One request, retried as the class says -> (status, headers, parsed body)."""
+              resent_404_is_done=False, parse=None):
+        """One request, retried as the class says -> (status, headers, parsed body);
+        ``parse`` reads a successful answer's bytes instead of json.loads."""
         retry_for = self.retry_for if retry_for is ... else retry_for
         deadline = None if retry_for is None else time.monotonic() + retry_for
         payload = None if body is None else json.dumps(body, ensure_ascii=False).encode("utf-8")
@@ -160,7 +165,7 @@ class Client:
         while True:
             attempt += 1
             try:
-                return self._send(method, path, payload, headers or {}, timeout)
+                return self._send(method, path, payload, headers or {}, timeout, parse)
             except ClientError as error:
                 if error.status == 404 and resent_404_is_done and attempt > 1:
                     return 404, {}, None  # an earlier try did it; its answer was lost
@@ -173,7 +178,7 @@ class Client:
                 self.log(f"{method} {path}: {retry.error}; trying again in {delay:.1f} s")
                 self.sleep(delay)
 
-    def _send(self, method, path, payload, headers, timeout):
+    def _send(self, method, path, payload, headers, timeout, parse=None):
         all_headers = dict(self._headers, **headers)
         if payload is not None:
             all_headers["Content-Type"] = "application/json"
@@ -188,6 +193,8 @@ class Client:
         if response.getheader("Connection", "").lower() == "close":
             self._close()
         answer_headers = {name.lower(): value for name, value in response.getheaders()}
+        if response.status < 400 and parse is not None:
+            return response.status, answer_headers, parse(raw)
         try:
             answer = json.loads(raw) if raw else None
         except ValueError:
@@ -218,6 +225,27 @@ class Client:
 
     def close(self):
         self._close()
+
+
+_DECODER = json.JSONDecoder()
+PAGE_START = '{"Events":['
+
+
+def parse_page(raw):
+    """A feed page's bytes -> (events as dicts, each event's JSON text as sent,
+    the rest of the page). Each event is decoded where it stands and its text
+    kept, so that writing JSON Lines needs no second encoding."""
+    text = raw.decode("utf-8")
+    if not text.startswith(PAGE_START):  # not the server's compact form: the slow way
+        page = json.loads(text)
+        return page["Events"], [json_line(event)[:-1] for event in page["Events"]], page
+    events, texts, index = [], [], len(PAGE_START)
+    while text[index] != "]":
+        event, end = _DECODER.raw_decode(text, index)
+        events.append(event)
+        texts.append(text[index:end])
+        index = end + 1 if text[end] == "," else end
+    return events, texts, json.loads("{" + text[index + 2:])
 
 
 def _retry_after(value):
@@ -369,8 +397,8 @@ def cmd_follow(client, args, out, err):
     filters = {name: value for name, value in (("ProgramId", args.program), ("EventType", args.type),
                                                  ("ProgramMemberId", args.member), ("limit", args.limit)) if value}
     count = 0
-    for events, last in client.follow_pages(after, args.until_caught_up, **filters):
-        out.write("".join(map(json_line, events)).encode("utf-8"))
+    for events, texts, last in client._pages(after, args.until_caught_up, filters):
+        out.write(("\n".join(texts) + "\n").encode("utf-8"))
         out.flush()  # the events are out before the cursor says so
         if args.cursor_file:
             write_cursor(args.cursor_file, last)

@@ -14,6 +14,12 @@ Issue 3:
   7. server RSS after 50,000 requests without credentials (401s) / before them
   8. eventstore_client.py follow --until-caught-up of the full database to /dev/null
      / figure 4's pull through Next
+Issue 10 (serve.py --processes):
+  9. GET /events/{id} at --processes 2 / the baseline app served by 2 processes
+ 10. GET at --processes 2 / GET at --processes 1 (figure 2's run)
+ 11. PUT at --processes 2 / the baseline at 1 process (figure 1's), and its p99
+ 12. cross-process long-poll wake-up: ms from a PUT sent to one process to the
+     answer of a long poll waiting in another (p50/p99)
   plus p50/p99 latency of 1 and 2.
 Issue 4:
   export and import events/s / raw sqlite3 read and executemany of the same rows,
@@ -25,6 +31,7 @@ The load generator is wrk (Debian's package; the Makefile installs it).
 
 import argparse
 import base64
+import threading
 import http.client
 import json
 import os
@@ -53,6 +60,13 @@ TARGETS = {  # figure -> (lowest acceptable ratio, or highest for RSS growth)
     "6. RSS after/before 100k requests": ("<", 1.10),
     "7. RSS after/before 50k 401s": ("<", 1.10),
     "8. client follow vs pull via Next": (">=", 0.7),
+    "9. GET, 2 processes vs baseline at 2": (">=", 0.6),
+    "10. GET, 2 processes vs 1 process": (">=", 2.0),
+    "11. PUT, 2 processes vs baseline at 1": (">=", 0.5),
+}
+LATENCY_TARGETS = {  # (p99 in ms, at most)
+    "11. PUT, 2 processes": 25.0,
+    "12. cross-process long-poll wake-up": 100.0,
 }
 
 NO_AUTH_LUA = """
@@ -139,10 +153,10 @@ def timed_child(argv, stdout=subprocess.DEVNULL):
 
 
 class Baseline:
-    def __init__(self):
+    def __init__(self, processes=1):
         self.port = free_port()
         self.process = subprocess.Popen([PYTHON, str(ROOT / "bench" / "baseline_server.py"), "--port",
-                                         str(self.port)], stderr=subprocess.DEVNULL)
+                                         str(self.port), "--processes", str(processes)], stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -156,6 +170,44 @@ class Baseline:
     def stop(self):
         self.process.terminate()
         self.process.wait()
+
+
+def wake_up_latencies(workdir, samples=60):
+    """Cross-process long-poll wake-up: a long poll waiting in one server process,
+    a PUT through another on the same database; -> sorted ms from sending the PUT
+    to the poll's answer."""
+    first = Server(workdir / "wake.db")
+    second = Server(workdir / "wake.db")
+    key = first.admin_key
+    first.request("PUT", "/programs/FOO", {"Name": "Foo"}, user="admin", key=key)
+    latencies = []
+    try:
+        for n in range(samples):
+            answered = {}
+
+            def poll():
+                first.request("GET", f"/events?wait=10&after={n}", user="admin", key=key)
+                answered["at"] = time.perf_counter()
+
+            poller = threading.Thread(target=poll)
+            poller.start()
+            deadline = time.monotonic() + 10
+            while first.request("GET", "/health")[2]["longPolls"] != 1:
+                if time.monotonic() > deadline:
+                    raise SystemExit("the long poll did not start waiting")
+                time.sleep(0.005)
+            sent = time.perf_counter()
+            second.request("PUT", f"/events/FOO-{n}", event_body(n), user="admin", key=key)
+            poller.join(15)
+            latencies.append((answered["at"] - sent) * 1000)
+    finally:
+        first.stop()
+        second.stop()
+    return sorted(latencies)
+
+
+def percentile(values, percent):
+    return values[min(len(values) - 1, int(len(values) * percent / 100))]
 
 
 # --- building databases -------------------------------------------------------------
@@ -235,6 +287,29 @@ def main():
     ratio("2. GET vs baseline app", ours_get[0], base_get[0], "req/s")
     latencies = {"1. PUT": put_empty[1:3], "1. baseline PUT": base_put[1:3],
                  "2. GET": ours_get[1:3], "2. baseline GET": base_get[1:3]}
+
+    # Issue 10: the same PUTs and GETs with 2 worker processes, against the
+    # baseline app served by 2 processes the same way.
+    say("9-11: PUT and GET at --processes 2, and the baseline at 2 ...")
+    two = Server(workdir / "empty.db", processes=2)
+    baseline2 = Baseline(processes=2)
+    wrk(two.port, put_lua, 2, args=["warm2"])
+    base_get2 = wrk(baseline2.port, get_lua, options.seconds)
+    base_put2 = wrk(baseline2.port, put_lua, options.seconds, args=["b2"])
+    get2 = wrk(two.port, get_lua, options.seconds)
+    put2 = wrk(two.port, put_lua, options.seconds, args=["two"])
+    baseline2.stop()
+    two.stop()
+    ratio("9. GET, 2 processes vs baseline at 2", get2[0], base_get2[0], "req/s")
+    ratio("10. GET, 2 processes vs 1 process", get2[0], ours_get[0], "req/s")
+    ratio("11. PUT, 2 processes vs baseline at 1", put2[0], base_put[0], "req/s")
+    notes.append(f"baseline PUT at 2 processes: {base_put2[0]:,.0f} req/s; "
+                 f"PUT at 2 processes vs baseline at 2: {put2[0] / base_put2[0]:.2f}")
+    latencies.update({"9. GET, 2 processes": get2[1:3], "11. PUT, 2 processes": put2[1:3],
+                      "9. baseline GET, 2": base_get2[1:3]})
+    say("12: cross-process long-poll wake-up ...")
+    wakes = wake_up_latencies(workdir)
+    latencies["12. cross-process long-poll wake-up"] = (percentile(wakes, 50), percentile(wakes, 99))
 
     # 6: RSS over 100,000 requests on the same server (it has served ~warm-up already).
     say("6: RSS over 100,000 requests ...")
@@ -378,9 +453,11 @@ def main():
             met = value >= bound if op == ">=" else value < bound
             verdict = f"{op} {bound:<5} {'met' if met else 'NOT MET'}"
         print(f"{name:40} {value:7.2f}  {verdict}")
-    print("\nlatency (ms)            p50     p99")
+    print(f"\n{'latency (ms)':40} {'p50':>7} {'p99':>7}  target")
     for name, (p50, p99) in latencies.items():
-        print(f"{name:20} {p50:7.2f} {p99:7.2f}")
+        bound = LATENCY_TARGETS.get(name)
+        verdict = f"p99 < {bound:g} {'met' if p99 < bound else 'NOT MET'}" if bound else ""
+        print(f"{name:40} {p50:7.2f} {p99:7.2f}  {verdict}")
     print(f"\nexporter peak RSS: {export_rss:.1f} MB; importer peak RSS: {import_rss:.1f} MB")
     print("\n".join(notes))
 

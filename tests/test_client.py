@@ -335,3 +335,13 @@ def test_a_follower_killed_at_any_moment_and_restarted_on_its_cursor_misses_noth
     repeats = len(sequences) - len(set(sequences))
     assert repeats <= 3 * 1000, repeats  # at most one page (--limit, 1000) per restart
     assert int(cursor.read_text()) == max(sequences)
+
+
+def test_follow_keeps_tricky_strings_whole(server):
+    tricky = {"a": '},{"EventId":"x"}]', "b": "line\u2028sep\u2029", "c": ["]", "[", "\\"], "d": "é\n\"q\""}
+    server.request("PUT", "/events/FOO-t", {**body(), "EventData": tricky}, user="admin", key=server.admin_key)
+    result = run_cli(server, "follow", "--until-caught-up")
+    assert result.returncode == 0, result.stderr
+    (line,) = result.stdout.splitlines()  # str.splitlines splits at U+2028 too: it must be escaped
+    assert json.loads(line)["EventData"] == tricky
+    assert list(admin_client(server).follow(until_caught_up=True))[0]["EventData"] == tricky
