@@ -9,6 +9,7 @@ import queue
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -129,6 +130,57 @@ class Server:
         if not self.log_reader.is_alive():  # closing a pipe another thread reads would block
             for stream in (self.process.stdout, self.process.stderr):
                 stream.close()
+
+
+class PutLoad:
+    """``workers`` threads PUTting events of program FOO through ``server`` until
+    stop(); ``acknowledged`` maps each EventId to its highest acknowledged
+    revision. A connection error ends a thread (``retry=False``: the server
+    died) or is tried again (``retry=True``: one worker of several died)."""
+
+    def __init__(self, server, key, name, workers=8, ids=25, retry=False):
+        self.acknowledged, self._lock, self._stop = {}, threading.Lock(), threading.Event()
+        self._threads = [threading.Thread(target=self._publish, args=(server, key, f"FOO-{name}-w{w}", ids, retry),
+                                          daemon=True) for w in range(workers)]
+        for thread in self._threads:
+            thread.start()
+
+    def _publish(self, server, key, prefix, ids, retry):
+        n = 0
+        while not self._stop.is_set():
+            event_id = f"{prefix}-{n % ids}"
+            body = {"ProgramId": "FOO", "ProgramMemberId": "m", "EventType": "T",
+                    "EventStartUTC": "2026-03-01T09:30:00Z", "EventData": {"n": n}}
+            try:
+                status, headers, _ = server.request("PUT", f"/events/{event_id}", body, user="admin", key=key,
+                                                    timeout=10)
+            except OSError:
+                if retry:
+                    continue  # not acknowledged
+                return
+            if status == 200:
+                with self._lock:
+                    self.acknowledged[event_id] = max(self.acknowledged.get(event_id, 0),
+                                                      int(headers["etag"].strip('"')))
+            n += 1
+
+    def stop(self):
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+            assert not thread.is_alive(), "a publisher did not stop"
+        return self.acknowledged
+
+
+def missing_from(db_path, acknowledged):
+    """Acknowledged revisions the database does not hold; the file must pass integrity_check."""
+    conn = sqlite3.connect(db_path)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        stored = dict(conn.execute("SELECT event_id, revision FROM events"))
+    finally:
+        conn.close()
+    return {e: r for e, r in acknowledged.items() if stored.get(e, 0) < r}
 
 
 def publish_while_following(publishers, follower, key, workers=6, puts=40, ids=10, followers=()):

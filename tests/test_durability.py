@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from server import Server, assert_seen_every_change_once_in_order, publish_while_following
+from server import PutLoad, Server, assert_seen_every_change_once_in_order, missing_from, publish_while_following
 
 
 def body(n=0, member="m"):
@@ -115,40 +115,13 @@ def test_acknowledged_writes_survive_sigkill(tmp_path):
         server = Server(db)
         key = key or server.admin_key
         setup_program(server) if round_number == 0 else None
-        lock, stop = threading.Lock(), threading.Event()
-
-        def publish(worker):
-            n = 0
-            while not stop.is_set():
-                event_id = f"FOO-r{round_number}-w{worker}-{n % 25}"
-                try:
-                    status, headers, _ = server.request("PUT", f"/events/{event_id}", body(n), user="admin",
-                                                        key=key, timeout=5)
-                except OSError:
-                    return  # the server died mid-request: not acknowledged
-                if status == 200:
-                    with lock:
-                        acknowledged[event_id] = max(acknowledged.get(event_id, 0),
-                                                     int(headers["etag"].strip('"')))
-                n += 1
-
-        workers = [threading.Thread(target=publish, args=(w,), daemon=True) for w in range(8)]
-        for worker in workers:
-            worker.start()
+        load = PutLoad(server, key, f"r{round_number}")
         time.sleep(rng.uniform(0.3, 1.2))  # a random moment under load, not a synchronization
         os.kill(server.process.pid, signal.SIGKILL)
         server.process.wait(10)
-        stop.set()
-        for worker in workers:
-            worker.join(20)
-            assert not worker.is_alive()
+        acknowledged.update(load.stop())
         server.stop()
-        conn = sqlite3.connect(db)
-        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-        stored = dict(conn.execute("SELECT event_id, revision FROM events"))
-        conn.close()
-        missing = {e: r for e, r in acknowledged.items() if stored.get(e, 0) < r}
-        assert not missing, missing
+        assert missing_from(db, acknowledged) == {}
     assert len(acknowledged) > 50
 
 

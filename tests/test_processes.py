@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from server import ROOT, Server, assert_seen_every_change_once_in_order, publish_while_following
+from server import ROOT, PutLoad, Server, assert_seen_every_change_once_in_order, missing_from, publish_while_following
 
 
 def setup_program(server):
@@ -110,32 +110,14 @@ def test_long_polls_in_each_worker_wake_on_commits_of_the_other(tmp_path):
 
 
 def test_a_killed_worker_is_restarted_and_nothing_acknowledged_is_lost(two):
-    acknowledged, lock, stop = {}, threading.Lock(), threading.Event()
-    answered_during = []
-
-    def publish(worker):
-        n = 0
-        while not stop.is_set():
-            event_id = f"FOO-k{worker}-{n % 20}"
-            try:
-                status, headers, _ = two.request("PUT", f"/events/{event_id}", body(n), user="admin",
-                                                 key=two.admin_key, timeout=10)
-            except OSError:
-                continue  # the killed worker's connection: not acknowledged
-            if status == 200:
-                with lock:
-                    acknowledged[event_id] = max(acknowledged.get(event_id, 0), int(headers["etag"].strip('"')))
-            n += 1
-
-    publishers = [threading.Thread(target=publish, args=(w,), daemon=True) for w in range(6)]
-    for publisher in publishers:
-        publisher.start()
-    wait_for(lambda: len(acknowledged) >= 30, "publishing under way")
+    load = PutLoad(two, two.admin_key, "k", workers=6, ids=20, retry=True)
+    wait_for(lambda: len(load.acknowledged) >= 30, "publishing under way")
     victim, survivor = two.workers()
     os.kill(victim, signal.SIGKILL)
     # Meanwhile the server keeps answering (a connection that was queued on the
     # killed worker's socket is reset: a client tries again), and the supervisor
     # starts another worker.
+    answered_during = []
     for _ in range(10):
         try:
             answered_during.append(two.request("GET", "/health")[0])
@@ -144,17 +126,10 @@ def test_a_killed_worker_is_restarted_and_nothing_acknowledged_is_lost(two):
     wait_for(lambda: len(two.workers()) == 2 and victim not in two.workers(), "a new worker")
     assert survivor in two.workers()
     assert answered_during == [200] * 10
-    time.sleep(0.5)
-    stop.set()
-    for publisher in publishers:
-        publisher.join(30)
-        assert not publisher.is_alive()
+    time.sleep(0.5)  # more load on the new pair of workers
+    acknowledged = load.stop()
     assert "exited with status -9; starting another" in "".join(two.log)
-    conn = sqlite3.connect(two.db_path)
-    stored = dict(conn.execute("SELECT event_id, revision FROM events"))
-    assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-    conn.close()
-    assert {e: r for e, r in acknowledged.items() if stored.get(e, 0) < r} == {}
+    assert missing_from(two.db_path, acknowledged) == {}
     assert len(acknowledged) >= 60
 
 
