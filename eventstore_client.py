@@ -16,10 +16,12 @@ import base64
 import http.client
 import json
 import os
+import queue
 import random
 import re
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 from email.utils import parsedate_to_datetime
@@ -81,7 +83,7 @@ class Client:
         self.log, self.sleep = log or (lambda message: None), sleep
         token = base64.b64encode(f"{user_id}:{api_key}".encode("utf-8")).decode("ascii")
         self._headers = {"Authorization": f"Basic {token}", "Accept": "application/json"}
-        self._connection = None
+        self._local = threading.local()  # one keep-alive connection per thread
 
     # --- single calls --------------------------------------------------------
 
@@ -138,16 +140,50 @@ class Client:
             for item in ([value] if isinstance(value, (str, int)) else value):
                 query.append((name, str(item)))
         path = "/events?" + urllib.parse.urlencode(query + [("after", int(after))])
-        while True:
-            events, texts, page = self._call("GET", f"{path}&wait={wait}", retry_for=None,
-                                             timeout=max(self.timeout, wait + 30), parse=parse_page)[2]
-            after = events[-1]["Sequence"] if events else after
-            # Next is relative to the server's root; keep our own path prefix off it.
-            path = page["Next"][len(self.prefix):] if page["Next"].startswith(self.prefix + "/") else page["Next"]
-            if events:
-                yield events, texts, after
-            elif until_caught_up:
-                return
+        # A thread of its own (with its own connection) fetches the next page
+        # while this one is parsed and handled: Next stands at the end of a page,
+        # so it is known before the events are decoded.
+        pages, stop = queue.Queue(maxsize=2), threading.Event()
+        fetcher = threading.Thread(target=self._fetch_pages, args=(path, wait, until_caught_up, pages, stop),
+                                   daemon=True, name="eventstore-client-fetch")
+        fetcher.start()
+        try:
+            while True:
+                raw = pages.get()
+                if isinstance(raw, BaseException):
+                    raise raw
+                events, texts, _ = parse_page(raw)
+                if events:
+                    yield events, texts, events[-1]["Sequence"]
+                elif until_caught_up:
+                    return
+        finally:
+            stop.set()
+
+    def _fetch_pages(self, path, wait, until_caught_up, pages, stop):
+        """Fetch pages in order into ``pages`` until ``stop`` (or, until caught
+        up, the first empty page); an error is handed over in their place."""
+        def hand_over(item):
+            while not stop.is_set():
+                try:
+                    return pages.put(item, timeout=0.5)
+                except queue.Full:
+                    continue
+
+        try:
+            while not stop.is_set():
+                raw = self._call("GET", f"{path}&wait={wait}", retry_for=None,
+                                 timeout=max(self.timeout, wait + 30), parse=bytes)[2]
+                hand_over(raw)
+                if until_caught_up and raw.startswith(PAGE_START.encode() + b"]"):
+                    return
+                next_url = page_tail(raw)["Next"]
+                # Next is relative to the server's root; keep our own path prefix off it.
+                path = next_url[len(self.prefix):] if next_url.startswith(self.prefix + "/") else next_url
+        except BaseException as exc:
+            hand_over(exc)
+        finally:
+            self._close()
 
     # --- HTTP ------------------------------------------------------------------
 
@@ -210,18 +246,20 @@ class Client:
 
     def _connect(self, timeout):
         timeout = timeout or self.timeout
-        if self._connection is None:
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
             factory = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
-            self._connection = factory(self.host, self.port, timeout=timeout)
-        self._connection.timeout = timeout
-        if self._connection.sock is not None:
-            self._connection.sock.settimeout(timeout)
-        return self._connection
+            connection = self._local.connection = factory(self.host, self.port, timeout=timeout)
+        connection.timeout = timeout
+        if connection.sock is not None:
+            connection.sock.settimeout(timeout)
+        return connection
 
     def _close(self):
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
+        connection = getattr(self._local, "connection", None)
+        if connection is not None:
+            connection.close()
+            self._local.connection = None
 
     def close(self):
         self._close()
@@ -246,6 +284,14 @@ def parse_page(raw):
         texts.append(text[index:end])
         index = end + 1 if text[end] == "," else end
     return events, texts, json.loads("{" + text[index + 2:])
+
+
+def page_tail(raw):
+    """A feed page's bytes -> {"Next": ..., "HasMore": ...}, read from its end."""
+    start = raw.rfind(b',"Next":')
+    if start < 0:
+        return json.loads(raw)
+    return json.loads(b"{" + raw[start + 1:])
 
 
 def _retry_after(value):
