@@ -744,6 +744,7 @@ class Connection(sqlite3.Connection):
 
     writer_lock = None
     owns_writer_lock = False
+    busy_timeout = 5.0  # seconds; set by connect()
 
     def close(self):
         if self.owns_writer_lock and self.writer_lock is not None:
@@ -764,6 +765,7 @@ def connect(db_path, busy_timeout_ms=5000):
     WAL, synchronous=FULL (a commit is fsynced before it returns), secure_delete
     (erased data is overwritten in the file, not just unlinked)."""
     conn = sqlite3.connect(db_path, isolation_level=None, timeout=busy_timeout_ms / 1000, factory=Connection)
+    conn.busy_timeout = busy_timeout_ms / 1000
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = FULL")
@@ -783,7 +785,7 @@ class write_transaction:
         self.lock = getattr(conn, "writer_lock", None)
 
     def __enter__(self):
-        if self.lock is not None and not self.lock.acquire(self.conn.execute("PRAGMA busy_timeout").fetchone()[0] / 1000):
+        if self.lock is not None and not self.lock.acquire(getattr(self.conn, "busy_timeout", 5.0)):
             raise busy_error()
         try:
             self.conn.execute("BEGIN IMMEDIATE")
