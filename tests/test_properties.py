@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 import eventstore
 from eventstore import Problem
 
-SETTINGS = settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=300, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=[HealthCheck.too_slow])
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
@@ -148,7 +149,7 @@ operations = st.lists(st.tuples(st.sampled_from(["put", "delete", "erase"]), st.
                                 st.sampled_from(["ann", "bob"]), st.integers(0, 2)), min_size=1, max_size=25)
 
 
-@settings(max_examples=60, deadline=None, derandomize=True)
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
 @given(operations)
 def test_following_next_from_zero_yields_exactly_the_final_state(history):
     with tempfile.TemporaryDirectory() as folder:
