@@ -832,7 +832,11 @@ class GroupCommitWriter:
     BEGIN IMMEDIATE ... COMMIT, every change queued while the previous commit was
     being fsynced (group commit).
 
-    A change is a function ``change(tx) -> result`` over a Transaction. One that
+    A change is a function ``change(tx) -> result`` over a Transaction, with
+    ``changed(result)``: what the committed change touched, as a set of
+    (ProgramId, EventType or None) pairs, or True (something, unsaid), or a
+    false value (nothing a feed shows); ``on_commit`` hears the union (None for
+    "unsaid"), so that only long polls that can match re-read. One that
     raises a Problem (a 404, a 412) must do so before it writes: it fails alone
     and the others commit. One that raises anything else, or after writing, makes
     the batch roll back and rerun one change per transaction, so that it fails
@@ -844,7 +848,7 @@ class GroupCommitWriter:
     says why until a new thread has connected, and the next change starts one.
     """
 
-    def __init__(self, connect_db, clock, on_commit=lambda: None, max_batch=1000):
+    def __init__(self, connect_db, clock, on_commit=lambda touched: None, max_batch=1000):
         self.connect_db, self.clock, self.on_commit = connect_db, clock, on_commit
         self.max_batch = max_batch
         self.known_programs = set()
@@ -953,8 +957,15 @@ class GroupCommitWriter:
         except Exception as exc:  # BEGIN or COMMIT failed: nothing of the batch is written
             for item in batch:  # each its own copy: an exception is raised in one thread only
                 item.error, item.result = copy.copy(exc).with_traceback(None), None
-        if any(item.error is None and item.changed(item.result) for item in batch):
-            self.on_commit()
+        touched = set()
+        for item in batch:
+            changed = item.error is None and item.changed(item.result)
+            if changed is True or touched is None:
+                touched = None if changed else touched  # changed, but not saying where
+            elif changed:
+                touched |= changed
+        if touched is None or touched:
+            self.on_commit(touched)
         for item in batch:
             item.done.set()
 
@@ -1319,38 +1330,99 @@ def erase_member(tx, program_id, member_id):
     return len(event_ids)
 
 
-def read_feed(conn, programs, query):
-    """One page of the change feed: up to ``query.limit + 1`` rows (the extra one
-    tells HasMore) with seq > query.after, in seq order, for ``programs``.
+MERGE_ALWAYS = 4        # this many index ranges or fewer: always merge them
+SEEK_COST = 8           # an index range's first row costs about this many rows walked
+MAX_IN_LIST = 30_000    # SQLite binds at most 32,766 values in one statement
 
-    Each (program, event type) pair is one index range walked in seq order;
-    heapq.merge interleaves them lazily, so a page costs about
-    limit x log(number of ranges) row reads, whatever the table's size. The
-    member, reference and start filters are checked on the rows those ranges
-    yield (the member and reference ones use their own indexes where given).
+
+def read_feed(conn, programs, query, strategy=None):
+    """One page of the change feed: up to ``query.limit + 1`` rows (the extra one
+    tells HasMore) with seq > query.after, in seq order, for ``programs`` (a
+    list, or None for every program).
+
+    Two ways to read it, chosen by which reads fewer rows:
+    - **merge**: each (program, event type) pair is one index range walked in seq
+      order, and heapq.merge interleaves them: about limit x log(ranges) rows plus
+      one seek per range. It wins for a few programs or a rare filter.
+    - **walk**: the table itself in seq order (seq is the rowid), each row tested
+      for membership and the filters: about limit / (the share of rows that
+      match). It wins for a caller who reads all or most programs, where a merge
+      would pay one seek per program on every page.
+    With few ranges it merges. Otherwise it walks a first window of seqs, which
+    also measures the share of matching rows, and reads whatever the page still
+    needs the cheaper way. ``strategy`` ("merge", "walk") forces one (for tests).
     """
-    where, params = ["program_id = ?"], []
-    if query.event_types:
-        where.append("event_type = ?")
+    want, types = query.limit + 1, query.event_types
+    with read_snapshot(conn):
+        if programs is not None and (strategy == "merge" or (
+                strategy is None and len(programs) * max(1, len(types)) <= MERGE_ALWAYS)):
+            return _merge_ranges(conn, programs, query, query.after, want)
+        if programs is not None and len(programs) + len(types) > MAX_IN_LIST:
+            return _merge_ranges(conn, programs, query, query.after, want)
+        if strategy == "walk":
+            return _walk(conn, programs, query, query.after, None, want)
+        window_end = query.after + 4 * want
+        rows = _walk(conn, programs, query, query.after, window_end, want)
+        last_seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+        if len(rows) == want or window_end >= last_seq:
+            return rows
+        needed, share = want - len(rows), len(rows) / (4 * want)
+        if programs is None:
+            programs = [row[0] for row in conn.execute("SELECT program_id FROM programs")]
+        ranges = len(programs) * max(1, len(types))
+        walk_cost = needed / share if share else last_seq - window_end
+        merge_cost = ranges * SEEK_COST + needed * math.log2(ranges + 1)
+        if walk_cost <= merge_cost:
+            return rows + _walk(conn, programs, query, window_end, None, needed)
+        return rows + _merge_ranges(conn, programs, query, window_end, needed)
+
+
+def _filters(query, prefix=""):
+    """The member, reference and start filters -> (SQL conditions, parameters).
+    ``prefix`` "+" keeps SQLite off their indexes (for a walk in seq order)."""
+    where, params = [], []
     for column, op, value in (("member_id", "=", query.member_id),
                               ("ref_event_id", "=", query.ref_event_id),
                               ("start_us", ">=", query.start_from_us),
                               ("start_us", "<", query.start_before_us)):
         if value is not None:
-            where.append(f"{column} {op} ?")
+            where.append(f"{prefix}{column} {op} ?")
             params.append(value)
+    return where, params
+
+
+def _merge_ranges(conn, programs, query, after, want):
+    where, params = _filters(query)
+    where = ["program_id = ?"] + (["event_type = ?"] if query.event_types else []) + where
     sql = (f"SELECT {EVENT_COLUMNS} FROM events WHERE {' AND '.join(where)}"
            " AND seq > ? ORDER BY seq LIMIT ?")
-    tail = (*params, query.after, query.limit + 1)
+    tail = (*params, after, want)
     ranges = itertools.product(programs, query.event_types or [None])
-    with read_snapshot(conn):
-        cursors = [conn.execute(sql, (program, *([] if event_type is None else [event_type]), *tail))
-                   for program, event_type in ranges]
-        try:
-            return list(itertools.islice(heapq.merge(*cursors), query.limit + 1))
-        finally:
-            for cursor in cursors:
-                cursor.close()
+    cursors = [conn.execute(sql, (program, *([] if event_type is None else [event_type]), *tail))
+               for program, event_type in ranges]
+    try:
+        return list(itertools.islice(heapq.merge(*cursors), want))
+    finally:
+        for cursor in cursors:
+            cursor.close()
+
+
+def _walk(conn, programs, query, after, upto, want):
+    """Rows with after < seq (<= upto), in seq order, that are in ``programs``
+    (None: all) and match the filters: the table walked in rowid order."""
+    where, params = _filters(query, prefix="+")
+    if programs is not None:
+        where.insert(0, f"+program_id IN ({', '.join('?' * len(programs))})")
+        params[:0] = programs
+    if query.event_types:
+        where.insert(0, f"+event_type IN ({', '.join('?' * len(query.event_types))})")
+        params[:0] = query.event_types
+    if upto is not None:
+        where.append("seq <= ?")
+        params.append(upto)
+    sql = (f"SELECT {EVENT_COLUMNS} FROM events WHERE seq > ? {''.join(' AND ' + w for w in where)}"
+           " ORDER BY seq LIMIT ?")
+    return conn.execute(sql, (after, *params, want)).fetchall()
 
 
 def import_tombstone(tx, event_id, event_type):
@@ -1383,11 +1455,9 @@ def export_events(conn, programs=()):
                 yield render_event(row)
 
 
-def readable_programs(conn, principal):
-    """Every program the principal may read: all registered ones for SYSTEM."""
-    if principal.is_system:
-        return [row[0] for row in conn.execute("SELECT program_id FROM programs ORDER BY program_id")]
-    return sorted(principal.grants)
+def readable_programs(principal):
+    """Every program the principal may read: None (all) for SYSTEM."""
+    return None if principal.is_system else sorted(principal.grants)
 
 
 def data_version(conn):
@@ -1495,7 +1565,8 @@ def put_event_handler(req):
     event = validate_event(event_id, req.json_body())
     preconditions = req.preconditions()
     status, revision = req.store.write(lambda tx: put_event(tx, event, preconditions),
-                                       changed=lambda result: result[0] != "unchanged")
+                                       changed=lambda result: result[0] != "unchanged" and {
+                                           (event.program_id, event.event_type)})
     return Response(200, [("Location", req.url(f"/events/{event_id}")), ("ETag", etag(revision))])
 
 
@@ -1520,7 +1591,8 @@ def post_events_handler(req):
         failing = len({e["index"] for e in errors})
         raise bad_request(f"{failing} of {len(batch)} events are not valid; nothing was written.", errors)
     results = req.store.write(lambda tx: put_events(tx, events),
-                              changed=lambda results: any(status != "unchanged" for status, _ in results))
+                              changed=lambda results: {(event.program_id, event.event_type) for (_, event), (
+                                  status, _) in zip(events, results, strict=True) if status != "unchanged"})
     return json_response({"Results": [{"EventId": event.event_id, "Revision": revision, "Status": status}
                                       for (_, event), (status, revision) in zip(events, results, strict=True)]})
 
@@ -1544,7 +1616,8 @@ def delete_event_handler(req):
     if not EVENT_ID_RE.fullmatch(event_id):
         raise bad_request("The eventId is not valid.", [field_error("EventId", f"expected {EVENT_ID_RULE}")])
     preconditions = req.preconditions()
-    revision = req.store.write(lambda tx: delete_event(tx, event_id, preconditions))
+    revision = req.store.write(lambda tx: delete_event(tx, event_id, preconditions),
+                               changed=lambda _: {(program_id, None)})
     return Response(204, [("ETag", etag(revision))])
 
 
@@ -1553,7 +1626,7 @@ def list_events_handler(req):
     for program_id in requested:
         req.require("read", program_id)
     query = parse_feed_query(req.query)
-    programs = query.programs or readable_programs(req.db, req.user)
+    programs = query.programs or readable_programs(req.user)
     rows = req.store.wait_for_feed(programs, query)
     has_more = len(rows) > query.limit
     rows = rows[:query.limit]
@@ -1594,7 +1667,7 @@ def erase_member_handler(req):
     if errors:
         raise bad_request("The path is not valid; see errors.", errors)
     erased = req.store.write(lambda tx: erase_member(tx, program_id, member_id),
-                             changed=bool)
+                             changed=lambda erased: erased and {(program_id, None)})
     return json_response({"Deleted": erased})
 
 
@@ -1817,6 +1890,22 @@ def shared_throttle(db_path, **options):
         return AuthThrottle(**options)
 
 
+class _LongPoll:
+    """A request waiting in a long poll: what it reads, and an Event set when a
+    commit that may match it lands."""
+
+    __slots__ = ("programs", "event_types", "news")
+
+    def __init__(self, programs, event_types):
+        self.programs, self.event_types = programs, event_types  # None / empty: all
+        self.news = threading.Event()
+
+    def may_match(self, touched):
+        return any((self.programs is None or program in self.programs)
+                   and (not self.event_types or event_type is None or event_type in self.event_types)
+                   for program, event_type in touched)
+
+
 class EventStore:
     """The WSGI application. Only ``__call__`` touches environ and start_response."""
 
@@ -1832,11 +1921,11 @@ class EventStore:
         self.busy_timeout_ms = busy_timeout_ms
         self.openapi = openapi if openapi is not None else OPENAPI_PATH.read_bytes()
         self._local = threading.local()
-        # Long polls wait on this; every commit made through this app bumps the
-        # generation and wakes them. Commits by other processes are noticed by
-        # one watcher thread's PRAGMA data_version every poll_interval seconds.
-        self._commits = threading.Condition()
-        self._generation = 0
+        # Every commit made through this app wakes the long polls it may match
+        # (_committed). Commits by other processes are noticed by one watcher
+        # thread's PRAGMA data_version every poll_interval seconds.
+        self._commits = threading.Lock()
+        self._waiters = set()  # the _LongPoll of every request in wait_for_feed
         self.poll_interval = poll_interval
         self._watcher = None
         self._closing = threading.Event()
@@ -1872,10 +1961,14 @@ class EventStore:
         polls if ``changed(result)``. Returns the change's result."""
         return self.writer.submit(change, changed)
 
-    def _committed(self):
+    def _committed(self, touched=None):
+        """A commit happened; ``touched``: the (program, type or None) pairs it
+        changed, or None when that is not known. Wakes only the long polls that
+        can match it: the others are not even woken."""
         with self._commits:
-            self._generation += 1
-            self._commits.notify_all()
+            for waiter in self._waiters:
+                if touched is None or waiter.may_match(touched):
+                    waiter.news.set()
 
     def close(self):
         """Stop the writer and close this thread's connection. Other threads'
@@ -1894,46 +1987,53 @@ class EventStore:
         many seconds for a matching commit. At most ``max_waiting`` requests wait
         at once; beyond that a request answers at once, as with wait=0."""
         conn = self.connection()
-        # Noted before the first read, so that a commit landing right after it
-        # still counts as news.
-        seen_generation = self._generation
-        rows = read_feed(conn, programs, query)
-        if (rows or not query.wait or self._closing.is_set() or not self._waiting
-                or not self._waiting.acquire(blocking=False)):
-            return rows
+        if not query.wait or self._closing.is_set() or not self._waiting:
+            return read_feed(conn, programs, query)
+        # Listening from before the first read, so that a commit landing right
+        # after it still counts as news.
+        waiter = _LongPoll(None if programs is None else frozenset(programs), frozenset(query.event_types))
         with self._commits:
-            self.long_polls += 1
-            if self._watcher is None:
-                self._watcher = threading.Thread(target=self._watch_other_processes, daemon=True,
-                                                 name="eventstore-commit-watcher")
-                self._watcher.start()
+            self._waiters.add(waiter)
         try:
-            deadline = time.monotonic() + query.wait
-            while not self._closing.is_set():
-                with self._commits:
-                    if not self._commits.wait_for(
-                            lambda: self._generation != seen_generation or self._closing.is_set(),
-                            timeout=deadline - time.monotonic()):
+            rows = read_feed(conn, programs, query)
+            if rows or not self._waiting.acquire(blocking=False):
+                return rows
+            with self._commits:
+                self.long_polls += 1
+                if self._watcher is None:
+                    self._watcher = threading.Thread(target=self._watch_other_processes, daemon=True,
+                                                     name="eventstore-commit-watcher")
+                    self._watcher.start()
+            try:
+                deadline = time.monotonic() + query.wait
+                while not self._closing.is_set():
+                    if not waiter.news.wait(deadline - time.monotonic()):
                         return rows  # the wait is over: empty
-                    seen_generation = self._generation
-                if self._closing.is_set():
-                    break
-                rows = read_feed(conn, programs, query)
-                if rows:
-                    return rows
-            return rows
+                    waiter.news.clear()  # before the read: a later commit sets it again
+                    if self._closing.is_set():
+                        break
+                    rows = read_feed(conn, programs, query)
+                    if rows:
+                        return rows
+                return rows
+            finally:
+                with self._commits:
+                    self.long_polls -= 1
+                self._waiting.release()
         finally:
             with self._commits:
-                self.long_polls -= 1
-            self._waiting.release()
+                self._waiters.discard(waiter)
 
     def _watch_other_processes(self):
         """While long polls wait, one thread per app looks for other processes'
         commits: one PRAGMA data_version every poll_interval, not one query per
-        waiting request. A change wakes every waiter, as a commit of ours does."""
+        waiting request. When it moves, the rows changed since the last look
+        (Sequences only grow, in commit order) say which programs and types were
+        touched, so only the waiters that can match re-read, as for our commits."""
         conn = connect(self.db_path, self.busy_timeout_ms)
         try:
             version = data_version(conn)
+            last_seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
             self._committed()  # another process may have committed before that first look
             while not self._closing.wait(self.poll_interval):
                 with self._commits:
@@ -1941,9 +2041,14 @@ class EventStore:
                         self._watcher = None
                         return
                 current = data_version(conn)
-                if current != version:
-                    version = current
-                    self._committed()
+                if current == version:
+                    continue
+                version = current
+                changed = conn.execute("SELECT seq, program_id, event_type FROM events WHERE seq > ?"
+                                       " ORDER BY seq LIMIT 10000", (last_seq,)).fetchall()
+                if changed:
+                    last_seq = changed[-1][0]
+                    self._committed(None if len(changed) == 10000 else {row[1:] for row in changed})
         except sqlite3.Error:
             log.exception("the commit watcher stopped; long polls see other processes' commits at their end")
         finally:
@@ -1957,7 +2062,8 @@ class EventStore:
         server that is stopping calls this, so that nothing keeps it waiting)."""
         self._closing.set()
         with self._commits:
-            self._commits.notify_all()
+            for waiter in self._waiters:
+                waiter.news.set()
 
     def handle(self, environ):
         """environ -> Response: route, authenticate, run the handler."""

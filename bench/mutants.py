@@ -57,7 +57,7 @@ MUTANTS = [
     ], ["tests/test_auth.py"]),
     ("no in-process wake-up of long polls on commit", "eventstore.py", [
         ("                                        on_commit=self._committed)",
-         "                                        on_commit=lambda: None)"),
+         "                                        on_commit=lambda touched: None)"),
     ], ["tests/test_feed.py"]),
     ("synchronous=NORMAL", "eventstore.py", [
         ('conn.execute("PRAGMA synchronous = FULL")', 'conn.execute("PRAGMA synchronous = NORMAL")'),
@@ -110,11 +110,18 @@ MUTANTS = [
         ('        return AuthThrottle(path=f"{db_path}-throttle", **options)', "        return AuthThrottle(**options)"),
     ], ["tests/test_processes.py"]),
     ("other processes' commits never wake a long poll", "eventstore.py", [
-        ("                if current != version:", "                if False:"),
+        ("                    self._committed(None if len(changed) == 10000 else {row[1:] for row in changed})",
+         "                    pass"),
     ], ["tests/test_processes.py"]),
     ("a stopping server does not answer waiting long polls", "serve.py", [
         ("        app.end_long_polls()\n", "        pass\n"),
     ], ["tests/test_processes.py"]),
+    ("the feed walk ignores the caller's programs", "eventstore.py", [
+        ("    if programs is not None:\n        where.insert(0, f\"+program_id IN", "    if False:\n        where.insert(0, f\"+program_id IN"),
+    ], ["tests/test_properties.py"]),
+    ("a long poll re-reads for commits it cannot match", "eventstore.py", [
+        ("                if touched is None or waiter.may_match(touched):", "                if True:"),
+    ], ["tests/test_feed.py"]),
     ("batch is not all or nothing", "eventstore.py", [
         ("    if errors:\n        failing = len({e[\"index\"] for e in errors})",
          "    events = [e for e in events if True]\n    if errors and not events:\n"

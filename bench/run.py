@@ -14,6 +14,8 @@ Issue 3:
   7. server RSS after 50,000 requests without credentials (401s) / before them
   8. eventstore_client.py follow --until-caught-up of the full database to /dev/null
      / figure 4's pull through Next
+Issue 14 (bench/feed.py, printed last): a feed page at 1,000 programs / the same page
+at 1 program, and a commit's CPU with 8 long polls it cannot match / with none.
 Issue 10 (serve.py --processes):
   9. GET /events/{id} at --processes 2 / the baseline app served by 2 processes
  10. GET at --processes 2 / GET at --processes 1 (figure 2's run)
@@ -48,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import eventstore  # noqa: E402
+import feed  # noqa: E402  (bench/feed.py)
 from server import Server, free_port  # noqa: E402
 
 PYTHON = sys.executable
@@ -460,6 +463,7 @@ def main():
         print(f"{name:40} {p50:7.2f} {p99:7.2f}  {verdict}")
     print(f"\nexporter peak RSS: {export_rss:.1f} MB; importer peak RSS: {import_rss:.1f} MB")
     print("\n".join(notes))
+    feed.main()  # issue 14: feed pages at 1 and 1,000 programs, long polls that a commit cannot match
 
 
 if __name__ == "__main__":

@@ -238,3 +238,24 @@ def test_a_repeatable_parameter_takes_at_most_100_values(admin, name):
     assert [e["field"] for e in problem["errors"]] == [name]
     assert "at most 100" in problem["errors"][0]["message"]
     admin.get("/events?" + "&".join(f"{name}=P{n}" for n in range(100)), status=200)
+
+
+def test_a_long_poll_does_not_re_read_for_commits_it_cannot_match(registry, monkeypatch):
+    """Commits to BAR wake nothing that waits on FOO: the waiter looks at what
+    each commit touched before it re-reads the feed."""
+    import eventstore
+    reads, real_read_feed = [], eventstore.read_feed
+    monkeypatch.setattr(eventstore, "read_feed", lambda *args, **kw: reads.append(1) or real_read_feed(*args, **kw))
+    admin = registry.client("admin")
+    answer = run_in_thread(lambda: admin.get("/events?ProgramId=FOO&wait=20").json)
+    wait_until_polling(registry)
+    eventually(lambda: registry.app._watcher is not None and len(reads) >= 1, "the watcher started")
+    time.sleep(0.1)  # the watcher's first look (a re-read, to be sure) is over
+    before = len(reads)
+    for n in range(5):
+        publish(admin, f"BAR-{n}")
+    time.sleep(0.2)
+    assert len(reads) == before and registry.app.long_polls == 1
+    publish(admin, "FOO-1")
+    assert [e["EventId"] for e in answer()["Events"]] == ["FOO-1"]
+    assert len(reads) == before + 1
