@@ -798,10 +798,8 @@ class write_transaction:
         try:
             if exc_type is None:
                 self.conn.execute("COMMIT")
-            elif self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
         finally:
-            if self.conn.in_transaction:  # a COMMIT that failed leaves it open
+            if self.conn.in_transaction:  # an exception, or a COMMIT that failed and left it open
                 self.conn.execute("ROLLBACK")
             self._release()
         return False
@@ -957,15 +955,15 @@ class GroupCommitWriter:
         except Exception as exc:  # BEGIN or COMMIT failed: nothing of the batch is written
             for item in batch:  # each its own copy: an exception is raised in one thread only
                 item.error, item.result = copy.copy(exc).with_traceback(None), None
-        touched = set()
+        touched, unsaid = set(), False
         for item in batch:
             changed = item.error is None and item.changed(item.result)
-            if changed is True or touched is None:
-                touched = None if changed else touched  # changed, but not saying where
+            if changed is True:
+                unsaid = True  # changed, without saying where
             elif changed:
                 touched |= changed
-        if touched is None or touched:
-            self.on_commit(touched)
+        if unsaid or touched:
+            self.on_commit(None if unsaid else touched)
         for item in batch:
             item.done.set()
 
@@ -1331,6 +1329,7 @@ def erase_member(tx, program_id, member_id):
 
 
 MERGE_ALWAYS = 4        # this many index ranges or fewer: always merge them
+WINDOW = 4              # the first walk covers WINDOW x (limit + 1) Sequences
 SEEK_COST = 8           # an index range's first row costs about this many rows walked
 MAX_IN_LIST = 30_000    # SQLite binds at most 32,766 values in one statement
 
@@ -1354,19 +1353,18 @@ def read_feed(conn, programs, query, strategy=None):
     """
     want, types = query.limit + 1, query.event_types
     with read_snapshot(conn):
-        if programs is not None and (strategy == "merge" or (
-                strategy is None and len(programs) * max(1, len(types)) <= MERGE_ALWAYS)):
-            return _merge_ranges(conn, programs, query, query.after, want)
-        if programs is not None and len(programs) + len(types) > MAX_IN_LIST:
-            return _merge_ranges(conn, programs, query, query.after, want)
         if strategy == "walk":
             return _walk(conn, programs, query, query.after, None, want)
-        window_end = query.after + 4 * want
+        if programs is not None and (strategy == "merge" or len(programs) * max(1, len(types)) <= MERGE_ALWAYS
+                                     or len(programs) + len(types) > MAX_IN_LIST):
+            return _merge_ranges(conn, programs, query, query.after, want)
+        window = WINDOW * want
+        window_end = query.after + window
         rows = _walk(conn, programs, query, query.after, window_end, want)
         last_seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
         if len(rows) == want or window_end >= last_seq:
             return rows
-        needed, share = want - len(rows), len(rows) / (4 * want)
+        needed, share = want - len(rows), len(rows) / window
         if programs is None:
             programs = [row[0] for row in conn.execute("SELECT program_id FROM programs")]
         ranges = len(programs) * max(1, len(types))
@@ -2145,12 +2143,12 @@ def storage_problem(exc):
     errors stay 500s. Details never leave the server."""
     code = getattr(exc, "sqlite_errorcode", None)
     if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-        return Problem(503, "The database is busy; try again shortly.", headers=[("Retry-After", "1")])
+        return service_unavailable("The database is busy; try again shortly.")
     if code == sqlite3.SQLITE_FULL:
         return Problem(507, "The server's disk is full; nothing was written.")
     if code == sqlite3.SQLITE_READONLY:
-        return Problem(503, "The database is read-only at the moment; nothing was written.",
-                       headers=[("Retry-After", "60")])
+        return service_unavailable("The database is read-only at the moment; nothing was written.",
+                                   retry_after=60)
     log.exception("database error")
     return Problem(500, "Internal error.")
 

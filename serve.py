@@ -100,10 +100,10 @@ def main(argv=None):
     args = parse_args(argv)
     processes = args.processes or default_processes()
     if args.worker or processes == 1:
-        return serve_one(args, app_factory(args), announce_it=not args.worker)
+        return serve_one(args, announce_it=not args.worker)
     if not hasattr(socket, "SO_REUSEPORT"):
         print("note: this platform has no SO_REUSEPORT; serving in one process", file=sys.stderr)
-        return serve_one(args, app_factory(args), announce_it=True)
+        return serve_one(args, announce_it=True)
     return supervise(args, sys.argv[1:] if argv is None else list(argv), processes, prepare=prepare_database)
 
 
@@ -114,25 +114,17 @@ def prepare_database(args, port, processes):
     announce(args.db, args.host, port, processes)
 
 
-def app_factory(args):
-    """-> a function making the WSGI app this process serves (the access log around it)."""
-    def make():
+def serve_one(args, announce_it):
+    """Serve in this process until SIGTERM or SIGINT; -> exit status."""
+    try:
         max_waiting = args.max_waiting if args.max_waiting is not None else args.threads // 2
         app = eventstore.make_app(args.db, max_body_bytes=args.max_body, max_waiting=max_waiting,
                                   throttle=eventstore.shared_throttle(args.db, threshold=args.max_auth_failures))
-        return app, (AccessLog(app) if args.access_log else app)
-    return make
-
-
-def serve_one(args, make_app, announce_it):
-    """Serve in this process until SIGTERM or SIGINT; -> exit status."""
-    try:
-        app, wsgi = make_app()
     except (sqlite3.Error, RuntimeError, OSError) as exc:
         print(f"error: cannot open {args.db} as an eventstore database: {exc}", file=sys.stderr)
         return 1
     try:
-        server = create_waitress(wsgi, args, reuse_port=args.worker)
+        server = create_waitress(AccessLog(app) if args.access_log else app, args, reuse_port=args.worker)
     except OSError as exc:
         print(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr)
         return 1
@@ -192,10 +184,8 @@ def supervise(args, argv, processes, prepare, script=__file__, restart_limit=5, 
     seconds of starting, the server gives up with exit status 1."""
     # A bound but not listening SO_REUSEPORT socket: it reserves the port (and
     # resolves --port 0) for the workers' own sockets, and takes no connections.
-    reserved = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
-    reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
-        reserved.bind((args.host, args.port))
+        reserved = reuse_port_socket(args.host, args.port)
         port = reserved.getsockname()[1]
         prepare(args, port, processes)
     except OSError as exc:
@@ -241,6 +231,14 @@ def supervise(args, argv, processes, prepare, script=__file__, restart_limit=5, 
             worker.wait()
     reserved.close()
     return status
+
+
+def reuse_port_socket(host, port):
+    """A TCP socket bound with SO_REUSEPORT: several of them share one port."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
 
 
 def without_port(argv):
@@ -348,9 +346,7 @@ def create_waitress(app, args, reuse_port=False):
     listeners = {}
     sockets = {}
     if reuse_port:
-        sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((args.host, args.port))
+        sock = reuse_port_socket(args.host, args.port)
         sock.listen(1024)
         sockets = {"sockets": [sock]}
     else:

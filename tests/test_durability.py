@@ -6,7 +6,6 @@ import random
 import re
 import shutil
 import signal
-import sqlite3
 import threading
 import time
 

@@ -1,6 +1,5 @@
 """API.md §4: GET /events, the change feed."""
 
-import threading
 import time
 import urllib.parse
 

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from conftest import eventually
 from server import ROOT, PutLoad, Server, assert_seen_every_change_once_in_order, missing_from, publish_while_following
 
 
@@ -25,11 +26,8 @@ def body(n=0):
             "EventStartUTC": "2026-03-01T09:30:00Z", "EventData": {"n": n}}
 
 
-def wait_for(predicate, what, timeout=20):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
-        time.sleep(0.05)
+def wait_for(predicate, what):
+    eventually(predicate, what, timeout=20)
 
 
 @pytest.fixture
