@@ -44,7 +44,7 @@ __all__ = ["make_app", "EventStore", "Problem", "main"]
 HERE = Path(__file__).resolve().parent
 SCHEMA_PATH = HERE / "schema.sql"
 OPENAPI_PATH = HERE / "openapi.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_DB = "eventstore.db"
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB
 REALM = 'Basic realm="eventstore", charset="UTF-8"'
@@ -433,7 +433,7 @@ def validate_event(event_id, body, ignore=()):
     if member_id is not None:
         check("ProgramMemberId", _text_error(member_id, 1, 256))
     if event_type is not None:
-        check("EventType", _text_error(event_type, 1, 100, allow_controls=False))
+        check("EventType", event_type_error(event_type))
 
     start_us = end_us = None
     if start_text is not None:
@@ -519,18 +519,49 @@ def batch_errors(index, event_id, errors):
     return [{"index": index, "EventId": event_id, **error} for error in errors]
 
 
+PROGRAM_FIELDS = ("Name", "RegisteredEventTypesOnly")
+
+
 def validate_program_body(body):
-    """``{"Name": "..."}`` -> the name, or Problem(400)."""
+    """``{"Name": "...", "RegisteredEventTypesOnly": true|false|null}`` -> (name,
+    the setting or None to keep it), or Problem(400)."""
     require_object(body)
-    errors = [field_error(name, "unknown field; the only accepted field is Name")
-              for name in body if name != "Name"]
-    name = body.get("Name")
+    errors = [field_error(name, "unknown field; accepted fields are " + ", ".join(PROGRAM_FIELDS))
+              for name in body if name not in PROGRAM_FIELDS]
+    name, strict = body.get("Name"), body.get("RegisteredEventTypesOnly")
     message = "is required" if name is None else _text_error(name, 1, 200, allow_controls=False)
     if message:
         errors.append(field_error("Name", message))
+    if strict is not None and not isinstance(strict, bool):
+        errors.append(field_error("RegisteredEventTypesOnly", f"expected true or false, got {_json_type(strict)}"))
     if errors:
         raise bad_request("The program is not valid; see errors.", errors)
-    return name
+    return name, strict
+
+
+def event_type_error(event_type):
+    """What is wrong with an EventType (API.md §3), or None."""
+    return _text_error(event_type, 1, 100, allow_controls=False)
+
+
+# Line feed and tab are the control characters a description may hold.
+DESCRIPTION_CONTROL_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def validate_event_type_body(body):
+    """``{"Description": "..."}`` -> the description, or Problem(400)."""
+    require_object(body)
+    errors = [field_error(name, "unknown field; the only accepted field is Description")
+              for name in body if name != "Description"]
+    description = body.get("Description")
+    message = "is required" if description is None else _text_error(description, 1, 2000)
+    if not message and DESCRIPTION_CONTROL_RE.search(description):
+        message = "must not contain control characters other than line feed and tab"
+    if message:
+        errors.append(field_error("Description", message))
+    if errors:
+        raise bad_request("The event type is not valid; see errors.", errors)
+    return description
 
 
 # --- Conditional request headers ----------------------------------------------
@@ -660,6 +691,20 @@ def parse_feed_query(pairs):
         start_before_us=times.get("EventStartBeforeUTC"),
         after=after, limit=limit, wait=wait,
     )
+
+
+def parse_event_types_query(pairs):
+    """Query string pairs of ``GET /event-types`` -> the ProgramIds asked for
+    (without repeats; empty for none), or Problem(400)."""
+    errors = [field_error(name, "unknown parameter; the only accepted parameter is ProgramId")
+              for name, _ in pairs if name != "ProgramId"]
+    programs = list(dict.fromkeys(value for name, value in pairs if name == "ProgramId"))
+    if len(programs) > MAX_REPEATED:
+        errors.append(field_error("ProgramId", f"at most {MAX_REPEATED} values, got {len(programs)}"))
+    errors += filter(None, map(program_id_error, programs))
+    if errors:
+        raise bad_request("The query is not valid; see errors.", errors)
+    return programs
 
 
 # ============================================================================
@@ -816,11 +861,14 @@ class read_snapshot:
         self.conn = conn
 
     def __enter__(self):
-        self.conn.execute("BEGIN")
+        # Inside a transaction already (a write's), that transaction is the snapshot.
+        self.began = not self.conn.in_transaction
+        if self.began:
+            self.conn.execute("BEGIN")
         return self.conn
 
     def __exit__(self, exc_type, exc, tb):
-        if self.conn.in_transaction:
+        if self.began and self.conn.in_transaction:
             self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
         return False
 
@@ -849,7 +897,6 @@ class GroupCommitWriter:
     def __init__(self, connect_db, clock, on_commit=lambda touched: None, max_batch=1000):
         self.connect_db, self.clock, self.on_commit = connect_db, clock, on_commit
         self.max_batch = max_batch
-        self.known_programs = set()
         self.failure = None  # why the last writer thread died, until another connects
         self._queue = []
         self._wake = threading.Condition()
@@ -969,7 +1016,7 @@ class GroupCommitWriter:
 
     def _transaction(self, conn, batch):
         with write_transaction(conn):
-            tx = Transaction(conn, self.clock(), self.known_programs)
+            tx = Transaction(conn, self.clock())
             for item in batch:
                 changes_before = conn.total_changes
                 try:
@@ -980,7 +1027,6 @@ class GroupCommitWriter:
                     item.result, item.error = None, problem
                 except Exception as exc:
                     raise _ChangeFailed() from exc
-        tx.committed()
 
 
 class _ChangeFailed(Exception):
@@ -998,15 +1044,49 @@ class _Pending:
 
 
 def apply_schema(conn):
-    """Create what is missing, idempotently, and record the schema version."""
+    """Create what is missing and upgrade an older database in place, in one
+    write transaction, idempotently; record the schema version."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
         raise RuntimeError(f"the database has schema version {version}; this eventstore "
                            f"knows up to {SCHEMA_VERSION}. Upgrade eventstore.")
     if version == SCHEMA_VERSION:
         return  # up to date: nothing to write (so a read-only database still opens)
-    script = SCHEMA_PATH.read_text(encoding="utf-8")
-    conn.executescript(f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;")
+    with write_transaction(conn):
+        # Read again under the write lock: another process may have upgraded it meanwhile.
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == SCHEMA_VERSION:
+            return
+        if version and version < 2:
+            log.warning("upgrading the database schema from version %d to %d", version, SCHEMA_VERSION)
+        for statement in _upgrade_statements(conn, version):
+            conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def _upgrade_statements(conn, version):
+    """The statements that bring a database of ``version`` (0: new) to SCHEMA_VERSION."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(programs)")}
+    if columns and "registered_types_only" not in columns:  # a version-1 programs table
+        yield "ALTER TABLE programs ADD COLUMN registered_types_only INTEGER NOT NULL DEFAULT 0"
+    yield from _statements(SCHEMA_PATH.read_text(encoding="utf-8"))
+    if version < 2:  # counts of the events written before the triggers kept them
+        yield "DELETE FROM event_type_counts"
+        yield ("INSERT INTO event_type_counts (event_type, program_id, events)"
+               " SELECT event_type, program_id, COUNT(*) FROM events WHERE deleted = 0"
+               " GROUP BY event_type, program_id")
+
+
+def _statements(script):
+    """An SQL script -> its statements (a trigger's body holds semicolons too)."""
+    statement = ""
+    for line in script.splitlines(keepends=True):
+        if not statement and (not line.strip() or line.lstrip().startswith("--")):
+            continue
+        statement += line
+        if sqlite3.complete_statement(statement):
+            yield statement.strip()
+            statement = ""
 
 
 def open_database(db_path):
@@ -1130,15 +1210,107 @@ def program_exists(conn, program_id):
     return conn.execute("SELECT 1 FROM programs WHERE program_id = ?", (program_id,)).fetchone() is not None
 
 
-def put_program(conn, program_id, name, now):
-    conn.execute(
-        "INSERT INTO programs (program_id, name, created_us) VALUES (?, ?, ?)"
-        " ON CONFLICT (program_id) DO UPDATE SET name = excluded.name",
-        (program_id, name, now))
+def program_rule(conn, program_id):
+    """Whether the program takes registered event types only; None when it is not registered."""
+    row = conn.execute("SELECT registered_types_only FROM programs WHERE program_id = ?", (program_id,)).fetchone()
+    return None if row is None else bool(row[0])
+
+
+def put_program(conn, program_id, name, now, registered_types_only=None):
+    """Register or rename a program; ``registered_types_only`` None keeps the
+    setting (false for a new program). Returns the setting now in force."""
+    return bool(conn.execute(
+        "INSERT INTO programs (program_id, name, created_us, registered_types_only) VALUES (?, ?, ?, COALESCE(?, 0))"
+        " ON CONFLICT (program_id) DO UPDATE SET name = excluded.name,"
+        " registered_types_only = COALESCE(?, registered_types_only) RETURNING registered_types_only",
+        (program_id, name, now, registered_types_only, registered_types_only)).fetchone()[0])
 
 
 def list_programs(conn):
-    return conn.execute("SELECT program_id, name FROM programs ORDER BY program_id").fetchall()
+    """[(program_id, name, registered_types_only)] sorted by id."""
+    return [(program_id, name, bool(strict)) for program_id, name, strict in conn.execute(
+        "SELECT program_id, name, registered_types_only FROM programs ORDER BY program_id")]
+
+
+# --- Event types ----------------------------------------------------------------
+
+def type_registered(conn, event_type):
+    return conn.execute("SELECT 1 FROM event_types WHERE event_type = ?", (event_type,)).fetchone() is not None
+
+
+MAX_TYPES_NAMED = 20  # an error for an unregistered type names at most this many registered ones
+
+
+def unregistered_type_error(conn, program_id, event_type):
+    """The EventType error entry for a program that takes registered types only."""
+    registered = [row[0] for row in conn.execute(
+        "SELECT event_type FROM event_types ORDER BY event_type LIMIT ?", (MAX_TYPES_NAMED + 1,))]
+    if not registered:
+        known = "no type is registered yet"
+    elif len(registered) <= MAX_TYPES_NAMED:
+        known = "registered: " + ", ".join(registered)
+    else:
+        count = conn.execute("SELECT COUNT(*) FROM event_types").fetchone()[0]
+        known = f"{count} types are registered (GET /event-types lists them)"
+    return field_error("EventType", f"{event_type!r} is not a registered event type, and program "
+                                    f"{program_id!r} takes registered types only; {known}")
+
+
+def unregistered_type_errors(conn, events):
+    """[(index or None, event_id, program_id, event_type)] -> the error entries of
+    those whose program takes registered types only and whose type is not
+    registered (for a batch, with the item's index and EventId)."""
+    tx = Transaction(conn, None)
+    errors = []
+    for index, event_id, program_id, event_type in events:
+        if not tx.type_allowed(program_id, event_type):
+            error = unregistered_type_error(conn, program_id, event_type)
+            errors += [error] if index is None else batch_errors(index, event_id, [error])
+    return errors
+
+
+def event_types(conn, programs, event_type=None):
+    """The catalogue (API.md §5a) as seen through ``programs`` (a list, or None
+    for every program): {event type: (description or None, [(program, events)])}
+    for every registered type and every type with live events in those programs,
+    or only for ``event_type``. Reads count rows, never events."""
+    one = " AND event_type = ?" if event_type is not None else ""
+    args = (event_type,) if event_type is not None else ()
+    in_programs = "" if programs is None else f" AND program_id IN ({', '.join('?' * len(programs))})"
+    catalogue = {}
+    with read_snapshot(conn):
+        for name, description in conn.execute(
+                f"SELECT event_type, description FROM event_types WHERE 1 = 1{one}", args):
+            catalogue[name] = (description, [])
+        for name, program_id, events in conn.execute(
+                f"SELECT event_type, program_id, events FROM event_type_counts WHERE events > 0{one}{in_programs}"
+                " ORDER BY event_type, program_id", args + tuple(programs or ())):
+            catalogue.setdefault(name, (None, []))[1].append((program_id, events))
+    return catalogue
+
+
+def register_event_type(conn, event_type, description, now):
+    conn.execute(
+        "INSERT INTO event_types (event_type, description, created_us, updated_us) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (event_type) DO UPDATE SET description = excluded.description, updated_us = excluded.updated_us",
+        (event_type, description, now, now))
+
+
+def unregister_event_type(conn, event_type):
+    """Problem 404 when it is not registered, 409 while a program that takes
+    registered types only has live events of it (API.md §5a); before writing."""
+    if not type_registered(conn, event_type):
+        raise Problem(404, f"Event type {event_type!r} is not registered.")
+    users = conn.execute(
+        "SELECT c.program_id, c.events FROM event_type_counts AS c JOIN programs AS p USING (program_id)"
+        " WHERE c.event_type = ? AND c.events > 0 AND p.registered_types_only ORDER BY c.program_id",
+        (event_type,)).fetchall()
+    if users:
+        named = ", ".join(f"{program_id} ({events} events)" for program_id, events in users[:MAX_TYPES_NAMED])
+        raise Problem(409, f"Event type {event_type!r} cannot be unregistered: programs that take registered "
+                           f"types only have live events of it: {named}. Delete those events or let the "
+                           "programs take any type first.")
+    conn.execute("DELETE FROM event_types WHERE event_type = ?", (event_type,))
 
 
 # --- Events -------------------------------------------------------------------
@@ -1168,18 +1340,20 @@ def read_event(conn, event_id):
 
 class Transaction:
     """What the changes in one write transaction share: the connection, one
-    clock reading, the next Sequence, and which programs are known to exist.
+    clock reading, the next Sequence, and what it has read of the programs'
+    rules (read once per transaction, under the write lock, so a rule changed
+    by any process is seen by the next transaction).
 
     The Sequence is read once (MAX(seq): rows are never removed, so it is the
     largest ever assigned) and counted on in memory; the write lock, held from
     BEGIN IMMEDIATE, makes Sequence order commit order across every process.
     """
 
-    def __init__(self, conn, now, known_programs=None):
+    def __init__(self, conn, now):
         self.conn, self.now = conn, now
-        self.known_programs = known_programs if known_programs is not None else set()
-        self.found_programs = set()  # merged into known_programs once committed
         self._last_seq = None
+        self._strict = {}       # program id -> registered_types_only, or None: not registered
+        self._registered = {}   # event type -> registered?
 
     def peek_seq(self):
         """The Sequence the next change will take (claim it with take_seq)."""
@@ -1193,16 +1367,20 @@ class Transaction:
         return seq
 
     def program_exists(self, program_id):
-        # Programs are never removed, so a program once seen stays known.
-        if program_id in self.known_programs or program_id in self.found_programs:
-            return True
-        if program_exists(self.conn, program_id):
-            self.found_programs.add(program_id)
-            return True
-        return False
+        return self._program_rule(program_id) is not None
 
-    def committed(self):
-        self.known_programs |= self.found_programs
+    def _program_rule(self, program_id):
+        if program_id not in self._strict:
+            self._strict[program_id] = program_rule(self.conn, program_id)
+        return self._strict[program_id]
+
+    def type_allowed(self, program_id, event_type):
+        """False when the program takes registered types only and this one is not."""
+        if not self._program_rule(program_id):
+            return True
+        if event_type not in self._registered:
+            self._registered[event_type] = type_registered(self.conn, event_type)
+        return self._registered[event_type]
 
 
 # One statement for create, update and replay: the update happens only when the
@@ -1233,10 +1411,14 @@ def put_event(tx, event, preconditions=None):
     """Create, update or replay ``event`` in transaction ``tx``.
 
     Returns ``(status, revision)``, status "created", "updated" or "unchanged".
-    Raises Problem 404 (unregistered program) or 412, always before writing.
+    Raises Problem 404 (unregistered program), 400 (a type its program does
+    not take) or 412, always before writing.
     """
     if not tx.program_exists(event.program_id):
         raise Problem(404, f"Program {event.program_id!r} is not registered.")
+    if not tx.type_allowed(event.program_id, event.event_type):
+        raise bad_request("The event is not valid; see errors.",
+                          [unregistered_type_error(tx.conn, event.program_id, event.event_type)])
     current = None
     if preconditions:
         current = tx.conn.execute("SELECT revision, deleted FROM events WHERE event_id = ?",
@@ -1263,7 +1445,8 @@ UPDATE_EVENT = (
 def put_events(tx, indexed_events):
     """A batch of distinct EventIds, all or nothing: [(index, EventInput)] ->
     [(status, revision)] in order. Raises Problem 404 listing every item of an
-    unregistered program, before writing.
+    unregistered program, or 400 every item of a type its program does not
+    take, before writing.
 
     One lookup per 500 events and two executemany calls, rather than a statement
     per event: the Sequences are handed out here, in request order."""
@@ -1273,6 +1456,11 @@ def put_events(tx, indexed_events):
         raise Problem(404, f"{len(unregistered)} events name an unregistered program; nothing was written.",
                       [e for index, event in unregistered for e in batch_errors(
                           index, event.event_id, [field_error("ProgramId", f"{event.program_id!r} is not registered")])])
+    wrong_types = unregistered_type_errors(tx.conn, [(index, event.event_id, event.program_id, event.event_type)
+                                                     for index, event in indexed_events])
+    if wrong_types:
+        raise bad_request(f"{len(wrong_types)} events name a type their program does not take; nothing was written.",
+                          wrong_types)
     events = [event for _, event in indexed_events]
     current = {}
     for start in range(0, len(events), 500):
@@ -1557,10 +1745,26 @@ def _event_id_param(req):
     return event_id, program_of(event_id)
 
 
+def _type_errors(req, items):
+    """For [(index or None, event_id, body)] that fail validation: the EventType
+    errors of programs that take registered types only (API.md §5a), so that
+    the 400 lists them among the others. (Bodies that pass are checked in the
+    write transaction, against what is registered then.)"""
+    candidates = [(index, event_id, program_of(event_id), body.get("EventType")) for index, event_id, body in items
+                  if isinstance(body, dict) and program_of(event_id)
+                  and not event_type_error(body.get("EventType"))]
+    return unregistered_type_errors(req.db, candidates) if candidates else []
+
+
 def put_event_handler(req):
     event_id, program_id = _event_id_param(req)
     req.require("write", program_id)
-    event = validate_event(event_id, req.json_body())
+    body = req.json_body()
+    try:
+        event = validate_event(event_id, body)
+    except Problem as problem:
+        problem.errors += _type_errors(req, [(None, event_id, body)])
+        raise
     preconditions = req.preconditions()
     status, revision = req.store.write(lambda tx: put_event(tx, event, preconditions),
                                        changed=lambda result: result[0] != "unchanged" and {
@@ -1586,6 +1790,8 @@ def post_events_handler(req):
         except Problem as problem:
             errors += batch_errors(index, event_id, problem.errors)
     if errors:
+        errors += _type_errors(req, batch)
+        errors.sort(key=lambda error: error["index"])
         failing = len({e["index"] for e in errors})
         raise bad_request(f"{failing} of {len(batch)} events are not valid; nothing was written.", errors)
     results = req.store.write(lambda tx: put_events(tx, events),
@@ -1640,8 +1846,9 @@ def list_events_handler(req):
 def list_programs_handler(req):
     user = req.user
     programs = [{"ProgramId": program_id, "Name": name,
-                 "Access": "write" if user.is_system else user.grants[program_id]}
-                for program_id, name in list_programs(req.db)
+                 "Access": "write" if user.is_system else user.grants[program_id],
+                 "RegisteredEventTypesOnly": strict}
+                for program_id, name, strict in list_programs(req.db)
                 if user.is_system or program_id in user.grants]
     return json_response({"Programs": programs})
 
@@ -1651,9 +1858,10 @@ def put_program_handler(req):
     program_id = req.params["program_id"]
     if program_id_error(program_id):
         raise bad_request("The ProgramId is not valid.", [program_id_error(program_id)])
-    name = validate_program_body(req.json_body())
-    req.store.write(lambda tx: put_program(tx.conn, program_id, name, tx.now), changed=lambda _: False)
-    return json_response({"ProgramId": program_id, "Name": name})
+    name, asked = validate_program_body(req.json_body())
+    strict = req.store.write(lambda tx: put_program(tx.conn, program_id, name, tx.now, asked),
+                             changed=lambda _: False)
+    return json_response({"ProgramId": program_id, "Name": name, "RegisteredEventTypesOnly": strict})
 
 
 def erase_member_handler(req):
@@ -1667,6 +1875,55 @@ def erase_member_handler(req):
     erased = req.store.write(lambda tx: erase_member(tx, program_id, member_id),
                              changed=lambda erased: erased and {(program_id, None)})
     return json_response({"Deleted": erased})
+
+
+def _event_type_param(req):
+    """The path's EventType (percent-decoded), or 400 when it breaks EventType's rule."""
+    event_type = req.params["event_type"]
+    message = event_type_error(event_type)
+    if message:
+        raise bad_request("The EventType in the path is not valid.", [field_error("EventType", message)])
+    return event_type
+
+
+def _catalogue_entries(catalogue):
+    return [{"EventType": name, "Description": description, "Registered": description is not None,
+             "Programs": [{"ProgramId": program_id, "Events": events} for program_id, events in counts]}
+            for name, (description, counts) in sorted(catalogue.items())]
+
+
+def list_event_types_handler(req):
+    requested = [value for name, value in req.query if name == "ProgramId"]
+    for program_id in requested:
+        req.require("read", program_id)
+    programs = parse_event_types_query(req.query) or readable_programs(req.user)
+    return json_response({"EventTypes": _catalogue_entries(event_types(req.db, programs))})
+
+
+def get_event_type_handler(req):
+    event_type = _event_type_param(req)
+    entries = _catalogue_entries(event_types(req.db, readable_programs(req.user), event_type))
+    if not entries:
+        raise Problem(404, f"Event type {event_type!r} is neither registered nor used in a program you can read.")
+    return json_response(entries[0])
+
+
+def put_event_type_handler(req):
+    req.require_system()
+    event_type = _event_type_param(req)
+    description = validate_event_type_body(req.json_body())
+
+    def register(tx):
+        register_event_type(tx.conn, event_type, description, tx.now)
+        return _catalogue_entries(event_types(tx.conn, None, event_type))[0]
+    return json_response(req.store.write(register, changed=lambda _: False))
+
+
+def delete_event_type_handler(req):
+    req.require_system()
+    event_type = _event_type_param(req)
+    req.store.write(lambda tx: unregister_event_type(tx.conn, event_type), changed=lambda _: False)
+    return Response(204)
 
 
 def health_handler(req):
@@ -1704,6 +1961,11 @@ ROUTES = [
     ("PUT", r"/programs/(?P<program_id>[^/]+)", put_program_handler, True),
     # The member id is the rest of the path: a percent-encoded "/" in it arrives decoded.
     ("DELETE", r"/programs/(?P<program_id>[^/]+)/members/(?P<member_id>.+)", erase_member_handler, True),
+    # Likewise an event type: "/" in it is sent as %2F and arrives decoded.
+    ("GET", r"/event-types", list_event_types_handler, True),
+    ("GET", r"/event-types/(?P<event_type>.+)", get_event_type_handler, True),
+    ("PUT", r"/event-types/(?P<event_type>.+)", put_event_type_handler, True),
+    ("DELETE", r"/event-types/(?P<event_type>.+)", delete_event_type_handler, True),
 ]
 
 
@@ -2194,19 +2456,22 @@ def _fmt_time(micros):
 def cmd_program_add(conn, args, out):
     if program_id_error(args.program_id):
         raise CommandError(program_id_error(args.program_id)["message"])
-    name = args.name if args.name is not None else args.program_id
-    if not name.strip():
+    if args.name is not None and not args.name.strip():
         raise CommandError("--name must not be empty")
     with write_transaction(conn):
-        if program_exists(conn, args.program_id) and args.name is None:
-            raise CommandError(f"program {args.program_id} already exists (give --name to rename it)")
-        put_program(conn, args.program_id, name, now_us())
-    print(f"program {args.program_id} registered", file=sys.stderr)
+        current = {program_id: name for program_id, name, _ in list_programs(conn)}.get(args.program_id)
+        if current is not None and args.name is None and args.registered_types_only is None:
+            raise CommandError(f"program {args.program_id} already exists (give --name to rename it, "
+                               "--registered-types-only or --any-types to change what it takes)")
+        name = args.name or current or args.program_id
+        strict = put_program(conn, args.program_id, name, now_us(), args.registered_types_only)
+    takes = "registered event types only" if strict else "any event type"
+    print(f"program {args.program_id} registered ({takes})", file=sys.stderr)
 
 
 def cmd_program_list(conn, args, out):
-    for program_id, name in list_programs(conn):
-        print(f"{program_id}\t{name}", file=out)
+    for program_id, name, strict in list_programs(conn):
+        print(f"{program_id}\t{name}\t{'registered-types-only' if strict else 'any-types'}", file=out)
 
 
 def cmd_user_add(conn, args, out):
@@ -2279,6 +2544,46 @@ def cmd_key_revoke(conn, args, out):
     if not updated:
         raise CommandError(f"user {args.user_id} has no key {args.key_id} (see: key list {args.user_id})")
     print(f"key {args.key_id} revoked", file=sys.stderr)
+
+
+def _event_type_arg(event_type):
+    message = event_type_error(event_type)
+    if message:
+        raise CommandError(f"EVENT_TYPE {event_type!r}: {message}")
+    return event_type
+
+
+def cmd_type_add(conn, args, out):
+    event_type = _event_type_arg(args.event_type)
+    try:
+        description = validate_event_type_body({"Description": args.description})
+    except Problem as problem:
+        raise CommandError("--description " + problem.errors[0]["message"]) from None
+    with write_transaction(conn):
+        register_event_type(conn, event_type, description, now_us())
+    print(f"event type {event_type} registered", file=sys.stderr)
+
+
+def _escape(text):
+    """A field of a tab-separated line: backslash, tab and line feed escaped."""
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
+
+
+def cmd_type_list(conn, args, out):
+    for name, (description, counts) in sorted(event_types(conn, None).items()):
+        used = " ".join(f"{program_id}={events}" for program_id, events in counts) or "-"
+        print(f"{_escape(name)}\t{'registered' if description is not None else 'unregistered'}\t{used}"
+              f"\t{_escape(description or '')}", file=out)
+
+
+def cmd_type_remove(conn, args, out):
+    event_type = _event_type_arg(args.event_type)
+    try:
+        with write_transaction(conn):
+            unregister_event_type(conn, event_type)
+    except Problem as problem:
+        raise CommandError(problem.detail) from None
+    print(f"event type {event_type} unregistered", file=sys.stderr)
 
 
 class Progress:
@@ -2422,14 +2727,17 @@ def _read_lines(path):
 
 
 def cmd_import(conn, args, out):
-    registered = {program_id for program_id, _ in list_programs(conn)}
+    registered = {program_id for program_id, _, _ in list_programs(conn)}
+    rules = Transaction(conn, None)  # what programs take, read once for the check
     # First pass: check every line, import nothing if any is bad.
     bad, total = [], 0
     checking = Progress("checking")
     for number, line in _read_lines(args.file):
         total += 1
         try:
-            parse_import_line(line, registered)
+            kind, value = parse_import_line(line, registered)
+            if kind == "put" and not rules.type_allowed(value.program_id, value.event_type):
+                raise bad_request("", [unregistered_type_error(conn, value.program_id, value.event_type)])
         except Problem as problem:
             bad.append(f"line {number}: {_problem_text(problem)}")
         if total % 1000 == 0:
@@ -2445,13 +2753,15 @@ def cmd_import(conn, args, out):
     done = 0
     while chunk := list(itertools.islice(lines, args.batch)):
         with write_transaction(conn):
-            tx = Transaction(conn, now_us(), registered)
-            for _, line in chunk:
+            tx = Transaction(conn, now_us())
+            for number, line in chunk:
                 kind, value = parse_import_line(line, registered)
-                if kind == "put":
-                    outcomes[put_event(tx, value)[0]] += 1
-                else:
-                    outcomes[import_tombstone(tx, *value)] += 1
+                try:
+                    outcome = put_event(tx, value)[0] if kind == "put" else import_tombstone(tx, *value)
+                except Problem as problem:  # a program's rules changed since the check
+                    raise CommandError(f"line {number}: {_problem_text(problem)}; the {done:,} lines before "
+                                       "its transaction were imported") from None
+                outcomes[outcome] += 1
         done += len(chunk)
         progress.update(done)
     progress.finish()
@@ -2486,7 +2796,25 @@ def build_parser():
     sub = command(program, "add", cmd_program_add, "register a program (or rename one with --name)")
     sub.add_argument("program_id", metavar="PROGRAM_ID")
     sub.add_argument("--name", help="display name (default: the ProgramId)")
-    command(program, "list", cmd_program_list, "list programs: id and name, tab-separated")
+    takes = sub.add_mutually_exclusive_group()
+    takes.add_argument("--registered-types-only", dest="registered_types_only", action="store_const", const=True,
+                       help="accept only events whose EventType is registered (see: type add)")
+    takes.add_argument("--any-types", dest="registered_types_only", action="store_const", const=False,
+                       help="accept any EventType (the default for a new program)")
+    command(program, "list", cmd_program_list,
+            "list programs: id, name, and registered-types-only or any-types, tab-separated")
+
+    event_type = groups.add_parser("type", help="the event-type catalogue").add_subparsers(
+        dest="command", required=True, metavar="COMMAND")
+    sub = command(event_type, "add", cmd_type_add, "register an event type, or change its description")
+    sub.add_argument("event_type", metavar="EVENT_TYPE")
+    sub.add_argument("--description", required=True, metavar="TEXT",
+                     help="what the type means and who publishes it (1-2000 characters)")
+    command(event_type, "list", cmd_type_list,
+            "list every registered or used type: name, registered or unregistered, PROGRAM=live events "
+            "(- for none), description; tab-separated, with \\, tab and line feed escaped as \\\\, \\t, \\n")
+    sub = command(event_type, "remove", cmd_type_remove, "unregister an event type (its events keep it)")
+    sub.add_argument("event_type", metavar="EVENT_TYPE")
 
     user = groups.add_parser("user", help="manage users and their grants").add_subparsers(
         dest="command", required=True, metavar="COMMAND")

@@ -1,12 +1,16 @@
 -- eventstore schema. Applied by eventstore.apply_schema() on every start; every
 -- statement is idempotent (IF NOT EXISTS) and nothing is ever dropped. The schema
--- version lives in PRAGMA user_version, set by the code after this script runs.
+-- version lives in PRAGMA user_version, set by the code after this script runs
+-- (apply_schema, which also carries the steps that upgrade an older database).
 -- Times are integers: microseconds since 1970-01-01T00:00:00Z, UTC.
 
+-- registered_types_only: while 1, every write of the program's events must name
+-- a type registered in event_types (schema version 2).
 CREATE TABLE IF NOT EXISTS programs (
-    program_id  TEXT PRIMARY KEY,
-    name        TEXT NOT NULL,
-    created_us  INTEGER NOT NULL
+    program_id             TEXT PRIMARY KEY,
+    name                   TEXT NOT NULL,
+    created_us             INTEGER NOT NULL,
+    registered_types_only  INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 
 CREATE TABLE IF NOT EXISTS users (
@@ -69,3 +73,52 @@ CREATE INDEX IF NOT EXISTS events_by_member ON events (program_id, member_id)
     WHERE member_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS events_by_reference ON events (program_id, ref_event_id)
     WHERE ref_event_id IS NOT NULL;
+
+-- The event-type catalogue (schema version 2): the registered types, and the
+-- number of live events per (type, program), kept by the triggers below in the
+-- transaction of every change that moves them, so listing the catalogue reads
+-- rows per type and program, never per event. A count that falls to zero keeps
+-- its row (readers skip it): fewer writes than deleting and re-creating it.
+CREATE TABLE IF NOT EXISTS event_types (
+    event_type   TEXT PRIMARY KEY,
+    description  TEXT NOT NULL,
+    created_us   INTEGER NOT NULL,
+    updated_us   INTEGER NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS event_type_counts (
+    event_type  TEXT NOT NULL,
+    program_id  TEXT NOT NULL,
+    events      INTEGER NOT NULL,
+    PRIMARY KEY (event_type, program_id)
+) WITHOUT ROWID;
+
+-- A live event counts for its (type, program); a tombstone does not. program_id
+-- never changes; a change of type or of deleted moves one count.
+CREATE TRIGGER IF NOT EXISTS events_count_insert AFTER INSERT ON events
+WHEN NEW.deleted = 0
+BEGIN
+    INSERT INTO event_type_counts (event_type, program_id, events) VALUES (NEW.event_type, NEW.program_id, 1)
+        ON CONFLICT (event_type, program_id) DO UPDATE SET events = events + 1;
+END;
+
+CREATE TRIGGER IF NOT EXISTS events_count_leave AFTER UPDATE OF event_type, deleted ON events
+WHEN OLD.deleted = 0 AND (NEW.deleted = 1 OR NEW.event_type IS NOT OLD.event_type)
+BEGIN
+    UPDATE event_type_counts SET events = events - 1
+        WHERE event_type = OLD.event_type AND program_id = OLD.program_id;
+END;
+
+CREATE TRIGGER IF NOT EXISTS events_count_enter AFTER UPDATE OF event_type, deleted ON events
+WHEN NEW.deleted = 0 AND (OLD.deleted = 1 OR NEW.event_type IS NOT OLD.event_type)
+BEGIN
+    INSERT INTO event_type_counts (event_type, program_id, events) VALUES (NEW.event_type, NEW.program_id, 1)
+        ON CONFLICT (event_type, program_id) DO UPDATE SET events = events + 1;
+END;
+
+CREATE TRIGGER IF NOT EXISTS events_count_remove AFTER DELETE ON events
+WHEN OLD.deleted = 0
+BEGIN
+    UPDATE event_type_counts SET events = events - 1
+        WHERE event_type = OLD.event_type AND program_id = OLD.program_id;
+END;

@@ -127,6 +127,31 @@ MUTANTS = [
          "    events = [e for e in events if True]\n    if errors and not events:\n"
          "        failing = len({e[\"index\"] for e in errors})"),
     ], ["tests/test_batch.py"]),
+    ("a change of type does not move its count", "schema.sql", [
+        ("WHEN OLD.deleted = 0 AND (NEW.deleted = 1 OR NEW.event_type IS NOT OLD.event_type)",
+         "WHEN OLD.deleted = 0 AND NEW.deleted = 1"),
+        ("WHEN NEW.deleted = 0 AND (OLD.deleted = 1 OR NEW.event_type IS NOT OLD.event_type)",
+         "WHEN NEW.deleted = 0 AND OLD.deleted = 1"),
+    ], ["tests/test_event_types.py"]),
+    ("counts of a version-1 database not built on upgrade", "eventstore.py", [
+        ("    if version < 2:  # counts", "    if False:  # counts"),
+    ], ["tests/test_event_types.py"]),
+    ("the catalogue shows counts of programs the caller cannot read", "eventstore.py", [
+        ("    entries = _catalogue_entries(event_types(req.db, readable_programs(req.user), event_type))",
+         "    entries = _catalogue_entries(event_types(req.db, None, event_type))"),
+    ], ["tests/test_event_types.py"]),
+    ("a strict program's batch items not checked", "eventstore.py", [
+        ("    if wrong_types:\n", "    if False:\n"),
+    ], ["tests/test_event_types.py"]),
+    ("a type a strict program uses can be unregistered", "eventstore.py", [
+        ("    if users:\n        named", "    if False:\n        named"),
+    ], ["tests/test_event_types.py"]),
+    ("replays skip the registered-types check", "eventstore.py", [
+        ("    if not tx.type_allowed(event.program_id, event.event_type):\n        raise bad_request(",
+         "    if not tx.type_allowed(event.program_id, event.event_type) and not tx.conn.execute(\n"
+         "            'SELECT 1 FROM events WHERE event_id = ?', (event.event_id,)).fetchone():\n"
+         "        raise bad_request("),
+    ], ["tests/test_event_types.py"]),
 ]
 
 
@@ -175,9 +200,13 @@ def main():
                 command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
                            *([] if args.full else tests)]
                 result = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=1800)
-                failed = [line for line in result.stdout.splitlines() if line.startswith("FAILED")]
-                outcome = f"killed by {failed[0][7:].split(' - ')[0]}" if result.returncode else "SURVIVED"
-                if result.returncode and not failed:
+                failed = [line.split(" ", 1)[1] for line in result.stdout.splitlines()
+                          if line.startswith(("FAILED ", "ERROR "))]
+                if not result.returncode:
+                    outcome = "SURVIVED"
+                elif failed:
+                    outcome = f"killed by {failed[0].split(' - ')[0]}"
+                else:
                     outcome = f"killed (pytest exit {result.returncode})"
             outcomes.append((name, outcome))
             print(f"{number:2d}. {name}: {outcome} ({time.monotonic() - started:.0f} s)", flush=True)

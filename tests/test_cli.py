@@ -26,14 +26,14 @@ def cli(tmp_path, capsys):
 def test_program_add_and_list(cli):
     cli("program", "add", "FOO", "--name", "Foo Courses")
     cli("program", "add", "BAR")
-    assert cli("program", "list")[0] == "BAR\tBAR\nFOO\tFoo Courses\n"
+    assert cli("program", "list")[0] == "BAR\tBAR\tany-types\nFOO\tFoo Courses\tany-types\n"
 
 
 def test_program_add_twice_without_name_fails_and_rename_works(cli):
     cli("program", "add", "FOO")
     assert "already exists" in cli("program", "add", "FOO", status=1)[1]
     cli("program", "add", "FOO", "--name", "New")
-    assert cli("program", "list")[0] == "FOO\tNew\n"
+    assert cli("program", "list")[0] == "FOO\tNew\tany-types\n"
 
 
 def test_program_add_rejects_a_bad_id(cli):

@@ -78,10 +78,10 @@ def test_an_exception_inside_a_change_rolls_back_only_that_change(tmp_path):
     writer = eventstore.GroupCommitWriter(lambda: eventstore.open_database(tmp_path / "w.db"), lambda: 1)
 
     def good(n):
-        return lambda tx: tx.conn.execute("INSERT INTO programs VALUES (?, 'x', ?)", (f"P{n}", tx.now)).rowcount
+        return lambda tx: tx.conn.execute("INSERT INTO programs (program_id, name, created_us) VALUES (?, 'x', ?)", (f"P{n}", tx.now)).rowcount
 
     def half_then_fail(tx):
-        tx.conn.execute("INSERT INTO programs VALUES ('HALF', 'x', 1)")
+        tx.conn.execute("INSERT INTO programs (program_id, name, created_us) VALUES ('HALF', 'x', 1)")
         raise ValueError("boom")
 
     results = {}
@@ -114,7 +114,7 @@ def test_a_failed_commit_fails_every_change_in_it(tmp_path):
     blocker = eventstore.connect(db)
     blocker.execute("BEGIN IMMEDIATE")
     with pytest.raises(Exception) as caught:
-        writer.submit(lambda tx: tx.conn.execute("INSERT INTO programs VALUES ('P', 'x', 1)"))
+        writer.submit(lambda tx: tx.conn.execute("INSERT INTO programs (program_id, name, created_us) VALUES ('P', 'x', 1)"))
     assert getattr(caught.value, "sqlite_errorcode", None) == eventstore.sqlite3.SQLITE_BUSY
     blocker.execute("ROLLBACK")
     assert writer.submit(lambda tx: tx.conn.execute("SELECT COUNT(*) FROM programs").fetchone()[0]) == 0

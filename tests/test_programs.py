@@ -9,18 +9,20 @@ from conftest import event_body
 
 def test_system_sees_every_program_with_write(admin):
     programs = admin.get("/programs").json["Programs"]
-    assert programs == [{"ProgramId": "BAR", "Name": "Program BAR", "Access": "write"},
-                        {"ProgramId": "FOO", "Name": "Program FOO", "Access": "write"}]
+    assert programs == [{"ProgramId": "BAR", "Name": "Program BAR", "Access": "write", "RegisteredEventTypesOnly": False},
+                        {"ProgramId": "FOO", "Name": "Program FOO", "Access": "write", "RegisteredEventTypesOnly": False}]
 
 
 def test_a_user_sees_its_programs_with_its_access(registry, reader, writer):
-    assert reader.get("/programs").json["Programs"] == [{"ProgramId": "FOO", "Name": "Program FOO", "Access": "read"}]
+    assert reader.get("/programs").json["Programs"] == [
+        {"ProgramId": "FOO", "Name": "Program FOO", "Access": "read", "RegisteredEventTypesOnly": False}]
     assert writer.get("/programs").json["Programs"][0]["Access"] == "write"
     assert registry.client("nobody").get("/programs").json == {"Programs": []}
 
 
 def test_system_registers_and_renames_a_program(admin):
-    assert admin.put_json("/programs/NEW_1", {"Name": "New"}).json == {"ProgramId": "NEW_1", "Name": "New"}
+    assert admin.put_json("/programs/NEW_1", {"Name": "New"}).json == {
+        "ProgramId": "NEW_1", "Name": "New", "RegisteredEventTypesOnly": False}
     admin.put_json("/events/NEW_1-1", event_body("NEW_1"), status=200)
     admin.put_json("/programs/NEW_1", {"Name": "Renamed"})
     names = {p["ProgramId"]: p["Name"] for p in admin.get("/programs").json["Programs"]}
@@ -41,6 +43,8 @@ def test_only_system_registers_programs(writer, registry):
     ("/programs/OK", {"Name": 5}, "Name"),
     ("/programs/OK", {"Name": "x", "Owner": "me"}, "Owner"),
     ("/programs/OK", [], "body"),
+    ("/programs/OK", {"Name": "x", "RegisteredEventTypesOnly": "yes"}, "RegisteredEventTypesOnly"),
+    ("/programs/OK", {"Name": "x", "RegisteredEventTypesOnly": 1}, "RegisteredEventTypesOnly"),
 ])
 def test_bad_program_registrations_are_400(admin, path, body, field):
     problem = admin.put_json(path, body, status=400).json
@@ -71,7 +75,9 @@ def test_openapi_document_describes_every_route(registry):
                  if method in ("get", "put", "post", "delete")}
     routed = {("GET", "/health"), ("GET", "/openapi.json"), ("GET", "/events"), ("POST", "/events"), ("PUT", "/events/{eventId}"),
               ("GET", "/events/{eventId}"), ("DELETE", "/events/{eventId}"), ("GET", "/programs"),
-              ("PUT", "/programs/{ProgramId}"), ("DELETE", "/programs/{ProgramId}/members/{ProgramMemberId}")}
+              ("PUT", "/programs/{ProgramId}"), ("DELETE", "/programs/{ProgramId}/members/{ProgramMemberId}"),
+              ("GET", "/event-types"), ("GET", "/event-types/{EventType}"), ("PUT", "/event-types/{EventType}"),
+              ("DELETE", "/event-types/{EventType}")}
     assert routed <= described
     assert len(routed) == len(eventstore.ROUTES)
 

@@ -1,0 +1,131 @@
+"""Issue 12: the event-type catalogue costs what the number of types and programs
+costs, never what the number of events costs, and keeping its counts costs PUT
+almost nothing.
+
+  13. GET /event-types req/s on a 1,000,000-event database / GET /programs req/s,
+      same server, same SYSTEM user (wrk, 16 connections). The database: 10
+      programs, 30 event types (20 registered), each program using 10 of them:
+      100 counts, so the catalogue answer is bigger than the programs answer.
+  14. single PUT req/s with the counts kept / the same PUTs on a database whose
+      count triggers were dropped (medians of 3 interleaved rounds).
+
+``python bench/event_types.py [--events N]`` runs it alone; ``make bench`` runs
+it after the rest (figures 13 and 14 of its table come from here).
+"""
+
+import argparse
+import base64
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import run as bench  # noqa: E402  (bench/run.py: wrk, Server, event_body)
+from run import eventstore  # noqa: E402
+
+PROGRAMS = [f"P{n}" for n in range(10)]
+TYPES = [f"Type{n:02}" for n in range(30)]
+TARGETS = {"13. GET /event-types vs GET /programs": 0.5, "14. PUT, counts kept vs not": 0.95}
+
+GET_LUA = """
+wrk.headers["Authorization"] = "%(auth)s"
+function request() return wrk.format("GET", "%(path)s") end
+"""
+
+
+def build(path, events):
+    """``events`` events over PROGRAMS, program n using types 3n .. 3n+9 (of 30, wrapping), inserted
+    raw in 10,000-row transactions (the count triggers keep the counts as they go)."""
+    conn = eventstore.open_database(path)
+    now = eventstore.now_us()
+    with eventstore.write_transaction(conn):
+        for program in PROGRAMS:
+            eventstore.put_program(conn, program, f"Program {program}", now)
+        for event_type in TYPES[:20]:
+            eventstore.register_event_type(conn, event_type, f"What {event_type} means.", now)
+    key = eventstore.add_user(conn, "bench", True, {}, now)
+    doc = '{"EventId":"x","Deleted":false'
+    for start in range(0, events, 10_000):
+        rows = [(n + 1, f"{PROGRAMS[n % 10]}-e{n}", PROGRAMS[n % 10], TYPES[((n % 10) * 3 + n // 10 % 10) % 30],
+                 f"m{n % 5000}", now, now, doc, now, now) for n in range(start, min(events, start + 10_000))]
+        with eventstore.write_transaction(conn):
+            conn.executemany("INSERT INTO events (seq, event_id, program_id, event_type, member_id, start_us, end_us,"
+                             " doc, revision, created_us, updated_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?)", rows)
+    counted = conn.execute("SELECT COUNT(*), SUM(events) FROM event_type_counts WHERE events > 0").fetchone()
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    assert counted == (100, events), counted
+    return key
+
+
+def catalogue_figure(folder, events, seconds):
+    path = folder / "catalogue.db"
+    bench.say(f"13: building a {events:,}-event database over 10 programs and 30 types ...")
+    key = build(path, events)
+    server = bench.Server(path)
+    try:
+        auth = "Basic " + base64.b64encode(f"bench:{key}".encode()).decode()
+        status, _, answer = server.request("GET", "/event-types", user="bench", key=key)
+        assert status == 200 and len(answer["EventTypes"]) == 30, status
+        lua = {name: GET_LUA % {"auth": auth, "path": f"/{name}"} for name in ("event-types", "programs")}
+        bench.wrk(server.port, lua["event-types"], 2)  # warm
+        rates = {name: [] for name in lua}
+        for _ in range(3):  # interleaved rounds
+            for name, script in lua.items():
+                rates[name].append(bench.wrk(server.port, script, seconds)[0])
+    finally:
+        server.stop()
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
+def put_figure(folder, seconds):
+    """PUT on two empty databases, one of them without the count triggers."""
+    servers = {}
+    for name in ("kept", "not kept"):
+        path = folder / f"put-{name.replace(' ', '-')}.db"
+        conn = eventstore.open_database(path)
+        if name == "not kept":
+            for (trigger,) in conn.execute("SELECT name FROM sqlite_schema WHERE type = 'trigger'").fetchall():
+                conn.execute(f"DROP TRIGGER {trigger}")  # this bench's own copy: what PUT cost before the counts
+        conn.close()
+        server = bench.Server(path)
+        server.request("PUT", "/programs/FOO", {"Name": "Foo"}, user="admin", key=server.admin_key)
+        servers[name] = server
+    rates = {name: [] for name in servers}
+    try:
+        for round_number in range(3):
+            for name, server in servers.items():
+                auth = "Basic " + base64.b64encode(f"admin:{server.admin_key}".encode()).decode()
+                lua = bench.PUT_LUA % {"auth": auth, "body": json.dumps(bench.event_body(1))}
+                if round_number == 0:
+                    bench.wrk(server.port, lua, 2, args=["warm"])
+                rates[name].append(bench.wrk(server.port, lua, seconds, args=[f"r{round_number}"])[0])
+    finally:
+        for server in servers.values():
+            server.stop()
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
+def main(events=1_000_000, seconds=10):
+    folder = Path(tempfile.mkdtemp(prefix="eventstore-bench-types-"))
+    catalogue = catalogue_figure(folder, events, seconds)
+    bench.say("14: PUT with the counts kept and without ...")
+    puts = put_figure(folder, seconds)
+    figures = {"13. GET /event-types vs GET /programs": catalogue["event-types"] / catalogue["programs"],
+               "14. PUT, counts kept vs not": puts["kept"] / puts["not kept"]}
+    print(f"\nissue 12, event types ({events:,} events; wrk -t1 -c16 -d{seconds}s, medians of 3 rounds)")
+    for name, value in figures.items():
+        print(f"{name:40} {value:7.2f}  >= {TARGETS[name]:<5} {'met' if value >= TARGETS[name] else 'NOT MET'}")
+    print(f"GET /event-types {catalogue['event-types']:,.0f} req/s, GET /programs {catalogue['programs']:,.0f} req/s; "
+          f"PUT {puts['kept']:,.0f} req/s with counts, {puts['not kept']:,.0f} without")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=1_000_000, help="events in the catalogue's database")
+    parser.add_argument("--seconds", type=int, default=10, help="length of each wrk run (default 10)")
+    options = parser.parse_args()
+    main(options.events, options.seconds)
