@@ -23,6 +23,9 @@ Issue 10 (serve.py --processes):
  12. cross-process long-poll wake-up: ms from a PUT sent to one process to the
      answer of a long poll waiting in another (p50/p99)
   plus p50/p99 latency of 1 and 2.
+Issue 12 (bench/event_types.py, printed after issue 14's):
+ 13. GET /event-types on a 1,000,000-event database / GET /programs, same server
+ 14. single PUT with the event-type counts kept / without them (triggers dropped)
 Issue 4:
   export and import events/s / raw sqlite3 read and executemany of the same rows,
   and the exporter's peak RSS.
@@ -464,6 +467,8 @@ def main():
     print(f"\nexporter peak RSS: {export_rss:.1f} MB; importer peak RSS: {import_rss:.1f} MB")
     print("\n".join(notes))
     feed.main()  # issue 14: feed pages at 1 and 1,000 programs, long polls that a commit cannot match
+    import event_types  # issue 12 (bench/event_types.py imports this module: imported here, not above)
+    event_types.main(options.events, options.seconds)
 
 
 if __name__ == "__main__":

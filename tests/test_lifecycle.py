@@ -46,7 +46,7 @@ def test_erasure_is_idempotent(writer):
     assert writer.get("/events?after=2").json["Events"] == []
 
 
-@pytest.mark.parametrize("member_id", ["joe+tag@example.com", "Jane Doe", "Zoë Ñúñez", "a/b", "100%", "?#&"])
+@pytest.mark.parametrize("member_id", ["joe+tag@example.com", "Jane Doe", "Zoë Ñúñez", "a/b", "100%", "?#&", "line\nfeed"])
 def test_percent_encoded_member_ids_work(writer, member_id, registry):
     writer.put_json("/events/FOO-1", event_body(ProgramMemberId=member_id))
     assert erase(writer, "FOO", member_id).json == {"Deleted": 1}
