@@ -8,6 +8,7 @@ connections over them) supervised by the first, which restarts any that dies.
 """
 
 import argparse
+import collections
 import datetime
 import logging
 import os
@@ -123,8 +124,9 @@ def serve_one(args, announce_it):
     except (sqlite3.Error, RuntimeError, OSError) as exc:
         print(f"error: cannot open {args.db} as an eventstore database: {exc}", file=sys.stderr)
         return 1
+    access_log = AccessLog(app) if args.access_log else None
     try:
-        server = create_waitress(AccessLog(app) if args.access_log else app, args, reuse_port=args.worker)
+        server = create_waitress(access_log or app, args, reuse_port=args.worker)
     except OSError as exc:
         print(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr)
         return 1
@@ -134,7 +136,11 @@ def serve_one(args, announce_it):
         except (sqlite3.Error, RuntimeError, OSError) as exc:
             print(f"error: cannot open {args.db} as an eventstore database: {exc}", file=sys.stderr)
             return 1
-    run_until_stopped(server, app)
+    try:
+        run_until_stopped(server, app)
+    finally:
+        if access_log is not None:
+            access_log.close()
     return 0
 
 
@@ -255,13 +261,24 @@ def without_port(argv):
 
 
 class AccessLog:
-    """WSGI middleware: one line per request on standard error, written when the
-    response has been sent: time (UTC), client address, authenticated user id
-    (or -), method, path with query, status, response bytes, duration in ms.
-    Never a header's value: the Authorization header and keys stay out of it."""
+    """WSGI middleware: one line per request on standard error, once the response
+    has been sent: time (UTC), client address, authenticated user id (or -),
+    method, path with query, status, response bytes, duration in ms. Never a
+    header's value: the Authorization header and keys stay out of it.
 
-    def __init__(self, app, stream=None, clock=time.monotonic):
+    Lines are written by a thread of their own every ``flush_interval`` seconds,
+    many in one write: a write (and its flush) per request, from the request's
+    thread, let go of the GIL and cost a third of GET throughput under 16
+    connections. close() writes what is left; a process killed outright loses
+    at most the last ``flush_interval`` of lines."""
+
+    def __init__(self, app, stream=None, clock=time.monotonic, flush_interval=0.2):
         self.app, self.stream, self.clock = app, stream or sys.stderr, clock
+        self.flush_interval = flush_interval
+        self._lines = collections.deque()  # append and popleft are thread-safe: no lock
+        self._closed = threading.Event()
+        self._writer = threading.Thread(target=self._write_lines, daemon=True, name="access-log")
+        self._writer.start()
 
     def __call__(self, environ, start_response):
         started, answer = self.clock(), {}
@@ -282,11 +299,25 @@ class AccessLog:
                                                encoding="latin-1")
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
         method = re.sub(r"[^A-Za-z]", "?", environ.get("REQUEST_METHOD", "-"))[:20]
-        self.stream.write(
+        self._lines.append(
             f"{now.replace('+00:00', 'Z')} {environ.get('REMOTE_ADDR', '-')} "
             f"{environ.get('eventstore.user_id', '-')} {method} {target} {answer.get('status', '-')} "
             f"{answer.get('length') or sent} {(self.clock() - started) * 1000:.1f}ms\n")
-        self.stream.flush()
+
+    def _write_lines(self):
+        while not self._closed.wait(self.flush_interval):
+            self.flush()
+
+    def flush(self):
+        lines = [self._lines.popleft() for _ in range(len(self._lines))]  # a line added meanwhile waits
+        if lines:
+            self.stream.write("".join(lines))
+            self.stream.flush()
+
+    def close(self):
+        self._closed.set()
+        self._writer.join(timeout=5)
+        self.flush()
 
 
 class _LoggedBody:

@@ -3,11 +3,13 @@
 import base64
 import datetime
 import re
+import sys
 import time
 
 import pytest
 
 import eventstore
+from conftest import run_in_thread
 from server import Server, assert_seen_every_change_once_in_order, publish_while_following
 
 
@@ -223,3 +225,41 @@ def test_the_app_itself_logs_no_requests(registry, caplog):
         registry.client("admin").get("/programs")
         registry.anonymous.get("/nowhere", status=404)
     assert caplog.records == []
+
+
+def test_access_log_lines_are_written_when_the_server_stops(tmp_path):
+    """Lines are written in batches by a thread of their own; stopping writes the
+    last ones, so a request answered just before SIGTERM is still logged."""
+    quick = Server(tmp_path / "quick.db")
+    for n in range(5):
+        assert quick.request("GET", f"/health?n={n}")[0] == 200
+    quick.stop()
+    targets = [line["target"] for line in map(ACCESS_LINE.match, map(str.rstrip, quick.log)) if line]
+    assert [target for target in targets if target.startswith("/health?n=")] == [f"/health?n={n}" for n in range(5)]
+
+
+def test_the_access_log_loses_no_line_under_concurrent_requests():
+    import io
+    import serve
+    stream = io.StringIO()
+    log = serve.AccessLog(lambda environ, start_response: start_response("200 OK", []) or [b"ok"], stream,
+                          flush_interval=0.001)
+
+    def requests(thread):
+        for n in range(500):
+            environ = {"REQUEST_METHOD": "GET", "PATH_INFO": f"/t{thread}/{n}", "REMOTE_ADDR": "127.0.0.1"}
+            body = log(environ, lambda status, headers, exc_info=None: None)
+            list(body)
+            body.close()
+
+    switching = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: a lost line shows
+    try:
+        waits = [run_in_thread(requests, thread) for thread in range(4)]
+        for wait in waits:
+            wait()
+    finally:
+        sys.setswitchinterval(switching)
+    log.close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2000 and len(set(line.split()[4] for line in lines)) == 2000
