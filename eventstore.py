@@ -1204,7 +1204,13 @@ def bootstrap_admin(conn, now):
 # --- Programs -----------------------------------------------------------------
 
 def program_exists(conn, program_id):
-    return conn.execute("SELECT 1 FROM programs WHERE program_id = ?", (program_id,)).fetchone() is not None
+    return program_name(conn, program_id) is not None
+
+
+def program_name(conn, program_id):
+    """The program's name, or None when it is not registered."""
+    row = conn.execute("SELECT name FROM programs WHERE program_id = ?", (program_id,)).fetchone()
+    return row and row[0]
 
 
 def program_rule(conn, program_id):
@@ -1235,6 +1241,33 @@ def type_registered(conn, event_type):
     return conn.execute("SELECT 1 FROM event_types WHERE event_type = ?", (event_type,)).fetchone() is not None
 
 
+class TypeRules:
+    """What programs take, read from ``conn`` once per program and type and kept:
+    one per write transaction (read under the write lock, so a rule changed by
+    any process is seen by the next transaction), or one per check of an import."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self._strict = {}       # program id -> registered_types_only, or None: not registered
+        self._registered = {}   # event type -> registered?
+
+    def program_exists(self, program_id):
+        return self._program_rule(program_id) is not None
+
+    def _program_rule(self, program_id):
+        if program_id not in self._strict:
+            self._strict[program_id] = program_rule(self.conn, program_id)
+        return self._strict[program_id]
+
+    def type_allowed(self, program_id, event_type):
+        """False when the program takes registered types only and this one is not."""
+        if not self._program_rule(program_id):
+            return True
+        if event_type not in self._registered:
+            self._registered[event_type] = type_registered(self.conn, event_type)
+        return self._registered[event_type]
+
+
 MAX_TYPES_NAMED = 20  # an error for an unregistered type names at most this many registered ones
 
 
@@ -1257,10 +1290,10 @@ def unregistered_type_errors(conn, events):
     """[(index or None, event_id, program_id, event_type)] -> the error entries of
     those whose program takes registered types only and whose type is not
     registered (for a batch, with the item's index and EventId)."""
-    tx = Transaction(conn, None)
+    rules = TypeRules(conn)
     errors = []
     for index, event_id, program_id, event_type in events:
-        if not tx.type_allowed(program_id, event_type):
+        if not rules.type_allowed(program_id, event_type):
             error = unregistered_type_error(conn, program_id, event_type)
             errors += [error] if index is None else batch_errors(index, event_id, [error])
     return errors
@@ -1345,9 +1378,7 @@ def read_event(conn, event_id):
 
 class Transaction:
     """What the changes in one write transaction share: the connection, one
-    clock reading, the next Sequence, and what it has read of the programs'
-    rules (read once per transaction, under the write lock, so a rule changed
-    by any process is seen by the next transaction).
+    clock reading, the next Sequence, and the programs' rules (``rules``).
 
     The Sequence is read once (MAX(seq): rows are never removed, so it is the
     largest ever assigned) and counted on in memory; the write lock, held from
@@ -1356,9 +1387,8 @@ class Transaction:
 
     def __init__(self, conn, now):
         self.conn, self.now = conn, now
+        self.rules = TypeRules(conn)
         self._last_seq = None
-        self._strict = {}       # program id -> registered_types_only, or None: not registered
-        self._registered = {}   # event type -> registered?
 
     def peek_seq(self):
         """The Sequence the next change will take (claim it with take_seq)."""
@@ -1370,22 +1400,6 @@ class Transaction:
         seq = self.peek_seq()
         self._last_seq = seq
         return seq
-
-    def program_exists(self, program_id):
-        return self._program_rule(program_id) is not None
-
-    def _program_rule(self, program_id):
-        if program_id not in self._strict:
-            self._strict[program_id] = program_rule(self.conn, program_id)
-        return self._strict[program_id]
-
-    def type_allowed(self, program_id, event_type):
-        """False when the program takes registered types only and this one is not."""
-        if not self._program_rule(program_id):
-            return True
-        if event_type not in self._registered:
-            self._registered[event_type] = type_registered(self.conn, event_type)
-        return self._registered[event_type]
 
 
 # One statement for create, update and replay: the update happens only when the
@@ -1419,9 +1433,9 @@ def put_event(tx, event, preconditions=None):
     Raises Problem 404 (unregistered program), 400 (a type its program does
     not take) or 412, always before writing.
     """
-    if not tx.program_exists(event.program_id):
+    if not tx.rules.program_exists(event.program_id):
         raise Problem(404, f"Program {event.program_id!r} is not registered.")
-    if not tx.type_allowed(event.program_id, event.event_type):
+    if not tx.rules.type_allowed(event.program_id, event.event_type):
         raise bad_request("The event is not valid; see errors.",
                           [unregistered_type_error(tx.conn, event.program_id, event.event_type)])
     current = None
@@ -1456,7 +1470,7 @@ def put_events(tx, indexed_events):
     One lookup per 500 events and two executemany calls, rather than a statement
     per event: the Sequences are handed out here, in request order."""
     unregistered = [(index, event) for index, event in indexed_events
-                    if not tx.program_exists(event.program_id)]
+                    if not tx.rules.program_exists(event.program_id)]
     if unregistered:
         raise Problem(404, f"{len(unregistered)} events name an unregistered program; nothing was written.",
                       [e for index, event in unregistered for e in batch_errors(
@@ -1511,7 +1525,7 @@ def _tombstone(tx, event_id):
 def erase_member(tx, program_id, member_id):
     """Tombstone every live event of one member in one program, each with its own
     new Revision and Sequence. Returns how many. Raises Problem 404 before writing."""
-    if not tx.program_exists(program_id):
+    if not tx.rules.program_exists(program_id):
         raise Problem(404, f"Program {program_id!r} is not registered.")
     event_ids = [row[0] for row in tx.conn.execute(
         "SELECT event_id FROM events WHERE program_id = ? AND member_id = ? ORDER BY seq",
@@ -1830,10 +1844,15 @@ def delete_event_handler(req):
     return Response(204, [("ETag", etag(revision))])
 
 
+def _require_read_on_requested_programs(req):
+    """403 unless the caller may read every ProgramId of the query (before validating it)."""
+    for name, value in req.query:
+        if name == "ProgramId":
+            req.require("read", value)
+
+
 def list_events_handler(req):
-    requested = [value for name, value in req.query if name == "ProgramId"]
-    for program_id in requested:
-        req.require("read", program_id)
+    _require_read_on_requested_programs(req)
     query = parse_feed_query(req.query)
     programs = query.programs or readable_programs(req.user)
     rows = req.store.wait_for_feed(programs, query)
@@ -1892,9 +1911,7 @@ def _event_type_param(req):
 
 
 def list_event_types_handler(req):
-    requested = [value for name, value in req.query if name == "ProgramId"]
-    for program_id in requested:
-        req.require("read", program_id)
+    _require_read_on_requested_programs(req)
     programs = parse_event_types_query(req.query) or readable_programs(req.user)
     body = f'{{"EventTypes":{event_types_json(req.db, programs)}}}'
     return Response(200, [], body.encode("utf-8"), "application/json")
@@ -2462,7 +2479,7 @@ def cmd_program_add(conn, args, out):
     if args.name is not None and not args.name.strip():
         raise CommandError("--name must not be empty")
     with write_transaction(conn):
-        current = {program_id: name for program_id, name, _ in list_programs(conn)}.get(args.program_id)
+        current = program_name(conn, args.program_id)
         if current is not None and args.name is None and args.registered_types_only is None:
             raise CommandError(f"program {args.program_id} already exists (give --name to rename it, "
                                "--registered-types-only or --any-types to change what it takes)")
@@ -2731,7 +2748,7 @@ def _read_lines(path):
 
 def cmd_import(conn, args, out):
     registered = {program_id for program_id, _, _ in list_programs(conn)}
-    rules = Transaction(conn, None)  # what programs take, read once for the check
+    rules = TypeRules(conn)  # what programs take, read once for the check
     # First pass: check every line, import nothing if any is bad.
     bad, total = [], 0
     checking = Progress("checking")
