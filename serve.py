@@ -57,7 +57,11 @@ def parse_args(argv=None):
     parser.add_argument("--processes", type=int, default=None, metavar="N",
                         help="worker processes on the one port (default: one per available CPU, "
                              f"here {default_processes()})")
+    parser.add_argument("--no-cpu-pinning", dest="cpu_pinning", action="store_false",
+                        help="let the kernel move each serving process between CPUs (default: each process "
+                             "stays on one CPU, worker i on the i-th available one)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by the supervisor
+    parser.add_argument("--worker-slot", type=int, default=0, help=argparse.SUPPRESS)  # which worker it is
     args = parser.parse_args(argv)
     if args.processes is not None and args.processes < 1:
         parser.error("--processes must be at least 1")
@@ -115,8 +119,24 @@ def prepare_database(args, port, processes):
     announce(args.db, args.host, port, processes)
 
 
+def pin_to_cpu(args):
+    """Keep this serving process on one CPU (worker slot i on the i-th CPU it may
+    use), unless --no-cpu-pinning. Its threads take turns on one GIL; spread
+    over several cores, every hand-over of the GIL went through the kernel and
+    cost more than the work (GET at one process: 2,600 -> 4,600-5,100 req/s
+    pinned; at two processes 3,900-5,200 -> 7,900). Not on platforms without
+    sched_setaffinity."""
+    if not args.cpu_pinning or not hasattr(os, "sched_setaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    cpu = cpus[args.worker_slot % len(cpus)]
+    os.sched_setaffinity(0, {cpu})
+    return cpu
+
+
 def serve_one(args, announce_it):
     """Serve in this process until SIGTERM or SIGINT; -> exit status."""
+    pin_to_cpu(args)
     try:
         max_waiting = args.max_waiting if args.max_waiting is not None else args.threads // 2
         app = eventstore.make_app(args.db, max_body_bytes=args.max_body, max_waiting=max_waiting,
@@ -201,13 +221,14 @@ def supervise(args, argv, processes, prepare, script=__file__, restart_limit=5, 
         print(f"error: cannot open {args.db} as an eventstore database: {exc}", file=sys.stderr)
         return 1
     command = [sys.executable, os.path.abspath(script), *without_port(argv), "--port", str(port), "--worker"]
+    start = lambda slot: subprocess.Popen([*command, "--worker-slot", str(slot)])  # noqa: E731
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     log = logging.getLogger("eventstore.supervisor")
     workers, early_deaths = {}, []
     for slot in range(processes):
-        workers[slot] = (subprocess.Popen(command), time.monotonic())
+        workers[slot] = (start(slot), time.monotonic())
     status = 0
     while not stopping.wait(0.2):
         for slot, (worker, started) in list(workers.items()):
@@ -224,7 +245,7 @@ def supervise(args, argv, processes, prepare, script=__file__, restart_limit=5, 
                 stopping.set()
                 status = 1
                 break
-            workers[slot] = (subprocess.Popen(command), now)
+            workers[slot] = (start(slot), now)
     for worker, _ in workers.values():
         if worker.poll() is None:
             worker.send_signal(signal.SIGTERM)

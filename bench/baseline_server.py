@@ -25,6 +25,7 @@ if __name__ == "__main__":
     args = serve.parse_args()
     processes = args.processes or 1
     if args.worker or processes == 1:
+        serve.pin_to_cpu(args)  # served the same way as eventstore, pinning included
         serve.run_until_stopped(serve.create_waitress(baseline_app, args, reuse_port=args.worker))
     else:
         sys.exit(serve.supervise(args, sys.argv[1:], processes, prepare=announce, script=__file__))

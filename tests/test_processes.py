@@ -107,10 +107,41 @@ def test_long_polls_in_each_worker_wake_on_commits_of_the_other(tmp_path):
         second.stop()
 
 
+def cpus_of(pid):
+    return os.sched_getaffinity(pid)
+
+
+AVAILABLE = sorted(os.sched_getaffinity(0))
+
+
+def test_each_worker_stays_on_a_cpu_of_its_own(two):
+    """Worker i on the i-th available CPU (with one CPU, both on it)."""
+    expected = sorted(AVAILABLE[n % len(AVAILABLE)] for n in range(2))
+
+    def placed():
+        return sorted(cpu for pid in two.workers() for cpu in cpus_of(pid))
+
+    wait_for(lambda: placed() == expected, f"the workers on CPUs {expected}")
+
+
+def test_no_cpu_pinning_leaves_processes_where_the_kernel_puts_them(tmp_path):
+    one = Server(tmp_path / "one.db", "--no-cpu-pinning")
+    try:
+        assert cpus_of(one.process.pid) == set(AVAILABLE)
+    finally:
+        one.stop()
+    alone = Server(tmp_path / "alone.db")  # one process, pinned to the first available CPU
+    try:
+        assert cpus_of(alone.process.pid) == {AVAILABLE[0]}  # pinned before it announced itself
+    finally:
+        alone.stop()
+
+
 def test_a_killed_worker_is_restarted_and_nothing_acknowledged_is_lost(two):
     load = PutLoad(two, two.admin_key, "k", workers=6, ids=20, retry=True)
     wait_for(lambda: len(load.acknowledged) >= 30, "publishing under way")
     victim, survivor = two.workers()
+    victim_cpus = cpus_of(victim)
     os.kill(victim, signal.SIGKILL)
     # Meanwhile the server keeps answering (a connection that was queued on the
     # killed worker's socket is reset: a client tries again), and the supervisor
@@ -123,6 +154,9 @@ def test_a_killed_worker_is_restarted_and_nothing_acknowledged_is_lost(two):
             answered_during.append(two.request("GET", "/health")[0])
     wait_for(lambda: len(two.workers()) == 2 and victim not in two.workers(), "a new worker")
     assert survivor in two.workers()
+    replacement = next(pid for pid in two.workers() if pid != survivor)
+    # The same slot, the same CPU (once the new worker is far enough to have pinned itself).
+    wait_for(lambda: cpus_of(replacement) == victim_cpus, "the new worker on the old one's CPU")
     assert answered_during == [200] * 10
     time.sleep(0.5)  # more load on the new pair of workers
     acknowledged = load.stop()
