@@ -1286,15 +1286,14 @@ def unregistered_type_error(conn, program_id, event_type):
                                     f"{program_id!r} takes registered types only; {known}")
 
 
-def unregistered_type_errors(conn, events):
+def unregistered_type_errors(rules, events):
     """[(index or None, event_id, program_id, event_type)] -> the error entries of
-    those whose program takes registered types only and whose type is not
-    registered (for a batch, with the item's index and EventId)."""
-    rules = TypeRules(conn)
+    those whose program takes registered types only (by ``rules``, a TypeRules)
+    and whose type is not registered (for a batch, with the item's index and EventId)."""
     errors = []
     for index, event_id, program_id, event_type in events:
         if not rules.type_allowed(program_id, event_type):
-            error = unregistered_type_error(conn, program_id, event_type)
+            error = unregistered_type_error(rules.conn, program_id, event_type)
             errors += [error] if index is None else batch_errors(index, event_id, [error])
     return errors
 
@@ -1475,7 +1474,7 @@ def put_events(tx, indexed_events):
         raise Problem(404, f"{len(unregistered)} events name an unregistered program; nothing was written.",
                       [e for index, event in unregistered for e in batch_errors(
                           index, event.event_id, [field_error("ProgramId", f"{event.program_id!r} is not registered")])])
-    wrong_types = unregistered_type_errors(tx.conn, [(index, event.event_id, event.program_id, event.event_type)
+    wrong_types = unregistered_type_errors(tx.rules, [(index, event.event_id, event.program_id, event.event_type)
                                                      for index, event in indexed_events])
     if wrong_types:
         raise bad_request(f"{len(wrong_types)} events name a type their program does not take; nothing was written.",
@@ -1772,7 +1771,7 @@ def _type_errors(req, items):
     candidates = [(index, event_id, program_of(event_id), body.get("EventType")) for index, event_id, body in items
                   if isinstance(body, dict) and program_of(event_id)
                   and not event_type_error(body.get("EventType"))]
-    return unregistered_type_errors(req.db, candidates) if candidates else []
+    return unregistered_type_errors(TypeRules(req.db), candidates) if candidates else []
 
 
 def put_event_handler(req):
