@@ -160,3 +160,19 @@ def event_body(program_id="FOO", **fields):
 @pytest.fixture
 def body():
     return event_body
+
+
+@pytest.fixture
+def cli(tmp_path, capsys):
+    """``cli(*argv, status=0)`` runs the admin command line on a fresh database
+    file (``cli.db``) and checks its exit status -> (stdout, stderr)."""
+    db = str(tmp_path / "cli.db")
+
+    def run(*argv, status=0):
+        code = eventstore.main(["--db", db, *argv])
+        out, err = capsys.readouterr()
+        assert code == status, err
+        return out, err
+
+    run.db = db
+    return run

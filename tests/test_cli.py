@@ -9,20 +9,6 @@ import eventstore
 from conftest import ROOT
 
 
-@pytest.fixture
-def cli(tmp_path, capsys):
-    db = str(tmp_path / "cli.db")
-
-    def run(*argv, status=0):
-        code = eventstore.main(["--db", db, *argv])
-        out, err = capsys.readouterr()
-        assert code == status, err
-        return out, err
-
-    run.db = db
-    return run
-
-
 def test_program_add_and_list(cli):
     cli("program", "add", "FOO", "--name", "Foo Courses")
     cli("program", "add", "BAR")

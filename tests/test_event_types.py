@@ -417,20 +417,6 @@ def test_a_real_server_decodes_slashes_and_spaces_in_names(tmp_path):
 
 # --- The command line -----------------------------------------------------------------
 
-@pytest.fixture
-def cli(tmp_path, capsys):
-    db = str(tmp_path / "cli.db")
-
-    def run(*argv, status=0):
-        code = eventstore.main(["--db", db, *argv])
-        out, err = capsys.readouterr()
-        assert code == status, err
-        return out, err
-
-    run.db = db
-    return run
-
-
 def publish_directly(db_path, event_id, event_type):
     conn = eventstore.open_database(db_path)
     try:
