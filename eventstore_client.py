@@ -173,7 +173,7 @@ class Client:
         try:
             while not stop.is_set():
                 raw = self._call("GET", f"{path}&wait={wait}", retry_for=None,
-                                 timeout=max(self.timeout, wait + 30), parse=bytes)[2]
+                                 timeout=max(self.timeout, wait + 30), parse=bytes, stop=stop)[2]
                 hand_over(raw)
                 if until_caught_up and raw.startswith(PAGE_START.encode() + b"]"):
                     return
@@ -191,7 +191,7 @@ class Client:
         return "/events/" + urllib.parse.quote(event_id, safe="")
 
     def _call(self, method, path, body=None, headers=None, retry_for=..., timeout=None,
-              resent_404_is_done=False, parse=None):
+              resent_404_is_done=False, parse=None, stop=None):
         """One request, retried as the class says -> (status, headers, parsed body);
         ``parse`` reads a successful answer's bytes instead of json.loads."""
         retry_for = self.retry_for if retry_for is ... else retry_for
@@ -212,7 +212,10 @@ class Client:
                 if deadline is not None and time.monotonic() + delay > deadline:
                     raise retry.error from None
                 self.log(f"{method} {path}: {retry.error}; trying again in {delay:.1f} s")
-                self.sleep(delay)
+                if stop is None:
+                    self.sleep(delay)
+                elif stop.wait(delay):  # nobody wants the answer any more (a follower stopped)
+                    raise retry.error from None
 
     def _send(self, method, path, payload, headers, timeout, parse=None):
         all_headers = dict(self._headers, **headers)

@@ -14,6 +14,7 @@ import pytest
 
 import eventstore_client
 from eventstore_client import Client, ClientError
+from conftest import eventually
 from server import ROOT, Server, free_port
 
 CLIENT = [sys.executable, str(ROOT / "eventstore_client.py")]
@@ -227,6 +228,26 @@ def test_a_follower_outlives_a_server_restart_on_the_same_port(tmp_path):
         assert seen == ["FOO-before", "FOO-after"]
     finally:
         second.stop()
+
+
+def test_a_follower_that_stops_while_the_server_is_down_leaves_no_thread_retrying(tmp_path):
+    """The page fetcher retries a refused connection for as long as somebody
+    follows; once the follower stops, it gives up at its next retry instead of
+    retrying forever in the background."""
+    server = Server(tmp_path / "gone.db")
+    server.request("PUT", "/programs/FOO", {"Name": "Foo"}, user="admin", key=server.admin_key)
+    server.request("PUT", "/events/FOO-1", body(), user="admin", key=server.admin_key)
+    retries = []
+    client = admin_client(server, log=retries.append)
+    before = {t for t in threading.enumerate() if t.name == "eventstore-client-fetch"}
+    pages = client.follow_pages()
+    events, _ = next(pages)
+    assert [e["EventId"] for e in events] == ["FOO-1"]
+    fetchers = {t for t in threading.enumerate() if t.name == "eventstore-client-fetch"} - before
+    server.stop()
+    eventually(lambda: any("trying again" in message for message in retries), "the fetcher backing off")
+    pages.close()  # the follower stops
+    eventually(lambda: not any(t.is_alive() for t in fetchers), "the fetcher giving up", timeout=5)
 
 
 # --- the command line ----------------------------------------------------------------------
