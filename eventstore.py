@@ -2034,19 +2034,36 @@ class SharedFailureTable:
     once it has been quiet for the window. Reads take no lock (a torn read at
     worst misjudges one attempt by one); writes hold an flock on the file. When
     the probed slots are all taken, the one whose last failure is oldest goes.
+    After the slots, the time of the last failure of any source: while it is
+    older than the window no source can be throttled, and a request's check is
+    one read instead of two probes of the table (a fifth of an authenticated
+    GET's time in the app).
     """
 
     SLOT = struct.Struct("<QIxxxxd")   # hash, count, padding, last failure (time.time())
     SLOTS = 16384
     PROBES = 8
+    LATEST = struct.Struct("<d")       # the last failure of any source, after the slots
 
     def __init__(self, path):
         self.path = path
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        size = self.SLOT.size * self.SLOTS
-        if os.fstat(self._fd).st_size != size:
+        self._latest_at = self.SLOT.size * self.SLOTS
+        size = self._latest_at + self.LATEST.size
+        if os.fstat(self._fd).st_size != size:  # new, or made by a version without LATEST
             os.ftruncate(self._fd, size)
         self._map = mmap.mmap(self._fd, size)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:  # a table made before LATEST existed: its latest failure is the slots' latest
+            if not self.LATEST.unpack_from(self._map, self._latest_at)[0]:
+                latest = max(self.SLOT.unpack_from(self._map, n * self.SLOT.size)[2] for n in range(self.SLOTS))
+                self.LATEST.pack_into(self._map, self._latest_at, latest)
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def quiet(self, now, window):
+        """True when no source has failed within the window (nobody is throttled)."""
+        return now - self.LATEST.unpack_from(self._map, self._latest_at)[0] > window
 
     @staticmethod
     def _hash(source):
@@ -2084,6 +2101,7 @@ class SharedFailureTable:
                 _, count, last = self.SLOT.unpack_from(self._map, found)
                 count = count if now - last <= window else 0
             self.SLOT.pack_into(self._map, offset, key, count + 1, now)
+            self.LATEST.pack_into(self._map, self._latest_at, now)
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
@@ -2121,6 +2139,8 @@ class AuthThrottle:
             return 0
         with self._lock:
             now = self.clock()
+            if self.shared is not None and self.shared.quiet(now, self.window):
+                return 0
             by_address = self._delay(("address", address), now)
             if by_address or not self._recent(("address", address), now)[0]:
                 return by_address

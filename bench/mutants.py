@@ -126,6 +126,10 @@ MUTANTS = [
         ("    if errors:\n        errors += _type_errors(req, batch)",
          "    if errors and not events:\n        errors += _type_errors(req, batch)"),
     ], ["tests/test_batch.py"]),
+    ("the throttle's latest failure not recorded: a quiet table hides guessers", "eventstore.py", [
+        ("            self.LATEST.pack_into(self._map, self._latest_at, now)\n        finally:",
+         "        finally:"),
+    ], ["tests/test_throttle.py"]),
     ("a change of type does not move its count", "schema.sql", [
         ("WHEN OLD.deleted = 0 AND (NEW.deleted = 1 OR NEW.event_type IS NOT OLD.event_type)",
          "WHEN OLD.deleted = 0 AND NEW.deleted = 1"),

@@ -139,3 +139,21 @@ def test_the_shared_table_keeps_its_size_and_forgets_the_stalest(clock, tmp_path
     assert (tmp_path / "t").stat().st_size == size
     fail(throttle, user="fresh", address="10.9.9.9", times=2)
     assert throttle.retry_after("fresh", "10.9.9.9") > 0
+
+
+def test_a_table_made_before_the_latest_failure_was_kept_still_throttles(clock, tmp_path):
+    """The table ends in the time of the last failure of any source, so that a
+    quiet server checks one number per request; a file made without it (by the
+    previous version) is extended, and what it counted still holds."""
+    path = tmp_path / "t"
+    throttle = eventstore.AuthThrottle(threshold=2, clock=clock, path=path)
+    fail(throttle, times=2)
+    assert throttle.retry_after("writer", "10.0.0.1") > 0
+    table = eventstore.SharedFailureTable
+    with open(path, "r+b") as old:
+        old.truncate(table.SLOT.size * table.SLOTS)  # as the previous version made it
+    reopened = eventstore.AuthThrottle(threshold=2, clock=clock, path=path)
+    assert path.stat().st_size == table.SLOT.size * table.SLOTS + table.LATEST.size
+    assert reopened.retry_after("writer", "10.0.0.1") > 0
+    clock.now += 61
+    assert reopened.retry_after("writer", "10.0.0.1") == 0
