@@ -1143,20 +1143,17 @@ def authenticate(conn, user_id, api_key, now, touch=None):
         return None
     key_owner, _, _, last_used, is_system, _ = row
     if last_used is None or now - last_used > 60_000_000:
-        (touch or functools.partial(_touch_key, conn))(api_key[:KEY_ID_LENGTH], now)
+        (touch or functools.partial(touch_key, conn))(api_key[:KEY_ID_LENGTH], now)
     grants = dict(conn.execute(
         "SELECT program_id, access FROM grants WHERE user_id = ?", (key_owner,)).fetchall())
     return Principal(key_owner, bool(is_system), grants)
 
 
-TOUCH_KEY = "UPDATE api_keys SET last_used_us = ? WHERE key_id = ?"
-
-
-def _touch_key(conn, key_id, now):
+def touch_key(conn, key_id, now):
     """Record a key's last use. Best effort: a busy database must not fail the
     request that is merely being authenticated."""
     try:
-        conn.execute(TOUCH_KEY, (now, key_id))
+        conn.execute("UPDATE api_keys SET last_used_us = ? WHERE key_id = ?", (now, key_id))
     except sqlite3.OperationalError:
         pass
 
@@ -1199,6 +1196,43 @@ def bootstrap_admin(conn, now):
             return None
         conn.execute("INSERT INTO users (user_id, is_system, created_us) VALUES ('admin', 1, ?)", (now,))
         return add_key(conn, "admin", now)
+
+
+def user_exists(conn, user_id):
+    return conn.execute("SELECT 1 FROM users WHERE user_id = ?", (user_id,)).fetchone() is not None
+
+
+def revoke_grant(conn, user_id, program_id):
+    """-> whether the user held a grant on the program (now removed)."""
+    return bool(conn.execute("DELETE FROM grants WHERE user_id = ? AND program_id = ?",
+                             (user_id, program_id)).rowcount)
+
+
+def disable_user(conn, user_id):
+    """-> whether the user exists (now disabled: none of its keys work)."""
+    return bool(conn.execute("UPDATE users SET disabled = 1 WHERE user_id = ?", (user_id,)).rowcount)
+
+
+def list_users(conn):
+    """[(user_id, is_system, disabled, [(program_id, access)])] sorted by id."""
+    grants = collections.defaultdict(list)
+    for user_id, program_id, access in conn.execute(
+            "SELECT user_id, program_id, access FROM grants ORDER BY user_id, program_id"):
+        grants[user_id].append((program_id, access))
+    return [(user_id, bool(is_system), bool(disabled), grants[user_id]) for user_id, is_system, disabled in
+            conn.execute("SELECT user_id, is_system, disabled FROM users ORDER BY user_id")]
+
+
+def list_keys(conn, user_id):
+    """[(key_id, created_us, last_used_us, revoked_us)] of a user's keys, oldest first."""
+    return conn.execute("SELECT key_id, created_us, last_used_us, revoked_us FROM api_keys"
+                        " WHERE user_id = ? ORDER BY created_us", (user_id,)).fetchall()
+
+
+def revoke_key(conn, user_id, key_id, now):
+    """-> whether the user has that key (now revoked; revoking twice keeps the first time)."""
+    return bool(conn.execute("UPDATE api_keys SET revoked_us = COALESCE(revoked_us, ?)"
+                             " WHERE user_id = ? AND key_id = ?", (now, user_id, key_id)).rowcount)
 
 
 # --- Programs -----------------------------------------------------------------
@@ -1669,6 +1703,54 @@ def data_version(conn):
     return conn.execute("PRAGMA data_version").fetchone()[0]
 
 
+def backup_to(conn, path, on_progress):
+    """Copy the database into a new file at ``path`` with SQLite's backup API, in
+    one read transaction (the copy is the snapshot it started on; writers carry on
+    meanwhile), the copy self-contained (no WAL); ``on_progress(pages done,
+    pages)``. -> the events in the copy."""
+    target = sqlite3.connect(path)
+    try:
+        with read_snapshot(conn):
+            events = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+            conn.backup(target, pages=1024,
+                        progress=lambda status, remaining, total: on_progress(total - remaining, total))
+        target.execute("PRAGMA journal_mode = DELETE")
+    finally:
+        target.close()
+    return events
+
+
+def check_copy(path):
+    """-> (PRAGMA integrity_check's first line, the events) of the database file at ``path``."""
+    check = sqlite3.connect(path)
+    try:
+        return check.execute("PRAGMA integrity_check").fetchone()[0], \
+            check.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+    finally:
+        check.close()
+
+
+def last_sequence(conn):
+    return conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+
+
+def changes_since(conn, seq, limit):
+    """[(seq, program_id, event_type)] of the changes after Sequence ``seq``, at most ``limit``."""
+    return conn.execute("SELECT seq, program_id, event_type FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+                        (seq, limit)).fetchall()
+
+
+def answers(conn):
+    """Raises sqlite3.Error unless the database answers a query."""
+    conn.execute("SELECT 1 FROM programs LIMIT 1").fetchall()
+
+
+def read_only(conn):
+    """The connection refuses writes from now on (a reader's: every write goes through the writer)."""
+    conn.execute("PRAGMA query_only = ON")
+    return conn
+
+
 # ============================================================================
 # Handlers
 # ============================================================================
@@ -1945,7 +2027,7 @@ def delete_event_type_handler(req):
 
 def health_handler(req):
     try:
-        req.db.execute("SELECT 1 FROM programs LIMIT 1").fetchall()
+        answers(req.db)
     except sqlite3.Error:
         raise service_unavailable("The database does not answer.", retry_after=5) from None
     writer = req.store.writer
@@ -2250,8 +2332,7 @@ class EventStore:
         shared between threads (writes go through the writer's own)."""
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = self._local.conn = connect(self.db_path, self.busy_timeout_ms)
-            conn.execute("PRAGMA query_only = ON")  # every write goes through the writer
+            conn = self._local.conn = read_only(connect(self.db_path, self.busy_timeout_ms))
         return conn
 
     def write(self, change, changed=lambda result: True):
@@ -2332,7 +2413,7 @@ class EventStore:
         conn = connect(self.db_path, self.busy_timeout_ms)
         try:
             version = data_version(conn)
-            last_seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+            last_seq = last_sequence(conn)
             self._committed()  # another process may have committed before that first look
             while not self._closing.wait(self.poll_interval):
                 with self._commits:
@@ -2343,8 +2424,7 @@ class EventStore:
                 if current == version:
                     continue
                 version = current
-                changed = conn.execute("SELECT seq, program_id, event_type FROM events WHERE seq > ?"
-                                       " ORDER BY seq LIMIT 10000", (last_seq,)).fetchall()
+                changed = changes_since(conn, last_seq, 10000)
                 if changed:
                     last_seq = changed[-1][0]
                     self._committed(None if len(changed) == 10000 else {row[1:] for row in changed})
@@ -2411,7 +2491,7 @@ class EventStore:
         never waits for the write lock. (From a read connection the update would
         contend with the writer for that lock.)"""
         try:
-            self.writer.post(lambda tx: tx.conn.execute(TOUCH_KEY, (now, key_id)), changed=lambda result: False)
+            self.writer.post(lambda tx: touch_key(tx.conn, key_id, now), changed=lambda result: False)
         except RuntimeError:  # the app is closing
             pass
 
@@ -2484,7 +2564,7 @@ def _check_programs(conn, program_ids):
 
 
 def _check_user(conn, user_id):
-    if not conn.execute("SELECT 1 FROM users WHERE user_id = ?", (user_id,)).fetchone():
+    if not user_exists(conn, user_id):
         raise CommandError(f"no such user: {user_id}")
 
 
@@ -2518,7 +2598,7 @@ def cmd_user_add(conn, args, out):
         raise CommandError(f"{args.user_id!r} is not a userId: 1-64 characters of A-Z a-z 0-9 . _ @ -")
     grants = _grants_from(args)
     _check_programs(conn, grants)
-    if conn.execute("SELECT 1 FROM users WHERE user_id = ?", (args.user_id,)).fetchone():
+    if user_exists(conn, args.user_id):
         raise CommandError(f"user {args.user_id} already exists (use: key add {args.user_id})")
     print(add_user(conn, args.user_id, args.system, grants, now_us()), file=out)
 
@@ -2536,25 +2616,21 @@ def cmd_user_grant(conn, args, out):
 
 def cmd_user_revoke(conn, args, out):
     with write_transaction(conn):
-        deleted = conn.execute("DELETE FROM grants WHERE user_id = ? AND program_id = ?",
-                               (args.user_id, args.program_id)).rowcount
-    if not deleted:
+        revoked = revoke_grant(conn, args.user_id, args.program_id)
+    if not revoked:
         raise CommandError(f"user {args.user_id} holds no grant on {args.program_id}")
     print(f"revoked {args.user_id}'s access to {args.program_id}", file=sys.stderr)
 
 
 def cmd_user_disable(conn, args, out):
     with write_transaction(conn):
-        if not conn.execute("UPDATE users SET disabled = 1 WHERE user_id = ?", (args.user_id,)).rowcount:
+        if not disable_user(conn, args.user_id):
             raise CommandError(f"no such user: {args.user_id}")
     print(f"user {args.user_id} disabled", file=sys.stderr)
 
 
 def cmd_user_list(conn, args, out):
-    users = conn.execute("SELECT user_id, is_system, disabled FROM users ORDER BY user_id").fetchall()
-    for user_id, is_system, disabled in users:
-        grants = conn.execute("SELECT program_id, access FROM grants WHERE user_id = ? ORDER BY program_id",
-                              (user_id,)).fetchall()
+    for user_id, is_system, disabled, grants in list_users(conn):
         rights = "SYSTEM" if is_system else " ".join(f"{a}:{p}" for p, a in grants) or "-"
         print(f"{user_id}\t{rights}\t{'disabled' if disabled else 'active'}", file=out)
 
@@ -2568,19 +2644,15 @@ def cmd_key_add(conn, args, out):
 
 def cmd_key_list(conn, args, out):
     _check_user(conn, args.user_id)
-    keys = conn.execute("SELECT key_id, created_us, last_used_us, revoked_us FROM api_keys"
-                        " WHERE user_id = ? ORDER BY created_us", (args.user_id,)).fetchall()
-    for key_id, created, last_used, revoked in keys:
+    for key_id, created, last_used, revoked in list_keys(conn, args.user_id):
         state = f"\trevoked {_fmt_time(revoked)}" if revoked else ""
         print(f"{key_id}\tcreated {_fmt_time(created)}\tlast used {_fmt_time(last_used)}{state}", file=out)
 
 
 def cmd_key_revoke(conn, args, out):
     with write_transaction(conn):
-        updated = conn.execute("UPDATE api_keys SET revoked_us = COALESCE(revoked_us, ?)"
-                               " WHERE user_id = ? AND key_id = ?",
-                               (now_us(), args.user_id, args.key_id)).rowcount
-    if not updated:
+        revoked = revoke_key(conn, args.user_id, args.key_id, now_us())
+    if not revoked:
         raise CommandError(f"user {args.user_id} has no key {args.key_id} (see: key list {args.user_id})")
     print(f"key {args.key_id} revoked", file=sys.stderr)
 
@@ -2674,30 +2746,14 @@ def cmd_backup(conn, args, out):
         raise CommandError(f"{dest} exists; give --force to overwrite it")
     partial = dest.with_name(dest.name + ".partial")
     partial.unlink(missing_ok=True)
-    target = sqlite3.connect(partial)
     progress = Progress("backup (pages)")
-    try:
-        # One read transaction over the whole copy: the backup is the snapshot
-        # it started on, and writers (WAL) carry on meanwhile.
-        with read_snapshot(conn):
-            events = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
-            conn.backup(target, pages=1024,
-                        progress=lambda status, remaining, total: (
-                            setattr(progress, "total", total), progress.update(total - remaining)))
-        progress.finish()
-        target.execute("PRAGMA journal_mode = DELETE")
-    finally:
-        target.close()
+    events = backup_to(conn, partial, lambda done, total: (setattr(progress, "total", total), progress.update(done)))
+    progress.finish()
     _fsync_path(partial)
-    check = sqlite3.connect(partial)
-    try:
-        verdict = check.execute("PRAGMA integrity_check").fetchall()
-        copied = check.execute("SELECT COUNT(*) FROM events").fetchone()[0]
-    finally:
-        check.close()
-    if verdict != [("ok",)] or copied != events:
+    verdict, copied = check_copy(partial)
+    if verdict != "ok" or copied != events:
         partial.unlink(missing_ok=True)
-        raise CommandError(f"the copy did not verify ({verdict[0][0]}); nothing was written to {dest}")
+        raise CommandError(f"the copy did not verify ({verdict}); nothing was written to {dest}")
     os.replace(partial, dest)
     _fsync_path(dest.parent)
     print(f"ok: {events:,} events backed up to {dest} (integrity_check ok)", file=sys.stderr)

@@ -77,8 +77,8 @@ MUTANTS = [
          "            pass"),
     ], ["tests/test_group_commit.py"]),
     ("a key's last use waits for the writer", "eventstore.py", [
-        ("            self.writer.post(lambda tx: tx.conn.execute(TOUCH_KEY",
-         "            self.writer.submit(lambda tx: tx.conn.execute(TOUCH_KEY"),
+        ("            self.writer.post(lambda tx: touch_key(",
+         "            self.writer.submit(lambda tx: touch_key("),
     ], ["tests/test_auth.py"]),
     ("Content-Length checked with str.isdigit", "eventstore.py", [
         ("            if not CONTENT_LENGTH_RE.fullmatch(length):", "            if not length.isdigit():"),
