@@ -1237,20 +1237,15 @@ def revoke_key(conn, user_id, key_id, now):
 
 # --- Programs -----------------------------------------------------------------
 
+def find_program(conn, program_id):
+    """-> (name, registered_types_only), or None when the program is not registered."""
+    row = conn.execute("SELECT name, registered_types_only FROM programs WHERE program_id = ?",
+                       (program_id,)).fetchone()
+    return row and (row[0], bool(row[1]))
+
+
 def program_exists(conn, program_id):
-    return program_name(conn, program_id) is not None
-
-
-def program_name(conn, program_id):
-    """The program's name, or None when it is not registered."""
-    row = conn.execute("SELECT name FROM programs WHERE program_id = ?", (program_id,)).fetchone()
-    return row and row[0]
-
-
-def program_rule(conn, program_id):
-    """Whether the program takes registered event types only; None when it is not registered."""
-    row = conn.execute("SELECT registered_types_only FROM programs WHERE program_id = ?", (program_id,)).fetchone()
-    return None if row is None else bool(row[0])
+    return find_program(conn, program_id) is not None
 
 
 def put_program(conn, program_id, name, now, registered_types_only=None):
@@ -1290,7 +1285,8 @@ class TypeRules:
 
     def _program_rule(self, program_id):
         if program_id not in self._strict:
-            self._strict[program_id] = program_rule(self.conn, program_id)
+            found = find_program(self.conn, program_id)
+            self._strict[program_id] = found and found[1]
         return self._strict[program_id]
 
     def type_allowed(self, program_id, event_type):
@@ -1409,6 +1405,11 @@ def read_event(conn, event_id):
     return conn.execute(f"SELECT {EVENT_COLUMNS} FROM events WHERE event_id = ?", (event_id,)).fetchone()
 
 
+def last_sequence(conn):
+    """The largest Sequence ever assigned (rows are never removed), 0 for none."""
+    return conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+
+
 class Transaction:
     """What the changes in one write transaction share: the connection, one
     clock reading, the next Sequence, and the programs' rules (``rules``).
@@ -1426,7 +1427,7 @@ class Transaction:
     def peek_seq(self):
         """The Sequence the next change will take (claim it with take_seq)."""
         if self._last_seq is None:
-            self._last_seq = self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+            self._last_seq = last_sequence(self.conn)
         return self._last_seq + 1
 
     def take_seq(self):
@@ -1601,7 +1602,7 @@ def read_feed(conn, programs, query, strategy=None):
         window = WINDOW * want
         window_end = query.after + window
         rows = _walk(conn, programs, query, query.after, window_end, want)
-        last_seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+        last_seq = last_sequence(conn)
         if len(rows) == want or window_end >= last_seq:
             return rows
         needed, share = want - len(rows), len(rows) / window
@@ -1728,10 +1729,6 @@ def check_copy(path):
             check.execute("SELECT COUNT(*) FROM events").fetchone()[0]
     finally:
         check.close()
-
-
-def last_sequence(conn):
-    return conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
 
 
 def changes_since(conn, seq, limit):
@@ -2578,8 +2575,9 @@ def cmd_program_add(conn, args, out):
     if args.name is not None and not args.name.strip():
         raise CommandError("--name must not be empty")
     with write_transaction(conn):
-        current = program_name(conn, args.program_id)
-        if current is not None and args.name is None and args.registered_types_only is None:
+        found = find_program(conn, args.program_id)
+        current = found and found[0]
+        if found and args.name is None and args.registered_types_only is None:
             raise CommandError(f"program {args.program_id} already exists (give --name to rename it, "
                                "--registered-types-only or --any-types to change what it takes)")
         name = args.name or current or args.program_id

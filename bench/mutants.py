@@ -96,11 +96,10 @@ MUTANTS = [
     ], ["tests/test_auth.py"]),
     ("Sequence counted per process, not read in the transaction", "eventstore.py", [
         ("class Transaction:", "SEQ_COUNTERS = {}\n\n\nclass Transaction:"),
-        ('            self._last_seq = self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]',
-         '            self._last_seq = SEQ_COUNTERS.setdefault(id(self.known_programs), self.conn.execute('
-         '"SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0])'),
+        ("            self._last_seq = last_sequence(self.conn)",
+         '            self._last_seq = SEQ_COUNTERS.setdefault("seq", last_sequence(self.conn))'),
         ("        self._last_seq = seq\n",
-         "        self._last_seq = SEQ_COUNTERS[id(self.known_programs)] = seq\n"),
+         '        self._last_seq = SEQ_COUNTERS["seq"] = seq\n'),
     ], ["tests/test_durability.py"]),
     ("tombstones keep the member id", "eventstore.py", [
         ('        "UPDATE events SET member_id = NULL, start_us = NULL',
