@@ -8,17 +8,23 @@ DB     ?= $(or $(EVENTSTORE_DB),eventstore.db)
 
 .PHONY: run test tools bench fuzz mutants clean
 
-run: $(VENV)/.runtime
+# A postgresql:// database needs psycopg too (requirements-postgres.txt).
+run: $(VENV)/.runtime $(if $(filter postgres%,$(DB)),$(VENV)/.postgres)
 	$(PY) serve.py --host $(HOST) --port $(PORT) --db $(DB)
 
 test: $(VENV)/.dev tools
 	$(PY) -m pytest -q
 
-# System tools the tests use: strace (to see each commit's fsync). Installed with
-# apt-get where we are root; elsewhere those tests skip, except in CI (CI=true).
+# System tools the tests use: strace (to see each commit's fsync) and PostgreSQL's
+# server binaries (the tests start a throwaway cluster). Installed with apt-get
+# where we are root; elsewhere those tests skip, except in CI (.ci/run), where
+# a missing PostgreSQL fails the run.
 tools:
 	@command -v strace >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
 	  apt-get install -y -qq strace >/dev/null; } || echo "note: strace is not installed; its test will skip"
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || [ -n "$$EVENTSTORE_PG_BIN" ] || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq postgresql >/dev/null; } || \
+	  echo "note: PostgreSQL's server binaries are not installed; the PostgreSQL half of the tests will skip"
 
 # Longer schemathesis runs than make test's: FUZZ_SECONDS per user and seed
 # (default 120), over FUZZ_SEEDS (default 2 3 4 5; make test uses seed 1).
@@ -42,9 +48,13 @@ $(VENV)/.runtime: requirements.txt | $(VENV)/bin/python
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	touch $@
 
-$(VENV)/.dev: requirements.txt requirements-dev.txt | $(VENV)/bin/python
+$(VENV)/.postgres: requirements-postgres.txt | $(VENV)/bin/python
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-postgres.txt
+	touch $@
+
+$(VENV)/.dev: requirements.txt requirements-dev.txt requirements-postgres.txt | $(VENV)/bin/python
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
-	touch $@ $(VENV)/.runtime
+	touch $@ $(VENV)/.runtime $(VENV)/.postgres
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -710,6 +710,33 @@ def parse_event_types_query(pairs):
 # ============================================================================
 # Storage
 # ============================================================================
+#
+# The handlers and the command line speak to one storage interface; SQL lives
+# only behind it. Two implementations: SQLite below (the default, standard
+# library only) and PostgreSQL in eventstore_pg.py (for several servers on one
+# database), chosen by open_storage() from the database's name.
+#
+#   storage.backend                 "sqlite" or "postgresql"
+#   storage.reads()                 a Reads for this thread (autocommit reads)
+#   storage.session()               a Session: its own connection, for the
+#                                   writer thread and the command line
+#   session.transaction(now)        with ... as tx: a durable write Transaction
+#   storage.watch_commits()         a CommitWatch: other processes' commits
+#   storage.local_file(suffix)      a file this machine's processes share, or None
+#   storage.errors / .problem(exc)  its exceptions, and the Problem each becomes
+#
+# A Reads answers: key_row, grants_of, find_program, list_programs,
+# type_registered, registered_types, event_types_json, read_event, read_feed,
+# export_events, last_sequence, changes_since, user_exists, list_users,
+# list_keys, answers. A Transaction is a Reads inside the transaction, plus
+# take_seq/peek_seq and the writes (current, upsert_event, current_many,
+# insert_events, update_events, live_revision, tombstone, member_event_ids,
+# insert_tombstone, put_program, register_event_type, strict_users_of_type,
+# delete_event_type, insert_user, insert_key, set_grants, revoke_grant,
+# disable_user, revoke_key, touch_key, any_user) and ``changes()``, a count of
+# the rows it has written. The rules that are not SQL (404s, 412s, the type
+# rule, what a batch does) are the functions after the SQLite classes, shared
+# by both backends.
 
 def now_us():
     return time.time_ns() // 1000
@@ -785,7 +812,7 @@ class WriterLock:
 
 class Connection(sqlite3.Connection):
     """A sqlite3 connection that knows the database's WriterLock (None: none);
-    ``own_writer_lock`` closes it with the connection."""
+    ``owns_writer_lock`` closes it with the connection."""
 
     writer_lock = None
     owns_writer_lock = False
@@ -870,176 +897,6 @@ class read_snapshot:
         return False
 
 
-class GroupCommitWriter:
-    """One thread that owns the write connection and commits, in a single
-    BEGIN IMMEDIATE ... COMMIT, every change queued while the previous commit was
-    being fsynced (group commit).
-
-    A change is a function ``change(tx) -> result`` over a Transaction, with
-    ``changed(result)``: what the committed change touched, as a set of
-    (ProgramId, EventType or None) pairs, or True (something, unsaid), or a
-    false value (nothing a feed shows); ``on_commit`` hears the union (None for
-    "unsaid"), so that only long polls that can match re-read. One that
-    raises a Problem (a 404, a 412) must do so before it writes: it fails alone
-    and the others commit. One that raises anything else, or after writing, makes
-    the batch roll back and rerun one change per transaction, so that it fails
-    alone too. ``submit`` returns only after the COMMIT (synchronous=FULL: after
-    the fsync) or raises the change's own error.
-
-    If the thread dies (its connection cannot be opened, or anything unexpected
-    escapes), every change it held or had queued fails with a 503, ``failure``
-    says why until a new thread has connected, and the next change starts one.
-    """
-
-    def __init__(self, connect_db, clock, on_commit=lambda touched: None, max_batch=1000):
-        self.connect_db, self.clock, self.on_commit = connect_db, clock, on_commit
-        self.max_batch = max_batch
-        self.failure = None  # why the last writer thread died, until another connects
-        self._queue = []
-        self._wake = threading.Condition()
-        self._thread = None
-        self._stopping = False
-
-    def submit(self, change, changed=lambda result: True):
-        """Queue ``change`` and wait for its outcome: its result, or its error."""
-        item = self.post(change, changed)
-        # Bounded waits: a writer that died without answering is noticed.
-        while not item.done.wait(0.5):
-            with self._wake:
-                if item.done.is_set() or (item.writer or self._thread).is_alive():
-                    continue
-                if item.writer is None:  # still queued: hand it to a new writer
-                    self._start()
-                    continue
-            raise self.unavailable()
-        if item.error is not None:
-            raise item.error
-        return item.result
-
-    def post(self, change, changed=lambda result: True):
-        """Queue ``change`` without waiting for it (best-effort bookkeeping)."""
-        item = _Pending(change, changed)
-        with self._wake:
-            if self._stopping:
-                raise RuntimeError("the writer is stopped")
-            self._start()
-            self._queue.append(item)
-            self._wake.notify()
-        return item
-
-    def start(self):
-        """Start a writer thread unless one is running (health checks call this,
-        so that a writer that died is brought back even while nobody writes)."""
-        with self._wake:
-            if not self._stopping:
-                self._start()
-
-    def _start(self):
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._run, name="eventstore-writer", daemon=True)
-            self._thread.start()
-
-    def unavailable(self):
-        return service_unavailable("The database cannot take writes at the moment; nothing was written. "
-                                   "Try again shortly.")
-
-    def stop(self):
-        with self._wake:
-            self._stopping = True
-            self._wake.notify()
-        if self._thread is not None:
-            self._thread.join()
-
-    def _run(self):
-        batch = []
-        try:
-            conn = self.connect_db()
-        except Exception as exc:
-            return self._died(exc, batch)
-        self.failure = None
-        try:
-            while True:
-                with self._wake:
-                    while not self._queue and not self._stopping:
-                        self._wake.wait()
-                    if not self._queue:
-                        return
-                    batch, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
-                    for item in batch:
-                        item.writer = threading.current_thread()
-                self._commit(conn, batch)
-                batch = []
-        except BaseException as exc:
-            self._died(exc, batch)
-        finally:
-            conn.close()
-
-    def _died(self, exc, batch):
-        """Fail every change this thread held or that is queued, and say why."""
-        log.error("the database writer stopped: %r; the next write starts another", exc)
-        self.failure = exc
-        with self._wake:
-            batch, self._queue = batch + self._queue, []
-        for item in batch:
-            if not item.done.is_set():
-                item.error, item.result = self.unavailable(), None
-                item.done.set()
-
-    def _commit(self, conn, batch):
-        try:
-            self._transaction(conn, batch)
-        except _ChangeFailed:
-            for item in batch:  # isolate the failing change: one transaction each
-                try:
-                    self._transaction(conn, [item])
-                except _ChangeFailed as failed:
-                    item.error, item.result = failed.__cause__, None
-                except Exception as exc:
-                    item.error, item.result = exc, None
-        except Exception as exc:  # BEGIN or COMMIT failed: nothing of the batch is written
-            for item in batch:  # each its own copy: an exception is raised in one thread only
-                item.error, item.result = copy.copy(exc).with_traceback(None), None
-        touched, unsaid = set(), False
-        for item in batch:
-            changed = item.error is None and item.changed(item.result)
-            if changed is True:
-                unsaid = True  # changed, without saying where
-            elif changed:
-                touched |= changed
-        if unsaid or touched:
-            self.on_commit(None if unsaid else touched)
-        for item in batch:
-            item.done.set()
-
-    def _transaction(self, conn, batch):
-        with write_transaction(conn):
-            tx = Transaction(conn, self.clock())
-            for item in batch:
-                changes_before = conn.total_changes
-                try:
-                    item.result, item.error = item.change(tx), None
-                except Problem as problem:
-                    if conn.total_changes != changes_before:
-                        raise _ChangeFailed() from problem
-                    item.result, item.error = None, problem
-                except Exception as exc:
-                    raise _ChangeFailed() from exc
-
-
-class _ChangeFailed(Exception):
-    """A change failed in a way that only rolling back its transaction undoes."""
-
-
-class _Pending:
-    __slots__ = ("change", "changed", "done", "result", "error", "writer")
-
-    def __init__(self, change, changed):
-        self.change, self.changed = change, changed
-        self.done = threading.Event()
-        self.result = self.error = None
-        self.writer = None  # the writer thread that took it
-
-
 def apply_schema(conn):
     """Create what is missing and upgrade an older database in place, in one
     write transaction, idempotently; record the schema version."""
@@ -1086,20 +943,807 @@ def _statements(script):
             statement = ""
 
 
-def open_database(db_path):
-    """Connect and bring the schema up to date: what serve.py and the CLI start with.
-    Its write transactions take the writer lock that the server's writers take."""
-    conn = connect(db_path)
-    conn.writer_lock, conn.owns_writer_lock = WriterLock.beside(db_path), True
-    try:
-        apply_schema(conn)
-    except BaseException:
-        conn.close()
-        raise
-    return conn
+# --- SQLite: reads ---------------------------------------------------------------
+
+EVENT_COLUMNS = "seq, event_id, program_id, event_type, doc, revision, created_us, updated_us"
+
+MERGE_ALWAYS = 4        # this many index ranges or fewer: always merge them
+WINDOW = 4              # the first walk covers WINDOW x (limit + 1) Sequences
+SEEK_COST = 8           # an index range's first row costs about this many rows walked
+MAX_IN_LIST = 30_000    # SQLite binds at most 32,766 values in one statement
+
+
+class SQLiteReads:
+    """Every read of the storage interface, on one sqlite3 connection."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    # Users, keys, grants
+
+    def key_row(self, key_id):
+        """-> (user_id, key_hash, revoked_us, last_used_us, is_system, disabled) or None."""
+        return self.conn.execute(
+            "SELECT k.user_id, k.key_hash, k.revoked_us, k.last_used_us, u.is_system, u.disabled"
+            " FROM api_keys k JOIN users u ON u.user_id = k.user_id WHERE k.key_id = ?", (key_id,)).fetchone()
+
+    def grants_of(self, user_id):
+        return dict(self.conn.execute("SELECT program_id, access FROM grants WHERE user_id = ?", (user_id,)))
+
+    def any_user(self):
+        return self.conn.execute("SELECT 1 FROM users LIMIT 1").fetchone() is not None
+
+    def user_exists(self, user_id):
+        return self.conn.execute("SELECT 1 FROM users WHERE user_id = ?", (user_id,)).fetchone() is not None
+
+    def list_users(self):
+        """[(user_id, is_system, disabled, [(program_id, access)])] sorted by id."""
+        grants = collections.defaultdict(list)
+        for user_id, program_id, access in self.conn.execute(
+                "SELECT user_id, program_id, access FROM grants ORDER BY user_id, program_id"):
+            grants[user_id].append((program_id, access))
+        return [(user_id, bool(is_system), bool(disabled), grants[user_id]) for user_id, is_system, disabled in
+                self.conn.execute("SELECT user_id, is_system, disabled FROM users ORDER BY user_id")]
+
+    def list_keys(self, user_id):
+        """[(key_id, created_us, last_used_us, revoked_us)] of a user's keys, oldest first."""
+        return self.conn.execute("SELECT key_id, created_us, last_used_us, revoked_us FROM api_keys"
+                                 " WHERE user_id = ? ORDER BY created_us", (user_id,)).fetchall()
+
+    # Programs and event types
+
+    def find_program(self, program_id):
+        """-> (name, registered_types_only), or None when the program is not registered."""
+        row = self.conn.execute("SELECT name, registered_types_only FROM programs WHERE program_id = ?",
+                                (program_id,)).fetchone()
+        return row and (row[0], bool(row[1]))
+
+    def list_programs(self):
+        """[(program_id, name, registered_types_only)] sorted by id."""
+        return [(program_id, name, bool(strict)) for program_id, name, strict in self.conn.execute(
+            "SELECT program_id, name, registered_types_only FROM programs ORDER BY program_id")]
+
+    def type_registered(self, event_type):
+        return self.conn.execute("SELECT 1 FROM event_types WHERE event_type = ?",
+                                 (event_type,)).fetchone() is not None
+
+    def registered_types(self, limit):
+        """-> (the first ``limit`` registered types by name, how many there are)."""
+        names = [row[0] for row in self.conn.execute(
+            "SELECT event_type FROM event_types ORDER BY event_type LIMIT ?", (limit,))]
+        if len(names) < limit:
+            return names, len(names)
+        return names, self.conn.execute("SELECT COUNT(*) FROM event_types").fetchone()[0]
+
+    def event_types_json(self, programs, event_type=None):
+        """The catalogue (API.md §5a) as seen through ``programs`` (a list, or None
+        for every program), as the JSON text of its list of entries: every registered
+        type and every type with live events in those programs (or only
+        ``event_type``), sorted by name, each with its live counts per program.
+
+        SQLite renders it in one statement and one step: reading it row by row
+        releases and retakes the GIL at every row, which under concurrent requests
+        cost more than the rows themselves. It reads count rows, never events."""
+        params = {"type": event_type, **{f"p{n}": program for n, program in enumerate(programs or ())}}
+        one = "" if event_type is None else " AND event_type = :type"
+        in_programs = ("" if programs is None else
+                       f" AND program_id IN ({', '.join(f':p{n}' for n in range(len(programs)))})")
+        # Subqueries with ORDER BY feed the aggregates their rows in that order.
+        return self.conn.execute(f"""
+            SELECT json_group_array(json_object(
+                'EventType', listed.event_type,
+                'Description', registered.description,
+                'Registered', json(iif(registered.event_type IS NULL, 'false', 'true')),
+                'Programs', json((SELECT json_group_array(json_object('ProgramId', program_id, 'Events', events))
+                                  FROM (SELECT program_id, events FROM event_type_counts
+                                        WHERE event_type = listed.event_type AND events > 0{in_programs}
+                                        ORDER BY program_id)))))
+            FROM (SELECT event_type FROM event_types WHERE 1 = 1{one}
+                  UNION SELECT event_type FROM event_type_counts WHERE events > 0{one}{in_programs}
+                  ORDER BY event_type) AS listed
+            LEFT JOIN event_types AS registered USING (event_type)""", params).fetchone()[0]
+
+    # Events and the feed
+
+    def read_event(self, event_id):
+        """-> the row (EVENT_COLUMNS) of an event or tombstone, or None."""
+        return self.conn.execute(f"SELECT {EVENT_COLUMNS} FROM events WHERE event_id = ?", (event_id,)).fetchone()
+
+    def last_sequence(self):
+        """The largest Sequence ever assigned (rows are never removed), 0 for none."""
+        return self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+
+    def changes_since(self, seq, limit):
+        """[(seq, program_id, event_type)] of the changes after Sequence ``seq``, at most ``limit``."""
+        return self.conn.execute("SELECT seq, program_id, event_type FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+                                 (seq, limit)).fetchall()
+
+    def read_feed(self, programs, query, strategy=None):
+        """One page of the change feed: up to ``query.limit + 1`` rows (the extra one
+        tells HasMore) with seq > query.after, in seq order, for ``programs`` (a
+        list, or None for every program).
+
+        Two ways to read it, chosen by which reads fewer rows:
+        - **merge**: each (program, event type) pair is one index range walked in seq
+          order, and heapq.merge interleaves them: about limit x log(ranges) rows plus
+          one seek per range. It wins for a few programs or a rare filter.
+        - **walk**: the table itself in seq order (seq is the rowid), each row tested
+          for membership and the filters: about limit / (the share of rows that
+          match). It wins for a caller who reads all or most programs, where a merge
+          would pay one seek per program on every page.
+        With few ranges it merges. Otherwise it walks a first window of seqs, which
+        also measures the share of matching rows, and reads whatever the page still
+        needs the cheaper way. ``strategy`` ("merge", "walk") forces one (for tests).
+        """
+        want, types = query.limit + 1, query.event_types
+        with read_snapshot(self.conn):
+            if strategy == "walk":
+                return self._walk(programs, query, query.after, None, want)
+            if programs is not None and (strategy == "merge" or len(programs) * max(1, len(types)) <= MERGE_ALWAYS
+                                         or len(programs) + len(types) > MAX_IN_LIST):
+                return self._merge_ranges(programs, query, query.after, want)
+            window = WINDOW * want
+            window_end = query.after + window
+            rows = self._walk(programs, query, query.after, window_end, want)
+            last_seq = self.last_sequence()
+            if len(rows) == want or window_end >= last_seq:
+                return rows
+            needed, share = want - len(rows), len(rows) / window
+            if programs is None:
+                programs = [row[0] for row in self.conn.execute("SELECT program_id FROM programs")]
+            ranges = len(programs) * max(1, len(types))
+            walk_cost = needed / share if share else last_seq - window_end
+            merge_cost = ranges * SEEK_COST + needed * math.log2(ranges + 1)
+            if walk_cost <= merge_cost:
+                return rows + self._walk(programs, query, window_end, None, needed)
+            return rows + self._merge_ranges(programs, query, window_end, needed)
+
+    @staticmethod
+    def _filters(query, prefix=""):
+        """The member, reference and start filters -> (SQL conditions, parameters).
+        ``prefix`` "+" keeps SQLite off their indexes (for a walk in seq order)."""
+        where, params = [], []
+        for column, op, value in (("member_id", "=", query.member_id),
+                                  ("ref_event_id", "=", query.ref_event_id),
+                                  ("start_us", ">=", query.start_from_us),
+                                  ("start_us", "<", query.start_before_us)):
+            if value is not None:
+                where.append(f"{prefix}{column} {op} ?")
+                params.append(value)
+        return where, params
+
+    def _merge_ranges(self, programs, query, after, want):
+        where, params = self._filters(query)
+        where = ["program_id = ?"] + (["event_type = ?"] if query.event_types else []) + where
+        sql = (f"SELECT {EVENT_COLUMNS} FROM events WHERE {' AND '.join(where)}"
+               " AND seq > ? ORDER BY seq LIMIT ?")
+        tail = (*params, after, want)
+        ranges = itertools.product(programs, query.event_types or [None])
+        cursors = [self.conn.execute(sql, (program, *([] if event_type is None else [event_type]), *tail))
+                   for program, event_type in ranges]
+        try:
+            return list(itertools.islice(heapq.merge(*cursors), want))
+        finally:
+            for cursor in cursors:
+                cursor.close()
+
+    def _walk(self, programs, query, after, upto, want):
+        """Rows with after < seq (<= upto), in seq order, that are in ``programs``
+        (None: all) and match the filters: the table walked in rowid order."""
+        where, params = self._filters(query, prefix="+")
+        if programs is not None:
+            where.insert(0, f"+program_id IN ({', '.join('?' * len(programs))})")
+            params[:0] = programs
+        if query.event_types:
+            where.insert(0, f"+event_type IN ({', '.join('?' * len(query.event_types))})")
+            params[:0] = query.event_types
+        if upto is not None:
+            where.append("seq <= ?")
+            params.append(upto)
+        sql = (f"SELECT {EVENT_COLUMNS} FROM events WHERE seq > ? {''.join(' AND ' + w for w in where)}"
+               " ORDER BY seq LIMIT ?")
+        return self.conn.execute(sql, (after, *params, want)).fetchall()
+
+    def export_events(self, programs=()):
+        """Every event (tombstones included) in Sequence order, as JSON texts,
+        from one read snapshot, streamed: memory stays flat whatever the size."""
+        # "+program_id" keeps SQLite off the program index, so it walks the table in
+        # rowid (= seq) order instead of collecting and sorting the matches.
+        where = f"WHERE +program_id IN ({', '.join('?' * len(programs))})" if programs else ""
+        with read_snapshot(self.conn):
+            cursor = self.conn.execute(f"SELECT {EVENT_COLUMNS} FROM events {where} ORDER BY seq", tuple(programs))
+            while rows := cursor.fetchmany(1000):
+                for row in rows:
+                    yield render_event(row)
+
+    def answers(self):
+        """Raises sqlite3.Error unless the database answers a query."""
+        self.conn.execute("SELECT 1 FROM programs LIMIT 1").fetchall()
+
+
+# --- SQLite: writes --------------------------------------------------------------
+
+# One statement for create, update and replay: the update happens only when the
+# content differs or the event is a tombstone, and RETURNING says whether it did.
+UPSERT_EVENT = (
+    "INSERT INTO events (seq, event_id, program_id, event_type, member_id, start_us, end_us, doc,"
+    " ref_event_id, content_hash, deleted, revision, created_us, updated_us)"
+    " VALUES (:seq, :event_id, :program_id, :event_type, :member_id, :start_us, :end_us, :doc,"
+    " :ref_event_id, :content_hash, 0, 1, :now, :now)"
+    " ON CONFLICT (event_id) DO UPDATE SET seq = excluded.seq, event_type = excluded.event_type,"
+    " member_id = excluded.member_id, start_us = excluded.start_us, end_us = excluded.end_us,"
+    " doc = excluded.doc, ref_event_id = excluded.ref_event_id,"
+    " content_hash = excluded.content_hash, deleted = 0, revision = revision + 1,"
+    " updated_us = excluded.updated_us"
+    " WHERE deleted = 1 OR content_hash IS NOT excluded.content_hash"
+    " RETURNING revision")
+INSERT_EVENT = UPSERT_EVENT[:UPSERT_EVENT.index(" ON CONFLICT")]
+UPDATE_EVENT = (
+    "UPDATE events SET seq = :seq, event_type = :event_type, member_id = :member_id,"
+    " start_us = :start_us, end_us = :end_us, doc = :doc, ref_event_id = :ref_event_id,"
+    " content_hash = :content_hash, deleted = 0, revision = revision + 1, updated_us = :now"
+    " WHERE event_id = :event_id")
+
+
+def event_row(event, seq, now):
+    """An EventInput's named parameters for the events table."""
+    return {"seq": seq, "event_id": event.event_id, "program_id": event.program_id,
+            "event_type": event.event_type, "member_id": event.member_id, "start_us": event.start_us,
+            "end_us": event.end_us, "doc": event.doc, "ref_event_id": event.ref_event_id,
+            "content_hash": event.content_hash, "now": now}
+
+
+class SQLiteTransaction(SQLiteReads):
+    """One write transaction: its reads see its own writes; one clock reading
+    (``now``); the programs' rules (``rules``); the next Sequence.
+
+    The Sequence is read once (MAX(seq): rows are never removed, so it is the
+    largest ever assigned) and counted on in memory; the write lock, held from
+    BEGIN IMMEDIATE, makes Sequence order commit order across every process.
+    """
+
+    def __init__(self, conn, now):
+        super().__init__(conn)
+        self.now = now
+        self.rules = TypeRules(self)
+        self._last_seq = None
+        self._changes_before = conn.total_changes
+
+    def changes(self):
+        return self.conn.total_changes - self._changes_before
+
+    def peek_seq(self):
+        """The Sequence the next change will take (claim it with take_seq)."""
+        if self._last_seq is None:
+            self._last_seq = self.last_sequence()
+        return self._last_seq + 1
+
+    def take_seq(self):
+        seq = self.peek_seq()
+        self._last_seq = seq
+        return seq
+
+    # Events
+
+    def current(self, event_id):
+        """-> (revision, deleted) of a stored event, or None."""
+        row = self.conn.execute("SELECT revision, deleted FROM events WHERE event_id = ?", (event_id,)).fetchone()
+        return row and (row[0], bool(row[1]))
+
+    def upsert_event(self, event):
+        """Create or change ``event`` unless it is a replay -> its new revision, or None."""
+        written = self.conn.execute(UPSERT_EVENT, event_row(event, self.peek_seq(), self.now)).fetchall()
+        if not written:
+            return None
+        self.take_seq()
+        return written[0][0]
+
+    def current_many(self, event_ids):
+        """-> {event_id: (revision, deleted, content_hash)} of those stored."""
+        found = {}
+        for start in range(0, len(event_ids), 500):
+            ids = event_ids[start:start + 500]
+            found.update((row[0], (row[1], bool(row[2]), row[3])) for row in self.conn.execute(
+                f"SELECT event_id, revision, deleted, content_hash FROM events WHERE event_id IN"
+                f" ({', '.join('?' * len(ids))})", ids))
+        return found
+
+    def insert_events(self, events):
+        """[(EventInput, seq)] of new events, in one executemany."""
+        self.conn.executemany(INSERT_EVENT, [event_row(event, seq, self.now) for event, seq in events])
+
+    def update_events(self, events):
+        """[(EventInput, seq)] of stored events, each a new revision."""
+        self.conn.executemany(UPDATE_EVENT, [event_row(event, seq, self.now) for event, seq in events])
+
+    def live_revision(self, event_id):
+        row = self.conn.execute("SELECT revision FROM events WHERE event_id = ? AND deleted = 0",
+                                (event_id,)).fetchone()
+        return row and row[0]
+
+    def tombstone(self, event_id):
+        """Turn a stored event into a tombstone with a new revision and Sequence -> the revision."""
+        # secure_delete (see connect) zeroes the old row's bytes in the file: the
+        # member id, times, data and reference are erased, not just unlinked.
+        return self.conn.execute(
+            "UPDATE events SET member_id = NULL, start_us = NULL, end_us = NULL, doc = NULL,"
+            " ref_event_id = NULL, content_hash = NULL, deleted = 1, revision = revision + 1,"
+            " updated_us = ?, seq = ? WHERE event_id = ? RETURNING revision",
+            (self.now, self.take_seq(), event_id)).fetchall()[0][0]
+
+    def member_event_ids(self, program_id, member_id):
+        """The live events of one member of a program, in Sequence order."""
+        return [row[0] for row in self.conn.execute(
+            "SELECT event_id FROM events WHERE program_id = ? AND member_id = ? ORDER BY seq",
+            (program_id, member_id))]
+
+    def insert_tombstone(self, event_id, program_id, event_type):
+        self.conn.execute(
+            "INSERT INTO events (seq, event_id, program_id, event_type, deleted, revision, created_us,"
+            " updated_us) VALUES (?, ?, ?, ?, 1, 1, ?, ?)",
+            (self.take_seq(), event_id, program_id, event_type, self.now, self.now))
+
+    # Programs and event types
+
+    def put_program(self, program_id, name, registered_types_only=None):
+        """Register or rename a program; ``registered_types_only`` None keeps the
+        setting (false for a new program). Returns the setting now in force."""
+        return bool(self.conn.execute(
+            "INSERT INTO programs (program_id, name, created_us, registered_types_only)"
+            " VALUES (?, ?, ?, COALESCE(?, 0)) ON CONFLICT (program_id) DO UPDATE SET name = excluded.name,"
+            " registered_types_only = COALESCE(?, registered_types_only) RETURNING registered_types_only",
+            (program_id, name, self.now, registered_types_only, registered_types_only)).fetchone()[0])
+
+    def register_event_type(self, event_type, description):
+        self.conn.execute(
+            "INSERT INTO event_types (event_type, description, created_us, updated_us) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (event_type) DO UPDATE SET description = excluded.description,"
+            " updated_us = excluded.updated_us", (event_type, description, self.now, self.now))
+
+    def strict_users_of_type(self, event_type):
+        """[(program_id, live events)] of the programs that take registered types
+        only and have live events of ``event_type``."""
+        return self.conn.execute(
+            "SELECT c.program_id, c.events FROM event_type_counts AS c JOIN programs AS p USING (program_id)"
+            " WHERE c.event_type = ? AND c.events > 0 AND p.registered_types_only ORDER BY c.program_id",
+            (event_type,)).fetchall()
+
+    def delete_event_type(self, event_type):
+        self.conn.execute("DELETE FROM event_types WHERE event_type = ?", (event_type,))
+
+    # Users, keys, grants
+
+    def insert_user(self, user_id, is_system):
+        self.conn.execute("INSERT INTO users (user_id, is_system, created_us) VALUES (?, ?, ?)",
+                          (user_id, int(is_system), self.now))
+
+    def insert_key(self, key_id, user_id, key_hash):
+        self.conn.execute("INSERT INTO api_keys (key_id, user_id, key_hash, created_us) VALUES (?, ?, ?, ?)",
+                          (key_id, user_id, key_hash, self.now))
+
+    def set_grants(self, user_id, grants):
+        self.conn.executemany(
+            "INSERT INTO grants (user_id, program_id, access) VALUES (?, ?, ?)"
+            " ON CONFLICT (user_id, program_id) DO UPDATE SET access = excluded.access",
+            [(user_id, program_id, access) for program_id, access in grants.items()])
+
+    def revoke_grant(self, user_id, program_id):
+        """-> whether the user held a grant on the program (now removed)."""
+        return bool(self.conn.execute("DELETE FROM grants WHERE user_id = ? AND program_id = ?",
+                                      (user_id, program_id)).rowcount)
+
+    def disable_user(self, user_id):
+        """-> whether the user exists (now disabled: none of its keys work)."""
+        return bool(self.conn.execute("UPDATE users SET disabled = 1 WHERE user_id = ?", (user_id,)).rowcount)
+
+    def revoke_key(self, user_id, key_id):
+        """-> whether the user has that key (now revoked; revoking twice keeps the first time)."""
+        return bool(self.conn.execute("UPDATE api_keys SET revoked_us = COALESCE(revoked_us, ?)"
+                                      " WHERE user_id = ? AND key_id = ?", (self.now, user_id, key_id)).rowcount)
+
+    def touch_key(self, key_id, when):
+        """Record a key's last use."""
+        self.conn.execute("UPDATE api_keys SET last_used_us = ? WHERE key_id = ?", (when, key_id))
+
+
+# --- SQLite: the storage ----------------------------------------------------------
+
+class SQLiteSession(SQLiteReads):
+    """One connection of its own: reads, and write transactions that take the
+    writer lock every process's writers take."""
+
+    def __init__(self, conn, storage):
+        super().__init__(conn)
+        self.storage = storage
+
+    def transaction(self, now, seqs=0):
+        """``with session.transaction(now) as tx:`` a write transaction (``seqs``,
+        how many Sequences it may take, matters to PostgreSQL only)."""
+        return _SQLiteTransactionScope(self.conn, now)
+
+    def close(self):
+        self.conn.close()
+
+
+class _SQLiteTransactionScope:
+    def __init__(self, conn, now):
+        self.scope, self.now = write_transaction(conn), now
+
+    def __enter__(self):
+        return SQLiteTransaction(self.scope.__enter__(), self.now)
+
+    def __exit__(self, *exc_info):
+        return self.scope.__exit__(*exc_info)
+
+
+class SQLiteStorage:
+    """The SQLite database at ``path``, created if missing: WAL, synchronous=FULL,
+    the schema applied on opening; writers of every process serialized by a
+    WriterLock beside the file."""
+
+    backend = "sqlite"
+    errors = (sqlite3.Error,)
+
+    def __init__(self, path, busy_timeout_ms=5000):
+        self.path, self.busy_timeout_ms = str(path), busy_timeout_ms
+        self.writer_lock = WriterLock.beside(self.path)
+        self._local = threading.local()
+        conn = connect(self.path, busy_timeout_ms)
+        conn.writer_lock = self.writer_lock
+        try:
+            apply_schema(conn)
+        finally:
+            conn.close()
+
+    def __str__(self):
+        return self.path
+
+    def session(self):
+        conn = connect(self.path, self.busy_timeout_ms)
+        conn.writer_lock = self.writer_lock
+        return SQLiteSession(conn, self)
+
+    def reads(self):
+        """This thread's own read-only connection: sqlite3 connections are never
+        shared between threads (writes go through a session of their own)."""
+        reads = getattr(self._local, "reads", None)
+        if reads is None:
+            conn = connect(self.path, self.busy_timeout_ms)
+            conn.execute("PRAGMA query_only = ON")
+            reads = self._local.reads = SQLiteReads(conn)
+        return reads
+
+    def watch_commits(self):
+        return SQLiteCommitWatch(connect(self.path, self.busy_timeout_ms))
+
+    def local_file(self, suffix):
+        return f"{self.path}-{suffix}"
+
+    def health_details(self):
+        return {}
+
+    def durability(self):
+        """One line for the operator: what a 200 means here."""
+        return "SQLite in WAL mode with synchronous=FULL: a 200 is committed and fsynced"
+
+    def problem(self, exc):
+        """A SQLite error the client can do something about -> its Problem; other
+        errors stay 500s. Details never leave the server."""
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            return service_unavailable("The database is busy; try again shortly.")
+        if code == sqlite3.SQLITE_FULL:
+            return Problem(507, "The server's disk is full; nothing was written.")
+        if code == sqlite3.SQLITE_READONLY:
+            return service_unavailable("The database is read-only at the moment; nothing was written.",
+                                       retry_after=60)
+        log.error("database error: %r", exc)
+        return Problem(500, "Internal error.")
+
+    def close(self):
+        """Close this thread's connection and the writer lock. Other threads'
+        connections close when their threads end (thread-local storage)."""
+        reads = getattr(self._local, "reads", None)
+        if reads is not None:
+            reads.conn.close()
+            self._local.reads = None
+        if self.writer_lock is not None:
+            self.writer_lock.close()
+            self.writer_lock = None
+
+    # SQLite only: the command line's backup.
+
+    def backup_to(self, path, on_progress):
+        """Copy the database into a new file at ``path`` with SQLite's backup API, in
+        one read transaction (the copy is the snapshot it started on; writers carry on
+        meanwhile), the copy self-contained (no WAL); ``on_progress(pages done,
+        pages)``. -> the events in the copy."""
+        conn = connect(self.path, self.busy_timeout_ms)
+        target = sqlite3.connect(path)
+        try:
+            with read_snapshot(conn):
+                events = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+                conn.backup(target, pages=1024,
+                            progress=lambda status, remaining, total: on_progress(total - remaining, total))
+            target.execute("PRAGMA journal_mode = DELETE")
+        finally:
+            target.close()
+            conn.close()
+        return events
+
+    @staticmethod
+    def check_copy(path):
+        """-> (PRAGMA integrity_check's first line, the events) of the database file at ``path``."""
+        check = sqlite3.connect(path)
+        try:
+            return check.execute("PRAGMA integrity_check").fetchone()[0], \
+                check.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+        finally:
+            check.close()
+
+
+class SQLiteCommitWatch:
+    """Other processes' commits, seen by one connection: ``PRAGMA data_version``
+    moves when any other connection commits; the rows changed since the last
+    look (Sequences only grow, in commit order) say which programs and types."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.reads = SQLiteReads(conn)
+        self.version = conn.execute("PRAGMA data_version").fetchone()[0]
+        self.last_seq = self.reads.last_sequence()
+
+    def changes(self, timeout, stop, limit=10000):
+        """Wait ``timeout`` seconds (less if ``stop`` is set), then -> None when
+        nothing was committed, else [(seq, program_id, event_type)] of the new
+        changes (``limit`` at most)."""
+        if stop.wait(timeout):
+            return None
+        version = self.conn.execute("PRAGMA data_version").fetchone()[0]
+        if version == self.version:
+            return None
+        self.version = version
+        changed = self.reads.changes_since(self.last_seq, limit)
+        if changed:
+            self.last_seq = changed[-1][0]
+        return changed
+
+    def close(self):
+        self.conn.close()
+
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def safe_db_name(db):
+    """A database name fit for a log or an error: a URL without its password."""
+    db = str(db)
+    if not db.startswith(POSTGRES_SCHEMES):
+        return db
+    url = urllib.parse.urlsplit(db)
+    if url.password is None:
+        return db
+    return url._replace(netloc=url.netloc.replace(f":{url.password}@", ":***@", 1)).geturl()
+
+
+def open_storage(db, busy_timeout_ms=5000, threads=None):
+    """A database name -> its storage: a ``postgresql://`` URL is PostgreSQL
+    (eventstore_pg, which needs psycopg; ``threads``, the server's, sizes its
+    connection pool), anything else a SQLite file; a storage object is
+    returned as it is."""
+    if not isinstance(db, (str, os.PathLike)):
+        return db
+    if str(db).startswith(POSTGRES_SCHEMES):
+        try:
+            import eventstore_pg
+        except ImportError as exc:
+            raise RuntimeError(f"PostgreSQL needs psycopg ({exc}); install it with: "
+                               "pip install -r requirements-postgres.txt") from None
+        return eventstore_pg.PostgresStorage(str(db), busy_timeout_ms=busy_timeout_ms, threads=threads)
+    return SQLiteStorage(db, busy_timeout_ms)
+
+
+# --- The group-commit writer ------------------------------------------------------
+
+class GroupCommitWriter:
+    """One thread that owns a storage session and commits, in a single write
+    transaction, every change queued while the previous commit was being made
+    durable (group commit).
+
+    A change is a function ``change(tx) -> result`` over a Transaction, with
+    ``changed(result)``: what the committed change touched, as a set of
+    (ProgramId, EventType or None) pairs, or True (something, unsaid), or a
+    false value (nothing a feed shows); ``on_commit`` hears the union (None for
+    "unsaid"), so that only long polls that can match re-read. One that
+    raises a Problem (a 404, a 412) must do so before it writes: it fails alone
+    and the others commit. One that raises anything else, or after writing, makes
+    the batch roll back and rerun one change per transaction, so that it fails
+    alone too. ``submit`` returns only after the COMMIT (durable) or raises the
+    change's own error.
+
+    If the thread dies (its session cannot be opened, or anything unexpected
+    escapes), every change it held or had queued fails with a 503, ``failure``
+    says why until a new thread has connected, and the next change starts one.
+    """
+
+    def __init__(self, open_session, clock, on_commit=lambda touched: None, max_batch=1000):
+        self.open_session, self.clock, self.on_commit = open_session, clock, on_commit
+        self.max_batch = max_batch
+        self.failure = None  # why the last writer thread died, until another connects
+        self._queue = []
+        self._wake = threading.Condition()
+        self._thread = None
+        self._stopping = False
+
+    def submit(self, change, changed=lambda result: True, seqs=1):
+        """Queue ``change`` and wait for its outcome: its result, or its error.
+        ``seqs``: how many Sequences it will probably take (a hint for PostgreSQL,
+        which takes them when the transaction begins)."""
+        item = self.post(change, changed, seqs)
+        # Bounded waits: a writer that died without answering is noticed.
+        while not item.done.wait(0.5):
+            with self._wake:
+                if item.done.is_set() or (item.writer or self._thread).is_alive():
+                    continue
+                if item.writer is None:  # still queued: hand it to a new writer
+                    self._start()
+                    continue
+            raise self.unavailable()
+        if item.error is not None:
+            raise item.error
+        return item.result
+
+    def post(self, change, changed=lambda result: True, seqs=0):
+        """Queue ``change`` without waiting for it (best-effort bookkeeping)."""
+        item = _Pending(change, changed, seqs)
+        with self._wake:
+            if self._stopping:
+                raise RuntimeError("the writer is stopped")
+            self._start()
+            self._queue.append(item)
+            self._wake.notify()
+        return item
+
+    def start(self):
+        """Start a writer thread unless one is running (health checks call this,
+        so that a writer that died is brought back even while nobody writes)."""
+        with self._wake:
+            if not self._stopping:
+                self._start()
+
+    def _start(self):
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="eventstore-writer", daemon=True)
+            self._thread.start()
+
+    def unavailable(self):
+        return service_unavailable("The database cannot take writes at the moment; nothing was written. "
+                                   "Try again shortly.")
+
+    def stop(self):
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self):
+        batch = []
+        try:
+            session = self.open_session()
+        except Exception as exc:
+            return self._died(exc, batch)
+        self.failure = None
+        try:
+            while True:
+                with self._wake:
+                    while not self._queue and not self._stopping:
+                        self._wake.wait()
+                    if not self._queue:
+                        return
+                    batch, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
+                    for item in batch:
+                        item.writer = threading.current_thread()
+                self._commit(session, batch)
+                batch = []
+        except BaseException as exc:
+            self._died(exc, batch)
+        finally:
+            session.close()
+
+    def _died(self, exc, batch):
+        """Fail every change this thread held or that is queued, and say why."""
+        log.error("the database writer stopped: %r; the next write starts another", exc)
+        self.failure = exc
+        with self._wake:
+            batch, self._queue = batch + self._queue, []
+        for item in batch:
+            if not item.done.is_set():
+                item.error, item.result = self.unavailable(), None
+                item.done.set()
+
+    def _commit(self, session, batch):
+        try:
+            self._transaction(session, batch)
+        except _ChangeFailed:
+            for item in batch:  # isolate the failing change: one transaction each
+                try:
+                    self._transaction(session, [item])
+                except _ChangeFailed as failed:
+                    item.error, item.result = failed.__cause__, None
+                except Exception as exc:
+                    item.error, item.result = exc, None
+        except Exception as exc:  # BEGIN or COMMIT failed: nothing of the batch is written
+            for item in batch:  # each its own copy: an exception is raised in one thread only
+                item.error, item.result = copy.copy(exc).with_traceback(None), None
+        touched, unsaid = set(), False
+        for item in batch:
+            changed = item.error is None and item.changed(item.result)
+            if changed is True:
+                unsaid = True  # changed, without saying where
+            elif changed:
+                touched |= changed
+        if unsaid or touched:
+            self.on_commit(None if unsaid else touched)
+        for item in batch:
+            item.done.set()
+
+    def _transaction(self, session, batch):
+        seqs = sum(item.seqs for item in batch)
+        for attempt in itertools.count(1):
+            try:
+                return self._run_changes(session, batch, seqs)
+            except SequencesExhausted as exc:
+                if attempt >= 20:
+                    raise
+                seqs = exc.needed
+            except _ChangeFailed:
+                raise
+            except Exception as exc:  # a deadlock or serialization failure may pass the next time
+                if attempt >= 3 or not getattr(session.storage, "retryable", lambda exc: False)(exc):
+                    raise
+
+    def _run_changes(self, session, batch, seqs):
+        with session.transaction(self.clock(), seqs) as tx:
+            for item in batch:
+                changes_before = tx.changes()
+                try:
+                    item.result, item.error = item.change(tx), None
+                except SequencesExhausted:
+                    raise
+                except Problem as problem:
+                    if tx.changes() != changes_before:
+                        raise _ChangeFailed() from problem
+                    item.result, item.error = None, problem
+                except Exception as exc:
+                    raise _ChangeFailed() from exc
+
+
+class _ChangeFailed(Exception):
+    """A change failed in a way that only rolling back its transaction undoes."""
+
+
+class SequencesExhausted(Exception):
+    """A transaction needs more Sequences than it took when it began (PostgreSQL
+    takes them up front): roll it back and run it again with ``needed``."""
+
+    def __init__(self, needed):
+        super().__init__(f"more than the Sequences taken; run again with {needed}")
+        self.needed = needed
+
+
+class _Pending:
+    __slots__ = ("change", "changed", "seqs", "done", "result", "error", "writer")
+
+    def __init__(self, change, changed, seqs):
+        self.change, self.changed, self.seqs = change, changed, seqs
+        self.done = threading.Event()
+        self.result = self.error = None
+        self.writer = None  # the writer thread that took it
 
 
 # --- Users, keys, grants --------------------------------------------------------
+# From here on, the rules shared by both backends, over a Reads or Transaction.
 
 def hash_key(api_key):
     return hashlib.sha256(api_key.encode("utf-8")).digest()
@@ -1123,160 +1767,62 @@ class Principal:
         return granted == "write" or (granted == "read" and access == "read")
 
 
-def authenticate(conn, user_id, api_key, now, touch=None):
+def authenticate(reads, user_id, api_key, now, touch):
     """``(user_id, api_key)`` -> Principal, or None for any kind of bad credential.
 
     Takes the same steps for every failure (a hash and a constant-time compare),
     so neither the answer nor its timing tells which part was wrong. A key's last
-    use is recorded, to the minute, by ``touch(key_id, now)`` (default: on ``conn``).
+    use is recorded, to the minute, by ``touch(key_id, now)``.
     """
-    row = None
-    if API_KEY_RE.fullmatch(api_key):
-        row = conn.execute(
-            "SELECT k.user_id, k.key_hash, k.revoked_us, k.last_used_us, u.is_system, u.disabled"
-            " FROM api_keys k JOIN users u ON u.user_id = k.user_id WHERE k.key_id = ?",
-            (api_key[:KEY_ID_LENGTH],),
-        ).fetchone()
-    stored = row[1] if row else _DUMMY_HASH
+    row = reads.key_row(api_key[:KEY_ID_LENGTH]) if API_KEY_RE.fullmatch(api_key) else None
+    stored = bytes(row[1]) if row else _DUMMY_HASH
     hash_ok = hmac.compare_digest(stored, hash_key(api_key))
     if not (row and hash_ok and row[0] == user_id and row[2] is None and not row[5]):
         return None
     key_owner, _, _, last_used, is_system, _ = row
     if last_used is None or now - last_used > 60_000_000:
-        (touch or functools.partial(touch_key, conn))(api_key[:KEY_ID_LENGTH], now)
-    grants = dict(conn.execute(
-        "SELECT program_id, access FROM grants WHERE user_id = ?", (key_owner,)).fetchall())
-    return Principal(key_owner, bool(is_system), grants)
-
-
-def touch_key(conn, key_id, now):
-    """Record a key's last use. Best effort: a busy database must not fail the
-    request that is merely being authenticated."""
-    try:
-        conn.execute("UPDATE api_keys SET last_used_us = ? WHERE key_id = ?", (now, key_id))
-    except sqlite3.OperationalError:
-        pass
+        touch(api_key[:KEY_ID_LENGTH], now)
+    return Principal(key_owner, bool(is_system), reads.grants_of(key_owner))
 
 
 def new_api_key():
     return "esk_" + secrets.token_urlsafe(32)
 
 
-def add_key(conn, user_id, now):
+def add_key(tx, user_id):
     """Create a key for ``user_id``; returns the key, which is never stored."""
     api_key = new_api_key()
-    conn.execute("INSERT INTO api_keys (key_id, user_id, key_hash, created_us) VALUES (?, ?, ?, ?)",
-                 (api_key[:KEY_ID_LENGTH], user_id, hash_key(api_key), now))
+    tx.insert_key(api_key[:KEY_ID_LENGTH], user_id, hash_key(api_key))
     return api_key
 
 
-def add_user(conn, user_id, is_system, grants, now):
+def add_user(tx, user_id, is_system, grants):
     """Create a user with ``grants`` ({program_id: access}) and its first key."""
-    with write_transaction(conn):
-        conn.execute("INSERT INTO users (user_id, is_system, created_us) VALUES (?, ?, ?)",
-                     (user_id, int(is_system), now))
-        set_grants(conn, user_id, grants)
-        return add_key(conn, user_id, now)
+    tx.insert_user(user_id, is_system)
+    tx.set_grants(user_id, grants)
+    return add_key(tx, user_id)
 
 
-def set_grants(conn, user_id, grants):
-    conn.executemany(
-        "INSERT INTO grants (user_id, program_id, access) VALUES (?, ?, ?)"
-        " ON CONFLICT (user_id, program_id) DO UPDATE SET access = excluded.access",
-        [(user_id, program_id, access) for program_id, access in grants.items()])
-
-
-def bootstrap_admin(conn, now):
+def bootstrap_admin(session, now):
     """On a database with no users, create the SYSTEM user ``admin`` and return its
     key; otherwise None."""
-    if conn.execute("SELECT 1 FROM users LIMIT 1").fetchone():
+    if session.any_user():
         return None  # checked before taking the write lock, which a read-only file refuses
-    with write_transaction(conn):
-        if conn.execute("SELECT 1 FROM users LIMIT 1").fetchone():
+    with session.transaction(now) as tx:
+        if tx.any_user():
             return None
-        conn.execute("INSERT INTO users (user_id, is_system, created_us) VALUES ('admin', 1, ?)", (now,))
-        return add_key(conn, "admin", now)
+        return add_user(tx, "admin", True, {})
 
 
-def user_exists(conn, user_id):
-    return conn.execute("SELECT 1 FROM users WHERE user_id = ?", (user_id,)).fetchone() is not None
-
-
-def revoke_grant(conn, user_id, program_id):
-    """-> whether the user held a grant on the program (now removed)."""
-    return bool(conn.execute("DELETE FROM grants WHERE user_id = ? AND program_id = ?",
-                             (user_id, program_id)).rowcount)
-
-
-def disable_user(conn, user_id):
-    """-> whether the user exists (now disabled: none of its keys work)."""
-    return bool(conn.execute("UPDATE users SET disabled = 1 WHERE user_id = ?", (user_id,)).rowcount)
-
-
-def list_users(conn):
-    """[(user_id, is_system, disabled, [(program_id, access)])] sorted by id."""
-    grants = collections.defaultdict(list)
-    for user_id, program_id, access in conn.execute(
-            "SELECT user_id, program_id, access FROM grants ORDER BY user_id, program_id"):
-        grants[user_id].append((program_id, access))
-    return [(user_id, bool(is_system), bool(disabled), grants[user_id]) for user_id, is_system, disabled in
-            conn.execute("SELECT user_id, is_system, disabled FROM users ORDER BY user_id")]
-
-
-def list_keys(conn, user_id):
-    """[(key_id, created_us, last_used_us, revoked_us)] of a user's keys, oldest first."""
-    return conn.execute("SELECT key_id, created_us, last_used_us, revoked_us FROM api_keys"
-                        " WHERE user_id = ? ORDER BY created_us", (user_id,)).fetchall()
-
-
-def revoke_key(conn, user_id, key_id, now):
-    """-> whether the user has that key (now revoked; revoking twice keeps the first time)."""
-    return bool(conn.execute("UPDATE api_keys SET revoked_us = COALESCE(revoked_us, ?)"
-                             " WHERE user_id = ? AND key_id = ?", (now, user_id, key_id)).rowcount)
-
-
-# --- Programs -----------------------------------------------------------------
-
-def find_program(conn, program_id):
-    """-> (name, registered_types_only), or None when the program is not registered."""
-    row = conn.execute("SELECT name, registered_types_only FROM programs WHERE program_id = ?",
-                       (program_id,)).fetchone()
-    return row and (row[0], bool(row[1]))
-
-
-def program_exists(conn, program_id):
-    return find_program(conn, program_id) is not None
-
-
-def put_program(conn, program_id, name, now, registered_types_only=None):
-    """Register or rename a program; ``registered_types_only`` None keeps the
-    setting (false for a new program). Returns the setting now in force."""
-    return bool(conn.execute(
-        "INSERT INTO programs (program_id, name, created_us, registered_types_only) VALUES (?, ?, ?, COALESCE(?, 0))"
-        " ON CONFLICT (program_id) DO UPDATE SET name = excluded.name,"
-        " registered_types_only = COALESCE(?, registered_types_only) RETURNING registered_types_only",
-        (program_id, name, now, registered_types_only, registered_types_only)).fetchone()[0])
-
-
-def list_programs(conn):
-    """[(program_id, name, registered_types_only)] sorted by id."""
-    return [(program_id, name, bool(strict)) for program_id, name, strict in conn.execute(
-        "SELECT program_id, name, registered_types_only FROM programs ORDER BY program_id")]
-
-
-# --- Event types ----------------------------------------------------------------
-
-def type_registered(conn, event_type):
-    return conn.execute("SELECT 1 FROM event_types WHERE event_type = ?", (event_type,)).fetchone() is not None
-
+# --- Programs and event types ----------------------------------------------------
 
 class TypeRules:
-    """What programs take, read from ``conn`` once per program and type and kept:
+    """What programs take, read from ``reads`` once per program and type and kept:
     one per write transaction (read under the write lock, so a rule changed by
     any process is seen by the next transaction), or one per check of an import."""
 
-    def __init__(self, conn):
-        self.conn = conn
+    def __init__(self, reads):
+        self.reads = reads
         self._strict = {}       # program id -> registered_types_only, or None: not registered
         self._registered = {}   # event type -> registered?
 
@@ -1285,7 +1831,7 @@ class TypeRules:
 
     def _program_rule(self, program_id):
         if program_id not in self._strict:
-            found = find_program(self.conn, program_id)
+            found = self.reads.find_program(program_id)
             self._strict[program_id] = found and found[1]
         return self._strict[program_id]
 
@@ -1294,23 +1840,21 @@ class TypeRules:
         if not self._program_rule(program_id):
             return True
         if event_type not in self._registered:
-            self._registered[event_type] = type_registered(self.conn, event_type)
+            self._registered[event_type] = self.reads.type_registered(event_type)
         return self._registered[event_type]
 
 
 MAX_TYPES_NAMED = 20  # an error for an unregistered type names at most this many registered ones
 
 
-def unregistered_type_error(conn, program_id, event_type):
+def unregistered_type_error(reads, program_id, event_type):
     """The EventType error entry for a program that takes registered types only."""
-    registered = [row[0] for row in conn.execute(
-        "SELECT event_type FROM event_types ORDER BY event_type LIMIT ?", (MAX_TYPES_NAMED + 1,))]
+    registered, count = reads.registered_types(MAX_TYPES_NAMED + 1)
     if not registered:
         known = "no type is registered yet"
-    elif len(registered) <= MAX_TYPES_NAMED:
+    elif count <= MAX_TYPES_NAMED:
         known = "registered: " + ", ".join(registered)
     else:
-        count = conn.execute("SELECT COUNT(*) FROM event_types").fetchone()[0]
         known = f"{count} types are registered (GET /event-types lists them)"
     return field_error("EventType", f"{event_type!r} is not a registered event type, and program "
                                     f"{program_id!r} takes registered types only; {known}")
@@ -1323,67 +1867,26 @@ def unregistered_type_errors(rules, events):
     errors = []
     for index, event_id, program_id, event_type in events:
         if not rules.type_allowed(program_id, event_type):
-            error = unregistered_type_error(rules.conn, program_id, event_type)
+            error = unregistered_type_error(rules.reads, program_id, event_type)
             errors += [error] if index is None else batch_errors(index, event_id, [error])
     return errors
 
 
-def event_types_json(conn, programs, event_type=None):
-    """The catalogue (API.md §5a) as seen through ``programs`` (a list, or None
-    for every program), as the JSON text of its list of entries: every registered
-    type and every type with live events in those programs (or only
-    ``event_type``), sorted by name, each with its live counts per program.
-
-    SQLite renders it in one statement and one step: reading it row by row
-    releases and retakes the GIL at every row, which under concurrent requests
-    cost more than the rows themselves. It reads count rows, never events."""
-    params = {"type": event_type, **{f"p{n}": program for n, program in enumerate(programs or ())}}
-    one = "" if event_type is None else " AND event_type = :type"
-    in_programs = "" if programs is None else f" AND program_id IN ({', '.join(f':p{n}' for n in range(len(programs)))})"
-    # Subqueries with ORDER BY feed the aggregates their rows in that order.
-    return conn.execute(f"""
-        SELECT json_group_array(json_object(
-            'EventType', listed.event_type,
-            'Description', registered.description,
-            'Registered', json(iif(registered.event_type IS NULL, 'false', 'true')),
-            'Programs', json((SELECT json_group_array(json_object('ProgramId', program_id, 'Events', events))
-                              FROM (SELECT program_id, events FROM event_type_counts
-                                    WHERE event_type = listed.event_type AND events > 0{in_programs}
-                                    ORDER BY program_id)))))
-        FROM (SELECT event_type FROM event_types WHERE 1 = 1{one}
-              UNION SELECT event_type FROM event_type_counts WHERE events > 0{one}{in_programs}
-              ORDER BY event_type) AS listed
-        LEFT JOIN event_types AS registered USING (event_type)""", params).fetchone()[0]
-
-
-def register_event_type(conn, event_type, description, now):
-    conn.execute(
-        "INSERT INTO event_types (event_type, description, created_us, updated_us) VALUES (?, ?, ?, ?)"
-        " ON CONFLICT (event_type) DO UPDATE SET description = excluded.description, updated_us = excluded.updated_us",
-        (event_type, description, now, now))
-
-
-def unregister_event_type(conn, event_type):
+def unregister_event_type(tx, event_type):
     """Problem 404 when it is not registered, 409 while a program that takes
     registered types only has live events of it (API.md §5a); before writing."""
-    if not type_registered(conn, event_type):
+    if not tx.type_registered(event_type):
         raise Problem(404, f"Event type {event_type!r} is not registered.")
-    users = conn.execute(
-        "SELECT c.program_id, c.events FROM event_type_counts AS c JOIN programs AS p USING (program_id)"
-        " WHERE c.event_type = ? AND c.events > 0 AND p.registered_types_only ORDER BY c.program_id",
-        (event_type,)).fetchall()
+    users = tx.strict_users_of_type(event_type)
     if users:
         named = ", ".join(f"{program_id} ({events} events)" for program_id, events in users[:MAX_TYPES_NAMED])
         raise Problem(409, f"Event type {event_type!r} cannot be unregistered: programs that take registered "
                            f"types only have live events of it: {named}. Delete those events or let the "
                            "programs take any type first.")
-    conn.execute("DELETE FROM event_types WHERE event_type = ?", (event_type,))
+    tx.delete_event_type(event_type)
 
 
 # --- Events -------------------------------------------------------------------
-
-EVENT_COLUMNS = "seq, event_id, program_id, event_type, doc, revision, created_us, updated_us"
-
 
 def render_event(row):
     """A row selected with EVENT_COLUMNS -> its JSON representation (API.md §3)
@@ -1401,65 +1904,6 @@ def is_tombstone(row):
     return row[4] is None
 
 
-def read_event(conn, event_id):
-    return conn.execute(f"SELECT {EVENT_COLUMNS} FROM events WHERE event_id = ?", (event_id,)).fetchone()
-
-
-def last_sequence(conn):
-    """The largest Sequence ever assigned (rows are never removed), 0 for none."""
-    return conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
-
-
-class Transaction:
-    """What the changes in one write transaction share: the connection, one
-    clock reading, the next Sequence, and the programs' rules (``rules``).
-
-    The Sequence is read once (MAX(seq): rows are never removed, so it is the
-    largest ever assigned) and counted on in memory; the write lock, held from
-    BEGIN IMMEDIATE, makes Sequence order commit order across every process.
-    """
-
-    def __init__(self, conn, now):
-        self.conn, self.now = conn, now
-        self.rules = TypeRules(conn)
-        self._last_seq = None
-
-    def peek_seq(self):
-        """The Sequence the next change will take (claim it with take_seq)."""
-        if self._last_seq is None:
-            self._last_seq = last_sequence(self.conn)
-        return self._last_seq + 1
-
-    def take_seq(self):
-        seq = self.peek_seq()
-        self._last_seq = seq
-        return seq
-
-
-# One statement for create, update and replay: the update happens only when the
-# content differs or the event is a tombstone, and RETURNING says whether it did.
-UPSERT_EVENT = (
-    "INSERT INTO events (seq, event_id, program_id, event_type, member_id, start_us, end_us, doc,"
-    " ref_event_id, content_hash, deleted, revision, created_us, updated_us)"
-    " VALUES (:seq, :event_id, :program_id, :event_type, :member_id, :start_us, :end_us, :doc,"
-    " :ref_event_id, :content_hash, 0, 1, :now, :now)"
-    " ON CONFLICT (event_id) DO UPDATE SET seq = excluded.seq, event_type = excluded.event_type,"
-    " member_id = excluded.member_id, start_us = excluded.start_us, end_us = excluded.end_us,"
-    " doc = excluded.doc, ref_event_id = excluded.ref_event_id,"
-    " content_hash = excluded.content_hash, deleted = 0, revision = revision + 1,"
-    " updated_us = excluded.updated_us"
-    " WHERE deleted = 1 OR content_hash IS NOT excluded.content_hash"
-    " RETURNING revision")
-
-
-def _event_row(event, seq, now):
-    """The named parameters of UPSERT_EVENT, INSERT_EVENT and UPDATE_EVENT."""
-    return {"seq": seq, "event_id": event.event_id, "program_id": event.program_id,
-            "event_type": event.event_type, "member_id": event.member_id, "start_us": event.start_us,
-            "end_us": event.end_us, "doc": event.doc, "ref_event_id": event.ref_event_id,
-            "content_hash": event.content_hash, "now": now}
-
-
 def put_event(tx, event, preconditions=None):
     """Create, update or replay ``event`` in transaction ``tx``.
 
@@ -1471,28 +1915,15 @@ def put_event(tx, event, preconditions=None):
         raise Problem(404, f"Program {event.program_id!r} is not registered.")
     if not tx.rules.type_allowed(event.program_id, event.event_type):
         raise bad_request("The event is not valid; see errors.",
-                          [unregistered_type_error(tx.conn, event.program_id, event.event_type)])
+                          [unregistered_type_error(tx, event.program_id, event.event_type)])
     current = None
     if preconditions:
-        current = tx.conn.execute("SELECT revision, deleted FROM events WHERE event_id = ?",
-                                  (event.event_id,)).fetchone()
+        current = tx.current(event.event_id)
         preconditions.check(current[0] if current and not current[1] else None)
-    written = tx.conn.execute(UPSERT_EVENT, _event_row(event, tx.peek_seq(), tx.now)).fetchall()
-    if written:
-        tx.take_seq()
-        revision = written[0][0]
+    revision = tx.upsert_event(event)
+    if revision is not None:
         return ("created" if revision == 1 else "updated"), revision
-    if current is None:
-        current = tx.conn.execute("SELECT revision FROM events WHERE event_id = ?", (event.event_id,)).fetchone()
-    return "unchanged", current[0]
-
-
-INSERT_EVENT = UPSERT_EVENT[:UPSERT_EVENT.index(" ON CONFLICT")]
-UPDATE_EVENT = (
-    "UPDATE events SET seq = :seq, event_type = :event_type, member_id = :member_id,"
-    " start_us = :start_us, end_us = :end_us, doc = :doc, ref_event_id = :ref_event_id,"
-    " content_hash = :content_hash, deleted = 0, revision = revision + 1, updated_us = :now"
-    " WHERE event_id = :event_id")
+    return "unchanged", (current or tx.current(event.event_id))[0]
 
 
 def put_events(tx, indexed_events):
@@ -1501,8 +1932,8 @@ def put_events(tx, indexed_events):
     unregistered program, or 400 every item of a type its program does not
     take, before writing.
 
-    One lookup per 500 events and two executemany calls, rather than a statement
-    per event: the Sequences are handed out here, in request order."""
+    One lookup per 500 events and two statements run many times, rather than a
+    statement per event: the Sequences are handed out here, in request order."""
     unregistered = [(index, event) for index, event in indexed_events
                     if not tx.rules.program_exists(event.program_id)]
     if unregistered:
@@ -1515,45 +1946,29 @@ def put_events(tx, indexed_events):
         raise bad_request(f"{len(wrong_types)} events name a type their program does not take; nothing was written.",
                           wrong_types)
     events = [event for _, event in indexed_events]
-    current = {}
-    for start in range(0, len(events), 500):
-        ids = [event.event_id for event in events[start:start + 500]]
-        current.update((row[0], row[1:]) for row in tx.conn.execute(
-            f"SELECT event_id, revision, deleted, content_hash FROM events WHERE event_id IN"
-            f" ({', '.join('?' * len(ids))})", ids))
+    current = tx.current_many([event.event_id for event in events])
     inserts, updates, results = [], [], []
     for event in events:
         found = current.get(event.event_id)
-        if found and not found[1] and found[2] == event.content_hash:
+        if found and not found[1] and bytes(found[2]) == event.content_hash:
             results.append(("unchanged", found[0]))
             continue
-        (updates if found else inserts).append(_event_row(event, tx.take_seq(), tx.now))
+        (updates if found else inserts).append((event, tx.take_seq()))
         results.append(("updated", found[0] + 1) if found else ("created", 1))
-    tx.conn.executemany(INSERT_EVENT, inserts)
-    tx.conn.executemany(UPDATE_EVENT, updates)
+    tx.insert_events(inserts)
+    tx.update_events(updates)
     return results
 
 
 def delete_event(tx, event_id, preconditions=None):
     """Turn a live event into a tombstone. Returns the new revision. Raises
     Problem 404 or 412, before writing."""
-    current = tx.conn.execute("SELECT revision FROM events WHERE event_id = ? AND deleted = 0",
-                              (event_id,)).fetchone()
-    if current is None:
+    revision = tx.live_revision(event_id)
+    if revision is None:
         raise Problem(404, f"Event {event_id!r} does not exist.")
     if preconditions:
-        preconditions.check(current[0])
-    return _tombstone(tx, event_id)
-
-
-def _tombstone(tx, event_id):
-    # secure_delete (see connect) zeroes the old row's bytes in the file: the
-    # member id, times, data and reference are erased, not just unlinked.
-    return tx.conn.execute(
-        "UPDATE events SET member_id = NULL, start_us = NULL, end_us = NULL, doc = NULL,"
-        " ref_event_id = NULL, content_hash = NULL, deleted = 1, revision = revision + 1,"
-        " updated_us = ?, seq = ? WHERE event_id = ? RETURNING revision",
-        (tx.now, tx.take_seq(), event_id)).fetchall()[0][0]
+        preconditions.check(revision)
+    return tx.tombstone(event_id)
 
 
 def erase_member(tx, program_id, member_id):
@@ -1561,191 +1976,29 @@ def erase_member(tx, program_id, member_id):
     new Revision and Sequence. Returns how many. Raises Problem 404 before writing."""
     if not tx.rules.program_exists(program_id):
         raise Problem(404, f"Program {program_id!r} is not registered.")
-    event_ids = [row[0] for row in tx.conn.execute(
-        "SELECT event_id FROM events WHERE program_id = ? AND member_id = ? ORDER BY seq",
-        (program_id, member_id))]
+    event_ids = tx.member_event_ids(program_id, member_id)
     for event_id in event_ids:
-        _tombstone(tx, event_id)
+        tx.tombstone(event_id)
     return len(event_ids)
-
-
-MERGE_ALWAYS = 4        # this many index ranges or fewer: always merge them
-WINDOW = 4              # the first walk covers WINDOW x (limit + 1) Sequences
-SEEK_COST = 8           # an index range's first row costs about this many rows walked
-MAX_IN_LIST = 30_000    # SQLite binds at most 32,766 values in one statement
-
-
-def read_feed(conn, programs, query, strategy=None):
-    """One page of the change feed: up to ``query.limit + 1`` rows (the extra one
-    tells HasMore) with seq > query.after, in seq order, for ``programs`` (a
-    list, or None for every program).
-
-    Two ways to read it, chosen by which reads fewer rows:
-    - **merge**: each (program, event type) pair is one index range walked in seq
-      order, and heapq.merge interleaves them: about limit x log(ranges) rows plus
-      one seek per range. It wins for a few programs or a rare filter.
-    - **walk**: the table itself in seq order (seq is the rowid), each row tested
-      for membership and the filters: about limit / (the share of rows that
-      match). It wins for a caller who reads all or most programs, where a merge
-      would pay one seek per program on every page.
-    With few ranges it merges. Otherwise it walks a first window of seqs, which
-    also measures the share of matching rows, and reads whatever the page still
-    needs the cheaper way. ``strategy`` ("merge", "walk") forces one (for tests).
-    """
-    want, types = query.limit + 1, query.event_types
-    with read_snapshot(conn):
-        if strategy == "walk":
-            return _walk(conn, programs, query, query.after, None, want)
-        if programs is not None and (strategy == "merge" or len(programs) * max(1, len(types)) <= MERGE_ALWAYS
-                                     or len(programs) + len(types) > MAX_IN_LIST):
-            return _merge_ranges(conn, programs, query, query.after, want)
-        window = WINDOW * want
-        window_end = query.after + window
-        rows = _walk(conn, programs, query, query.after, window_end, want)
-        last_seq = last_sequence(conn)
-        if len(rows) == want or window_end >= last_seq:
-            return rows
-        needed, share = want - len(rows), len(rows) / window
-        if programs is None:
-            programs = [row[0] for row in conn.execute("SELECT program_id FROM programs")]
-        ranges = len(programs) * max(1, len(types))
-        walk_cost = needed / share if share else last_seq - window_end
-        merge_cost = ranges * SEEK_COST + needed * math.log2(ranges + 1)
-        if walk_cost <= merge_cost:
-            return rows + _walk(conn, programs, query, window_end, None, needed)
-        return rows + _merge_ranges(conn, programs, query, window_end, needed)
-
-
-def _filters(query, prefix=""):
-    """The member, reference and start filters -> (SQL conditions, parameters).
-    ``prefix`` "+" keeps SQLite off their indexes (for a walk in seq order)."""
-    where, params = [], []
-    for column, op, value in (("member_id", "=", query.member_id),
-                              ("ref_event_id", "=", query.ref_event_id),
-                              ("start_us", ">=", query.start_from_us),
-                              ("start_us", "<", query.start_before_us)):
-        if value is not None:
-            where.append(f"{prefix}{column} {op} ?")
-            params.append(value)
-    return where, params
-
-
-def _merge_ranges(conn, programs, query, after, want):
-    where, params = _filters(query)
-    where = ["program_id = ?"] + (["event_type = ?"] if query.event_types else []) + where
-    sql = (f"SELECT {EVENT_COLUMNS} FROM events WHERE {' AND '.join(where)}"
-           " AND seq > ? ORDER BY seq LIMIT ?")
-    tail = (*params, after, want)
-    ranges = itertools.product(programs, query.event_types or [None])
-    cursors = [conn.execute(sql, (program, *([] if event_type is None else [event_type]), *tail))
-               for program, event_type in ranges]
-    try:
-        return list(itertools.islice(heapq.merge(*cursors), want))
-    finally:
-        for cursor in cursors:
-            cursor.close()
-
-
-def _walk(conn, programs, query, after, upto, want):
-    """Rows with after < seq (<= upto), in seq order, that are in ``programs``
-    (None: all) and match the filters: the table walked in rowid order."""
-    where, params = _filters(query, prefix="+")
-    if programs is not None:
-        where.insert(0, f"+program_id IN ({', '.join('?' * len(programs))})")
-        params[:0] = programs
-    if query.event_types:
-        where.insert(0, f"+event_type IN ({', '.join('?' * len(query.event_types))})")
-        params[:0] = query.event_types
-    if upto is not None:
-        where.append("seq <= ?")
-        params.append(upto)
-    sql = (f"SELECT {EVENT_COLUMNS} FROM events WHERE seq > ? {''.join(' AND ' + w for w in where)}"
-           " ORDER BY seq LIMIT ?")
-    return conn.execute(sql, (after, *params, want)).fetchall()
 
 
 def import_tombstone(tx, event_id, event_type):
     """Apply an exported tombstone: delete the live event, or record the tombstone
     of an event this database never had, so an export/import round trip keeps
     every deletion. Returns "deleted" or "already deleted"."""
-    current = tx.conn.execute("SELECT deleted FROM events WHERE event_id = ?", (event_id,)).fetchone()
+    current = tx.current(event_id)
     if current is None:
-        tx.conn.execute(
-            "INSERT INTO events (seq, event_id, program_id, event_type, deleted, revision, created_us,"
-            " updated_us) VALUES (?, ?, ?, ?, 1, 1, ?, ?)",
-            (tx.take_seq(), event_id, program_of(event_id), event_type, tx.now, tx.now))
+        tx.insert_tombstone(event_id, program_of(event_id), event_type)
         return "deleted"
-    if current[0]:
+    if current[1]:
         return "already deleted"
-    _tombstone(tx, event_id)
+    tx.tombstone(event_id)
     return "deleted"
-
-
-def export_events(conn, programs=()):
-    """Every event (tombstones included) in Sequence order, as JSON texts,
-    from one read snapshot, streamed: memory stays flat whatever the size."""
-    # "+program_id" keeps SQLite off the program index, so it walks the table in
-    # rowid (= seq) order instead of collecting and sorting the matches.
-    where = f"WHERE +program_id IN ({', '.join('?' * len(programs))})" if programs else ""
-    with read_snapshot(conn):
-        cursor = conn.execute(f"SELECT {EVENT_COLUMNS} FROM events {where} ORDER BY seq", tuple(programs))
-        while rows := cursor.fetchmany(1000):
-            for row in rows:
-                yield render_event(row)
 
 
 def readable_programs(principal):
     """Every program the principal may read: None (all) for SYSTEM."""
     return None if principal.is_system else sorted(principal.grants)
-
-
-def data_version(conn):
-    """Changes whenever another connection (in any process) commits."""
-    return conn.execute("PRAGMA data_version").fetchone()[0]
-
-
-def backup_to(conn, path, on_progress):
-    """Copy the database into a new file at ``path`` with SQLite's backup API, in
-    one read transaction (the copy is the snapshot it started on; writers carry on
-    meanwhile), the copy self-contained (no WAL); ``on_progress(pages done,
-    pages)``. -> the events in the copy."""
-    target = sqlite3.connect(path)
-    try:
-        with read_snapshot(conn):
-            events = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
-            conn.backup(target, pages=1024,
-                        progress=lambda status, remaining, total: on_progress(total - remaining, total))
-        target.execute("PRAGMA journal_mode = DELETE")
-    finally:
-        target.close()
-    return events
-
-
-def check_copy(path):
-    """-> (PRAGMA integrity_check's first line, the events) of the database file at ``path``."""
-    check = sqlite3.connect(path)
-    try:
-        return check.execute("PRAGMA integrity_check").fetchone()[0], \
-            check.execute("SELECT COUNT(*) FROM events").fetchone()[0]
-    finally:
-        check.close()
-
-
-def changes_since(conn, seq, limit):
-    """[(seq, program_id, event_type)] of the changes after Sequence ``seq``, at most ``limit``."""
-    return conn.execute("SELECT seq, program_id, event_type FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
-                        (seq, limit)).fetchall()
-
-
-def answers(conn):
-    """Raises sqlite3.Error unless the database answers a query."""
-    conn.execute("SELECT 1 FROM programs LIMIT 1").fetchall()
-
-
-def read_only(conn):
-    """The connection refuses writes from now on (a reader's: every write goes through the writer)."""
-    conn.execute("PRAGMA query_only = ON")
-    return conn
 
 
 # ============================================================================
@@ -1778,7 +2031,8 @@ class Request:
 
     @property
     def db(self):
-        return self.store.connection()
+        """The storage's reads for this thread."""
+        return self.store.storage.reads()
 
     def header(self, name):
         key = name.upper().replace("-", "_")
@@ -1893,7 +2147,8 @@ def post_events_handler(req):
         raise bad_request(f"{failing} of {len(batch)} events are not valid; nothing was written.", errors)
     results = req.store.write(lambda tx: put_events(tx, events),
                               changed=lambda results: {(event.program_id, event.event_type) for (_, event), (
-                                  status, _) in zip(events, results, strict=True) if status != "unchanged"})
+                                  status, _) in zip(events, results, strict=True) if status != "unchanged"},
+                              seqs=len(events))
     return json_response({"Results": [{"EventId": event.event_id, "Revision": revision, "Status": status}
                                       for (_, event), (status, revision) in zip(events, results, strict=True)]})
 
@@ -1902,7 +2157,7 @@ def get_event_handler(req):
     event_id, program_id = _event_id_param(req)
     req.require("read", program_id)
     if_none_match = parse_etags("If-None-Match", req.header("If-None-Match"))
-    row = read_event(req.db, event_id) if EVENT_ID_RE.fullmatch(event_id) else None
+    row = req.db.read_event(event_id) if EVENT_ID_RE.fullmatch(event_id) else None
     if row is None or is_tombstone(row):
         raise Problem(404, f"Event {event_id!r} does not exist.")
     tag = etag(row[5])
@@ -1950,7 +2205,7 @@ def list_programs_handler(req):
     programs = [{"ProgramId": program_id, "Name": name,
                  "Access": "write" if user.is_system else user.grants[program_id],
                  "RegisteredEventTypesOnly": strict}
-                for program_id, name, strict in list_programs(req.db)
+                for program_id, name, strict in req.db.list_programs()
                 if user.is_system or program_id in user.grants]
     return json_response({"Programs": programs})
 
@@ -1961,8 +2216,8 @@ def put_program_handler(req):
     if program_id_error(program_id):
         raise bad_request("The ProgramId is not valid.", [program_id_error(program_id)])
     name, asked = validate_program_body(req.json_body())
-    strict = req.store.write(lambda tx: put_program(tx.conn, program_id, name, tx.now, asked),
-                             changed=lambda _: False)
+    strict = req.store.write(lambda tx: tx.put_program(program_id, name, asked),
+                             changed=lambda _: False, seqs=0)
     return json_response({"ProgramId": program_id, "Name": name, "RegisteredEventTypesOnly": strict})
 
 
@@ -1991,13 +2246,13 @@ def _event_type_param(req):
 def list_event_types_handler(req):
     _require_read_on_requested_programs(req)
     programs = parse_event_types_query(req.query) or readable_programs(req.user)
-    body = f'{{"EventTypes":{event_types_json(req.db, programs)}}}'
+    body = f'{{"EventTypes":{req.db.event_types_json(programs)}}}'
     return Response(200, [], body.encode("utf-8"), "application/json")
 
 
 def get_event_type_handler(req):
     event_type = _event_type_param(req)
-    entries = event_types_json(req.db, readable_programs(req.user), event_type)
+    entries = req.db.event_types_json(readable_programs(req.user), event_type)
     if entries == "[]":
         raise Problem(404, f"Event type {event_type!r} is neither registered nor used in a program you can read.")
     return Response(200, [], entries[1:-1].encode("utf-8"), "application/json")  # the one entry
@@ -2009,31 +2264,31 @@ def put_event_type_handler(req):
     description = validate_event_type_body(req.json_body())
 
     def register(tx):
-        register_event_type(tx.conn, event_type, description, tx.now)
-        return event_types_json(tx.conn, None, event_type)[1:-1]
-    entry = req.store.write(register, changed=lambda _: False)
+        tx.register_event_type(event_type, description)
+        return tx.event_types_json(None, event_type)[1:-1]
+    entry = req.store.write(register, changed=lambda _: False, seqs=0)
     return Response(200, [], entry.encode("utf-8"), "application/json")
 
 
 def delete_event_type_handler(req):
     req.require_system()
     event_type = _event_type_param(req)
-    req.store.write(lambda tx: unregister_event_type(tx.conn, event_type), changed=lambda _: False)
+    req.store.write(lambda tx: unregister_event_type(tx, event_type), changed=lambda _: False, seqs=0)
     return Response(204)
 
 
 def health_handler(req):
     try:
-        answers(req.db)
-    except sqlite3.Error:
+        req.db.answers()
+    except req.store.storage.errors:
         raise service_unavailable("The database does not answer.", retry_after=5) from None
     writer = req.store.writer
     writer.start()  # brings back a writer that died, even while nobody writes
     if writer.failure is not None:
         raise service_unavailable("The database answers reads but its writer is down; writes get 503 "
                                   "until it is back.", retry_after=5)
-    return json_response({"status": "ok", "schemaVersion": SCHEMA_VERSION,
-                          "longPolls": req.store.long_polls})
+    return json_response({"status": "ok", "backend": req.store.storage.backend, "schemaVersion": SCHEMA_VERSION,
+                          "longPolls": req.store.long_polls, **req.store.storage.health_details()})
 
 
 def openapi_handler(req):
@@ -2258,11 +2513,11 @@ class AuthThrottle:
         return math.ceil(remaining) if remaining > 0 else 0
 
 
-def shared_throttle(db_path, **options):
-    """An AuthThrottle whose counts every process serving ``db_path`` shares (a
-    file beside it), or one of this process alone where that file cannot be made."""
+def shared_throttle(path, **options):
+    """An AuthThrottle whose counts every process serving one database shares
+    (the file ``path``), or one of this process alone where it cannot be made."""
     try:
-        return AuthThrottle(path=f"{db_path}-throttle", **options)
+        return AuthThrottle(path=path, **options)
     except OSError as exc:
         log.warning("failed authentications are counted per process: %s", exc)
         return AuthThrottle(**options)
@@ -2287,21 +2542,19 @@ class _LongPoll:
 class EventStore:
     """The WSGI application. Only ``__call__`` touches environ and start_response."""
 
-    def __init__(self, db_path, *, max_body_bytes=DEFAULT_MAX_BODY, clock=now_us,
+    def __init__(self, db, *, max_body_bytes=DEFAULT_MAX_BODY, clock=now_us,
                  max_waiting=8, busy_timeout_ms=5000, auth_cache_seconds=AUTH_CACHE_SECONDS,
                  throttle=None, openapi=None, routes=ROUTES, poll_interval=0.025):
-        self.db_path = str(db_path)
-        self.throttle = throttle if throttle is not None else shared_throttle(self.db_path)
+        self.storage = open_storage(db, busy_timeout_ms)
+        self.throttle = throttle if throttle is not None else shared_throttle(self.storage.local_file("throttle"))
         self.auth_cache_seconds = auth_cache_seconds
         self.router = Router(routes)
         self.max_body_bytes = max_body_bytes
         self.clock = clock
-        self.busy_timeout_ms = busy_timeout_ms
         self.openapi = openapi if openapi is not None else OPENAPI_PATH.read_bytes()
-        self._local = threading.local()
         # Every commit made through this app wakes the long polls it may match
         # (_committed). Commits by other processes are noticed by one watcher
-        # thread's PRAGMA data_version every poll_interval seconds.
+        # thread (the storage's CommitWatch), looking every poll_interval seconds.
         self._commits = threading.Lock()
         self._waiters = set()  # the _LongPoll of every request in wait_for_feed
         self.poll_interval = poll_interval
@@ -2310,33 +2563,14 @@ class EventStore:
         self._waiting = threading.BoundedSemaphore(max_waiting) if max_waiting else None
         self.long_polls = 0  # requests waiting now (reported by /health)
         self._auth_cache = {}
-        self.writer_lock = WriterLock.beside(self.db_path)
-        self.writer = GroupCommitWriter(self._writer_connection, clock,
-                                        on_commit=self._committed)
-        conn = connect(self.db_path, busy_timeout_ms)
-        try:
-            apply_schema(conn)
-        finally:
-            conn.close()
+        self.writer = GroupCommitWriter(self.storage.session, clock, on_commit=self._committed)
 
-    def _writer_connection(self):
-        conn = connect(self.db_path, self.busy_timeout_ms)
-        conn.writer_lock = self.writer_lock  # shared by the writer threads this app starts
-        return conn
-
-    def connection(self):
-        """This thread's own connection for reads: sqlite3 connections are never
-        shared between threads (writes go through the writer's own)."""
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = read_only(connect(self.db_path, self.busy_timeout_ms))
-        return conn
-
-    def write(self, change, changed=lambda result: True):
+    def write(self, change, changed=lambda result: True, seqs=1):
         """Run ``change(tx)`` in a committed, durable write transaction
         shared with whatever other writes are queued (group commit); wake long
-        polls if ``changed(result)``. Returns the change's result."""
-        return self.writer.submit(change, changed)
+        polls if ``changed(result)``; ``seqs``, the Sequences it will probably
+        take. Returns the change's result."""
+        return self.writer.submit(change, changed, seqs)
 
     def _committed(self, touched=None):
         """A commit happened; ``touched``: the (program, type or None) pairs it
@@ -2348,31 +2582,25 @@ class EventStore:
                     waiter.news.set()
 
     def close(self):
-        """Stop the writer and close this thread's connection. Other threads'
-        connections close when their threads end (thread-local storage)."""
+        """Stop the writer and close the storage."""
         self.end_long_polls()
         self.writer.stop()
-        if self.writer_lock is not None:
-            self.writer_lock.close()
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
+        self.storage.close()
 
     def wait_for_feed(self, programs, query):
         """Read a feed page; with ``query.wait``, if it is empty, wait up to that
         many seconds for a matching commit. At most ``max_waiting`` requests wait
         at once; beyond that a request answers at once, as with wait=0."""
-        conn = self.connection()
+        reads = self.storage.reads()
         if not query.wait or self._closing.is_set() or not self._waiting:
-            return read_feed(conn, programs, query)
+            return reads.read_feed(programs, query)
         # Listening from before the first read, so that a commit landing right
         # after it still counts as news.
         waiter = _LongPoll(None if programs is None else frozenset(programs), frozenset(query.event_types))
         with self._commits:
             self._waiters.add(waiter)
         try:
-            rows = read_feed(conn, programs, query)
+            rows = reads.read_feed(programs, query)
             if rows or not self._waiting.acquire(blocking=False):
                 return rows
             with self._commits:
@@ -2389,7 +2617,7 @@ class EventStore:
                     waiter.news.clear()  # before the read: a later commit sets it again
                     if self._closing.is_set():
                         break
-                    rows = read_feed(conn, programs, query)
+                    rows = reads.read_feed(programs, query)
                     if rows:
                         return rows
                 return rows
@@ -2403,35 +2631,30 @@ class EventStore:
 
     def _watch_other_processes(self):
         """While long polls wait, one thread per app looks for other processes'
-        commits: one PRAGMA data_version every poll_interval, not one query per
-        waiting request. When it moves, the rows changed since the last look
-        (Sequences only grow, in commit order) say which programs and types were
-        touched, so only the waiters that can match re-read, as for our commits."""
-        conn = connect(self.db_path, self.busy_timeout_ms)
+        commits (storage.watch_commits: one cheap check every poll_interval, not
+        one query per waiting request). The rows changed since the last look say
+        which programs and types were touched, so only the waiters that can match
+        re-read, as for our own commits."""
+        watch = None
         try:
-            version = data_version(conn)
-            last_seq = last_sequence(conn)
+            watch = self.storage.watch_commits()
             self._committed()  # another process may have committed before that first look
-            while not self._closing.wait(self.poll_interval):
+            while not self._closing.is_set():
                 with self._commits:
                     if not self.long_polls:
                         self._watcher = None
                         return
-                current = data_version(conn)
-                if current == version:
-                    continue
-                version = current
-                changed = changes_since(conn, last_seq, 10000)
+                changed = watch.changes(self.poll_interval, self._closing, limit=10000)
                 if changed:
-                    last_seq = changed[-1][0]
                     self._committed(None if len(changed) == 10000 else {row[1:] for row in changed})
-        except sqlite3.Error:
+        except self.storage.errors:
             log.exception("the commit watcher stopped; long polls see other processes' commits at their end")
         finally:
             with self._commits:
                 if self._watcher is threading.current_thread():
                     self._watcher = None
-            conn.close()
+            if watch is not None:
+                watch.close()
 
     def end_long_polls(self):
         """Answer every waiting long poll now, and every new one at once (a
@@ -2473,7 +2696,7 @@ class EventStore:
                           headers=[("Retry-After", str(wait))])
         if cached and cached[0] > time.monotonic():
             return cached[1]
-        principal = authenticate(self.connection(), *credentials, self.clock(), touch=self._touch_key)
+        principal = authenticate(self.storage.reads(), *credentials, self.clock(), touch=self._touch_key)
         if not principal:
             self.throttle.failed(user_id, address)
             raise unauthorized()
@@ -2488,7 +2711,7 @@ class EventStore:
         never waits for the write lock. (From a read connection the update would
         contend with the writer for that lock.)"""
         try:
-            self.writer.post(lambda tx: touch_key(tx.conn, key_id, now), changed=lambda result: False)
+            self.writer.post(lambda tx: tx.touch_key(key_id, now), changed=lambda result: False)
         except RuntimeError:  # the app is closing
             pass
 
@@ -2497,8 +2720,8 @@ class EventStore:
             response = self.handle(environ)
         except Problem as problem:
             response = problem.response()
-        except sqlite3.OperationalError as exc:
-            response = storage_problem(exc).response()
+        except self.storage.errors as exc:
+            response = self.storage.problem(exc).response()
         except Exception:
             log.exception("unhandled error in %s %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
             response = Problem(500, "Internal error.").response()
@@ -2516,27 +2739,12 @@ class EventStore:
         return [body]
 
 
-def storage_problem(exc):
-    """A SQLite error the client can do something about -> its Problem; other
-    errors stay 500s. Details never leave the server."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-        return service_unavailable("The database is busy; try again shortly.")
-    if code == sqlite3.SQLITE_FULL:
-        return Problem(507, "The server's disk is full; nothing was written.")
-    if code == sqlite3.SQLITE_READONLY:
-        return service_unavailable("The database is read-only at the moment; nothing was written.",
-                                   retry_after=60)
-    log.exception("database error")
-    return Problem(500, "Internal error.")
-
-
-def make_app(db_path, **options):
-    """The WSGI application over the SQLite database at ``db_path`` (created if
-    missing). Options: max_body_bytes, clock, max_waiting, busy_timeout_ms, auth_cache_seconds,
-    throttle (an AuthThrottle), openapi (the document's bytes), routes (the route table),
+def make_app(db, **options):
+    """The WSGI application over ``db``: a SQLite file (created if missing), a
+    ``postgresql://`` URL, or a storage object. Options: max_body_bytes, clock,
+    max_waiting, busy_timeout_ms, auth_cache_seconds, throttle (an AuthThrottle), openapi (the document's bytes), routes (the route table),
     poll_interval (seconds between checks for other processes' commits while long polls wait)."""
-    return EventStore(db_path, **options)
+    return EventStore(db, **options)
 
 
 # ============================================================================
@@ -2553,15 +2761,15 @@ def _grants_from(args):
     return grants
 
 
-def _check_programs(conn, program_ids):
-    missing = [p for p in program_ids if not program_exists(conn, p)]
+def _check_programs(db, program_ids):
+    missing = [p for p in program_ids if db.find_program(p) is None]
     if missing:
         raise CommandError(f"not a registered program: {', '.join(missing)} "
                            "(register it with: program add PROGRAM_ID)")
 
 
-def _check_user(conn, user_id):
-    if not user_exists(conn, user_id):
+def _check_user(db, user_id):
+    if not db.user_exists(user_id):
         raise CommandError(f"no such user: {user_id}")
 
 
@@ -2569,87 +2777,89 @@ def _fmt_time(micros):
     return format_datetime(micros) if micros is not None else "never"
 
 
-def cmd_program_add(conn, args, out):
+def cmd_program_add(db, args, out):
     if program_id_error(args.program_id):
         raise CommandError(program_id_error(args.program_id)["message"])
     if args.name is not None and not args.name.strip():
         raise CommandError("--name must not be empty")
-    with write_transaction(conn):
-        found = find_program(conn, args.program_id)
+    with db.transaction(now_us()) as tx:
+        found = tx.find_program(args.program_id)
         current = found and found[0]
         if found and args.name is None and args.registered_types_only is None:
             raise CommandError(f"program {args.program_id} already exists (give --name to rename it, "
                                "--registered-types-only or --any-types to change what it takes)")
         name = args.name or current or args.program_id
-        strict = put_program(conn, args.program_id, name, now_us(), args.registered_types_only)
+        strict = tx.put_program(args.program_id, name, args.registered_types_only)
     takes = "registered event types only" if strict else "any event type"
     print(f"program {args.program_id} registered ({takes})", file=sys.stderr)
 
 
-def cmd_program_list(conn, args, out):
-    for program_id, name, strict in list_programs(conn):
+def cmd_program_list(db, args, out):
+    for program_id, name, strict in db.list_programs():
         print(f"{program_id}\t{name}\t{'registered-types-only' if strict else 'any-types'}", file=out)
 
 
-def cmd_user_add(conn, args, out):
+def cmd_user_add(db, args, out):
     if not USER_ID_RE.fullmatch(args.user_id):
         raise CommandError(f"{args.user_id!r} is not a userId: 1-64 characters of A-Z a-z 0-9 . _ @ -")
     grants = _grants_from(args)
-    _check_programs(conn, grants)
-    if user_exists(conn, args.user_id):
+    _check_programs(db, grants)
+    if db.user_exists(args.user_id):
         raise CommandError(f"user {args.user_id} already exists (use: key add {args.user_id})")
-    print(add_user(conn, args.user_id, args.system, grants, now_us()), file=out)
+    with db.transaction(now_us()) as tx:
+        api_key = add_user(tx, args.user_id, args.system, grants)
+    print(api_key, file=out)
 
 
-def cmd_user_grant(conn, args, out):
+def cmd_user_grant(db, args, out):
     grants = _grants_from(args)
     if not grants:
         raise CommandError("nothing to grant: give --read PROGRAM_ID or --write PROGRAM_ID")
-    _check_user(conn, args.user_id)
-    _check_programs(conn, grants)
-    with write_transaction(conn):
-        set_grants(conn, args.user_id, grants)
+    _check_user(db, args.user_id)
+    _check_programs(db, grants)
+    with db.transaction(now_us()) as tx:
+        tx.set_grants(args.user_id, grants)
     print(f"granted {args.user_id}: " + ", ".join(f"{a} {p}" for p, a in grants.items()), file=sys.stderr)
 
 
-def cmd_user_revoke(conn, args, out):
-    with write_transaction(conn):
-        revoked = revoke_grant(conn, args.user_id, args.program_id)
+def cmd_user_revoke(db, args, out):
+    with db.transaction(now_us()) as tx:
+        revoked = tx.revoke_grant(args.user_id, args.program_id)
     if not revoked:
         raise CommandError(f"user {args.user_id} holds no grant on {args.program_id}")
     print(f"revoked {args.user_id}'s access to {args.program_id}", file=sys.stderr)
 
 
-def cmd_user_disable(conn, args, out):
-    with write_transaction(conn):
-        if not disable_user(conn, args.user_id):
+def cmd_user_disable(db, args, out):
+    with db.transaction(now_us()) as tx:
+        if not tx.disable_user(args.user_id):
             raise CommandError(f"no such user: {args.user_id}")
     print(f"user {args.user_id} disabled", file=sys.stderr)
 
 
-def cmd_user_list(conn, args, out):
-    for user_id, is_system, disabled, grants in list_users(conn):
+def cmd_user_list(db, args, out):
+    for user_id, is_system, disabled, grants in db.list_users():
         rights = "SYSTEM" if is_system else " ".join(f"{a}:{p}" for p, a in grants) or "-"
         print(f"{user_id}\t{rights}\t{'disabled' if disabled else 'active'}", file=out)
 
 
-def cmd_key_add(conn, args, out):
-    _check_user(conn, args.user_id)
-    with write_transaction(conn):
-        api_key = add_key(conn, args.user_id, now_us())
+def cmd_key_add(db, args, out):
+    _check_user(db, args.user_id)
+    with db.transaction(now_us()) as tx:
+        api_key = add_key(tx, args.user_id)
     print(api_key, file=out)
 
 
-def cmd_key_list(conn, args, out):
-    _check_user(conn, args.user_id)
-    for key_id, created, last_used, revoked in list_keys(conn, args.user_id):
+def cmd_key_list(db, args, out):
+    _check_user(db, args.user_id)
+    for key_id, created, last_used, revoked in db.list_keys(args.user_id):
         state = f"\trevoked {_fmt_time(revoked)}" if revoked else ""
         print(f"{key_id}\tcreated {_fmt_time(created)}\tlast used {_fmt_time(last_used)}{state}", file=out)
 
 
-def cmd_key_revoke(conn, args, out):
-    with write_transaction(conn):
-        revoked = revoke_key(conn, args.user_id, args.key_id, now_us())
+def cmd_key_revoke(db, args, out):
+    with db.transaction(now_us()) as tx:
+        revoked = tx.revoke_key(args.user_id, args.key_id)
     if not revoked:
         raise CommandError(f"user {args.user_id} has no key {args.key_id} (see: key list {args.user_id})")
     print(f"key {args.key_id} revoked", file=sys.stderr)
@@ -2662,14 +2872,14 @@ def _event_type_arg(event_type):
     return event_type
 
 
-def cmd_type_add(conn, args, out):
+def cmd_type_add(db, args, out):
     event_type = _event_type_arg(args.event_type)
     try:
         description = validate_event_type_body({"Description": args.description})
     except Problem as problem:
         raise CommandError("--description " + problem.errors[0]["message"]) from None
-    with write_transaction(conn):
-        register_event_type(conn, event_type, description, now_us())
+    with db.transaction(now_us()) as tx:
+        tx.register_event_type(event_type, description)
     print(f"event type {event_type} registered", file=sys.stderr)
 
 
@@ -2678,18 +2888,18 @@ def _escape(text):
     return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
 
 
-def cmd_type_list(conn, args, out):
-    for entry in json.loads(event_types_json(conn, None)):
+def cmd_type_list(db, args, out):
+    for entry in json.loads(db.event_types_json(None)):
         used = " ".join(f"{count['ProgramId']}={count['Events']}" for count in entry["Programs"]) or "-"
         print(f"{_escape(entry['EventType'])}\t{'registered' if entry['Registered'] else 'unregistered'}\t{used}"
               f"\t{_escape(entry['Description'] or '')}", file=out)
 
 
-def cmd_type_remove(conn, args, out):
+def cmd_type_remove(db, args, out):
     event_type = _event_type_arg(args.event_type)
     try:
-        with write_transaction(conn):
-            unregister_event_type(conn, event_type)
+        with db.transaction(now_us()) as tx:
+            unregister_event_type(tx, event_type)
     except Problem as problem:
         raise CommandError(problem.detail) from None
     print(f"event type {event_type} unregistered", file=sys.stderr)
@@ -2738,17 +2948,20 @@ def _fsync_path(path):
         os.close(fd)
 
 
-def cmd_backup(conn, args, out):
+def cmd_backup(db, args, out):
+    if db.storage.backend != "sqlite":
+        raise CommandError(f"backup copies a SQLite file; on {db.storage.backend} use its own tools "
+                           "(for PostgreSQL: pg_dump, or a base backup with WAL archiving)")
     dest = Path(args.dest)
     if dest.exists() and not args.force:
         raise CommandError(f"{dest} exists; give --force to overwrite it")
     partial = dest.with_name(dest.name + ".partial")
     partial.unlink(missing_ok=True)
     progress = Progress("backup (pages)")
-    events = backup_to(conn, partial, lambda done, total: (setattr(progress, "total", total), progress.update(done)))
+    events = db.storage.backup_to(partial, lambda done, total: (setattr(progress, "total", total), progress.update(done)))
     progress.finish()
     _fsync_path(partial)
-    verdict, copied = check_copy(partial)
+    verdict, copied = db.storage.check_copy(partial)
     if verdict != "ok" or copied != events:
         partial.unlink(missing_ok=True)
         raise CommandError(f"the copy did not verify ({verdict}); nothing was written to {dest}")
@@ -2757,14 +2970,14 @@ def cmd_backup(conn, args, out):
     print(f"ok: {events:,} events backed up to {dest} (integrity_check ok)", file=sys.stderr)
 
 
-def cmd_export(conn, args, out):
+def cmd_export(db, args, out):
     programs = tuple(dict.fromkeys(args.program or ()))
     for program_id in programs:
-        if not program_exists(conn, program_id):
+        if db.find_program(program_id) is None:
             raise CommandError(f"not a registered program: {program_id}")
     progress = Progress("export")
     count = 0
-    for count, event in enumerate(export_events(conn, programs), 1):
+    for count, event in enumerate(db.export_events(programs), 1):
         out.write(event + "\n")
         if count % 1000 == 0:
             progress.update(count)
@@ -2819,9 +3032,9 @@ def _read_lines(path):
                 yield number, line
 
 
-def cmd_import(conn, args, out):
-    registered = {program_id for program_id, _, _ in list_programs(conn)}
-    rules = TypeRules(conn)  # what programs take, read once for the check
+def cmd_import(db, args, out):
+    registered = {program_id for program_id, _, _ in db.list_programs()}
+    rules = TypeRules(db)  # what programs take, read once for the check
     # First pass: check every line, import nothing if any is bad.
     bad, total = [], 0
     checking = Progress("checking")
@@ -2830,7 +3043,7 @@ def cmd_import(conn, args, out):
         try:
             kind, value = parse_import_line(line, registered)
             if kind == "put" and not rules.type_allowed(value.program_id, value.event_type):
-                raise bad_request("", [unregistered_type_error(conn, value.program_id, value.event_type)])
+                raise bad_request("", [unregistered_type_error(db, value.program_id, value.event_type)])
         except Problem as problem:
             bad.append(f"line {number}: {_problem_text(problem)}")
         if total % 1000 == 0:
@@ -2845,8 +3058,7 @@ def cmd_import(conn, args, out):
     lines = _read_lines(args.file)
     done = 0
     while chunk := list(itertools.islice(lines, args.batch)):
-        with write_transaction(conn):
-            tx = Transaction(conn, now_us())
+        with db.transaction(now_us(), seqs=len(chunk)) as tx:
             for number, line in chunk:
                 kind, value = parse_import_line(line, registered)
                 try:
@@ -2955,23 +3167,25 @@ def main(argv=None, out=None):
     args = build_parser().parse_args(argv)
     out = out or sys.stdout
     try:
-        conn = open_database(args.db)
+        storage = open_storage(args.db)
     except (sqlite3.Error, RuntimeError) as exc:
-        print(f"error: cannot open {args.db} as an eventstore database: {exc}", file=sys.stderr)
+        print(f"error: cannot open {safe_db_name(args.db)} as an eventstore database: {exc}", file=sys.stderr)
         return 1
+    db = storage.session()
     try:
-        args.func(conn, args, out)
+        args.func(db, args, out)
     except CommandError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except sqlite3.Error as exc:
+    except storage.errors as exc:
         print(f"error: database: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"error: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
         return 1
     finally:
-        conn.close()
+        db.close()
+        storage.close()
     return 0
 
 

@@ -37,7 +37,8 @@ def parse_args(argv=None):
     parser.add_argument("--port", type=int, default=8080,
                         help="port to listen on; 0 picks a free one, which the banner names (default: %(default)s)")
     parser.add_argument("--db", default=os.environ.get("EVENTSTORE_DB", eventstore.DEFAULT_DB),
-                        help="database file (default: $EVENTSTORE_DB or %(default)s)")
+                        help="a SQLite database file, or a postgresql://user@host:port/dbname URL "
+                             "(default: $EVENTSTORE_DB or %(default)s)")
     parser.add_argument("--threads", type=int, default=16,
                         help="waitress worker threads (default: %(default)s)")
     parser.add_argument("--max-waiting", type=int, default=None, metavar="N",
@@ -78,15 +79,20 @@ def default_processes():
 def announce(db_path, host, port, processes=1):
     """Create the first admin on an empty database and tell the operator how to
     authenticate. The key is printed once, to standard error."""
-    conn = eventstore.open_database(db_path)
+    storage = eventstore.open_storage(db_path)
+    session = storage.session()
     try:
-        admin_key = eventstore.bootstrap_admin(conn, eventstore.now_us())
+        admin_key = eventstore.bootstrap_admin(session, eventstore.now_us())
+        durability = storage.durability()
     finally:
-        conn.close()
+        session.close()
+        storage.close()
     base = f"http://{host}:{port}"
     say = lambda text="": print(text, file=sys.stderr)  # noqa: E731
     workers = f" with {processes} worker processes" if processes > 1 else ""
-    say(f"eventstore serving {os.path.abspath(db_path)}{workers} on {base}")
+    name = os.path.abspath(db_path) if storage.backend == "sqlite" else eventstore.safe_db_name(db_path)
+    say(f"eventstore serving {name}{workers} on {base}")
+    say(durability)
     if admin_key:
         say()
         say("Created the SYSTEM user 'admin'. Its API key is shown only this once:")
@@ -136,10 +142,12 @@ def serve_one(args, announce_it):
     pin_to_cpu(args)
     try:
         max_waiting = args.max_waiting if args.max_waiting is not None else args.threads // 2
-        app = eventstore.make_app(args.db, max_body_bytes=args.max_body, max_waiting=max_waiting,
-                                  throttle=eventstore.shared_throttle(args.db, threshold=args.max_auth_failures))
+        storage = eventstore.open_storage(args.db, threads=args.threads)
+        throttle = eventstore.shared_throttle(storage.local_file("throttle"), threshold=args.max_auth_failures)
+        app = eventstore.make_app(storage, max_body_bytes=args.max_body, max_waiting=max_waiting, throttle=throttle)
     except (sqlite3.Error, RuntimeError, OSError) as exc:
-        print(f"error: cannot open {args.db} as an eventstore database: {exc}", file=sys.stderr)
+        print(f"error: cannot open {eventstore.safe_db_name(args.db)} as an eventstore database: {exc}",
+              file=sys.stderr)
         return 1
     access_log = AccessLog(app) if args.access_log else None
     try:
@@ -151,7 +159,8 @@ def serve_one(args, announce_it):
         try:
             announce(args.db, args.host, server.effective_port)
         except (sqlite3.Error, RuntimeError, OSError) as exc:
-            print(f"error: cannot open {args.db} as an eventstore database: {exc}", file=sys.stderr)
+            print(f"error: cannot open {eventstore.safe_db_name(args.db)} as an eventstore database: {exc}",
+                  file=sys.stderr)
             return 1
     try:
         run_until_stopped(server, app)

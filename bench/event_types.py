@@ -40,14 +40,15 @@ function request() return wrk.format("GET", "%(path)s") end
 def build(path, events):
     """``events`` events over PROGRAMS, program n using types 3n .. 3n+9 (of 30, wrapping), inserted
     raw in 10,000-row transactions (the count triggers keep the counts as they go)."""
-    conn = eventstore.open_database(path)
+    session = eventstore.SQLiteStorage(path).session()
+    conn = session.conn
     now = eventstore.now_us()
-    with eventstore.write_transaction(conn):
+    with session.transaction(now) as tx:
         for program in PROGRAMS:
-            eventstore.put_program(conn, program, f"Program {program}", now)
+            tx.put_program(program, f"Program {program}")
         for event_type in TYPES[:20]:
-            eventstore.register_event_type(conn, event_type, f"What {event_type} means.", now)
-    key = eventstore.add_user(conn, "bench", True, {}, now)
+            tx.register_event_type(event_type, f"What {event_type} means.")
+        key = eventstore.add_user(tx, "bench", True, {})
     doc = '{"EventId":"x","Deleted":false'
     for start in range(0, events, 10_000):
         rows = [(n + 1, f"{PROGRAMS[n % 10]}-e{n}", PROGRAMS[n % 10], TYPES[((n % 10) * 3 + n // 10 % 10) % 30],
@@ -89,7 +90,7 @@ def put_figure(folder, seconds, rounds=8):
     servers = {}
     for name in ("kept", "not kept"):
         path = folder / f"put-{name.replace(' ', '-')}.db"
-        conn = eventstore.open_database(path)
+        conn = eventstore.SQLiteStorage(path).session().conn
         if name == "not kept":
             for (trigger,) in conn.execute("SELECT name FROM sqlite_schema WHERE type = 'trigger'").fetchall():
                 conn.execute(f"DROP TRIGGER {trigger}")  # this bench's own copy: what PUT cost before the counts

@@ -29,21 +29,20 @@ TYPES = ("CourseCompleted", "CourseStarted", "CreditEarned")
 
 
 def build(path, programs):
-    conn = eventstore.open_database(path)
+    session = eventstore.SQLiteStorage(path).session()
     now = eventstore.now_us()
     names = [f"P{n}" for n in range(programs)]
-    with eventstore.write_transaction(conn):
+    with session.transaction(now) as tx:
         for name in names:
-            eventstore.put_program(conn, name, name, now)
-    admin = eventstore.add_user(conn, "admin", True, {}, now)
-    grants = {name: "read" for name in names[:max(1, programs // 2)]}
-    reader = eventstore.add_user(conn, "reader", False, grants, now)
-    with eventstore.write_transaction(conn):
-        tx = eventstore.Transaction(conn, now)
+            tx.put_program(name, name)
+        admin = eventstore.add_user(tx, "admin", True, {})
+        grants = {name: "read" for name in names[:max(1, programs // 2)]}
+        reader = eventstore.add_user(tx, "reader", False, grants)
+    with session.transaction(now) as tx:
         eventstore.put_events(tx, [(n, eventstore.validate_event(f"{names[n % programs]}-e{n}", {
             "ProgramId": names[n % programs], "ProgramMemberId": f"m{n % 500}", "EventType": TYPES[n % 3],
             "EventStartUTC": "2026-03-01T09:30:00Z", "EventData": {"n": n}})) for n in range(EVENTS)])
-    conn.close()
+    session.close()
     return {"admin": admin, "reader": reader}
 
 

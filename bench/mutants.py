@@ -56,8 +56,8 @@ MUTANTS = [
          '        cache_key = (parse_basic_auth(header) or (None,))[0]'),
     ], ["tests/test_auth.py"]),
     ("no in-process wake-up of long polls on commit", "eventstore.py", [
-        ("                                        on_commit=self._committed)",
-         "                                        on_commit=lambda touched: None)"),
+        ("GroupCommitWriter(self.storage.session, clock, on_commit=self._committed)",
+         "GroupCommitWriter(self.storage.session, clock, on_commit=lambda touched: None)"),
     ], ["tests/test_feed.py"]),
     ("synchronous=NORMAL", "eventstore.py", [
         ('conn.execute("PRAGMA synchronous = FULL")', 'conn.execute("PRAGMA synchronous = NORMAL")'),
@@ -67,9 +67,9 @@ MUTANTS = [
          "                pass"),
     ], ["tests/test_group_commit.py"]),
     ("writer connection opened outside error handling", "eventstore.py", [
-        ("        try:\n            conn = self.connect_db()\n        except Exception as exc:\n"
+        ("        try:\n            session = self.open_session()\n        except Exception as exc:\n"
          "            return self._died(exc, batch)\n",
-         "        conn = self.connect_db()\n"),
+         "        session = self.open_session()\n"),
     ], ["tests/test_group_commit.py"]),
     ("a dead writer's changes never answered", "eventstore.py", [
         ("            if not item.done.is_set():\n                item.error, item.result = self.unavailable(), None\n"
@@ -77,8 +77,8 @@ MUTANTS = [
          "            pass"),
     ], ["tests/test_group_commit.py"]),
     ("a key's last use waits for the writer", "eventstore.py", [
-        ("            self.writer.post(lambda tx: touch_key(",
-         "            self.writer.submit(lambda tx: touch_key("),
+        ("            self.writer.post(lambda tx: tx.touch_key(",
+         "            self.writer.submit(lambda tx: tx.touch_key("),
     ], ["tests/test_auth.py"]),
     ("Content-Length checked with str.isdigit", "eventstore.py", [
         ("            if not CONTENT_LENGTH_RE.fullmatch(length):", "            if not length.isdigit():"),
@@ -95,9 +95,9 @@ MUTANTS = [
         ("        if self.user.is_system:\n            return\n", ""),
     ], ["tests/test_auth.py"]),
     ("Sequence counted per process, not read in the transaction", "eventstore.py", [
-        ("class Transaction:", "SEQ_COUNTERS = {}\n\n\nclass Transaction:"),
-        ("            self._last_seq = last_sequence(self.conn)",
-         '            self._last_seq = SEQ_COUNTERS.setdefault("seq", last_sequence(self.conn))'),
+        ("class SQLiteTransaction(", "SEQ_COUNTERS = {}\n\n\nclass SQLiteTransaction("),
+        ("            self._last_seq = self.last_sequence()",
+         '            self._last_seq = SEQ_COUNTERS.setdefault("seq", self.last_sequence())'),
         ("        self._last_seq = seq\n",
          '        self._last_seq = SEQ_COUNTERS["seq"] = seq\n'),
     ], ["tests/test_durability.py"]),
@@ -106,7 +106,7 @@ MUTANTS = [
          '        "UPDATE events SET member_id = member_id, start_us = NULL'),
     ], ["tests/test_events.py", "tests/test_lifecycle.py"]),
     ("failed authentications counted per process", "eventstore.py", [
-        ('        return AuthThrottle(path=f"{db_path}-throttle", **options)', "        return AuthThrottle(**options)"),
+        ("        return AuthThrottle(path=path, **options)", "        return AuthThrottle(**options)"),
     ], ["tests/test_processes.py"]),
     ("other processes' commits never wake a long poll", "eventstore.py", [
         ("                    self._committed(None if len(changed) == 10000 else {row[1:] for row in changed})",
@@ -116,7 +116,8 @@ MUTANTS = [
         ("        app.end_long_polls()\n", "        pass\n"),
     ], ["tests/test_processes.py"]),
     ("the feed walk ignores the caller's programs", "eventstore.py", [
-        ("    if programs is not None:\n        where.insert(0, f\"+program_id IN", "    if False:\n        where.insert(0, f\"+program_id IN"),
+        ("        if programs is not None:\n            where.insert(0, f\"+program_id IN",
+         "        if False:\n            where.insert(0, f\"+program_id IN"),
     ], ["tests/test_properties.py"]),
     ("a long poll re-reads for commits it cannot match", "eventstore.py", [
         ("                if touched is None or waiter.may_match(touched):", "                if True:"),
@@ -139,8 +140,8 @@ MUTANTS = [
         ("    if version < 2:  # counts", "    if False:  # counts"),
     ], ["tests/test_event_types.py"]),
     ("the catalogue shows counts of programs the caller cannot read", "eventstore.py", [
-        ("    entries = event_types_json(req.db, readable_programs(req.user), event_type)",
-         "    entries = event_types_json(req.db, None, event_type)"),
+        ("    entries = req.db.event_types_json(readable_programs(req.user), event_type)",
+         "    entries = req.db.event_types_json(None, event_type)"),
     ], ["tests/test_event_types.py"]),
     ("a strict program's batch items not checked", "eventstore.py", [
         ("    if wrong_types:\n", "    if False:\n"),
@@ -150,8 +151,7 @@ MUTANTS = [
     ], ["tests/test_event_types.py"]),
     ("replays skip the registered-types check", "eventstore.py", [
         ("    if not tx.rules.type_allowed(event.program_id, event.event_type):\n        raise bad_request(",
-         "    if not tx.rules.type_allowed(event.program_id, event.event_type) and not tx.conn.execute(\n"
-         "            'SELECT 1 FROM events WHERE event_id = ?', (event.event_id,)).fetchone():\n"
+         "    if not tx.rules.type_allowed(event.program_id, event.event_type) and not tx.current(event.event_id):\n"
          "        raise bad_request("),
     ], ["tests/test_event_types.py"]),
 ]

@@ -244,10 +244,10 @@ def insert_rows(conn, rows, first_seq, batch):
 
 
 def fresh_database(path):
-    conn = eventstore.open_database(path)
-    with eventstore.write_transaction(conn):
-        eventstore.put_program(conn, "FOO", "Foo", eventstore.now_us())
-    return conn
+    session = eventstore.SQLiteStorage(path).session()
+    with session.transaction(eventstore.now_us()) as tx:
+        tx.put_program("FOO", "Foo")
+    return session.conn
 
 
 def say(text):
@@ -380,7 +380,9 @@ def main():
     # 4: pull everything through Next against a raw keyset SELECT + json.dumps.
     say("4: pulling through Next vs keyset SELECT ...")
     server = Server(full)
-    key = eventstore.add_user(conn, "bench", True, {}, eventstore.now_us())
+    with eventstore.write_transaction(conn):
+        tx = eventstore.SQLiteTransaction(conn, eventstore.now_us())
+        key = eventstore.add_user(tx, "bench", True, {})
     pull_auth = {"Authorization": "Basic " + base64.b64encode(f"bench:{key}".encode()).decode()}
     connection = http.client.HTTPConnection("127.0.0.1", server.port)
     url, pulled = "/events?limit=1000", 0

@@ -2,6 +2,8 @@
 authenticated as each kind of user."""
 
 import base64
+import contextlib
+import os
 import sys
 import threading
 import time
@@ -40,24 +42,30 @@ class Client:
 class Registry:
     """A registry with programs FOO and BAR and users of every kind."""
 
-    def __init__(self, db_path, **options):
-        self.db_path = str(db_path)
-        self.app = eventstore.make_app(self.db_path, **options)
-        self.db = eventstore.open_database(self.db_path)
+    def __init__(self, db, **options):
+        self.db_path = str(db)
+        self.app = eventstore.make_app(db, **options)
+        self.storage = self.app.storage
+        self.session = self.storage.session()
+        self.db = raw_sql(self.session)
         now = eventstore.now_us()
-        self.keys = {"admin": eventstore.bootstrap_admin(self.db, now)}
-        for program_id in ("FOO", "BAR"):
-            with eventstore.write_transaction(self.db):
-                eventstore.put_program(self.db, program_id, f"Program {program_id}", now)
+        self.keys = {"admin": eventstore.bootstrap_admin(self.session, now)}
+        with self.session.transaction(now) as tx:
+            for program_id in ("FOO", "BAR"):
+                tx.put_program(program_id, f"Program {program_id}")
         self.add_user("writer", grants={"FOO": "write"})
         self.add_user("reader", grants={"FOO": "read"})
         self.add_user("nobody")
         self.anonymous = webtest.TestApp(self.app)
 
     def add_user(self, user_id, is_system=False, grants=None):
-        self.keys[user_id] = eventstore.add_user(self.db, user_id, is_system, grants or {},
-                                                 eventstore.now_us())
+        with self.session.transaction(eventstore.now_us()) as tx:
+            self.keys[user_id] = eventstore.add_user(tx, user_id, is_system, grants or {})
         return self.keys[user_id]
+
+    def transaction(self, now=None, seqs=100):
+        """``with registry.transaction() as tx:`` a write transaction of its own."""
+        return self.session.transaction(eventstore.now_us() if now is None else now, seqs)
 
     def client(self, user_id):
         return Client(self.app, basic(user_id, self.keys[user_id]))
@@ -67,11 +75,27 @@ class Registry:
         cursor = self.db.execute("SELECT * FROM events WHERE event_id = ?", (event_id,))
         names = [d[0] for d in cursor.description]
         row = cursor.fetchone()
-        return dict(zip(names, row)) if row else None
+        if row is None:
+            return None
+        row = dict(zip(names, row))
+        if isinstance(row["member_id"], bytes):  # PostgreSQL keeps it as UTF-8 bytes
+            row["member_id"] = row["member_id"].decode("utf-8")
+        return row
 
     def close(self):
         self.app.close()
-        self.db.close()
+        if self.storage.backend != "sqlite":
+            self.db.close()
+        self.session.close()
+
+    def dump(self):
+        """Every stored row of every table, as text."""
+        if self.storage.backend == "sqlite":
+            return "\n".join(self.db.iterdump())
+        tables = [row[0] for row in self.db.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
+        return "\n".join(str(row[0]) for table in tables
+                         for row in self.db.execute(f"SELECT t::text FROM {table} AS t"))
 
     def count_events(self):
         return self.db.execute("SELECT COUNT(*) FROM events").fetchone()[0]
@@ -80,12 +104,59 @@ class Registry:
         """-> a list that gets the number of changes of each group commit from now on."""
         commits, original = [], self.app.writer._commit
 
-        def counting_commit(conn, batch):
+        def counting_commit(session, batch):
             commits.append(len(batch))
-            original(conn, batch)
+            original(session, batch)
 
         self.app.writer._commit = counting_commit
         return commits
+
+
+def raw_sql(session):
+    """What tests use to look at (and tamper with) the stored rows directly:
+    the session's sqlite3 connection, or for PostgreSQL an autocommit
+    connection whose execute takes SQLite's "?" placeholders."""
+    return session.conn if session.storage.backend == "sqlite" else PostgresSQL(session.storage.url)
+
+
+class PostgresSQL:
+    """A connection for the tests' own SQL on PostgreSQL, in SQLite's dialect
+    as far as these tests use it: "?" placeholders."""
+
+    def __init__(self, url):
+        import psycopg
+        self.conn = psycopg.connect(url, autocommit=True)
+
+    def execute(self, sql, params=()):
+        return self.conn.execute(sql.replace("?", "%s"), params)
+
+    def close(self):
+        self.conn.close()
+
+
+def open_sqlite(path):
+    """A plain sqlite3 connection to an eventstore database file, its schema
+    applied: for the tests of what only SQLite has."""
+    eventstore.SQLiteStorage(path).close()
+    return eventstore.connect(str(path))
+
+
+def create_user(db, user_id, grants, is_system=False):
+    """Create a user on the database ``db`` -> its key."""
+    with opened(db) as session, session.transaction(eventstore.now_us()) as tx:
+        return eventstore.add_user(tx, user_id, is_system, grants)
+
+
+@contextlib.contextmanager
+def opened(db):
+    """``with opened(db) as session:`` a storage session on ``db``, closed after."""
+    storage = eventstore.open_storage(db)
+    session = storage.session()
+    try:
+        yield session
+    finally:
+        session.close()
+        storage.close()
 
 
 def eventually(predicate, what, timeout=10.0):
@@ -122,9 +193,73 @@ def run_in_thread(function, *args):
     return result
 
 
+# --- The backends: every test that takes ``db`` (or ``registry``, or ``cli``)
+# runs on SQLite and on PostgreSQL. PostgreSQL is a throwaway cluster started
+# once per test session (tests/pg_cluster.py); where its binaries are missing
+# those tests skip and the summary says so, unless EVENTSTORE_REQUIRE_POSTGRES
+# is set (as .ci/run sets it): then they fail.
+
+BACKENDS = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    from pg_cluster import Cluster, find_binaries
+    if find_binaries() is None:
+        yield None
+        return
+    cluster = Cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+def postgres_url(pg_cluster):
+    """A fresh PostgreSQL database's URL, or skip (fail where it is required)."""
+    if pg_cluster is None:
+        message = ("PostgreSQL server binaries not found (install Debian's postgresql package, or set "
+                   "EVENTSTORE_PG_BIN): the PostgreSQL half of the suite did not run")
+        if os.environ.get("EVENTSTORE_REQUIRE_POSTGRES"):
+            pytest.fail(message)
+        pytest.skip(message)
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        if os.environ.get("EVENTSTORE_REQUIRE_POSTGRES"):
+            pytest.fail("psycopg is not installed (requirements-postgres.txt)")
+        pytest.skip("psycopg is not installed: the PostgreSQL half of the suite did not run")
+    return pg_cluster.new_database()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
 @pytest.fixture
-def registry(tmp_path):
-    registry = Registry(tmp_path / "events.db")
+def db(backend, tmp_path, request):
+    """A new, empty database of each backend: a SQLite file or a PostgreSQL URL."""
+    if backend == "sqlite":
+        return str(tmp_path / "events.db")
+    return postgres_url(request.getfixturevalue("pg_cluster"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked sqlite_only (what only SQLite has: its files, PRAGMAs,
+    the flock between processes) run on SQLite alone; postgresql_only ones on
+    PostgreSQL alone."""
+    kept, dropped = [], []
+    for item in items:
+        backend = getattr(item, "callspec", None) and item.callspec.params.get("backend")
+        other = {"sqlite": "postgresql_only", "postgresql": "sqlite_only"}.get(backend)
+        (dropped if other and item.get_closest_marker(other) else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
+@pytest.fixture
+def registry(db):
+    registry = Registry(db)
     yield registry
     registry.close()
 
@@ -163,10 +298,9 @@ def body():
 
 
 @pytest.fixture
-def cli(tmp_path, capsys):
+def cli(db, capsys):
     """``cli(*argv, status=0)`` runs the admin command line on a fresh database
-    file (``cli.db``) and checks its exit status -> (stdout, stderr)."""
-    db = str(tmp_path / "cli.db")
+    (``cli.db``) and checks its exit status -> (stdout, stderr)."""
 
     def run(*argv, status=0):
         code = eventstore.main(["--db", db, *argv])
@@ -174,5 +308,10 @@ def cli(tmp_path, capsys):
         assert code == status, err
         return out, err
 
+    def authenticate(user_id, api_key):
+        with opened(db) as session:
+            return eventstore.authenticate(session, user_id, api_key, eventstore.now_us(), touch=lambda *_: None)
+
     run.db = db
+    run.authenticate = authenticate
     return run

@@ -173,7 +173,12 @@ class PutLoad:
 
 
 def missing_from(db_path, acknowledged):
-    """Acknowledged revisions the database does not hold; the file must pass integrity_check."""
+    """Acknowledged revisions the database does not hold; a SQLite file must pass integrity_check."""
+    if db_path.startswith("postgresql://"):
+        import psycopg
+        with psycopg.connect(db_path) as conn:
+            stored = dict(conn.execute("SELECT event_id, revision FROM events").fetchall())
+        return {e: r for e, r in acknowledged.items() if stored.get(e, 0) < r}
     conn = sqlite3.connect(db_path)
     try:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)

@@ -31,15 +31,13 @@ def test_user_add_prints_only_the_key_and_the_key_works(cli):
     out, _ = cli("user", "add", "alice", "--write", "FOO")
     key = out.strip()
     assert out == key + "\n" and eventstore.API_KEY_RE.fullmatch(key)
-    conn = eventstore.open_database(cli.db)
-    principal = eventstore.authenticate(conn, "alice", key, eventstore.now_us())
+    principal = cli.authenticate("alice", key)
     assert principal.grants == {"FOO": "write"} and not principal.is_system
 
 
 def test_user_add_system(cli):
     key = cli("user", "add", "root", "--system")[0].strip()
-    conn = eventstore.open_database(cli.db)
-    assert eventstore.authenticate(conn, "root", key, eventstore.now_us()).is_system
+    assert cli.authenticate("root", key).is_system
 
 
 def test_grants_name_registered_programs_only(cli):
@@ -72,8 +70,7 @@ def test_disable_stops_every_key(cli):
     key = cli("user", "add", "alice")[0].strip()
     cli("user", "disable", "alice")
     assert "disabled" in cli("user", "list")[0]
-    conn = eventstore.open_database(cli.db)
-    assert eventstore.authenticate(conn, "alice", key, eventstore.now_us()) is None
+    assert cli.authenticate("alice", key) is None
     cli("user", "disable", "ghost", status=1)
 
 
@@ -87,9 +84,8 @@ def test_keys_add_list_revoke(cli):
     assert first not in "".join(lines) and first[12:] not in "".join(lines)
     cli("key", "revoke", "alice", first[:12])
     assert "revoked" in cli("key", "list", "alice")[0].splitlines()[0]
-    conn = eventstore.open_database(cli.db)
-    assert eventstore.authenticate(conn, "alice", first, eventstore.now_us()) is None
-    assert eventstore.authenticate(conn, "alice", second, eventstore.now_us()) is not None
+    assert cli.authenticate("alice", first) is None
+    assert cli.authenticate("alice", second) is not None
     cli("key", "revoke", "alice", "esk_nonexist", status=1)
     cli("key", "add", "ghost", status=1)
     cli("key", "list", "ghost", status=1)

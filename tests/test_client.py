@@ -50,12 +50,8 @@ def requests_logged(server, method, path_prefix, at_least=0, timeout=5):
 
 
 def add_user(server, user_id, grants):
-    import eventstore
-    conn = eventstore.open_database(server.db_path)
-    try:
-        return eventstore.add_user(conn, user_id, False, grants, eventstore.now_us())
-    finally:
-        conn.close()
+    from conftest import create_user
+    return create_user(server.db_path, user_id, grants)
 
 
 def run_cli(server, *args, key=None, timeout=60, user="admin"):

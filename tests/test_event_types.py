@@ -11,7 +11,7 @@ import pytest
 import webtest
 
 import eventstore
-from conftest import basic, event_body, run_in_thread
+from conftest import basic, create_user, event_body, open_sqlite, opened, run_in_thread
 
 DATA = Path(__file__).resolve().parent / "data"
 DESCRIPTION = "A learner completed every module of a course."
@@ -26,7 +26,7 @@ def counts(db):
 def recount(db):
     """The same counted from the events themselves: what the kept counts must equal."""
     return {(t, p): n for t, p, n in db.execute(
-        "SELECT event_type, program_id, COUNT(*) FROM events WHERE deleted = 0 GROUP BY 1, 2")}
+        "SELECT event_type, program_id, COUNT(*) FROM events WHERE deleted = FALSE GROUP BY 1, 2")}
 
 
 def catalogue(client, query="", status=200):
@@ -418,13 +418,9 @@ def test_a_real_server_decodes_slashes_and_spaces_in_names(tmp_path):
 # --- The command line -----------------------------------------------------------------
 
 def publish_directly(db_path, event_id, event_type):
-    conn = eventstore.open_database(db_path)
-    try:
-        with eventstore.write_transaction(conn):
-            eventstore.put_event(eventstore.Transaction(conn, 1), eventstore.validate_event(
-                event_id, event_body(event_id.split("-")[0], EventType=event_type)))
-    finally:
-        conn.close()
+    with opened(db_path) as session, session.transaction(1, seqs=1) as tx:
+        eventstore.put_event(tx, eventstore.validate_event(
+            event_id, event_body(event_id.split("-")[0], EventType=event_type)))
 
 
 def test_type_add_list_remove(cli):
@@ -508,11 +504,11 @@ def test_a_version_1_database_is_upgraded_at_start_up(v1_database):
         events_before = before.execute("SELECT * FROM events ORDER BY seq").fetchall()
     app = eventstore.make_app(v1_database)
     try:
-        db = eventstore.open_database(v1_database)
+        db = open_sqlite(v1_database)
         assert db.execute("PRAGMA user_version").fetchone() == (eventstore.SCHEMA_VERSION,)
         assert counts(db) == V1_COUNTS == recount(db)
         assert db.execute("SELECT * FROM events ORDER BY seq").fetchall() == events_before
-        key = eventstore.add_user(db, "upgrader", True, {}, eventstore.now_us())
+        key = create_user(v1_database, "upgrader", {}, is_system=True)
         client = webtest.TestApp(app)
         auth = basic("upgrader", key)
         assert client.get("/health").json["schemaVersion"] == 2
@@ -534,7 +530,7 @@ def test_the_upgrade_is_idempotent_and_the_command_line_does_it_too(v1_database,
     out = capsys.readouterr().out
     assert out.splitlines()[0] == "Badge\tunregistered\tBAR=3\t"
     for _ in range(2):
-        conn = eventstore.open_database(v1_database)
+        conn = open_sqlite(v1_database)
         assert counts(conn) == V1_COUNTS
         eventstore.apply_schema(conn)
         conn.close()
@@ -559,6 +555,6 @@ def test_processes_upgrading_at_once_upgrade_once(v1_database):
     for wait in waits:
         wait(timeout=60)
     assert errors == []
-    conn = eventstore.open_database(v1_database)
+    conn = open_sqlite(v1_database)
     assert counts(conn) == V1_COUNTS
     conn.close()

@@ -5,7 +5,7 @@ import urllib.parse
 
 import pytest
 
-from conftest import Registry, event_body, eventually, run_in_thread
+from conftest import Registry, event_body, eventually, opened, run_in_thread
 
 
 def publish(client, event_id, **fields):
@@ -162,6 +162,7 @@ def test_limit_bounds_are_inclusive(admin):
     admin.get("/events?wait=0")
 
 
+@pytest.mark.sqlite_only
 def test_feed_queries_walk_an_index_in_sequence_order(registry):
     from eventstore import EVENT_COLUMNS
     plans = {
@@ -222,11 +223,9 @@ def test_long_poll_notices_commits_from_another_connection(admin, registry):
 
     answer = run_in_thread(lambda: admin.get("/events?wait=20").json)
     wait_until_polling(registry)
-    other = eventstore.open_database(registry.db_path)
     event = eventstore.validate_event("FOO-x", event_body())
-    with eventstore.write_transaction(other):
-        eventstore.put_event(eventstore.Transaction(other, eventstore.now_us()), event)
-    other.close()
+    with opened(registry.db_path) as other, other.transaction(eventstore.now_us(), seqs=1) as tx:
+        eventstore.put_event(tx, event)
     assert [e["EventId"] for e in answer()["Events"]] == ["FOO-x"]
 
 
@@ -243,8 +242,9 @@ def test_a_long_poll_does_not_re_read_for_commits_it_cannot_match(registry, monk
     """Commits to BAR wake nothing that waits on FOO: the waiter looks at what
     each commit touched before it re-reads the feed."""
     import eventstore
-    reads, real_read_feed = [], eventstore.read_feed
-    monkeypatch.setattr(eventstore, "read_feed", lambda *args, **kw: reads.append(1) or real_read_feed(*args, **kw))
+    reader_class = type(registry.storage.reads())
+    reads, real_read_feed = [], reader_class.read_feed
+    monkeypatch.setattr(reader_class, "read_feed", lambda *args, **kw: reads.append(1) or real_read_feed(*args, **kw))
     admin = registry.client("admin")
     answer = run_in_thread(lambda: admin.get("/events?ProgramId=FOO&wait=20").json)
     wait_until_polling(registry)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import eventstore
+from conftest import create_user
 from server import ROOT, Server
 
 SECONDS = int(os.environ.get("FUZZ_SECONDS", "30"))
@@ -24,9 +25,7 @@ def server(tmp_path_factory):
     db = tmp_path_factory.mktemp("fuzz") / "fuzz.db"
     server = Server(db, "--max-auth-failures", "0")  # the fuzzer sends bad credentials on purpose
     server.request("PUT", "/programs/FOO", {"Name": "Foo"}, user="admin", key=server.admin_key)
-    conn = eventstore.open_database(db)
-    server.reader_key = eventstore.add_user(conn, "reader", False, {"FOO": "read"}, eventstore.now_us())
-    conn.close()
+    server.reader_key = create_user(db, "reader", {"FOO": "read"})
     yield server
     server.stop()
 

@@ -8,7 +8,7 @@ import time
 import pytest
 
 import eventstore
-from conftest import event_body, eventually, run_in_thread
+from conftest import event_body, eventually, open_sqlite, run_in_thread
 
 
 def test_concurrent_writes_share_commits_and_all_succeed(registry):
@@ -75,7 +75,7 @@ def test_a_failing_change_fails_alone(registry):
 
 
 def test_an_exception_inside_a_change_rolls_back_only_that_change(tmp_path):
-    writer = eventstore.GroupCommitWriter(lambda: eventstore.open_database(tmp_path / "w.db"), lambda: 1)
+    writer = eventstore.GroupCommitWriter(lambda: eventstore.SQLiteStorage(tmp_path / "w.db").session(), lambda: 1)
 
     def good(n):
         return lambda tx: tx.conn.execute("INSERT INTO programs (program_id, name, created_us) VALUES (?, 'x', ?)", (f"P{n}", tx.now)).rowcount
@@ -100,7 +100,7 @@ def test_an_exception_inside_a_change_rolls_back_only_that_change(tmp_path):
         thread.join(30)
         assert not thread.is_alive(), 'a thread did not finish in 30 s'
     writer.stop()
-    conn = eventstore.open_database(tmp_path / "w.db")
+    conn = open_sqlite(tmp_path / "w.db")
     names = {row[0] for row in conn.execute("SELECT program_id FROM programs")}
     assert names == {f"P{n}" for n in range(5)} and results["bad"] == "boom"
 
@@ -109,8 +109,7 @@ def test_a_failed_commit_fails_every_change_in_it(tmp_path):
     """When the COMMIT itself fails (here: the database is locked by another
     connection), no change of the batch is acknowledged and nothing is written."""
     db = tmp_path / "locked.db"
-    writer = eventstore.GroupCommitWriter(lambda: eventstore.connect(db, busy_timeout_ms=100), lambda: 1)
-    eventstore.open_database(db).close()
+    writer = eventstore.GroupCommitWriter(eventstore.SQLiteStorage(db, busy_timeout_ms=100).session, lambda: 1)
     blocker = eventstore.connect(db)
     blocker.execute("BEGIN IMMEDIATE")
     with pytest.raises(Exception) as caught:
@@ -143,13 +142,13 @@ def test_a_writer_that_cannot_connect_fails_writes_fast_with_503_and_comes_back(
     writer = registry.app.writer
     writer.stop()  # a fresh start, so that the next write opens a new connection
     writer._stopping = False
-    real_connect, attempts = writer.connect_db, []
+    real_connect, attempts = writer.open_session, []
 
     def broken_connect():
         attempts.append(1)
         raise sqlite3.OperationalError("unable to open database file")
 
-    writer.connect_db = broken_connect
+    writer.open_session = broken_connect
     client = registry.client("writer")
     answer = run_in_thread(lambda: client.put_json("/events/FOO-1", event_body(), expect_errors=True))
     response = answer(timeout=10)
@@ -157,7 +156,7 @@ def test_a_writer_that_cannot_connect_fails_writes_fast_with_503_and_comes_back(
     assert response.content_type == "application/problem+json"
     health = registry.anonymous.get("/health", status=503)
     assert "writer" in health.json["detail"]
-    writer.connect_db = real_connect
+    writer.open_session = real_connect
     eventually(lambda: registry.anonymous.get("/health", expect_errors=True).status_int == 200,
                "health recovers once the writer can connect")
     client.put_json("/events/FOO-1", event_body(), status=200)
@@ -183,16 +182,34 @@ def test_a_writer_killed_by_an_unexpected_error_fails_what_it_held_and_is_replac
 
 
 def violating_change(tx):
-    """A change whose COMMIT fails: a grant for a user that does not exist, with
-    the foreign key check deferred to COMMIT."""
-    tx.conn.execute("PRAGMA defer_foreign_keys = ON")
-    tx.conn.execute("INSERT INTO grants (user_id, program_id, access) VALUES ('ghost', 'FOO', 'read')")
+    """A change whose COMMIT fails: on SQLite a grant for a user that does not
+    exist, with the foreign key check deferred to COMMIT; on PostgreSQL a grant
+    that a deferred constraint trigger (fail_at_commit) refuses at COMMIT."""
+    if isinstance(tx, eventstore.SQLiteTransaction):
+        tx.conn.execute("PRAGMA defer_foreign_keys = ON")
+        tx.conn.execute("INSERT INTO grants (user_id, program_id, access) VALUES ('ghost', 'FOO', 'read')")
+    else:
+        tx.conn.execute("INSERT INTO grants (user_id, program_id, access) VALUES ('nobody', 'BAR', 'read')")
+
+
+def fail_at_commit(registry):
+    """-> the exception a violating_change's COMMIT raises on this backend."""
+    if registry.storage.backend == "sqlite":
+        return sqlite3.IntegrityError
+    import psycopg
+    registry.db.execute("CREATE FUNCTION fail_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$"
+                        " BEGIN RAISE EXCEPTION 'refused at COMMIT'; END $$")
+    registry.db.execute("CREATE CONSTRAINT TRIGGER fail_at_commit AFTER INSERT ON grants"
+                        " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (NEW.user_id = 'nobody')"
+                        " EXECUTE FUNCTION fail_at_commit()")
+    return psycopg.errors.RaiseException
 
 
 def test_a_commit_that_fails_is_never_acknowledged(registry):
     """A real failing COMMIT (a deferred foreign key violation) in the same group
     commit as a PUT: neither is acknowledged and neither is written."""
     writer = registry.app.writer
+    refused = fail_at_commit(registry)
     registry.client("writer").get("/events")  # its key's last use is recorded now, not in the batch
     eventually(lambda: not writer._queue, "the last use recorded")
     gate, blocking = threading.Event(), threading.Event()
@@ -205,9 +222,9 @@ def test_a_commit_that_fails_is_never_acknowledged(registry):
     eventually(lambda: len(writer._queue) == 2, "the PUT queued behind it")
     gate.set()
     blocker()
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(refused):
         bad()
     assert put().status_int >= 500
     assert registry.row("FOO-1") is None
-    assert registry.db.execute("SELECT COUNT(*) FROM grants WHERE user_id = 'ghost'").fetchone()[0] == 0
+    assert registry.db.execute("SELECT COUNT(*) FROM grants WHERE user_id IN ('ghost', 'nobody')").fetchone()[0] == 0
     registry.client("writer").put_json("/events/FOO-1", event_body(), status=200)

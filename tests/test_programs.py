@@ -54,8 +54,9 @@ def test_bad_program_registrations_are_400(admin, path, body, field):
 
 def test_health_needs_no_credentials(registry):
     import eventstore
-    assert registry.anonymous.get("/health").json == {"status": "ok", "schemaVersion": eventstore.SCHEMA_VERSION,
-                                                      "longPolls": 0}
+    assert registry.anonymous.get("/health").json == {
+        "status": "ok", "backend": registry.storage.backend, "schemaVersion": eventstore.SCHEMA_VERSION,
+        "longPolls": 0, **registry.storage.health_details()}
 
 
 def test_health_is_503_when_the_database_does_not_answer(tmp_path):

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import eventstore
 from eventstore import Problem
+from conftest import opened
 
 SETTINGS = settings(max_examples=300, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -133,18 +134,18 @@ def test_a_well_formed_basic_header_gives_back_exactly_its_pair():
 @given(valid_bodies)
 def test_a_replay_of_any_accepted_body_changes_nothing(body):
     with tempfile.TemporaryDirectory() as folder:
-        conn = eventstore.open_database(Path(folder) / "r.db")
-        eventstore.put_program(conn, "FOO", "Foo", 1)
-        event = eventstore.validate_event("FOO-1", body)
-        with eventstore.write_transaction(conn):
-            assert eventstore.put_event(eventstore.Transaction(conn, 1), event) == ("created", 1)
-        before = conn.execute("SELECT * FROM events").fetchall()
-        # The same content again, as a client might re-send it: re-encoded JSON.
-        again = eventstore.validate_event("FOO-1", json.loads(json.dumps(body)))
-        with eventstore.write_transaction(conn):
-            assert eventstore.put_event(eventstore.Transaction(conn, 2), again) == ("unchanged", 1)
-        assert conn.execute("SELECT * FROM events").fetchall() == before
-        conn.close()
+        with opened(Path(folder) / "r.db") as session:
+            with session.transaction(1) as tx:
+                tx.put_program("FOO", "Foo")
+            event = eventstore.validate_event("FOO-1", body)
+            with session.transaction(1) as tx:
+                assert eventstore.put_event(tx, event) == ("created", 1)
+            before = session.conn.execute("SELECT * FROM events").fetchall()
+            # The same content again, as a client might re-send it: re-encoded JSON.
+            again = eventstore.validate_event("FOO-1", json.loads(json.dumps(body)))
+            with session.transaction(2) as tx:
+                assert eventstore.put_event(tx, again) == ("unchanged", 1)
+            assert session.conn.execute("SELECT * FROM events").fetchall() == before
 
 
 operations = st.lists(st.tuples(st.sampled_from(["put", "delete", "erase"]), st.integers(0, 3),
@@ -219,12 +220,12 @@ feed_queries = st.fixed_dictionaries({
 })
 
 
-def apply_history(conn, steps):
-    for n, program in enumerate(PROGRAMS):
-        eventstore.put_program(conn, program, program, 1)
+def apply_history(session, steps):
+    with session.transaction(1) as tx:
+        for program in PROGRAMS:
+            tx.put_program(program, program)
     for step, (operation, program, number, event_type, member) in enumerate(steps):
-        with eventstore.write_transaction(conn):
-            tx = eventstore.Transaction(conn, step + 1)
+        with session.transaction(step + 1) as tx:
             event_id = f"{program}-{number}"
             try:
                 if operation == "put":
@@ -247,22 +248,19 @@ def test_the_walk_and_the_merge_read_exactly_the_same_pages():
     from the cursor reads each matching event once."""
     def check(steps, spec):
         with tempfile.TemporaryDirectory() as folder:
-            conn = eventstore.open_database(Path(folder) / "f.db")
-            try:
-                apply_history(conn, steps)
+            with opened(Path(folder) / "f.db") as session:
+                apply_history(session, steps)
                 query = eventstore.FeedQuery(**{k: v for k, v in spec.items() if k != "programs"})
                 programs = spec["programs"]
-                pages = {strategy: eventstore.read_feed(conn, programs, query, strategy)
+                pages = {strategy: session.read_feed(programs, query, strategy)
                          for strategy in ("walk", None)}
-                pages["merge"] = eventstore.read_feed(conn, programs or PROGRAMS, query, "merge")
+                pages["merge"] = session.read_feed(programs or PROGRAMS, query, "merge")
                 assert pages["walk"] == pages["merge"] == pages[None]
                 page = pages[None]
                 assert all(programs is None or row[2] in programs for row in page)
                 assert [row[0] for row in page] == sorted({row[0] for row in page})
                 assert all(row[0] > query.after for row in page) and len(page) <= query.limit + 1
                 return "full page" if len(page) > query.limit else ("empty" if not page else "short page")
-            finally:
-                conn.close()
 
     reached = run_property(check, history_steps, feed_queries)
     assert all(reached[kind] >= 10 for kind in ("full page", "short page", "empty")), reached
@@ -270,10 +268,9 @@ def test_the_walk_and_the_merge_read_exactly_the_same_pages():
 
 def test_a_page_that_ends_exactly_at_the_last_event_says_no_more():
     with tempfile.TemporaryDirectory() as folder:
-        conn = eventstore.open_database(Path(folder) / "f.db")
-        apply_history(conn, [("put", program, 1, "A", "ann") for program in PROGRAMS])
-        for strategy in ("walk", "merge", None):
-            rows = eventstore.read_feed(conn, PROGRAMS if strategy == "merge" else None,
-                                        eventstore.FeedQuery(limit=8), strategy)
-            assert [row[0] for row in rows] == list(range(1, 9))  # 8 rows: no ninth, so HasMore is false
-        conn.close()
+        with opened(Path(folder) / "f.db") as session:
+            apply_history(session, [("put", program, 1, "A", "ann") for program in PROGRAMS])
+            for strategy in ("walk", "merge", None):
+                rows = session.read_feed(PROGRAMS if strategy == "merge" else None,
+                                         eventstore.FeedQuery(limit=8), strategy)
+                assert [row[0] for row in rows] == list(range(1, 9))  # 8 rows: no ninth, so HasMore is false

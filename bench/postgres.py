@@ -1,0 +1,296 @@
+"""Issue 11: the PostgreSQL backend against SQLite, in the same run, on this box.
+
+A throwaway PostgreSQL cluster (Debian's server binaries, tests/pg_cluster.py)
+with fsync ON (a benchmark never turns it off), default settings otherwise.
+
+  P1. single PUT req/s, one server (1 process) on PostgreSQL / the same on SQLite
+  P2. GET /events/{id} req/s, same / same
+  P3. POST /events (1,000 events a request) events/s, same / same
+  P4. PUT and GET req/s with two servers on one PostgreSQL database (wrk on each at
+      once, 8 connections each) / one server (P1, P2)
+  P5. pulling N events through Next (limit=1000) on PostgreSQL / a raw keyset
+      SELECT of the same rows on the same table, serialized with json.dumps
+  P6. cross-server long-poll wake-up: ms from a PUT sent to one server to the
+      answer of a long poll waiting in the other (p50/p99)
+  P7. missed changes: 8 publishers on two servers for 60 s (--soak), a follower on
+      each following Next all the while: changes acknowledged but never served, and
+      Sequences served out of order (both must be 0)
+
+``python bench/postgres.py [--events N] [--seconds S] [--soak S]`` runs it alone;
+``make bench`` runs it last.
+"""
+
+import argparse
+import base64
+import http.client
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import run as bench  # noqa: E402  (bench/run.py: wrk, Server, event_body, percentile)
+from run import eventstore  # noqa: E402
+from pg_cluster import Cluster  # noqa: E402  (tests/pg_cluster.py)
+
+TARGETS = {"P1. PUT, PostgreSQL vs SQLite": 0.7, "P2. GET, PostgreSQL vs SQLite": 0.8,
+           "P5. pull via Next vs keyset SELECT (PG)": 0.35}
+WAKE_TARGET_MS = 100.0
+
+
+def auth_of(key, user="admin"):
+    return "Basic " + base64.b64encode(f"{user}:{key}".encode()).decode()
+
+
+def single_server_figures(server, seconds, tag):
+    """-> {"put", "get", "post"} rates (req/s, req/s, events/s) of one server."""
+    key = server.admin_key
+    server.request("PUT", "/programs/FOO", {"Name": "Foo"}, user="admin", key=key)
+    auth = auth_of(key)
+    get_count = 10_000
+    for start in range(1, get_count + 1, 1000):
+        body = json.dumps({"Events": [{"EventId": f"FOO-g-{n}", **bench.event_body(n)}
+                                      for n in range(start, start + 1000)]}).encode()
+        assert server.request("POST", "/events", body, user="admin", key=key,
+                              headers={"Content-Type": "application/json"})[0] == 200
+    put_lua = bench.PUT_LUA % {"auth": auth, "body": json.dumps(bench.event_body(1))}
+    get_lua = bench.GET_LUA % {"auth": auth, "count": get_count}
+    bench.wrk(server.port, put_lua, 2, args=[f"warm{tag}"])
+    put = bench.wrk(server.port, put_lua, seconds, args=[f"p{tag}"])
+    get = bench.wrk(server.port, get_lua, seconds)
+    started, posted = time.perf_counter(), 0
+    while time.perf_counter() - started < seconds:
+        body = json.dumps({"Events": [{"EventId": f"FOO-b{tag}-{posted + n}", **bench.event_body(n)}
+                                      for n in range(1000)]}).encode()
+        assert server.request("POST", "/events", body, user="admin", key=key,
+                              headers={"Content-Type": "application/json"})[0] == 200
+        posted += 1000
+    return {"put": put[0], "get": get[0], "post": posted / (time.perf_counter() - started),
+            "put_p99": put[2], "get_p99": get[2]}
+
+
+def two_server_figures(url, key, seconds):
+    """PUT, then GET, through two servers on one database at once -> summed req/s."""
+    servers = [bench.Server(url, "--processes", "1"), bench.Server(url, "--processes", "1")]
+    try:
+        auth = auth_of(key)
+        put_lua = bench.PUT_LUA % {"auth": auth, "body": json.dumps(bench.event_body(1))}
+        get_lua = bench.GET_LUA % {"auth": auth, "count": 10_000}
+        rates = {}
+        for name, lua in (("put", put_lua), ("get", get_lua)):
+            results = [None, None]
+
+            def load(i):
+                results[i] = bench.wrk(servers[i].port, lua, seconds, connections=8, args=[f"two{name}{i}"])
+
+            threads = [threading.Thread(target=load, args=(i,)) for i in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            rates[name] = sum(result[0] for result in results)
+        return rates
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def pull_figures(cluster, events):
+    """Fill a database with ``events`` rows (raw COPY-like inserts), then pull it
+    through Next and with a raw keyset SELECT -> (pull events/s, raw events/s)."""
+    import psycopg
+    url = cluster.new_database()
+    storage = eventstore.open_storage(url)
+    session = storage.session()
+    with session.transaction(eventstore.now_us()) as tx:
+        tx.put_program("FOO", "Foo")
+        key = eventstore.add_user(tx, "bench", True, {})
+    for start in range(0, events, 50_000):
+        count = min(50_000, events - start)
+        with session.transaction(eventstore.now_us(), seqs=count) as tx:
+            tx.insert_events([(eventstore.validate_event(f"FOO-e{n}", bench.event_body(n)), tx.take_seq())
+                              for n in range(start, start + count)])
+    session.close()
+    storage.close()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE events")
+    server = bench.Server(url)
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port)
+        url_path, pulled = "/events?limit=1000", 0
+        started = time.perf_counter()
+        while True:
+            connection.request("GET", url_path, headers={"Authorization": auth_of(key, "bench")})
+            body = connection.getresponse().read()
+            pulled += body.count(b'"EventId":')
+            tail = json.loads(body[body.rindex(b',"Next":') + 1:].join((b"{", b"")))
+            url_path = tail["Next"]
+            if not tail["HasMore"]:
+                break
+        pull_rate = pulled / (time.perf_counter() - started)
+        connection.close()
+    finally:
+        server.stop()
+    assert pulled == events, pulled
+    with psycopg.connect(url, autocommit=True) as conn:
+        started, after, selected = time.perf_counter(), 0, 0
+        while True:
+            page = conn.execute(f"SELECT {eventstore.EVENT_COLUMNS} FROM events WHERE seq > %s ORDER BY seq"
+                                " LIMIT 1000", (after,)).fetchall()
+            if not page:
+                break
+            json.dumps(page)
+            selected += len(page)
+            after = page[-1][0]
+        raw_rate = selected / (time.perf_counter() - started)
+    return pull_rate, raw_rate
+
+
+def wake_up_latencies(url, samples=60):
+    first, second = bench.Server(url), bench.Server(url)
+    key = first.admin_key
+    first.request("PUT", "/programs/FOO", {"Name": "Foo"}, user="admin", key=key)
+    latencies = []
+    try:
+        for n in range(samples):
+            after = first.request("GET", "/events?limit=1000", user="admin", key=key)[2]["Next"].split("after=")[1]
+            answered = {}
+
+            def poll():
+                answered["page"] = first.request("GET", f"/events?wait=10&after={after}", user="admin", key=key)[2]
+                answered["at"] = time.perf_counter()
+
+            poller = threading.Thread(target=poll)
+            poller.start()
+            deadline = time.monotonic() + 10
+            while first.request("GET", "/health")[2]["longPolls"] != 1:
+                if time.monotonic() > deadline:
+                    raise SystemExit("the long poll did not start waiting")
+                time.sleep(0.005)
+            sent = time.perf_counter()
+            second.request("PUT", f"/events/FOO-w{n}", bench.event_body(n), user="admin", key=key)
+            poller.join(15)
+            if not answered.get("page", {}).get("Events"):
+                raise SystemExit("a long poll was not woken by the other server's commit")
+            latencies.append((answered["at"] - sent) * 1000)
+    finally:
+        first.stop()
+        second.stop()
+    return sorted(latencies)
+
+
+def soak(url, seconds, publishers=8):
+    """-> (acknowledged changes, missed, out of order, changes served per follower)."""
+    servers = [bench.Server(url), bench.Server(url)]
+    key = servers[0].admin_key
+    servers[0].request("PUT", "/programs/FOO", {"Name": "Foo"}, user="admin", key=key)
+    acknowledged, lock, stop = {}, threading.Lock(), threading.Event()
+    seen = [[], []]
+
+    def publish(w):
+        server, n = servers[w % 2], 0
+        while not stop.is_set():
+            event_id = f"FOO-s{w}-{n % 50}"
+            status, headers, _ = server.request("PUT", f"/events/{event_id}", bench.event_body(n), user="admin",
+                                                key=key)
+            if status == 200:
+                with lock:
+                    acknowledged[event_id] = max(acknowledged.get(event_id, 0), int(headers["etag"].strip('"')))
+            n += 1
+
+    def follow(i, done):
+        url_path = "/events?limit=500"
+        while True:
+            caught_up = done.is_set()
+            page = servers[i].request("GET", url_path, user="admin", key=key)[2]
+            seen[i].extend((e["Sequence"], e["EventId"], e["Revision"]) for e in page["Events"])
+            url_path = page["Next"]
+            if caught_up and not page["HasMore"]:
+                return
+
+    done = threading.Event()
+    followers = [threading.Thread(target=follow, args=(i, done)) for i in range(2)]
+    writers = [threading.Thread(target=publish, args=(w,)) for w in range(publishers)]
+    for thread in followers + writers:
+        thread.start()
+    time.sleep(seconds)
+    stop.set()
+    for thread in writers:
+        thread.join()
+    done.set()
+    for thread in followers:
+        thread.join()
+    for server in servers:
+        server.stop()
+    missed = out_of_order = 0
+    for served in seen:
+        sequences = [s for s, _, _ in served]
+        out_of_order += sum(1 for a, b in zip(sequences, sequences[1:]) if b <= a)
+        last = {}
+        for _, event_id, revision in served:
+            last[event_id] = max(last.get(event_id, 0), revision)
+        missed += sum(1 for event_id, revision in acknowledged.items() if last.get(event_id, 0) < revision)
+    return sum(acknowledged.values()), missed, out_of_order, [len(served) for served in seen]
+
+
+def main(events=1_000_000, seconds=10, soak_seconds=60):
+    folder = Path(tempfile.mkdtemp(prefix="eventstore-bench-pg-"))
+    cluster = Cluster.start(fsync=True)
+    if cluster is None:
+        raise SystemExit("PostgreSQL's server binaries are not installed: no PostgreSQL figures")
+    try:
+        bench.say("P1-P3: one server on SQLite, then on PostgreSQL ...")
+        sqlite_server = bench.Server(folder / "sqlite.db", "--processes", "1")
+        try:
+            on_sqlite = single_server_figures(sqlite_server, seconds, "s")
+        finally:
+            sqlite_server.stop()
+        url = cluster.new_database()
+        pg_server = bench.Server(url, "--processes", "1")
+        try:
+            on_pg = single_server_figures(pg_server, seconds, "p")
+            key = pg_server.admin_key
+        finally:
+            pg_server.stop()
+        bench.say("P4: two servers on one PostgreSQL database ...")
+        two = two_server_figures(url, key, seconds)
+        bench.say(f"P5: pulling {events:,} events through Next on PostgreSQL ...")
+        pull, raw = pull_figures(cluster, events)
+        bench.say("P6: cross-server long-poll wake-up ...")
+        wakes = wake_up_latencies(cluster.new_database())
+        bench.say(f"P7: {soak_seconds} s, 8 publishers on two servers, a follower on each ...")
+        changes, missed, out_of_order, served = soak(cluster.new_database(), soak_seconds)
+    finally:
+        cluster.stop()
+    figures = {"P1. PUT, PostgreSQL vs SQLite": on_pg["put"] / on_sqlite["put"],
+               "P2. GET, PostgreSQL vs SQLite": on_pg["get"] / on_sqlite["get"],
+               "P3. POST batch, PostgreSQL vs SQLite": on_pg["post"] / on_sqlite["post"],
+               "P4. PUT, 2 servers vs 1 (PostgreSQL)": two["put"] / on_pg["put"],
+               "P4. GET, 2 servers vs 1 (PostgreSQL)": two["get"] / on_pg["get"],
+               "P5. pull via Next vs keyset SELECT (PG)": pull / raw}
+    print(f"\nissue 11, PostgreSQL (fsync on; wrk -t1 -c16 -d{seconds}s; {events:,} events for P5)")
+    for name, value in figures.items():
+        target = TARGETS.get(name)
+        verdict = f">= {target:<5} {'met' if value >= target else 'NOT MET'}" if target else ""
+        print(f"{name:40} {value:7.2f}  {verdict}")
+    p50, p99 = bench.percentile(wakes, 50), bench.percentile(wakes, 99)
+    print(f"{'P6. cross-server long-poll wake-up (ms)':40} p50 {p50:.1f}, p99 {p99:.1f}  "
+          f"p99 < {WAKE_TARGET_MS:g} {'met' if p99 < WAKE_TARGET_MS else 'NOT MET'}")
+    print(f"{'P7. missed / out of order':40} {missed} / {out_of_order} of {changes:,} acknowledged changes "
+          f"(followers served {served[0]:,} and {served[1]:,})  0 {'met' if missed == out_of_order == 0 else 'NOT MET'}")
+    print(f"SQLite: PUT {on_sqlite['put']:,.0f} req/s (p99 {on_sqlite['put_p99']:.1f} ms), GET {on_sqlite['get']:,.0f},"
+          f" POST {on_sqlite['post']:,.0f} events/s; PostgreSQL: PUT {on_pg['put']:,.0f} req/s (p99 "
+          f"{on_pg['put_p99']:.1f} ms), GET {on_pg['get']:,.0f}, POST {on_pg['post']:,.0f} events/s; "
+          f"two servers: PUT {two['put']:,.0f}, GET {two['get']:,.0f} req/s; pull {pull:,.0f} vs raw {raw:,.0f} events/s")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=1_000_000, help="events pulled for P5 (default 1,000,000)")
+    parser.add_argument("--seconds", type=int, default=10, help="length of each wrk run (default 10)")
+    parser.add_argument("--soak", type=int, default=60, help="length of P7's run (default 60)")
+    options = parser.parse_args()
+    main(options.events, options.seconds, options.soak)

@@ -1,0 +1,546 @@
+"""eventstore on PostgreSQL: the storage interface of eventstore.py (see its
+Storage section) for several servers sharing one database.
+
+Imported only for a ``postgresql://`` URL; needs psycopg 3 and its pool
+(requirements-postgres.txt). The schema is schema-postgres.sql.
+
+How the change feed stays "Sequence order, never skipped" while servers
+commit concurrently (POSTGRES.md measured the alternatives): every write
+transaction that may change events first calls eventstore_take_sequences(n),
+which, under an advisory lock held for that call only, gives the transaction
+its xid and a block of n Sequences. So xid order is Sequence order, and a
+feed that shows only rows whose xid is older than every transaction still in
+progress (``xid < pg_snapshot_xmin(pg_current_snapshot())``) never shows a
+Sequence while a smaller one can still commit. The price: the feed waits for
+the oldest transaction in progress in the whole cluster (``/health`` reports
+how long that is). A transaction that needs more Sequences than it took
+raises SequencesExhausted; the writer runs it again with a larger block.
+Unused Sequences are gaps: the contract promises increasing, not consecutive.
+"""
+
+import contextlib
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+import psycopg
+import psycopg_pool
+from psycopg import errors as pg_errors
+
+import eventstore
+from eventstore import EVENT_COLUMNS, Problem, SequencesExhausted, render_event, service_unavailable
+
+SCHEMA_PATH = Path(__file__).resolve().parent / "schema-postgres.sql"
+SCHEMA_LOCK = 7310581      # advisory lock id: one process applies the schema at a time
+NOTIFY_CHANNEL = "eventstore"
+RECHECK_SECONDS = 0.25     # the commit watch looks even without a notification this often
+BARRIER = "xid < pg_snapshot_xmin(pg_current_snapshot())"
+
+log = logging.getLogger("eventstore")
+
+
+def _member(member_id):
+    """A ProgramMemberId as stored: its UTF-8 bytes."""
+    return None if member_id is None else member_id.encode("utf-8", "surrogatepass")
+
+
+# --- Reads --------------------------------------------------------------------
+
+class PostgresReads:
+    """Every read of the storage interface: on ``conn`` (a transaction's), or
+    each on a connection borrowed from ``pool`` for that one statement."""
+
+    def __init__(self, pool=None, conn=None):
+        self.pool, self.conn = pool, conn
+
+    @contextlib.contextmanager
+    def _connection(self):
+        if self.conn is not None:
+            yield self.conn
+        else:
+            with self.pool.connection() as conn:
+                yield conn
+
+    def _all(self, sql, params=()):
+        with self._connection() as conn:
+            return conn.execute(sql, params).fetchall()
+
+    def _one(self, sql, params=()):
+        with self._connection() as conn:
+            return conn.execute(sql, params).fetchone()
+
+    # Users, keys, grants
+
+    def key_row(self, key_id):
+        return self._one(
+            "SELECT k.user_id, k.key_hash, k.revoked_us, k.last_used_us, u.is_system, u.disabled"
+            " FROM api_keys k JOIN users u ON u.user_id = k.user_id WHERE k.key_id = %s", (key_id,))
+
+    def grants_of(self, user_id):
+        return dict(self._all("SELECT program_id, access FROM grants WHERE user_id = %s", (user_id,)))
+
+    def any_user(self):
+        return self._one("SELECT 1 FROM users LIMIT 1") is not None
+
+    def user_exists(self, user_id):
+        return self._one("SELECT 1 FROM users WHERE user_id = %s", (user_id,)) is not None
+
+    def list_users(self):
+        grants = {}
+        for user_id, program_id, access in self._all(
+                "SELECT user_id, program_id, access FROM grants ORDER BY user_id, program_id"):
+            grants.setdefault(user_id, []).append((program_id, access))
+        return [(user_id, is_system, disabled, grants.get(user_id, [])) for user_id, is_system, disabled in
+                self._all("SELECT user_id, is_system, disabled FROM users ORDER BY user_id")]
+
+    def list_keys(self, user_id):
+        return self._all("SELECT key_id, created_us, last_used_us, revoked_us FROM api_keys"
+                         " WHERE user_id = %s ORDER BY created_us, key_id", (user_id,))
+
+    # Programs and event types
+
+    def find_program(self, program_id):
+        row = self._one("SELECT name, registered_types_only FROM programs WHERE program_id = %s", (program_id,))
+        return row and (row[0], row[1])
+
+    def list_programs(self):
+        return self._all("SELECT program_id, name, registered_types_only FROM programs ORDER BY program_id")
+
+    def type_registered(self, event_type):
+        return self._one("SELECT 1 FROM event_types WHERE event_type = %s", (event_type,)) is not None
+
+    def registered_types(self, limit):
+        names = [row[0] for row in self._all(
+            "SELECT event_type FROM event_types ORDER BY event_type LIMIT %s", (limit,))]
+        if len(names) < limit:
+            return names, len(names)
+        return names, self._one("SELECT COUNT(*) FROM event_types")[0]
+
+    def event_types_json(self, programs, event_type=None):
+        """As SQLiteReads.event_types_json: the catalogue's entries as one JSON
+        text, rendered by PostgreSQL in one statement from the count rows."""
+        params = {"all": programs is None, "programs": list(programs or ()), "type": event_type}
+        in_programs = "(%(all)s OR program_id = ANY(%(programs)s))"
+        one = "(%(type)s::text IS NULL OR event_type = %(type)s)"
+        return self._one(f"""
+            SELECT COALESCE(json_agg(json_build_object(
+                'EventType', listed.event_type,
+                'Description', registered.description,
+                'Registered', registered.event_type IS NOT NULL,
+                'Programs', COALESCE((SELECT json_agg(json_build_object('ProgramId', program_id, 'Events', events)
+                                                      ORDER BY program_id)
+                                      FROM event_type_counts
+                                      WHERE event_type = listed.event_type AND events > 0 AND {in_programs}),
+                                     '[]'::json))
+                ORDER BY listed.event_type), '[]'::json)::text
+            FROM (SELECT event_type FROM event_types WHERE {one}
+                  UNION SELECT event_type FROM event_type_counts WHERE events > 0 AND {one} AND {in_programs})
+                 AS listed
+            LEFT JOIN event_types AS registered USING (event_type)""", params)[0]
+
+    # Events and the feed
+
+    def read_event(self, event_id):
+        return self._one(f"SELECT {EVENT_COLUMNS} FROM events WHERE event_id = %s", (event_id,))
+
+    def last_sequence(self):
+        """The largest Sequence the feed can show now (behind the barrier), 0 for none."""
+        return self._one(f"SELECT COALESCE(MAX(seq), 0) FROM events WHERE {BARRIER}")[0]
+
+    def changes_since(self, seq, limit):
+        return self._all(f"SELECT seq, program_id, event_type FROM events WHERE seq > %s AND {BARRIER}"
+                         " ORDER BY seq LIMIT %s", (seq, limit))
+
+    def read_feed(self, programs, query, strategy=None):
+        """One page of the change feed (as SQLiteReads.read_feed): rows behind the
+        barrier only, in one statement, so the page is one snapshot. ``strategy``
+        is SQLite's; PostgreSQL's planner chooses its own way."""
+        where, params = [f"seq > %s AND {BARRIER}"], [query.after]
+        if programs is not None:
+            where.append("program_id = ANY(%s)")
+            params.append(list(programs))
+        if query.event_types:
+            # Stored types never hold U+0000 (text cannot): such a value matches nothing.
+            types = [event_type for event_type in query.event_types if "\x00" not in event_type]
+            if not types:
+                return []
+            where.append("event_type = ANY(%s)")
+            params.append(types)
+        if query.member_id is not None:
+            where.append("member_id = %s")
+            params.append(_member(query.member_id))
+        if query.ref_event_id is not None:
+            if "\x00" in query.ref_event_id:
+                return []
+            where.append("ref_event_id = %s")
+            params.append(query.ref_event_id)
+        for op, value in ((">=", query.start_from_us), ("<", query.start_before_us)):
+            if value is not None:
+                where.append(f"start_us {op} %s")
+                params.append(value)
+        return self._all(f"SELECT {EVENT_COLUMNS} FROM events WHERE {' AND '.join(where)}"
+                         " ORDER BY seq LIMIT %s", (*params, query.limit + 1))
+
+    def export_events(self, programs=()):
+        """Every event (tombstones included) in Sequence order, as JSON texts, from
+        one snapshot, streamed through a server-side cursor."""
+        where = "WHERE program_id = ANY(%s)" if programs else ""
+        with self._connection() as conn, conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            with conn.cursor(name="eventstore_export") as cursor:
+                cursor.itersize = 1000
+                cursor.execute(f"SELECT {EVENT_COLUMNS} FROM events {where} ORDER BY seq",
+                               (list(programs),) if programs else ())
+                for row in cursor:
+                    yield render_event(row)
+
+    def answers(self):
+        self._one("SELECT 1 FROM programs LIMIT 1")
+
+
+# --- Writes -------------------------------------------------------------------
+
+UPSERT_EVENT = (
+    "INSERT INTO events (seq, xid, event_id, program_id, event_type, member_id, start_us, end_us, doc,"
+    " ref_event_id, content_hash, deleted, revision, created_us, updated_us)"
+    " VALUES (%(seq)s, pg_current_xact_id(), %(event_id)s, %(program_id)s, %(event_type)s, %(member_id)s,"
+    " %(start_us)s, %(end_us)s, %(doc)s, %(ref_event_id)s, %(content_hash)s, false, 1, %(now)s, %(now)s)"
+    " ON CONFLICT (event_id) DO UPDATE SET seq = excluded.seq, xid = excluded.xid,"
+    " event_type = excluded.event_type, member_id = excluded.member_id, start_us = excluded.start_us,"
+    " end_us = excluded.end_us, doc = excluded.doc, ref_event_id = excluded.ref_event_id,"
+    " content_hash = excluded.content_hash, deleted = false, revision = events.revision + 1,"
+    " updated_us = excluded.updated_us"
+    " WHERE events.deleted OR events.content_hash IS DISTINCT FROM excluded.content_hash"
+    " RETURNING revision")
+INSERT_EVENT = UPSERT_EVENT[:UPSERT_EVENT.index(" ON CONFLICT")]
+UPDATE_EVENT = (
+    "UPDATE events SET seq = %(seq)s, xid = pg_current_xact_id(), event_type = %(event_type)s,"
+    " member_id = %(member_id)s, start_us = %(start_us)s, end_us = %(end_us)s, doc = %(doc)s,"
+    " ref_event_id = %(ref_event_id)s, content_hash = %(content_hash)s, deleted = false,"
+    " revision = revision + 1, updated_us = %(now)s WHERE event_id = %(event_id)s")
+
+
+def _event_row(event, seq, now):
+    row = eventstore.event_row(event, seq, now)
+    row["member_id"] = _member(row["member_id"])
+    return row
+
+
+class PostgresTransaction(PostgresReads):
+    """One write transaction on ``conn``: its reads see its own writes; ``now``;
+    the programs' rules; the block of Sequences taken at its start (``seqs``
+    of them; none when 0, and then it must not change events)."""
+
+    def __init__(self, conn, now, seqs):
+        super().__init__(conn=conn)
+        self.now = now
+        self.rules = eventstore.TypeRules(self)
+        self.wanted = seqs
+        self._next = self._end = 0
+        self.took = 0  # Sequences used
+        self._written = 0
+        if seqs:
+            self._next = conn.execute("SELECT eventstore_take_sequences(%s)", (seqs,)).fetchone()[0]
+            self._end = self._next + seqs
+
+    def changes(self):
+        return self._written
+
+    def _write(self, sql, params=()):
+        cursor = self.conn.execute(sql, params)
+        self._written += max(cursor.rowcount, 0)
+        return cursor
+
+    def peek_seq(self):
+        if self._next >= self._end:
+            raise SequencesExhausted(max(4 * self.wanted, 16))
+        return self._next
+
+    def take_seq(self):
+        seq = self.peek_seq()
+        self._next += 1
+        self.took += 1
+        return seq
+
+    # Events
+
+    def current(self, event_id):
+        return self._one("SELECT revision, deleted FROM events WHERE event_id = %s", (event_id,))
+
+    def upsert_event(self, event):
+        written = self._write(UPSERT_EVENT, _event_row(event, self.peek_seq(), self.now)).fetchall()
+        if not written:
+            return None
+        self.take_seq()
+        return written[0][0]
+
+    def current_many(self, event_ids):
+        return {row[0]: row[1:] for row in self._all(
+            "SELECT event_id, revision, deleted, content_hash FROM events WHERE event_id = ANY(%s)",
+            (list(event_ids),))}
+
+    def insert_events(self, events):
+        self._write_many(INSERT_EVENT, [_event_row(event, seq, self.now) for event, seq in events])
+
+    def update_events(self, events):
+        self._write_many(UPDATE_EVENT, [_event_row(event, seq, self.now) for event, seq in events])
+
+    def _write_many(self, sql, rows):
+        if rows:
+            with self.conn.cursor() as cursor:
+                cursor.executemany(sql, rows)
+                self._written += len(rows)
+
+    def live_revision(self, event_id):
+        row = self._one("SELECT revision FROM events WHERE event_id = %s AND NOT deleted", (event_id,))
+        return row and row[0]
+
+    def tombstone(self, event_id):
+        # The row's fields are overwritten; the old row version stays on disk until
+        # VACUUM reclaims it, and in the WAL until it is recycled (README).
+        return self._write(
+            "UPDATE events SET member_id = NULL, start_us = NULL, end_us = NULL, doc = NULL,"
+            " ref_event_id = NULL, content_hash = NULL, deleted = true, revision = revision + 1,"
+            " updated_us = %s, seq = %s, xid = pg_current_xact_id() WHERE event_id = %s RETURNING revision",
+            (self.now, self.take_seq(), event_id)).fetchone()[0]
+
+    def member_event_ids(self, program_id, member_id):
+        return [row[0] for row in self._all(
+            "SELECT event_id FROM events WHERE program_id = %s AND member_id = %s ORDER BY seq",
+            (program_id, _member(member_id)))]
+
+    def insert_tombstone(self, event_id, program_id, event_type):
+        self._write(
+            "INSERT INTO events (seq, xid, event_id, program_id, event_type, deleted, revision, created_us,"
+            " updated_us) VALUES (%s, pg_current_xact_id(), %s, %s, %s, true, 1, %s, %s)",
+            (self.take_seq(), event_id, program_id, event_type, self.now, self.now))
+
+    # Programs and event types
+
+    def put_program(self, program_id, name, registered_types_only=None):
+        return self._write(
+            "INSERT INTO programs (program_id, name, created_us, registered_types_only)"
+            " VALUES (%s, %s, %s, COALESCE(%s, false)) ON CONFLICT (program_id) DO UPDATE SET name = excluded.name,"
+            " registered_types_only = COALESCE(%s, programs.registered_types_only) RETURNING registered_types_only",
+            (program_id, name, self.now, registered_types_only, registered_types_only)).fetchone()[0]
+
+    def register_event_type(self, event_type, description):
+        self._write(
+            "INSERT INTO event_types (event_type, description, created_us, updated_us) VALUES (%s, %s, %s, %s)"
+            " ON CONFLICT (event_type) DO UPDATE SET description = excluded.description,"
+            " updated_us = excluded.updated_us", (event_type, description, self.now, self.now))
+
+    def strict_users_of_type(self, event_type):
+        return self._all(
+            "SELECT c.program_id, c.events FROM event_type_counts AS c JOIN programs AS p USING (program_id)"
+            " WHERE c.event_type = %s AND c.events > 0 AND p.registered_types_only ORDER BY c.program_id",
+            (event_type,))
+
+    def delete_event_type(self, event_type):
+        self._write("DELETE FROM event_types WHERE event_type = %s", (event_type,))
+
+    # Users, keys, grants
+
+    def insert_user(self, user_id, is_system):
+        self._write("INSERT INTO users (user_id, is_system, created_us) VALUES (%s, %s, %s)",
+                    (user_id, bool(is_system), self.now))
+
+    def insert_key(self, key_id, user_id, key_hash):
+        self._write("INSERT INTO api_keys (key_id, user_id, key_hash, created_us) VALUES (%s, %s, %s, %s)",
+                    (key_id, user_id, key_hash, self.now))
+
+    def set_grants(self, user_id, grants):
+        self._write_many(
+            "INSERT INTO grants (user_id, program_id, access) VALUES (%s, %s, %s)"
+            " ON CONFLICT (user_id, program_id) DO UPDATE SET access = excluded.access",
+            [(user_id, program_id, access) for program_id, access in grants.items()])
+
+    def revoke_grant(self, user_id, program_id):
+        return bool(self._write("DELETE FROM grants WHERE user_id = %s AND program_id = %s",
+                                (user_id, program_id)).rowcount)
+
+    def disable_user(self, user_id):
+        return bool(self._write("UPDATE users SET disabled = true WHERE user_id = %s", (user_id,)).rowcount)
+
+    def revoke_key(self, user_id, key_id):
+        return bool(self._write("UPDATE api_keys SET revoked_us = COALESCE(revoked_us, %s)"
+                                " WHERE user_id = %s AND key_id = %s", (self.now, user_id, key_id)).rowcount)
+
+    def touch_key(self, key_id, when):
+        self._write("UPDATE api_keys SET last_used_us = %s WHERE key_id = %s", (when, key_id))
+
+
+# --- Sessions and the storage ----------------------------------------------------
+
+class PostgresSession(PostgresReads):
+    """A connection of its own (the writer's, the command line's): reads, and
+    write transactions. A connection that broke is replaced before the next one."""
+
+    def __init__(self, storage):
+        self.storage = storage
+        super().__init__(conn=storage.connect())
+
+    @contextlib.contextmanager
+    def transaction(self, now, seqs=0):
+        if self.conn.broken or self.conn.closed:
+            self.conn = self.storage.connect()
+        with self.conn.transaction():
+            tx = PostgresTransaction(self.conn, now, seqs)
+            yield tx
+            if tx.took:  # once per group commit: wake the long polls of every server
+                self.conn.execute("SELECT pg_notify(%s, '')", (NOTIFY_CHANNEL,))
+
+    def close(self):
+        self.conn.close()
+
+
+class PostgresStorage:
+    """The PostgreSQL database at ``url``: a pool of autocommit connections for
+    the request threads (sized from the server's ``threads``), a connection of
+    its own for each session and for the commit watch."""
+
+    backend = "postgresql"
+    errors = (psycopg.Error, psycopg_pool.PoolTimeout)
+
+    def __init__(self, url, busy_timeout_ms=5000, threads=None):
+        self.url = url
+        self.busy_timeout_ms = busy_timeout_ms
+        try:
+            with self.connect() as conn:
+                self.settings = self._check(conn)
+                self._apply_schema(conn)
+        except psycopg.Error as exc:
+            raise RuntimeError(f"PostgreSQL: {exc}".strip()) from None
+        size = (threads or 16) + 1
+        self.pool = psycopg_pool.ConnectionPool(
+            url, min_size=min(2, size), max_size=size, timeout=busy_timeout_ms / 1000, open=True,
+            # Read-only, as SQLite's read connections are: every write goes through a session.
+            kwargs={"autocommit": True, "options": "-c default_transaction_read_only=on"}, name="eventstore", check=psycopg_pool.ConnectionPool.check_connection)
+        self._reads = PostgresReads(pool=self.pool)
+
+    def __str__(self):
+        return eventstore.safe_db_name(self.url)
+
+    def connect(self):
+        return psycopg.connect(self.url, autocommit=True, connect_timeout=max(2, self.busy_timeout_ms // 1000))
+
+    @staticmethod
+    def _check(conn):
+        """fsync and synchronous_commit must be on for a COMMIT to be durable:
+        say so, or warn loudly."""
+        settings = {name: conn.execute(f"SHOW {name}").fetchone()[0]
+                    for name in ("fsync", "synchronous_commit", "server_version")}
+        if settings["fsync"] != "on" or settings["synchronous_commit"] not in ("on", "remote_apply",
+                                                                                "remote_write", "local"):
+            log.warning("PostgreSQL has fsync=%s and synchronous_commit=%s: a 200 is NOT durable, a crash "
+                        "can lose acknowledged changes. Turn both on for anything but tests.",
+                        settings["fsync"], settings["synchronous_commit"])
+        return settings
+
+    def durability(self):
+        """One line for the operator: whether a 200 is durable on this server."""
+        s = self.settings
+        durable = s["fsync"] == "on" and s["synchronous_commit"] != "off"
+        return (f"PostgreSQL {s['server_version']}: fsync={s['fsync']}, synchronous_commit="
+                f"{s['synchronous_commit']}" + ("" if durable else " -- WARNING: a 200 is not durable"))
+
+    @staticmethod
+    def _apply_schema(conn):
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+            exists = conn.execute("SELECT to_regclass('eventstore_schema') IS NOT NULL").fetchone()[0]
+            version = exists and conn.execute("SELECT MAX(version) FROM eventstore_schema").fetchone()[0]
+            if version and version > eventstore.SCHEMA_VERSION:
+                raise RuntimeError(f"the database has schema version {version}; this eventstore knows up to "
+                                   f"{eventstore.SCHEMA_VERSION}. Upgrade eventstore.")
+            if version == eventstore.SCHEMA_VERSION:
+                return
+            conn.execute(SCHEMA_PATH.read_text(encoding="utf-8"))
+            conn.execute("DELETE FROM eventstore_schema")
+            conn.execute("INSERT INTO eventstore_schema (version) VALUES (%s)", (eventstore.SCHEMA_VERSION,))
+
+    def session(self):
+        return PostgresSession(self)
+
+    def reads(self):
+        return self._reads
+
+    def watch_commits(self):
+        return PostgresCommitWatch(self)
+
+    def local_file(self, suffix):
+        """A file the processes of this machine that serve this database share."""
+        digest = hashlib.sha256(self.url.encode("utf-8")).hexdigest()[:16]
+        return os.path.join(tempfile.gettempdir(), f"eventstore-{digest}-{suffix}")
+
+    def health_details(self):
+        """How long the oldest transaction in progress in the cluster has been
+        open: the feed shows nothing committed after it began until it ends."""
+        held = self._reads._one(
+            "SELECT COALESCE(EXTRACT(EPOCH FROM clock_timestamp() - MIN(xact_start)), 0)::float8"
+            " FROM pg_stat_activity WHERE backend_xid IS NOT NULL")[0]
+        if held > 10:
+            log.warning("the change feed is held back %.0f s by the oldest transaction in progress in the "
+                        "PostgreSQL cluster (see pg_stat_activity); followers see nothing newer until it ends",
+                        held)
+        return {"feedHeldBackSeconds": round(held, 3)}
+
+    def problem(self, exc):
+        if isinstance(exc, psycopg_pool.PoolTimeout):
+            return service_unavailable("Every database connection is busy; try again shortly.")
+        if isinstance(exc, pg_errors.DiskFull):
+            return Problem(507, "The database server's disk is full; nothing was written.")
+        if isinstance(exc, pg_errors.ReadOnlySqlTransaction):
+            return service_unavailable("The database is read-only at the moment; nothing was written.",
+                                       retry_after=60)
+        if isinstance(exc, (psycopg.OperationalError, pg_errors.SerializationFailure,
+                            pg_errors.DeadlockDetected, pg_errors.LockNotAvailable,
+                            pg_errors.QueryCanceled)):
+            log.warning("database unavailable: %r", exc)
+            return service_unavailable("The database is unavailable or busy; try again shortly.")
+        log.error("database error: %r", exc)
+        return Problem(500, "Internal error.")
+
+    @staticmethod
+    def retryable(exc):
+        """Errors after which running the transaction again can succeed."""
+        return isinstance(exc, (pg_errors.SerializationFailure, pg_errors.DeadlockDetected))
+
+    def close(self):
+        self.pool.close()
+
+
+class PostgresCommitWatch:
+    """Other servers' commits: one autocommit connection LISTENs; every writer
+    notifies once per group commit. Notifications wake it at once; it also looks
+    every RECHECK_SECONDS, because a notification can be lost (a reconnect) and
+    the barrier can release rows without one (an unrelated transaction ends)."""
+
+    def __init__(self, storage):
+        self.storage = storage
+        self._lock = threading.Lock()
+        self._open()
+
+    def _open(self):
+        self.conn = self.storage.connect()
+        self.conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        self.reads = PostgresReads(conn=self.conn)
+        self.last_seq = self.reads.last_sequence()
+
+    def changes(self, timeout, stop, limit=10000):
+        if self.conn.broken or self.conn.closed:
+            self._open()
+        for _ in self.conn.notifies(timeout=RECHECK_SECONDS, stop_after=1):
+            pass
+        if stop.is_set():
+            return None
+        changed = self.reads.changes_since(self.last_seq, limit)
+        if changed:
+            self.last_seq = changed[-1][0]
+        return changed
+
+    def close(self):
+        self.conn.close()

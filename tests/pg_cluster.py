@@ -1,0 +1,98 @@
+"""A throwaway PostgreSQL cluster for the tests, from the server binaries of
+Debian's postgresql package (/usr/lib/postgresql/<version>/bin, or
+$EVENTSTORE_PG_BIN): initdb in a temporary folder, listening on a free
+loopback port and a Unix socket in that folder, trust authentication, fsync
+off (tests only: never for a benchmark). initdb and postgres refuse to run as
+root, so as root they run as the unprivileged user ``postgres``, which the
+package creates.
+
+    cluster = Cluster.start()       # None when no binaries are found
+    url = cluster.new_database()    # a fresh database with the schema applied
+    cluster.stop()
+"""
+
+import glob
+import itertools
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+
+def find_binaries():
+    """The folder of initdb/pg_ctl/postgres, or None."""
+    wanted = os.environ.get("EVENTSTORE_PG_BIN")
+    candidates = [wanted] if wanted else sorted(glob.glob("/usr/lib/postgresql/*/bin"),
+                                                key=lambda p: int(Path(p).parent.name), reverse=True)
+    for folder in candidates:
+        if folder and all(os.access(os.path.join(folder, tool), os.X_OK) for tool in ("initdb", "pg_ctl")):
+            return folder
+    return None
+
+
+def _free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Cluster:
+    def __init__(self, binaries, folder, port, user):
+        self.binaries, self.folder, self.port, self.user = binaries, folder, port, user
+        self._names = itertools.count(1)
+        self._template_ready = False
+
+    @classmethod
+    def start(cls, fsync=False, extra=()):
+        binaries = find_binaries()
+        if binaries is None:
+            return None
+        folder = Path(tempfile.mkdtemp(prefix="eventstore-pg-"))
+        user = "postgres" if os.geteuid() == 0 else None
+        if user:
+            entry = pwd.getpwnam(user)
+            os.chown(folder, entry.pw_uid, entry.pw_gid)
+        cluster = cls(binaries, folder, _free_port(), user)
+        cluster._run("initdb", "-D", str(folder / "data"), "-U", "eventstore", "--auth=trust",
+                     "--encoding=UTF8", "--locale=C")
+        options = [f"-p {cluster.port}", f"-k {folder}", "-c listen_addresses=127.0.0.1",
+                   "-c max_connections=400", "-c shared_buffers=64MB"]
+        if not fsync:
+            options += ["-c fsync=off", "-c synchronous_commit=on", "-c full_page_writes=off"]
+        options += list(extra)
+        cluster._run("pg_ctl", "-D", str(folder / "data"), "-l", str(folder / "log"), "-w", "-t", "60",
+                     "-o", " ".join(options), "start")
+        return cluster
+
+    def _run(self, tool, *args):
+        subprocess.run([os.path.join(self.binaries, tool), *args], check=True, capture_output=True,
+                       user=self.user, cwd=self.folder, timeout=120)
+
+    def url(self, dbname="postgres"):
+        return f"postgresql://eventstore@127.0.0.1:{self.port}/{dbname}"
+
+    def new_database(self):
+        """A new, empty database -> its URL. The first one gets the schema and
+        becomes the template of the others (copying it is faster than
+        applying the schema each time)."""
+        import psycopg
+
+        import eventstore_pg
+        name = f"t{next(self._names)}"
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            if not self._template_ready:
+                conn.execute("CREATE DATABASE template_eventstore")
+                eventstore_pg.PostgresStorage(self.url("template_eventstore"), threads=1).close()
+                self._template_ready = True
+            conn.execute(f"CREATE DATABASE {name} TEMPLATE template_eventstore")
+        return self.url(name)
+
+    def stop(self):
+        try:
+            self._run("pg_ctl", "-D", str(self.folder / "data"), "-m", "immediate", "-w", "stop")
+        finally:
+            shutil.rmtree(self.folder, ignore_errors=True)

@@ -1,0 +1,239 @@
+"""What only PostgreSQL has to show: several servers on one database keeping
+the sync guarantee, a server killed under load losing nothing acknowledged,
+long polls woken by another server's commits, migration from SQLite and back,
+the durability check, and the one line a missing driver gets. (The rest of the
+contract runs on PostgreSQL through the ``backend`` parameter of every test.)"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import eventstore
+from conftest import eventually, postgres_url
+from server import ROOT, PutLoad, Server, assert_seen_every_change_once_in_order, missing_from, publish_while_following
+
+
+@pytest.fixture
+def url(pg_cluster):
+    return postgres_url(pg_cluster)
+
+
+def body(n=0, member="m"):
+    return {"ProgramId": "FOO", "ProgramMemberId": member, "EventType": "T",
+            "EventStartUTC": "2026-03-01T09:30:00Z", "EventData": {"n": n}}
+
+
+@pytest.fixture
+def pair(url):
+    """Two separate serve.py on one PostgreSQL database, as behind a load balancer."""
+    first = Server(url)
+    second = Server(url)
+    assert first.request("PUT", "/programs/FOO", {"Name": "Foo"}, user="admin", key=first.admin_key)[0] == 200
+    yield first, second
+    first.stop()
+    second.stop()
+
+
+def test_two_servers_keep_the_sync_guarantee_for_a_follower_on_each(pair):
+    first, second = pair
+    assert second.admin_key is None  # the first admin was created once, by the first server
+    acknowledged, seens = publish_while_following([first, second], first, first.admin_key, workers=8, puts=40,
+                                                  ids=10, followers=[second])
+    for seen in seens:
+        assert_seen_every_change_once_in_order(seen, acknowledged)
+
+
+def test_a_server_killed_under_load_loses_nothing_acknowledged(pair):
+    first, second = pair
+    doomed = PutLoad(first, first.admin_key, "a", workers=4, ids=20)
+    steady = PutLoad(second, first.admin_key, "b", workers=4, ids=20)
+    eventually(lambda: len(doomed.acknowledged) >= 20 and len(steady.acknowledged) >= 20, "publishing under way",
+               timeout=30)
+    os.killpg(first.process.pid, signal.SIGKILL)
+    first.process.wait(10)
+    time.sleep(0.5)  # the other server goes on
+    acknowledged = {**doomed.stop(), **steady.stop()}
+    assert missing_from(first.db_path, acknowledged) == {}
+    assert len(steady.acknowledged) >= 20
+    follower = second.request("GET", "/events?limit=1000", user="admin", key=first.admin_key)[2]
+    served = {e["EventId"]: e["Revision"] for e in follower["Events"]}
+    assert all(served.get(event_id, 0) >= revision for event_id, revision in acknowledged.items())
+
+
+def test_a_long_poll_wakes_on_a_commit_made_by_another_server_or_the_command_line(pair, tmp_path):
+    first, second = pair
+    key = first.admin_key
+    for poller, publisher, n in ((first, second, 1), (second, first, 2), (second, "cli", 3)):
+        after = poller.request("GET", "/events?limit=1000", user="admin", key=key)[2]["Next"].split("after=")[1]
+        result = {}
+
+        def consume():
+            started = time.monotonic()
+            result["page"] = poller.request("GET", f"/events?wait=20&after={after}", user="admin", key=key)[2]
+            result["elapsed"] = time.monotonic() - started
+
+        consumer = threading.Thread(target=consume, daemon=True)
+        consumer.start()
+        eventually(lambda: poller.request("GET", "/health")[2]["longPolls"] == 1, "the poll waits")
+        if publisher == "cli":
+            line = tmp_path / "one.jsonl"
+            line.write_text(json.dumps({"EventId": f"FOO-{n}", **body(n)}) + "\n")
+            subprocess.run([sys.executable, str(ROOT / "eventstore.py"), "--db", first.db_path, "import", str(line)],
+                           check=True, capture_output=True, timeout=30)
+        else:
+            assert publisher.request("PUT", f"/events/FOO-{n}", body(n), user="admin", key=key)[0] == 200
+        consumer.join(25)
+        assert not consumer.is_alive()
+        assert [e["EventId"] for e in result["page"]["Events"]] == [f"FOO-{n}"]
+        assert result["elapsed"] < 10  # woken, not timed out (speed is make bench's job)
+
+
+def test_an_open_transaction_holds_the_feed_back_until_it_ends(url):
+    """The cost of the barrier, as the README says: a change committed after
+    another transaction began is not served until that transaction ends; then
+    it is, and /health reports how long the feed was held back."""
+    import psycopg
+    import webtest
+    from conftest import Registry
+    registry = Registry(url)
+    try:
+        admin = registry.client("admin")
+        admin.put_json("/events/FOO-1", body(1))
+        idle = psycopg.connect(url)
+        idle.execute("SELECT pg_current_xact_id()")  # an open transaction with an xid
+        time.sleep(0.2)
+        admin.put_json("/events/FOO-2", body(2))
+        assert [e["EventId"] for e in admin.get("/events").json["Events"]] == ["FOO-1"]
+        assert admin.get("/events/FOO-2").json["EventId"] == "FOO-2"  # a read by id is not held back
+        assert webtest.TestApp(registry.app).get("/health").json["feedHeldBackSeconds"] >= 0.2
+        idle.rollback()
+        idle.close()
+        assert [e["EventId"] for e in admin.get("/events").json["Events"]] == ["FOO-1", "FOO-2"]
+    finally:
+        registry.close()
+
+
+def test_sequences_follow_commit_order_across_concurrent_writers(url):
+    """Many sessions writing at once (as many servers would): a follower reading
+    all the while sees Sequences only increase, and in the end every change."""
+    from conftest import Registry
+    registry = Registry(url)
+    storages = [eventstore.open_storage(url) for _ in range(4)]
+    stop, seen, errors = threading.Event(), [], []
+
+    def write(storage, w):
+        session = storage.session()
+        try:
+            for n in range(60):
+                with session.transaction(eventstore.now_us(), seqs=3) as tx:
+                    for k in range(3):
+                        eventstore.put_event(tx, eventstore.validate_event(f"FOO-s{w}-{(n + k) % 7}", body(n)))
+                    time.sleep(0.001 * (n % 3))  # commit at different moments than the Sequences were taken
+        except Exception as exc:
+            errors.append(exc)
+        finally:
+            session.close()
+
+    def follow():
+        after = 0
+        reads = registry.storage.reads()
+        while True:
+            done = stop.is_set()
+            rows = reads.read_feed(None, eventstore.FeedQuery(after=after, limit=50))
+            seen.extend((row[0], row[1], row[5]) for row in rows)
+            if rows:
+                after = rows[-1][0]
+            elif done:
+                return
+
+    follower = threading.Thread(target=follow, daemon=True)
+    follower.start()
+    writers = [threading.Thread(target=write, args=(storage, w), daemon=True) for w, storage in enumerate(storages)]
+    for thread in writers:
+        thread.start()
+    for thread in writers:
+        thread.join(60)
+        assert not thread.is_alive()
+    stop.set()
+    follower.join(30)
+    assert not follower.is_alive() and errors == []
+    for storage in storages:
+        storage.close()
+    final = dict(registry.db.execute("SELECT event_id, revision FROM events").fetchall())
+    registry.close()
+    sequences = [s for s, _, _ in seen]
+    assert sequences == sorted(set(sequences))
+    last = {}
+    for _, event_id, revision in seen:
+        last[event_id] = revision
+    assert last == final and len(final) == 4 * 7
+
+
+def cli(db, *argv):
+    result = subprocess.run([sys.executable, str(ROOT / "eventstore.py"), "--db", str(db), *argv],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_export_from_sqlite_import_into_postgresql_and_back(tmp_path, url):
+    from conftest import Registry
+    source = Registry(tmp_path / "source.db")
+    try:
+        writer = source.client("writer")
+        for n in range(30):
+            writer.put_json(f"/events/FOO-{n}", body(n, member=f"m{n % 4}\u0000é"))
+        writer.put_json("/events/FOO-3", body(333))
+        writer.delete("/events/FOO-4")
+        writer.delete(f"/programs/FOO/members/{'m1%00%C3%A9'}")
+        exported = cli(source.db_path, "export")
+    finally:
+        source.close()
+    dump = tmp_path / "dump.jsonl"
+    dump.write_text(exported)
+    target = Registry(url)
+    target.close()
+    cli(url, "import", str(dump))
+
+    def content(text):
+        """Each event's content and whether it is a tombstone (what an import keeps)."""
+        kept = {}
+        for line in text.splitlines():
+            event = json.loads(line)
+            kept[event["EventId"]] = {k: v for k, v in event.items()
+                                      if k not in ("Revision", "Sequence", "CreatedUTC", "UpdatedUTC")}
+        return kept
+
+    again = cli(url, "export")
+    assert content(again) == content(exported) and len(content(again)) == 30
+    assert sum(1 for e in content(again).values() if e["Deleted"]) == 1 + 8  # FOO-4, and m1 erased
+    # And back: PostgreSQL's export into a new SQLite file.
+    (tmp_path / "again.jsonl").write_text(again)
+    Registry(tmp_path / "back.db").close()
+    cli(tmp_path / "back.db", "import", str(tmp_path / "again.jsonl"))
+    assert content(cli(tmp_path / "back.db", "export")) == content(exported)
+
+
+def test_startup_says_whether_a_200_is_durable(url):
+    server = Server(url)
+    try:
+        # The test cluster runs with fsync=off (tests only), and the server says so.
+        assert "fsync=off" in server.banner and "WARNING: a 200 is not durable" in server.banner
+        assert server.request("GET", "/health")[2]["backend"] == "postgresql"
+    finally:
+        server.stop()
+
+
+def test_without_psycopg_one_line_says_what_to_install(url):
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.modules['psycopg'] = None; import eventstore;"
+                               f" sys.exit(eventstore.main(['--db', {url!r}, 'program', 'list']))"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "requirements-postgres.txt" in result.stderr, result.stderr
