@@ -698,9 +698,10 @@ def parse_event_types_query(pairs):
     (without repeats; empty for none), or Problem(400)."""
     errors = [field_error(name, "unknown parameter; the only accepted parameter is ProgramId")
               for name, _ in pairs if name != "ProgramId"]
-    programs = list(dict.fromkeys(value for name, value in pairs if name == "ProgramId"))
-    if len(programs) > MAX_REPEATED:
-        errors.append(field_error("ProgramId", f"at most {MAX_REPEATED} values, got {len(programs)}"))
+    given = [value for name, value in pairs if name == "ProgramId"]
+    if len(given) > MAX_REPEATED:  # counted as sent, repeats too: the limit is on the query's size
+        errors.append(field_error("ProgramId", f"at most {MAX_REPEATED} values, got {len(given)}"))
+    programs = list(dict.fromkeys(given))
     errors += filter(None, map(program_id_error, programs))
     if errors:
         raise bad_request("The query is not valid; see errors.", errors)

@@ -36,7 +36,7 @@ from eventstore import EVENT_COLUMNS, Problem, SequencesExhausted, render_event,
 SCHEMA_PATH = Path(__file__).resolve().parent / "schema-postgres.sql"
 SCHEMA_LOCK = 7310581      # advisory lock id: one process applies the schema at a time
 NOTIFY_CHANNEL = "eventstore"
-RECHECK_SECONDS = 0.25     # the commit watch looks even without a notification this often
+RECHECK_SECONDS = 0.25     # the commit watch looks even without a notification this often (at least)
 BARRIER = "xid < pg_snapshot_xmin(pg_current_snapshot())"
 
 log = logging.getLogger("eventstore")
@@ -45,6 +45,12 @@ log = logging.getLogger("eventstore")
 def _member(member_id):
     """A ProgramMemberId as stored: its UTF-8 bytes."""
     return None if member_id is None else member_id.encode("utf-8", "surrogatepass")
+
+
+def local_file(url, suffix):
+    """A file the processes of this machine that serve the database at ``url`` share."""
+    digest = hashlib.sha256(url.encode("utf-8")).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), f"eventstore-{digest}-{suffix}")
 
 
 # --- Reads --------------------------------------------------------------------
@@ -472,9 +478,7 @@ class PostgresStorage:
         return PostgresCommitWatch(self)
 
     def local_file(self, suffix):
-        """A file the processes of this machine that serve this database share."""
-        digest = hashlib.sha256(self.url.encode("utf-8")).hexdigest()[:16]
-        return os.path.join(tempfile.gettempdir(), f"eventstore-{digest}-{suffix}")
+        return local_file(self.url, suffix)
 
     def health_details(self):
         """How long the oldest transaction in progress in the cluster has been
@@ -531,9 +535,12 @@ class PostgresCommitWatch:
         self.last_seq = self.reads.last_sequence()
 
     def changes(self, timeout, stop, limit=10000):
+        """Wait for a notification (at most the longer of ``timeout``, the app's
+        poll_interval, and RECHECK_SECONDS), then -> the changes the feed can
+        show since the last look, or None when ``stop`` was set meanwhile."""
         if self.conn.broken or self.conn.closed:
             self._open()
-        for _ in self.conn.notifies(timeout=RECHECK_SECONDS, stop_after=1):
+        for _ in self.conn.notifies(timeout=max(timeout, RECHECK_SECONDS), stop_after=1):
             pass
         if stop.is_set():
             return None

@@ -149,6 +149,15 @@ MUTANTS = [
     ("a type a strict program uses can be unregistered", "eventstore.py", [
         ("    if users:\n        named", "    if False:\n        named"),
     ], ["tests/test_event_types.py"]),
+    ("PostgreSQL: the feed without the barrier of transactions in progress", "eventstore_pg.py", [
+        ('BARRIER = "xid < pg_snapshot_xmin(pg_current_snapshot())"', 'BARRIER = "true"'),
+    ], ["tests/test_postgres.py"]),
+    ("PostgreSQL: Sequences taken without the lock and the xid", "schema-postgres.sql", [
+        ("    PERFORM pg_advisory_lock(7310582);\n    BEGIN\n        PERFORM pg_current_xact_id();\n", "    BEGIN\n"),
+    ], ["tests/test_postgres.py"]),
+    ("PostgreSQL: a group commit sends no notification", "eventstore_pg.py", [
+        ("            if tx.took:  # once per group commit", "            if False:  # once per group commit"),
+    ], ["tests/test_postgres.py"]),
     ("replays skip the registered-types check", "eventstore.py", [
         ("    if not tx.rules.type_allowed(event.program_id, event.event_type):\n        raise bad_request(",
          "    if not tx.rules.type_allowed(event.program_id, event.event_type) and not tx.current(event.event_id):\n"

@@ -239,8 +239,12 @@ def backend(request):
 def db(backend, tmp_path, request):
     """A new, empty database of each backend: a SQLite file or a PostgreSQL URL."""
     if backend == "sqlite":
-        return str(tmp_path / "events.db")
-    return postgres_url(request.getfixturevalue("pg_cluster"))
+        yield str(tmp_path / "events.db")
+        return
+    cluster = request.getfixturevalue("pg_cluster")
+    url = postgres_url(cluster)
+    yield url
+    cluster.release(url)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -174,7 +174,7 @@ class PutLoad:
 
 def missing_from(db_path, acknowledged):
     """Acknowledged revisions the database does not hold; a SQLite file must pass integrity_check."""
-    if db_path.startswith("postgresql://"):
+    if str(db_path).startswith("postgresql://"):
         import psycopg
         with psycopg.connect(db_path) as conn:
             stored = dict(conn.execute("SELECT event_id, revision FROM events").fetchall())

@@ -1,7 +1,9 @@
 """Fuzzing from the contract: schemathesis, every check on, against the live
-server's /openapi.json, once as a SYSTEM user and once as a user with read on one
-program only. FUZZ_SECONDS sets each run's budget (default 30), FUZZ_SEED the
-seed (default 1; `make fuzz` runs several)."""
+server's /openapi.json, as a SYSTEM user on each backend (each run takes about
+40 s whatever its budget: schemathesis's phases end by themselves). `make fuzz`
+(which sets FUZZ_SEED) also fuzzes as a user with read on one program only, on
+SQLite. FUZZ_SECONDS sets each run's budget (default 20), FUZZ_SEED the seed
+(default 1; `make fuzz` runs several)."""
 
 import os
 import re
@@ -15,14 +17,13 @@ import eventstore
 from conftest import create_user
 from server import ROOT, Server
 
-SECONDS = int(os.environ.get("FUZZ_SECONDS", "30"))
+SECONDS = int(os.environ.get("FUZZ_SECONDS", "20"))
 SEED = os.environ.get("FUZZ_SEED", "1")
 SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    db = tmp_path_factory.mktemp("fuzz") / "fuzz.db"
+@pytest.fixture
+def server(db):
     server = Server(db, "--max-auth-failures", "0")  # the fuzzer sends bad credentials on purpose
     server.request("PUT", "/programs/FOO", {"Name": "Foo"}, user="admin", key=server.admin_key)
     server.reader_key = create_user(db, "reader", {"FOO": "read"})
@@ -43,7 +44,10 @@ def fuzz(server, user, key):
 
 
 @pytest.mark.timeout(SECONDS * 2 + 180)
-@pytest.mark.parametrize("user", ["admin", "reader"])
+USERS = ["admin"] + ([pytest.param("reader", marks=pytest.mark.sqlite_only)] if os.environ.get("FUZZ_SEED") else [])
+
+
+@pytest.mark.parametrize("user", USERS)
 def test_schemathesis_finds_nothing(server, user):
     key = server.admin_key if user == "admin" else server.reader_key
     result = fuzz(server, user, key)

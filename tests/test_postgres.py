@@ -21,7 +21,9 @@ from server import ROOT, PutLoad, Server, assert_seen_every_change_once_in_order
 
 @pytest.fixture
 def url(pg_cluster):
-    return postgres_url(pg_cluster)
+    url = postgres_url(pg_cluster)
+    yield url
+    pg_cluster.release(url)
 
 
 def body(n=0, member="m"):
@@ -92,6 +94,23 @@ def test_a_long_poll_wakes_on_a_commit_made_by_another_server_or_the_command_lin
         assert not consumer.is_alive()
         assert [e["EventId"] for e in result["page"]["Events"]] == [f"FOO-{n}"]
         assert result["elapsed"] < 10  # woken, not timed out (speed is make bench's job)
+
+
+def test_a_commit_elsewhere_wakes_a_long_poll_through_its_notification(url):
+    """With the periodic re-check a minute apart, only the NOTIFY sent with the
+    other session's commit can wake the poll within its 20 s."""
+    from conftest import Registry, opened, run_in_thread
+    registry = Registry(url, poll_interval=60)
+    try:
+        admin = registry.client("admin")
+        answer = run_in_thread(lambda: admin.get("/events?wait=20").json)
+        eventually(lambda: registry.app.long_polls == 1 and registry.app._watcher is not None, "the poll waits")
+        time.sleep(0.3)  # the watcher is listening
+        with opened(url) as other, other.transaction(eventstore.now_us(), seqs=1) as tx:
+            eventstore.put_event(tx, eventstore.validate_event("FOO-x", body()))
+        assert [e["EventId"] for e in answer(timeout=30)["Events"]] == ["FOO-x"]
+    finally:
+        registry.close()
 
 
 def test_an_open_transaction_holds_the_feed_back_until_it_ends(url):
