@@ -246,10 +246,13 @@ class PostgresTransaction(PostgresReads):
         self.rules = eventstore.TypeRules(self)
         self.wanted = seqs
         self._next = self._end = 0
-        self.took = 0  # Sequences used
         self._written = 0
         if seqs:
-            self._next = conn.execute("SELECT eventstore_take_sequences(%s)", (seqs,)).fetchone()[0]
+            # The NOTIFY goes with the COMMIT whenever it is sent: sent here, it costs no
+            # round trip of its own (a transaction that then changes nothing wakes the
+            # listeners for nothing: they find no new change and wait again).
+            self._next = conn.execute("SELECT eventstore_take_sequences(%s), pg_notify(%s, '')",
+                                      (seqs, NOTIFY_CHANNEL)).fetchone()[0]
             self._end = self._next + seqs
 
     def changes(self):
@@ -268,7 +271,6 @@ class PostgresTransaction(PostgresReads):
     def take_seq(self):
         seq = self.peek_seq()
         self._next += 1
-        self.took += 1
         return seq
 
     # Events
@@ -394,10 +396,9 @@ class PostgresSession(PostgresReads):
         if self.conn.broken or self.conn.closed:
             self.conn = self.storage.connect()
         with self.conn.transaction():
-            tx = PostgresTransaction(self.conn, now, seqs)
-            yield tx
-            if tx.took:  # once per group commit: wake the long polls of every server
-                self.conn.execute("SELECT pg_notify(%s, '')", (NOTIFY_CHANNEL,))
+            # A transaction that takes Sequences also notifies (once per group commit:
+            # it wakes the long polls of every server).
+            yield PostgresTransaction(self.conn, now, seqs)
 
     def close(self):
         self.conn.close()
@@ -424,7 +425,9 @@ class PostgresStorage:
         self.pool = psycopg_pool.ConnectionPool(
             url, min_size=min(2, size), max_size=size, timeout=busy_timeout_ms / 1000, open=True,
             # Read-only, as SQLite's read connections are: every write goes through a session.
-            kwargs={"autocommit": True, "options": "-c default_transaction_read_only=on"}, name="eventstore", check=psycopg_pool.ConnectionPool.check_connection)
+            # No check on every checkout (it would cost a round trip per statement): a
+            # connection that broke fails its statement (503) and the pool drops it.
+            kwargs={"autocommit": True, "options": "-c default_transaction_read_only=on"}, name="eventstore")
         self._reads = PostgresReads(pool=self.pool)
 
     def __str__(self):

@@ -156,7 +156,8 @@ MUTANTS = [
         ("    PERFORM pg_advisory_lock(7310582);\n    BEGIN\n        PERFORM pg_current_xact_id();\n", "    BEGIN\n"),
     ], ["tests/test_postgres.py"]),
     ("PostgreSQL: a group commit sends no notification", "eventstore_pg.py", [
-        ("            if tx.took:  # once per group commit", "            if False:  # once per group commit"),
+        ("SELECT eventstore_take_sequences(%s), pg_notify(%s, '')\",\n                                      (seqs, NOTIFY_CHANNEL))",
+         "SELECT eventstore_take_sequences(%s), %s\",\n                                      (seqs, NOTIFY_CHANNEL))"),
     ], ["tests/test_postgres.py"]),
     ("replays skip the registered-types check", "eventstore.py", [
         ("    if not tx.rules.type_allowed(event.program_id, event.event_type):\n        raise bad_request(",

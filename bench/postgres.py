@@ -207,7 +207,7 @@ def soak(url, seconds, publishers=8):
             caught_up = done.is_set()
             page = servers[i].request("GET", url_path, user="admin", key=key)[2]
             seen[i].extend((e["Sequence"], e["EventId"], e["Revision"]) for e in page["Events"])
-            url_path = page["Next"]
+            url_path = page["Next"] + ("" if page["HasMore"] or done.is_set() else "&wait=1")  # as followers do
             if caught_up and not page["HasMore"]:
                 return
 
