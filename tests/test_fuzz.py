@@ -43,10 +43,10 @@ def fuzz(server, user, key):
     return result
 
 
-@pytest.mark.timeout(SECONDS * 2 + 180)
 USERS = ["admin"] + ([pytest.param("reader", marks=pytest.mark.sqlite_only)] if os.environ.get("FUZZ_SEED") else [])
 
 
+@pytest.mark.timeout(SECONDS * 2 + 180)
 @pytest.mark.parametrize("user", USERS)
 def test_schemathesis_finds_nothing(server, user):
     key = server.admin_key if user == "admin" else server.reader_key
