@@ -30,6 +30,7 @@ from pathlib import Path
 import psycopg
 import psycopg_pool
 from psycopg import errors as pg_errors
+from psycopg import pq
 
 import eventstore
 from eventstore import EVENT_COLUMNS, Problem, SequencesExhausted, render_event, service_unavailable
@@ -66,17 +67,17 @@ class PostgresReads:
         self.pool, self.conn = pool, conn
         self._local = threading.local()
 
-    @contextlib.contextmanager
-    def _connection(self):
-        if self.conn is not None:
-            yield self.conn
-            return
+    def _held(self):
         held = getattr(self._local, "held", None)
         if held is None or held.conn.broken or held.conn.closed:
             if held is not None:
                 held.give_back()
             held = self._local.held = _Held(self.pool)
-        yield held.conn
+        return held
+
+    @contextlib.contextmanager
+    def _connection(self):
+        yield self.conn if self.conn is not None else self._held().conn
 
     def _all(self, sql, params=()):
         with self._connection() as conn:
@@ -158,6 +159,8 @@ class PostgresReads:
     # Events and the feed
 
     def read_event(self, event_id):
+        if self.conn is None:  # GET /events/{id}: the hot path, see _Held.read_event
+            return self._held().read_event(event_id)
         return self._one(f"SELECT {EVENT_COLUMNS} FROM events WHERE event_id = %s", (event_id,))
 
     def last_sequence(self):
@@ -222,6 +225,33 @@ class _Held:
     def __init__(self, pool):
         self.conn = pool.getconn()
         self.give_back = weakref.finalize(self, pool.putconn, self.conn)
+        self._prepared = False
+
+    READ_EVENT = f"SELECT {EVENT_COLUMNS} FROM events WHERE event_id = $1".encode()
+
+    def read_event(self, event_id):
+        """read_event through libpq itself (a statement prepared once on this
+        connection, text results converted here): a third of the CPU that
+        psycopg's cursor spends on the same query, which on GET by id was most
+        of the difference from SQLite. ``event_id`` is a valid EventId (ASCII)."""
+        pgconn = self.conn.pgconn
+        if not self._prepared:
+            _succeeded(pgconn.prepare(b"eventstore_read_event", self.READ_EVENT))
+            self._prepared = True
+        result = _succeeded(pgconn.exec_prepared(b"eventstore_read_event", [event_id.encode()]))
+        if not result.ntuples:
+            return None
+        seq, event_id, program_id, event_type, doc, revision, created_us, updated_us = (
+            result.get_value(0, column) for column in range(8))
+        return (int(seq), event_id.decode(), program_id.decode(), event_type.decode(), doc and doc.decode(),
+                int(revision), int(created_us), int(updated_us))
+
+
+def _succeeded(result):
+    """A libpq result -> itself, or its error raised as psycopg raises it."""
+    if result.status not in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK):
+        raise pg_errors.error_from_result(result, encoding="utf-8")
+    return result
 
 
 # --- Writes -------------------------------------------------------------------
