@@ -283,3 +283,22 @@ def test_without_psycopg_one_line_says_what_to_install(url):
         capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "requirements-postgres.txt" in result.stderr, result.stderr
+
+
+def test_statements_deallocated_behind_its_back_are_prepared_again(url):
+    """GET by id and PUT run statements prepared through libpq; psycopg
+    deallocates every prepared statement of a connection when it rolls back one
+    of its own. Neither a read nor a write may fail for that."""
+    from conftest import Registry
+    registry = Registry(url)
+    try:
+        admin = registry.client("admin")
+        admin.put_json("/events/FOO-1", body(1))
+        assert admin.get("/events/FOO-1").json["Revision"] == 1
+        registry.storage.reads()._held().conn.execute("DEALLOCATE ALL")  # this thread's read connection
+        assert admin.get("/events/FOO-1").json["Revision"] == 1
+        registry.app.write(lambda tx: tx.conn.execute("DEALLOCATE ALL"), changed=lambda _: False, seqs=0)
+        admin.put_json("/events/FOO-1", body(2), status=200)
+        assert admin.get("/events/FOO-1").json["EventData"] == {"n": 2}
+    finally:
+        registry.close()
