@@ -515,11 +515,7 @@ class PostgresStorage:
         return eventstore.safe_db_name(self.url)
 
     def connect(self):
-        """A session's connection. psycopg prepares nothing on it, so it never
-        deallocates the statements exec_prepared prepared there."""
-        conn = psycopg.connect(self.url, autocommit=True, connect_timeout=max(2, self.busy_timeout_ms // 1000))
-        conn.prepare_threshold = None
-        return conn
+        return psycopg.connect(self.url, autocommit=True, connect_timeout=max(2, self.busy_timeout_ms // 1000))
 
     @staticmethod
     def _check(conn):

@@ -3,9 +3,13 @@
 A throwaway PostgreSQL cluster (Debian's server binaries, tests/pg_cluster.py)
 with fsync ON (a benchmark never turns it off), default settings otherwise.
 
-  P1. single PUT req/s, one server (1 process) on PostgreSQL / the same on SQLite
+  P1. single PUT req/s, one server (1 process) on PostgreSQL / the same on SQLite:
+      both servers up at once, measured in alternation, the median of 3 rounds'
+      ratios (this machine drifts by more than some of the differences)
   P2. GET /events/{id} req/s, same / same
-  P3. POST /events (1,000 events a request) events/s, same / same
+  P3. POST /events (1,000 events a request) events/s, same / same (one round)
+  P1'-P3'. the same with 2 processes a server (serve.py's default on this 2-core
+      machine; the PostgreSQL server's backends share those 2 cores)
   P4. PUT and GET req/s with two servers on one PostgreSQL database (wrk on each at
       once, 8 connections each) / one server (P1, P2)
   P5. pulling N events through Next (limit=1000) on PostgreSQL / a raw keyset
@@ -24,6 +28,7 @@ import argparse
 import base64
 import http.client
 import json
+import statistics
 import sys
 import tempfile
 import threading
@@ -37,6 +42,7 @@ from run import eventstore  # noqa: E402
 from pg_cluster import Cluster  # noqa: E402  (tests/pg_cluster.py)
 
 TARGETS = {"P1. PUT, PostgreSQL vs SQLite": 0.7, "P2. GET, PostgreSQL vs SQLite": 0.8,
+           "P1'. PUT, PG vs SQLite, 2 processes": 0.7, "P2'. GET, PG vs SQLite, 2 processes": 0.8,
            "P5. pull via Next vs keyset SELECT (PG)": 0.35}
 WAKE_TARGET_MS = 100.0
 
@@ -45,31 +51,64 @@ def auth_of(key, user="admin"):
     return "Basic " + base64.b64encode(f"{user}:{key}".encode()).decode()
 
 
-def single_server_figures(server, seconds, tag):
-    """-> {"put", "get", "post"} rates (req/s, req/s, events/s) of one server."""
+def prepare(server):
+    """FOO, and 10,000 events to GET -> the wrk scripts' (PUT, GET) for this server."""
     key = server.admin_key
     server.request("PUT", "/programs/FOO", {"Name": "Foo"}, user="admin", key=key)
-    auth = auth_of(key)
-    get_count = 10_000
-    for start in range(1, get_count + 1, 1000):
+    for start in range(1, 10_001, 1000):
         body = json.dumps({"Events": [{"EventId": f"FOO-g-{n}", **bench.event_body(n)}
                                       for n in range(start, start + 1000)]}).encode()
         assert server.request("POST", "/events", body, user="admin", key=key,
                               headers={"Content-Type": "application/json"})[0] == 200
-    put_lua = bench.PUT_LUA % {"auth": auth, "body": json.dumps(bench.event_body(1))}
-    get_lua = bench.GET_LUA % {"auth": auth, "count": get_count}
-    bench.wrk(server.port, put_lua, 2, args=[f"warm{tag}"])
-    put = bench.wrk(server.port, put_lua, seconds, args=[f"p{tag}"])
-    get = bench.wrk(server.port, get_lua, seconds)
+    auth = auth_of(key)
+    return (bench.PUT_LUA % {"auth": auth, "body": json.dumps(bench.event_body(1))},
+            bench.GET_LUA % {"auth": auth, "count": 10_000})
+
+
+def post_rate(server, seconds, tag):
+    """POST /events, 1,000 events a request, one client -> events/s."""
     started, posted = time.perf_counter(), 0
     while time.perf_counter() - started < seconds:
         body = json.dumps({"Events": [{"EventId": f"FOO-b{tag}-{posted + n}", **bench.event_body(n)}
                                       for n in range(1000)]}).encode()
-        assert server.request("POST", "/events", body, user="admin", key=key,
+        assert server.request("POST", "/events", body, user="admin", key=server.admin_key,
                               headers={"Content-Type": "application/json"})[0] == 200
         posted += 1000
-    return {"put": put[0], "get": get[0], "post": posted / (time.perf_counter() - started),
-            "put_p99": put[2], "get_p99": get[2]}
+    return posted / (time.perf_counter() - started)
+
+
+def backend_figures(sqlite_path, pg_url, processes, seconds, rounds=3):
+    """One server on each backend, both up at once, measured in alternation
+    (this machine drifts by more than some of the differences): -> per backend
+    the median PUT and GET req/s and p99 over ``rounds``, and POST events/s, and
+    the median of the rounds' PostgreSQL/SQLite ratios."""
+    servers = {"sqlite": bench.Server(sqlite_path, "--processes", str(processes)),
+               "postgresql": bench.Server(pg_url, "--processes", str(processes))}
+    try:
+        scripts = {name: prepare(server) for name, server in servers.items()}
+        for name, server in servers.items():
+            bench.wrk(server.port, scripts[name][0], 2, args=[f"warm{processes}"])
+        runs = {(name, kind): [] for name in servers for kind in ("put", "get")}
+        for n in range(rounds):
+            order = list(servers) if n % 2 == 0 else list(reversed(servers))
+            for kind, script_index in (("put", 0), ("get", 1)):
+                for name in order:
+                    runs[name, kind].append(bench.wrk(servers[name].port, scripts[name][script_index], seconds,
+                                                      args=[f"r{processes}-{n}"]))
+        figures = {name: {kind: statistics.median(run[0] for run in runs[name, kind]) for kind in ("put", "get")}
+                   for name in servers}
+        for name in servers:
+            figures[name].update({f"{kind}_p99": statistics.median(run[2] for run in runs[name, kind])
+                                  for kind in ("put", "get")})
+            figures[name]["post"] = post_rate(servers[name], seconds, f"{name}{processes}")
+        ratios = {kind: statistics.median(pg[0] / lite[0] for pg, lite in zip(runs["postgresql", kind],
+                                                                              runs["sqlite", kind]))
+                  for kind in ("put", "get")}
+        ratios["post"] = figures["postgresql"]["post"] / figures["sqlite"]["post"]
+        return figures, ratios, servers["postgresql"].admin_key
+    finally:
+        for server in servers.values():
+            server.stop()
 
 
 def two_server_figures(url, key, seconds):
@@ -242,19 +281,11 @@ def main(events=1_000_000, seconds=10, soak_seconds=60):
     if cluster is None:
         raise SystemExit("PostgreSQL's server binaries are not installed: no PostgreSQL figures")
     try:
-        bench.say("P1-P3: one server on SQLite, then on PostgreSQL ...")
-        sqlite_server = bench.Server(folder / "sqlite.db", "--processes", "1")
-        try:
-            on_sqlite = single_server_figures(sqlite_server, seconds, "s")
-        finally:
-            sqlite_server.stop()
+        bench.say("P1-P3: one server on each backend, 1 process, measured in alternation ...")
         url = cluster.new_database()
-        pg_server = bench.Server(url, "--processes", "1")
-        try:
-            on_pg = single_server_figures(pg_server, seconds, "p")
-            key = pg_server.admin_key
-        finally:
-            pg_server.stop()
+        one, one_ratios, key = backend_figures(folder / "one.db", url, 1, seconds)
+        bench.say("P1-P3 again with 2 processes a server (serve.py's default on this machine) ...")
+        two_procs, two_ratios, _ = backend_figures(folder / "two.db", cluster.new_database(), 2, seconds)
         bench.say("P4: two servers on one PostgreSQL database ...")
         two = two_server_figures(url, key, seconds)
         bench.say(f"P5: pulling {events:,} events through Next on PostgreSQL ...")
@@ -265,13 +296,18 @@ def main(events=1_000_000, seconds=10, soak_seconds=60):
         changes, missed, out_of_order, served = soak(cluster.new_database(), soak_seconds)
     finally:
         cluster.stop()
-    figures = {"P1. PUT, PostgreSQL vs SQLite": on_pg["put"] / on_sqlite["put"],
-               "P2. GET, PostgreSQL vs SQLite": on_pg["get"] / on_sqlite["get"],
-               "P3. POST batch, PostgreSQL vs SQLite": on_pg["post"] / on_sqlite["post"],
+    on_pg, on_sqlite = one["postgresql"], one["sqlite"]
+    figures = {"P1. PUT, PostgreSQL vs SQLite": one_ratios["put"],
+               "P2. GET, PostgreSQL vs SQLite": one_ratios["get"],
+               "P3. POST batch, PostgreSQL vs SQLite": one_ratios["post"],
+               "P1'. PUT, PG vs SQLite, 2 processes": two_ratios["put"],
+               "P2'. GET, PG vs SQLite, 2 processes": two_ratios["get"],
+               "P3'. POST, PG vs SQLite, 2 processes": two_ratios["post"],
                "P4. PUT, 2 servers vs 1 (PostgreSQL)": two["put"] / on_pg["put"],
                "P4. GET, 2 servers vs 1 (PostgreSQL)": two["get"] / on_pg["get"],
                "P5. pull via Next vs keyset SELECT (PG)": pull / raw}
-    print(f"\nissue 11, PostgreSQL (fsync on; wrk -t1 -c16 -d{seconds}s; {events:,} events for P5)")
+    print(f"\nissue 11, PostgreSQL (fsync on; wrk -t1 -c16 -d{seconds}s; P1-P3: medians of 3 alternating rounds, "
+          f"1 process a server, P1'-P3' 2; {events:,} events for P5)")
     for name, value in figures.items():
         target = TARGETS.get(name)
         verdict = f">= {target:<5} {'met' if value >= target else 'NOT MET'}" if target else ""
@@ -284,6 +320,8 @@ def main(events=1_000_000, seconds=10, soak_seconds=60):
     print(f"SQLite: PUT {on_sqlite['put']:,.0f} req/s (p99 {on_sqlite['put_p99']:.1f} ms), GET {on_sqlite['get']:,.0f},"
           f" POST {on_sqlite['post']:,.0f} events/s; PostgreSQL: PUT {on_pg['put']:,.0f} req/s (p99 "
           f"{on_pg['put_p99']:.1f} ms), GET {on_pg['get']:,.0f}, POST {on_pg['post']:,.0f} events/s; "
+          f"at 2 processes SQLite PUT {two_procs['sqlite']['put']:,.0f}, GET {two_procs['sqlite']['get']:,.0f}, "
+          f"PostgreSQL PUT {two_procs['postgresql']['put']:,.0f}, GET {two_procs['postgresql']['get']:,.0f} req/s; "
           f"two servers: PUT {two['put']:,.0f}, GET {two['get']:,.0f} req/s; pull {pull:,.0f} vs raw {raw:,.0f} events/s")
 
 

@@ -26,6 +26,7 @@ Issue 10 (serve.py --processes):
 Issue 12 (bench/event_types.py, printed after issue 14's):
  13. GET /event-types on a 1,000,000-event database / GET /programs, same server
  14. single PUT with the event-type counts kept / without them (triggers dropped)
+Issue 11 (bench/postgres.py, printed last): PostgreSQL against SQLite, P1-P7.
 Issue 4:
   export and import events/s / raw sqlite3 read and executemany of the same rows,
   and the exporter's peak RSS.
@@ -471,6 +472,8 @@ def main():
     feed.main()  # issue 14: feed pages at 1 and 1,000 programs, long polls that a commit cannot match
     import event_types  # issue 12 (bench/event_types.py imports this module: imported here, not above)
     event_types.main(options.events, options.seconds)
+    import postgres  # issue 11 (bench/postgres.py), last: it starts a PostgreSQL cluster of its own
+    postgres.main(options.events, options.seconds)
 
 
 if __name__ == "__main__":
