@@ -302,3 +302,22 @@ def test_statements_deallocated_behind_its_back_are_prepared_again(url):
         assert admin.get("/events/FOO-1").json["EventData"] == {"n": 2}
     finally:
         registry.close()
+
+
+@pytest.mark.parametrize("required", [False, True])
+def test_without_postgresql_the_summary_says_so_or_ci_fails(tmp_path, required):
+    """Where PostgreSQL's binaries are missing, its half of the suite skips with a
+    plain reason in pytest's summary; with EVENTSTORE_REQUIRE_POSTGRES (.ci/run)
+    it fails instead."""
+    env = {**os.environ, "EVENTSTORE_PG_BIN": str(tmp_path / "nowhere")}
+    env.pop("EVENTSTORE_REQUIRE_POSTGRES", None)
+    if required:
+        env["EVENTSTORE_REQUIRE_POSTGRES"] = "1"
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
+                             "tests/test_programs.py", "-k", "health_needs_no_credentials"],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    if required:
+        assert result.returncode == 1 and "1 passed, 44 deselected, 1 error" in result.stdout, result.stdout
+    else:
+        assert result.returncode == 0 and "1 passed, 1 skipped, 44 deselected" in result.stdout, result.stdout
+    assert "PostgreSQL server binaries not found" in result.stdout
