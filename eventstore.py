@@ -1504,13 +1504,19 @@ class SQLiteCommitWatch:
         if version == self.version:
             return None
         self.version = version
-        changed = self.reads.changes_since(self.last_seq, limit)
-        if changed:
-            self.last_seq = changed[-1][0]
-        return changed
+        return changes_after_last_look(self, limit)
 
     def close(self):
         self.conn.close()
+
+
+def changes_after_last_look(watch, limit):
+    """A commit watch's changes since its last look (``watch.last_seq``), which
+    moves to the last of them."""
+    changed = watch.reads.changes_since(watch.last_seq, limit)
+    if changed:
+        watch.last_seq = changed[-1][0]
+    return changed
 
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")

@@ -628,10 +628,7 @@ class PostgresCommitWatch:
             pass
         if stop.is_set():
             return None
-        changed = self.reads.changes_since(self.last_seq, limit)
-        if changed:
-            self.last_seq = changed[-1][0]
-        return changed
+        return eventstore.changes_after_last_look(self, limit)
 
     def close(self):
         self.conn.close()

@@ -26,7 +26,6 @@ with fsync ON (a benchmark never turns it off), default settings otherwise.
 
 import argparse
 import base64
-import http.client
 import json
 import statistics
 import sys
@@ -158,19 +157,7 @@ def pull_figures(cluster, events):
         conn.execute("VACUUM ANALYZE events")
     server = bench.Server(url)
     try:
-        connection = http.client.HTTPConnection("127.0.0.1", server.port)
-        url_path, pulled = "/events?limit=1000", 0
-        started = time.perf_counter()
-        while True:
-            connection.request("GET", url_path, headers={"Authorization": auth_of(key, "bench")})
-            body = connection.getresponse().read()
-            pulled += body.count(b'"EventId":')
-            tail = json.loads(body[body.rindex(b',"Next":') + 1:].join((b"{", b"")))
-            url_path = tail["Next"]
-            if not tail["HasMore"]:
-                break
-        pull_rate = pulled / (time.perf_counter() - started)
-        connection.close()
+        pulled, pull_rate = bench.pull_through_next(server.port, "bench", key)
     finally:
         server.stop()
     assert pulled == events, pulled
@@ -186,39 +173,6 @@ def pull_figures(cluster, events):
             after = page[-1][0]
         raw_rate = selected / (time.perf_counter() - started)
     return pull_rate, raw_rate
-
-
-def wake_up_latencies(url, samples=60):
-    first, second = bench.Server(url), bench.Server(url)
-    key = first.admin_key
-    first.request("PUT", "/programs/FOO", {"Name": "Foo"}, user="admin", key=key)
-    latencies = []
-    try:
-        for n in range(samples):
-            after = first.request("GET", "/events?limit=1000", user="admin", key=key)[2]["Next"].split("after=")[1]
-            answered = {}
-
-            def poll():
-                answered["page"] = first.request("GET", f"/events?wait=10&after={after}", user="admin", key=key)[2]
-                answered["at"] = time.perf_counter()
-
-            poller = threading.Thread(target=poll)
-            poller.start()
-            deadline = time.monotonic() + 10
-            while first.request("GET", "/health")[2]["longPolls"] != 1:
-                if time.monotonic() > deadline:
-                    raise SystemExit("the long poll did not start waiting")
-                time.sleep(0.005)
-            sent = time.perf_counter()
-            second.request("PUT", f"/events/FOO-w{n}", bench.event_body(n), user="admin", key=key)
-            poller.join(15)
-            if not answered.get("page", {}).get("Events"):
-                raise SystemExit("a long poll was not woken by the other server's commit")
-            latencies.append((answered["at"] - sent) * 1000)
-    finally:
-        first.stop()
-        second.stop()
-    return sorted(latencies)
 
 
 def soak(url, seconds, publishers=8):
@@ -291,7 +245,7 @@ def main(events=1_000_000, seconds=10, soak_seconds=60):
         bench.say(f"P5: pulling {events:,} events through Next on PostgreSQL ...")
         pull, raw = pull_figures(cluster, events)
         bench.say("P6: cross-server long-poll wake-up ...")
-        wakes = wake_up_latencies(cluster.new_database())
+        wakes = bench.wake_up_latencies(cluster.new_database())
         bench.say(f"P7: {soak_seconds} s, 8 publishers on two servers, a follower on each ...")
         changes, missed, out_of_order, served = soak(cluster.new_database(), soak_seconds)
     finally:

@@ -179,21 +179,22 @@ class Baseline:
         self.process.wait()
 
 
-def wake_up_latencies(workdir, samples=60):
+def wake_up_latencies(db, samples=60):
     """Cross-process long-poll wake-up: a long poll waiting in one server process,
-    a PUT through another on the same database; -> sorted ms from sending the PUT
-    to the poll's answer."""
-    first = Server(workdir / "wake.db")
-    second = Server(workdir / "wake.db")
+    a PUT through another on the same database (a SQLite file, or a PostgreSQL
+    URL: two servers); -> sorted ms from sending the PUT to the poll's answer."""
+    first = Server(db)
+    second = Server(db)
     key = first.admin_key
     first.request("PUT", "/programs/FOO", {"Name": "Foo"}, user="admin", key=key)
     latencies = []
     try:
         for n in range(samples):
+            after = first.request("GET", "/events?limit=1000", user="admin", key=key)[2]["Next"].split("after=")[1]
             answered = {}
 
             def poll():
-                first.request("GET", f"/events?wait=10&after={n}", user="admin", key=key)
+                answered["page"] = first.request("GET", f"/events?wait=10&after={after}", user="admin", key=key)[2]
                 answered["at"] = time.perf_counter()
 
             poller = threading.Thread(target=poll)
@@ -206,11 +207,33 @@ def wake_up_latencies(workdir, samples=60):
             sent = time.perf_counter()
             second.request("PUT", f"/events/FOO-{n}", event_body(n), user="admin", key=key)
             poller.join(15)
+            if not answered.get("page", {}).get("Events"):
+                raise SystemExit("a long poll was not woken by the other process's commit")
             latencies.append((answered["at"] - sent) * 1000)
     finally:
         first.stop()
         second.stop()
     return sorted(latencies)
+
+
+def pull_through_next(port, user, key):
+    """Follow Next from the start with limit=1000 on one keep-alive connection
+    -> (events pulled, events/s)."""
+    auth = {"Authorization": "Basic " + base64.b64encode(f"{user}:{key}".encode()).decode()}
+    connection = http.client.HTTPConnection("127.0.0.1", port)
+    url, pulled = "/events?limit=1000", 0
+    started = time.perf_counter()
+    while True:
+        connection.request("GET", url, headers=auth)
+        body = connection.getresponse().read()
+        pulled += body.count(b'"EventId":')
+        tail = json.loads(body[body.rindex(b',"Next":') + 1:].join((b"{", b"")))
+        url = tail["Next"]
+        if not tail["HasMore"]:
+            break
+    rate = pulled / (time.perf_counter() - started)
+    connection.close()
+    return pulled, rate
 
 
 def percentile(values, percent):
@@ -315,7 +338,7 @@ def main():
     latencies.update({"9. GET, 2 processes": get2[1:3], "11. PUT, 2 processes": put2[1:3],
                       "9. baseline GET, 2": base_get2[1:3]})
     say("12: cross-process long-poll wake-up ...")
-    wakes = wake_up_latencies(workdir)
+    wakes = wake_up_latencies(workdir / "wake.db")
     latencies["12. cross-process long-poll wake-up"] = (percentile(wakes, 50), percentile(wakes, 99))
 
     # 6: RSS over 100,000 requests on the same server (it has served ~warm-up already).
@@ -384,20 +407,7 @@ def main():
     with eventstore.write_transaction(conn):
         tx = eventstore.SQLiteTransaction(conn, eventstore.now_us())
         key = eventstore.add_user(tx, "bench", True, {})
-    pull_auth = {"Authorization": "Basic " + base64.b64encode(f"bench:{key}".encode()).decode()}
-    connection = http.client.HTTPConnection("127.0.0.1", server.port)
-    url, pulled = "/events?limit=1000", 0
-    started = time.perf_counter()
-    while True:
-        connection.request("GET", url, headers=pull_auth)
-        body = connection.getresponse().read()
-        pulled += body.count(b'"EventId":')
-        tail = json.loads(body[body.rindex(b',"Next":') + 1:].join((b"{", b"")))
-        url = tail["Next"]
-        if not tail["HasMore"]:
-            break
-    pull_rate = pulled / (time.perf_counter() - started)
-    connection.close()
+    pulled, pull_rate = pull_through_next(server.port, "bench", key)
     assert pulled == options.events, pulled
     started, after_seq, selected = time.perf_counter(), 0, 0
     while True:
