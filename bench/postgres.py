@@ -93,7 +93,7 @@ def backend_figures(sqlite_path, pg_url, processes, seconds, rounds=3):
             for kind, script_index in (("put", 0), ("get", 1)):
                 for name in order:
                     runs[name, kind].append(bench.wrk(servers[name].port, scripts[name][script_index], seconds,
-                                                      args=[f"r{processes}-{n}"]))
+                                                      args=[f"r{processes}-{n}"], timeouts_allowed=True))
         figures = {name: {kind: statistics.median(run[0] for run in runs[name, kind]) for kind in ("put", "get")}
                    for name in servers}
         for name in servers:
