@@ -725,6 +725,8 @@ def parse_event_types_query(pairs):
 #   storage.watch_commits()         a CommitWatch: other processes' commits
 #   storage.local_file(suffix)      a file this machine's processes share, or None
 #   storage.errors / .problem(exc)  its exceptions, and the Problem each becomes
+#   storage.retryable(exc)          whether a transaction that raised it may be run again
+#   storage.health_details()        what /health adds; storage.durability(): one line
 #
 # A Reads answers: key_row, grants_of, find_program, list_programs,
 # type_registered, registered_types, event_types_json, read_event, read_feed,
@@ -1423,6 +1425,12 @@ class SQLiteStorage:
     def health_details(self):
         return {}
 
+    @staticmethod
+    def retryable(exc):
+        """Errors after which running the transaction again can succeed: none
+        (the write lock serializes SQLite's writers; a busy database is a 503)."""
+        return False
+
     def durability(self):
         """One line for the operator: what a 200 means here."""
         return "SQLite in WAL mode with synchronous=FULL: a 200 is committed and fsynced"
@@ -1707,7 +1715,7 @@ class GroupCommitWriter:
             except _ChangeFailed:
                 raise
             except Exception as exc:  # a deadlock or serialization failure may pass the next time
-                if attempt >= 3 or not getattr(session.storage, "retryable", lambda exc: False)(exc):
+                if attempt >= 3 or not session.storage.retryable(exc):
                     raise
 
     def _run_changes(self, session, batch, seqs):

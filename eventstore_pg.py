@@ -523,8 +523,7 @@ class PostgresStorage:
         say so, or warn loudly."""
         settings = {name: conn.execute(f"SHOW {name}").fetchone()[0]
                     for name in ("fsync", "synchronous_commit", "server_version")}
-        if settings["fsync"] != "on" or settings["synchronous_commit"] not in ("on", "remote_apply",
-                                                                                "remote_write", "local"):
+        if not _durable(settings):
             log.warning("PostgreSQL has fsync=%s and synchronous_commit=%s: a 200 is NOT durable, a crash "
                         "can lose acknowledged changes. Turn both on for anything but tests.",
                         settings["fsync"], settings["synchronous_commit"])
@@ -533,9 +532,8 @@ class PostgresStorage:
     def durability(self):
         """One line for the operator: whether a 200 is durable on this server."""
         s = self.settings
-        durable = s["fsync"] == "on" and s["synchronous_commit"] != "off"
         return (f"PostgreSQL {s['server_version']}: fsync={s['fsync']}, synchronous_commit="
-                f"{s['synchronous_commit']}" + ("" if durable else " -- WARNING: a 200 is not durable"))
+                f"{s['synchronous_commit']}" + ("" if _durable(s) else " -- WARNING: a 200 is not durable"))
 
     @staticmethod
     def _apply_schema(conn):
@@ -599,6 +597,12 @@ class PostgresStorage:
 
     def close(self):
         self.pool.close()
+
+
+def _durable(settings):
+    """Whether a COMMIT returns only once it is on disk: fsync on, and
+    synchronous_commit anything but off (local, on, remote_write, remote_apply)."""
+    return settings["fsync"] == "on" and settings["synchronous_commit"] != "off"
 
 
 class PostgresCommitWatch:

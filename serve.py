@@ -76,23 +76,27 @@ def default_processes():
         return os.cpu_count() or 1
 
 
-def announce(db_path, host, port, processes=1):
+def cannot_open(db, exc):
+    """The one line for a database that cannot be opened -> exit status 1."""
+    print(f"error: cannot open {eventstore.safe_db_name(db)} as an eventstore database: {exc}", file=sys.stderr)
+    return 1
+
+
+def announce(storage, host, port, processes=1):
     """Create the first admin on an empty database and tell the operator how to
     authenticate. The key is printed once, to standard error."""
-    storage = eventstore.open_storage(db_path)
     session = storage.session()
     try:
         admin_key = eventstore.bootstrap_admin(session, eventstore.now_us())
-        durability = storage.durability()
     finally:
         session.close()
-        storage.close()
     base = f"http://{host}:{port}"
     say = lambda text="": print(text, file=sys.stderr)  # noqa: E731
     workers = f" with {processes} worker processes" if processes > 1 else ""
-    name = os.path.abspath(db_path) if storage.backend == "sqlite" else eventstore.safe_db_name(db_path)
+    db_path = eventstore.safe_db_name(storage)  # a URL without its password
+    name = os.path.abspath(db_path) if storage.backend == "sqlite" else db_path
     say(f"eventstore serving {name}{workers} on {base}")
-    say(durability)
+    say(storage.durability())
     if admin_key:
         say()
         say("Created the SYSTEM user 'admin'. Its API key is shown only this once:")
@@ -121,8 +125,11 @@ def main(argv=None):
 def prepare_database(args, port, processes):
     """The supervisor's part before any worker starts: check the database and its
     schema once, create the first admin, say how to authenticate."""
-    eventstore.make_app(args.db).close()
-    announce(args.db, args.host, port, processes)
+    storage = eventstore.open_storage(args.db, threads=1)
+    try:
+        announce(storage, args.host, port, processes)
+    finally:
+        storage.close()
 
 
 def pin_to_cpu(args):
@@ -146,9 +153,7 @@ def serve_one(args, announce_it):
         throttle = eventstore.shared_throttle(storage.local_file("throttle"), threshold=args.max_auth_failures)
         app = eventstore.make_app(storage, max_body_bytes=args.max_body, max_waiting=max_waiting, throttle=throttle)
     except (sqlite3.Error, RuntimeError, OSError) as exc:
-        print(f"error: cannot open {eventstore.safe_db_name(args.db)} as an eventstore database: {exc}",
-              file=sys.stderr)
-        return 1
+        return cannot_open(args.db, exc)
     access_log = AccessLog(app) if args.access_log else None
     try:
         server = create_waitress(access_log or app, args, reuse_port=args.worker)
@@ -157,11 +162,9 @@ def serve_one(args, announce_it):
         return 1
     if announce_it:
         try:
-            announce(args.db, args.host, server.effective_port)
+            announce(app.storage, args.host, server.effective_port)
         except (sqlite3.Error, RuntimeError, OSError) as exc:
-            print(f"error: cannot open {eventstore.safe_db_name(args.db)} as an eventstore database: {exc}",
-                  file=sys.stderr)
-            return 1
+            return cannot_open(args.db, exc)
     try:
         run_until_stopped(server, app)
     finally:
@@ -224,8 +227,7 @@ def supervise(args, argv, processes, prepare, script=__file__, restart_limit=5, 
         print(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     except (sqlite3.Error, RuntimeError) as exc:
-        print(f"error: cannot open {args.db} as an eventstore database: {exc}", file=sys.stderr)
-        return 1
+        return cannot_open(args.db, exc)
     command = [sys.executable, os.path.abspath(script), *without_port(argv), "--port", str(port), "--worker"]
     start = lambda slot: subprocess.Popen([*command, "--worker-slot", str(slot)])  # noqa: E731
     stopping = threading.Event()
