@@ -19,11 +19,16 @@ Unused Sequences are gaps: the contract promises increasing, not consecutive.
 """
 
 import contextlib
+import copy
 import hashlib
+import json
 import logging
 import os
+import queue
+import select
 import tempfile
 import threading
+import time
 import weakref
 from pathlib import Path
 
@@ -38,7 +43,9 @@ from eventstore import EVENT_COLUMNS, Problem, SequencesExhausted, render_event,
 SCHEMA_PATH = Path(__file__).resolve().parent / "schema-postgres.sql"
 SCHEMA_LOCK = 7310581      # advisory lock id: one process applies the schema at a time
 NOTIFY_CHANNEL = "eventstore"
+PROGRAMS_READ_AT_BEGIN = 1000  # up to this many programs, a write transaction reads them all at BEGIN
 RECHECK_SECONDS = 0.25     # the commit watch looks even without a notification this often (at least)
+READ_ONLY = "-c default_transaction_read_only=on"  # request threads read; every write goes through a session
 BARRIER = "xid < pg_snapshot_xmin(pg_current_snapshot())"
 
 log = logging.getLogger("eventstore")
@@ -61,10 +68,11 @@ class PostgresReads:
     """Every read of the storage interface: on ``conn`` (a transaction's), or on
     a connection from ``pool`` that the calling thread keeps while it lives
     (borrowing one per statement cost a sixth of a read's time); it goes back
-    to the pool when the thread ends, or is replaced if it broke."""
+    to the pool when the thread ends, or is replaced if it broke. Outside a
+    transaction, GET by id goes through ``pipeline`` (a ReadPipeline)."""
 
-    def __init__(self, pool=None, conn=None):
-        self.pool, self.conn = pool, conn
+    def __init__(self, pool=None, conn=None, pipeline=None):
+        self.pool, self.conn, self.pipeline = pool, conn, pipeline
         self._local = threading.local()
 
     def _held(self):
@@ -159,8 +167,8 @@ class PostgresReads:
     # Events and the feed
 
     def read_event(self, event_id):
-        if self.conn is None:  # GET /events/{id}: the hot path, see _Held.read_event
-            return self._held().read_event(event_id)
+        if self.conn is None:  # GET /events/{id}: the hot path
+            return self.pipeline.read_event(event_id)
         return self._one(f"SELECT {EVENT_COLUMNS} FROM events WHERE event_id = %s", (event_id,))
 
     def last_sequence(self):
@@ -225,26 +233,144 @@ class _Held:
     def __init__(self, pool):
         self.conn = pool.getconn()
         self.give_back = weakref.finalize(self, pool.putconn, self.conn)
-        self.prepared = set()
 
-    READ_EVENT = f"SELECT {EVENT_COLUMNS} FROM events WHERE event_id = $1"
+
+class _Read:
+    __slots__ = ("event_id", "done", "row", "error")
+
+    def __init__(self, event_id):
+        self.event_id, self.row, self.error = event_id, None, None
+        self.done = threading.Lock()
+        self.done.acquire()  # released when answered
+
+
+class ReadPipeline:
+    """GET /events/{id}, the hottest read, for every request thread of this
+    process on one connection of its own: a thread hands its EventId over and
+    waits; one thread reads every id waiting in one statement and hands each
+    thread its row. A connection per request thread cost PostgreSQL a wake-up,
+    a statement and a reply per GET, on the cores the servers share
+    (bench/postgres.py P2'). Reads change nothing, so a batch whose connection
+    broke is read once more on a new one. The pipeline waits at most ``timeout``
+    seconds for an answer before it gives its connection up, so a thread waits
+    at most about twice that."""
+
+    STATEMENT = b"eventstore_read_events"
+    SQL = f"SELECT {EVENT_COLUMNS} FROM events WHERE event_id = ANY($1::text[])".encode()
+    MAX_BATCH = 256
+
+    def __init__(self, connect, timeout):
+        self.connect, self.timeout = connect, timeout
+        self._queue = queue.SimpleQueue()
+        self._thread = None
+        self._starting = threading.Lock()
 
     def read_event(self, event_id):
-        """GET /events/{id}'s query, through libpq (see exec_prepared)."""
-        result = exec_prepared(self.conn, self.prepared, "eventstore_read_event", self.READ_EVENT, (event_id,))
-        if not result.ntuples:
-            return None
-        seq, event_id, program_id, event_type, doc, revision, created_us, updated_us = (
-            result.get_value(0, column) for column in range(8))
-        return (int(seq), event_id.decode(), program_id.decode(), event_type.decode(), doc and doc.decode(),
-                int(revision), int(created_us), int(updated_us))
+        if self._thread is None or not self._thread.is_alive():
+            self._start()
+        read = _Read(event_id)
+        self._queue.put(read)
+        if not read.done.acquire(timeout=2 * self.timeout + 1):  # a try on each of two connections
+            raise psycopg.OperationalError(f"PostgreSQL did not answer a read within {self.timeout:g} s")
+        if read.error is not None:
+            raise read.error
+        return read.row
+
+    def _start(self):
+        with self._starting:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="eventstore-reads", daemon=True)
+                self._thread.start()
+
+    def close(self):
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            self._queue.put(None)
+            thread.join(self.timeout)
+
+    def _run(self):
+        conn = None
+        try:
+            while True:
+                batch = [self._queue.get()]
+                while len(batch) < self.MAX_BATCH and not self._queue.empty():
+                    batch.append(self._queue.get())
+                reads = [read for read in batch if read is not None]
+                for attempt in (1, 2):
+                    try:
+                        if conn is None:
+                            conn = self._open()
+                        rows = self._read(conn.pgconn, {read.event_id for read in reads})
+                        for read in reads:
+                            read.row = rows.get(read.event_id)
+                        break
+                    except Exception as exc:  # the connection broke, or none could be opened
+                        if conn is not None:
+                            conn.close()
+                            conn = None
+                        if attempt == 2:
+                            log.warning("database unavailable for reads: %r", exc)
+                            for read in reads:  # each its own copy: raised in one thread only
+                                read.error = copy.copy(exc).with_traceback(None)
+                for read in reads:
+                    read.done.release()
+                if len(reads) < len(batch):  # close() was called
+                    return
+        finally:
+            if conn is not None:
+                conn.close()
+
+    def _open(self):
+        conn = self.connect()
+        _succeeded(conn.pgconn.prepare(self.STATEMENT, self.SQL))
+        conn.pgconn.nonblocking = 1  # so that waiting has a bound (_wait)
+        return conn
+
+    def _read(self, pgconn, event_ids):
+        """{EventId: row} of those that exist."""
+        pgconn.send_query_prepared(self.STATEMENT, [_text_array(event_ids)])
+        deadline = time.monotonic() + self.timeout
+        while pgconn.flush():
+            self._wait(pgconn, deadline, select.POLLIN | select.POLLOUT)
+        results = []
+        while True:
+            while pgconn.is_busy():
+                self._wait(pgconn, deadline, select.POLLIN)
+            result = pgconn.get_result()
+            if result is None:
+                break
+            results.append(_succeeded(result))
+        (result,) = results
+        rows = (_event_of(result, row) for row in range(result.ntuples))
+        return {row[1]: row for row in rows}
+
+    def _wait(self, pgconn, deadline, events):
+        poll = select.poll()
+        poll.register(pgconn.socket, events)
+        if not poll.poll(max(0.0, deadline - time.monotonic()) * 1000):
+            raise psycopg.OperationalError(f"PostgreSQL did not answer within {self.timeout:g} s")
+        pgconn.consume_input()
+
+
+def _text_array(values):
+    """A PostgreSQL text[] literal of ``values`` (each quoted, so any text goes)."""
+    return ("{" + ",".join('"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"' for value in values)
+            + "}").encode("utf-8")
+
+
+def _event_of(result, row):
+    """An EVENT_COLUMNS row, from a libpq result in text format."""
+    seq, event_id, program_id, event_type, doc, revision, created_us, updated_us = (
+        result.get_value(row, column) for column in range(8))
+    return (int(seq), event_id.decode(), program_id.decode(), event_type.decode(), doc and doc.decode(),
+            int(revision), int(created_us), int(updated_us))
 
 
 def exec_prepared(conn, prepared, name, sql, params):
     """Run ``sql`` ($1, $2 ... placeholders) with ``params`` through libpq itself,
     as a statement prepared once per connection (``prepared``: the names already
     prepared on ``conn``): a third of the CPU psycopg's cursor spends on the
-    same statement. For the hottest statements only (GET by id, the PUT upsert).
+    same statement. For the hottest statement only (the PUT upsert).
     Parameters go as text (str, int) or binary (bytes), NULL for None; the
     result's values come back as bytes (text format) for the caller to convert."""
     pgconn = conn.pgconn
@@ -261,9 +387,10 @@ def exec_prepared(conn, prepared, name, sql, params):
         try:
             return _succeeded(pgconn.exec_prepared(name.encode(), values, formats))
         except pg_errors.InvalidSqlStatementName:
-            # Gone: psycopg deallocates every prepared statement of a connection when
-            # it rolls back one of its own. Outside a transaction prepare it again;
-            # inside one (now aborted) the caller's transaction runs again.
+            # Gone (psycopg deallocates every prepared statement of a connection when
+            # it rolls back a transaction of its own; so may a pooler). Outside a
+            # transaction prepare it again; inside one (now aborted) the caller's
+            # transaction runs again.
             prepared.discard(name)
             if attempt == 2 or pgconn.transaction_status != pq.TransactionStatus.IDLE:
                 raise
@@ -323,16 +450,32 @@ class PostgresTransaction(PostgresReads):
         self.wanted = seqs
         self._next = self._end = 0
         self._written = 0
-        if seqs:
-            # The NOTIFY goes with the COMMIT whenever it is sent: sent here, it costs no
-            # round trip of its own (a transaction that then changes nothing wakes the
-            # listeners for nothing: they find no new change and wait again).
-            self._next = conn.execute("SELECT eventstore_take_sequences(%s), pg_notify(%s, '')",
-                                      (seqs, NOTIFY_CHANNEL)).fetchone()[0]
-            self._end = self._next + seqs
+        self._programs = None  # program id -> (name, registered_types_only), when read at BEGIN
+        if not seqs:
+            _succeeded(conn.pgconn.exec_(b"BEGIN"))
+            return
+        # One round trip for all a group commit needs first (each one costs the
+        # writer ~1 ms on a busy machine): BEGIN, the Sequences, the NOTIFY (sent with
+        # the COMMIT; a transaction that then changes nothing wakes the listeners for
+        # nothing: they find no new change and wait again), and the programs' rules.
+        # The SQL holds no input: seqs is this module's int, the channel a constant.
+        result = _succeeded(conn.pgconn.exec_(
+            f"BEGIN; SELECT eventstore_take_sequences({int(seqs)}), pg_notify('{NOTIFY_CHANNEL}', ''),"
+            f" (SELECT COALESCE(json_object_agg(program_id, json_build_array(name, registered_types_only)), '{{}}')"
+            f" FROM programs HAVING COUNT(*) <= {PROGRAMS_READ_AT_BEGIN})".encode()))
+        self._next = int(result.get_value(0, 0))
+        self._end = self._next + seqs
+        programs = result.get_value(0, 2)
+        if programs is not None:
+            self._programs = {program_id: tuple(rule) for program_id, rule in json.loads(programs).items()}
 
     def changes(self):
         return self._written
+
+    def find_program(self, program_id):
+        if self._programs is None:
+            return super().find_program(program_id)
+        return self._programs.get(program_id)
 
     def _write(self, sql, params=()):
         cursor = self.conn.execute(sql, params)
@@ -409,6 +552,7 @@ class PostgresTransaction(PostgresReads):
     # Programs and event types
 
     def put_program(self, program_id, name, registered_types_only=None):
+        self._programs = None  # read them from the table again
         return self._write(
             "INSERT INTO programs (program_id, name, created_us, registered_types_only)"
             " VALUES (%s, %s, %s, COALESCE(%s, false)) ON CONFLICT (program_id) DO UPDATE SET name = excluded.name,"
@@ -474,12 +618,22 @@ class PostgresSession(PostgresReads):
 
     @contextlib.contextmanager
     def transaction(self, now, seqs=0):
+        """BEGIN (see PostgresTransaction) ... COMMIT, on libpq itself: psycopg's
+        transaction() would send BEGIN in a round trip of its own."""
         if self.conn.broken or self.conn.closed:
             self.conn, self.prepared = self.storage.connect(), set()
-        with self.conn.transaction():
-            # A transaction that takes Sequences also notifies (once per group commit:
-            # it wakes the long polls of every server).
+        pgconn = self.conn.pgconn
+        try:
             yield PostgresTransaction(self.conn, now, seqs, self.prepared)
+        except BaseException:
+            if pgconn.transaction_status in (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR):
+                pgconn.exec_(b"ROLLBACK")
+            raise
+        result = _succeeded(pgconn.exec_(b"COMMIT"))
+        if result.command_status != b"COMMIT":
+            # COMMIT in a failed transaction rolls it back (a statement failed, and its
+            # error was caught): nothing was written; say so.
+            raise psycopg.OperationalError("the transaction failed and was rolled back; nothing was written")
 
     def close(self):
         self.conn.close()
@@ -505,17 +659,21 @@ class PostgresStorage:
         size = (threads or 16) + 1
         self.pool = psycopg_pool.ConnectionPool(
             url, min_size=min(2, size), max_size=size, timeout=busy_timeout_ms / 1000, open=True,
-            # Read-only, as SQLite's read connections are: every write goes through a session.
-            # No check on every checkout (it would cost a round trip per statement): a
+            # Read-only, as SQLite's read connections are. No check on every checkout (it would cost a round trip per statement): a
             # connection that broke fails its statement (503) and the pool drops it.
-            kwargs={"autocommit": True, "options": "-c default_transaction_read_only=on"}, name="eventstore")
-        self._reads = PostgresReads(pool=self.pool)
+            kwargs={"autocommit": True, "options": READ_ONLY}, name="eventstore")
+        self._pipeline = ReadPipeline(self.connect_read_only, busy_timeout_ms / 1000)
+        self._reads = PostgresReads(pool=self.pool, pipeline=self._pipeline)
 
     def __str__(self):
         return eventstore.safe_db_name(self.url)
 
-    def connect(self):
-        return psycopg.connect(self.url, autocommit=True, connect_timeout=max(2, self.busy_timeout_ms // 1000))
+    def connect(self, **options):
+        return psycopg.connect(self.url, autocommit=True, connect_timeout=max(2, self.busy_timeout_ms // 1000),
+                               **options)
+
+    def connect_read_only(self, name="eventstore reads"):
+        return self.connect(options=READ_ONLY, application_name=name)
 
     @staticmethod
     def _check(conn):
@@ -596,6 +754,7 @@ class PostgresStorage:
         return isinstance(exc, (pg_errors.SerializationFailure, pg_errors.DeadlockDetected))
 
     def close(self):
+        self._pipeline.close()
         self.pool.close()
 
 

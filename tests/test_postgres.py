@@ -286,22 +286,170 @@ def test_without_psycopg_one_line_says_what_to_install(url):
 
 
 def test_statements_deallocated_behind_its_back_are_prepared_again(url):
-    """GET by id and PUT run statements prepared through libpq; psycopg
-    deallocates every prepared statement of a connection when it rolls back one
-    of its own. Neither a read nor a write may fail for that."""
+    """PUT's upsert runs as a statement prepared through libpq; psycopg
+    deallocates every prepared statement of a connection when it rolls back a
+    transaction of its own (so may a pooler). A write may not fail for that."""
     from conftest import Registry
     registry = Registry(url)
     try:
         admin = registry.client("admin")
         admin.put_json("/events/FOO-1", body(1))
-        assert admin.get("/events/FOO-1").json["Revision"] == 1
-        registry.storage.reads()._held().conn.execute("DEALLOCATE ALL")  # this thread's read connection
-        assert admin.get("/events/FOO-1").json["Revision"] == 1
         registry.app.write(lambda tx: tx.conn.execute("DEALLOCATE ALL"), changed=lambda _: False, seqs=0)
         admin.put_json("/events/FOO-1", body(2), status=200)
         assert admin.get("/events/FOO-1").json["EventData"] == {"n": 2}
     finally:
         registry.close()
+
+
+def test_a_transaction_whose_statement_failed_is_not_reported_committed(url):
+    """COMMIT after a failed statement is a ROLLBACK: the writer must say the
+    change failed, not answer 200 for what was not written."""
+    from conftest import Registry
+
+    def swallow_a_failure(tx):
+        tx.put_program("NEW", "New")
+        try:
+            tx.conn.execute("SELECT 1 / 0")
+        except eventstore_pg().psycopg.errors.DivisionByZero:
+            pass
+    registry = Registry(url)
+    try:
+        with pytest.raises(Exception, match="rolled back"):
+            registry.app.write(swallow_a_failure, changed=lambda _: False, seqs=1)
+        assert registry.storage.reads().find_program("NEW") is None
+    finally:
+        registry.close()
+
+
+def eventstore_pg():
+    import eventstore_pg
+    return eventstore_pg
+
+
+def test_a_program_registered_earlier_in_the_same_transaction_takes_events(url):
+    """A write transaction reads the programs at BEGIN; one it registers itself
+    must then be seen, as on SQLite (a batch can hold both changes)."""
+    from conftest import opened
+    with opened(url) as session, session.transaction(eventstore.now_us(), seqs=2) as tx:
+        assert tx._programs == {}  # read at BEGIN (none yet)
+        tx.put_program("NEW", "New")
+        assert eventstore.put_event(tx, eventstore.validate_event("NEW-1", {**body(), "ProgramId": "NEW"}))[0] == \
+            "created"
+        with pytest.raises(eventstore.Problem, match="not registered"):
+            eventstore.put_event(tx, eventstore.validate_event("NOPE-1", {**body(), "ProgramId": "NOPE"}))
+
+
+def test_with_more_programs_than_read_at_begin_each_is_looked_up(url):
+    """Past PROGRAMS_READ_AT_BEGIN programs a transaction looks each one up: the
+    rules still hold (a registered program takes events, an unknown one is a 404,
+    a strict one refuses an unregistered type)."""
+    from conftest import opened
+    count = eventstore_pg().PROGRAMS_READ_AT_BEGIN + 1
+    with opened(url) as session:
+        with session.transaction(eventstore.now_us()) as tx:
+            tx.conn.execute("INSERT INTO programs (program_id, name, created_us, registered_types_only)"
+                            " SELECT 'P' || n, 'Program ' || n, 0, n = 1 FROM generate_series(1, %s) AS n", (count,))
+        with session.transaction(eventstore.now_us(), seqs=3) as tx:
+            assert tx._programs is None  # the branch under test
+            assert eventstore.put_event(tx, eventstore.validate_event("P2-1", {**body(), "ProgramId": "P2"}))[0] == \
+                "created"
+            with pytest.raises(eventstore.Problem, match="not registered"):
+                eventstore.put_event(tx, eventstore.validate_event("NOPE-1", {**body(), "ProgramId": "NOPE"}))
+            with pytest.raises(eventstore.Problem) as refused:
+                eventstore.put_event(tx, eventstore.validate_event("P1-1", {**body(), "ProgramId": "P1"}))
+            assert "takes registered types only" in str(refused.value.errors)
+
+
+def _reads_backend_pid(conn, name):
+    """The pid of the PostgreSQL backend serving the GET pipeline of database ``name``'s servers."""
+    row = conn.execute("SELECT pid FROM pg_stat_activity WHERE application_name = 'eventstore reads'"
+                       " AND datname = %s", (name,)).fetchone()
+    return row and row[0]
+
+
+def test_concurrent_gets_each_get_their_own_event(url):
+    """GETs of many threads go to PostgreSQL together (ReadPipeline): each
+    thread must get its own event, or a 404 for one that does not exist."""
+    from conftest import Registry, run_in_thread
+    registry = Registry(url)
+    try:
+        admin = registry.client("admin")
+        for n in range(40):
+            admin.put_json(f"/events/FOO-{n}", body(n))
+
+        def get_many(thread):
+            seen = []
+            for i in range(60):
+                n = (thread * 7 + i) % 50  # 40-49 do not exist
+                response = admin.get(f"/events/FOO-{n}", status=(200, 404))
+                seen.append((n, response.status_int, response.json.get("EventData")))
+            return seen
+        waits = [run_in_thread(get_many, thread) for thread in range(16)]
+        for wait in waits:
+            for n, status, data in wait(timeout=60):
+                assert (status, data) == ((200, {"n": n}) if n < 40 else (404, None)), n
+    finally:
+        registry.close()
+
+
+def test_gets_survive_a_lost_connection_a_hung_one_and_an_unreachable_database(url):
+    """The GET pipeline's connection terminated: the next GET is read again on a
+    new one. Its backend stopped (SIGSTOP, as a network that drops everything):
+    the pipeline gives that connection up after the storage's timeout and the
+    GET is answered on a new one. The database refusing connections: a 503
+    problem, and GETs answer again once it takes them."""
+    import psycopg
+    from conftest import Registry
+    registry = Registry(url, busy_timeout_ms=1000)
+    server, name = url.rsplit("/", 1)
+    try:
+        admin = registry.client("admin")
+        admin.put_json("/events/FOO-1", body(1))
+        assert admin.get("/events/FOO-1").json["EventData"] == {"n": 1}
+        with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
+            first = _reads_backend_pid(conn, name)
+            assert conn.execute("SELECT pg_terminate_backend(%s)", (first,)).fetchone()[0]
+            assert admin.get("/events/FOO-1").json["EventData"] == {"n": 1}
+            second = _reads_backend_pid(conn, name)
+            assert second not in (None, first)
+            os.kill(second, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                assert admin.get("/events/FOO-1").json["EventData"] == {"n": 1}
+                assert 1 <= time.monotonic() - started < 10
+            finally:
+                os.kill(second, signal.SIGCONT)
+            conn.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
+            try:
+                conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                             " WHERE application_name = 'eventstore reads' AND datname = %s", (name,))
+                problem = admin.get("/events/FOO-1", status=503)
+                assert problem.content_type == "application/problem+json" and "Traceback" not in problem.text
+            finally:
+                conn.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+        assert admin.get("/events/FOO-1").json["EventData"] == {"n": 1}
+    finally:
+        registry.close()
+
+
+def test_closing_the_storage_stops_its_read_pipeline(url):
+    storage = eventstore.open_storage(url)
+    storage.session().close()
+    assert storage.reads().read_event("FOO-1") is None
+    pipeline_thread = storage.reads().pipeline._thread
+    assert pipeline_thread.is_alive()
+    storage.close()
+    assert not pipeline_thread.is_alive()
+
+
+def test_event_ids_reach_postgresql_as_the_same_text(url):
+    """The pipeline's text[] literal keeps quotes, backslashes, commas, braces,
+    spaces, "NULL" and the empty string as they are."""
+    import psycopg
+    values = ['a"b', "c\\d", "e,f", "{g}", "h i", "NULL", "", "é"]
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert conn.execute("SELECT %s::text[]", (eventstore_pg()._text_array(values).decode(),)).fetchone()[0] \
+            == values
 
 
 @pytest.mark.parametrize("required", [False, True])
