@@ -74,6 +74,7 @@ class PostgresReads:
     def __init__(self, pool=None, conn=None, pipeline=None):
         self.pool, self.conn, self.pipeline = pool, conn, pipeline
         self._local = threading.local()
+        self._holders = weakref.WeakSet()  # every thread's _Held, for close_held()
 
     def _held(self):
         held = getattr(self._local, "held", None)
@@ -81,7 +82,13 @@ class PostgresReads:
             if held is not None:
                 held.give_back()
             held = self._local.held = _Held(self.pool)
+            self._holders.add(held)
         return held
+
+    def close_held(self):
+        """Close the connections threads still hold (the pool closes only those it has)."""
+        for held in list(self._holders):
+            held.conn.close()
 
     @contextlib.contextmanager
     def _connection(self):
@@ -755,6 +762,7 @@ class PostgresStorage:
 
     def close(self):
         self._pipeline.close()
+        self._reads.close_held()
         self.pool.close()
 
 

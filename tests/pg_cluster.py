@@ -110,6 +110,12 @@ class Cluster:
             pass
         try:
             with psycopg.connect(url, autocommit=True) as conn:
+                # A backend outlives its client's disconnection by a moment: give the
+                # test's closed connections up to a second to go.
+                deadline = time.monotonic() + 1
+                while conn.execute("SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database()"
+                                   " AND pid <> pg_backend_pid()").fetchone()[0] and time.monotonic() < deadline:
+                    time.sleep(0.005)
                 extra = conn.execute(
                     "SELECT (SELECT COUNT(*) FROM pg_trigger WHERE NOT tgisinternal)"
                     " + (SELECT COUNT(*) FROM pg_proc WHERE pronamespace = 'public'::regnamespace)"

@@ -432,14 +432,28 @@ def test_gets_survive_a_lost_connection_a_hung_one_and_an_unreachable_database(u
         registry.close()
 
 
-def test_closing_the_storage_stops_its_read_pipeline(url):
+def test_closing_the_storage_closes_every_connection_it_opened(url):
+    """Its GET pipeline stops, and the pool connections threads still hold
+    (the pool itself closes only those it has) are closed too."""
+    import psycopg
+    from conftest import run_in_thread
     storage = eventstore.open_storage(url)
-    storage.session().close()
     assert storage.reads().read_event("FOO-1") is None
+    assert storage.reads().find_program("FOO") is None  # this thread now holds a connection
+    hold = threading.Event()
+    holder = run_in_thread(lambda: (storage.reads().find_program("FOO"), hold.wait(30)))  # and so does that one
     pipeline_thread = storage.reads().pipeline._thread
     assert pipeline_thread.is_alive()
-    storage.close()
-    assert not pipeline_thread.is_alive()
+    server, name = url.rsplit("/", 1)
+    with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
+        def sessions():
+            return conn.execute("SELECT COUNT(*) FROM pg_stat_activity WHERE datname = %s", (name,)).fetchone()[0]
+        eventually(lambda: sessions() >= 3, "the pipeline's and two held connections are open")
+        storage.close()
+        assert not pipeline_thread.is_alive()
+        eventually(lambda: sessions() == 0, "every connection of the storage is closed")
+    hold.set()
+    holder(timeout=30)
 
 
 def test_event_ids_reach_postgresql_as_the_same_text(url):
