@@ -277,8 +277,9 @@ class ReadPipeline:
             self._start()
         read = _Read(event_id)
         self._queue.put(read)
-        if not read.done.acquire(timeout=2 * self.timeout + 1):  # a try on each of two connections
-            raise psycopg.OperationalError(f"PostgreSQL did not answer a read within {self.timeout:g} s")
+        wait = 2 * self.timeout + 1  # a try on each of two connections
+        if not read.done.acquire(timeout=wait):
+            raise psycopg.OperationalError(f"PostgreSQL did not answer a read within {wait:g} s")
         if read.error is not None:
             raise read.error
         return read.row
@@ -666,8 +667,9 @@ class PostgresStorage:
         size = (threads or 16) + 1
         self.pool = psycopg_pool.ConnectionPool(
             url, min_size=min(2, size), max_size=size, timeout=busy_timeout_ms / 1000, open=True,
-            # Read-only, as SQLite's read connections are. No check on every checkout (it would cost a round trip per statement): a
-            # connection that broke fails its statement (503) and the pool drops it.
+            # Read-only, as SQLite's read connections are. No check on every checkout (it
+            # would cost a round trip per statement): a connection that broke fails its
+            # statement (503) and the pool drops it.
             kwargs={"autocommit": True, "options": READ_ONLY}, name="eventstore")
         self._pipeline = ReadPipeline(self.connect_read_only, busy_timeout_ms / 1000)
         self._reads = PostgresReads(pool=self.pool, pipeline=self._pipeline)
@@ -679,8 +681,9 @@ class PostgresStorage:
         return psycopg.connect(self.url, autocommit=True, connect_timeout=max(2, self.busy_timeout_ms // 1000),
                                **options)
 
-    def connect_read_only(self, name="eventstore reads"):
-        return self.connect(options=READ_ONLY, application_name=name)
+    def connect_read_only(self):
+        """The GET pipeline's connection (``eventstore reads`` in pg_stat_activity)."""
+        return self.connect(options=READ_ONLY, application_name="eventstore reads")
 
     @staticmethod
     def _check(conn):
