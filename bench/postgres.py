@@ -162,16 +162,9 @@ def pull_figures(cluster, events):
         server.stop()
     assert pulled == events, pulled
     with psycopg.connect(url, autocommit=True) as conn:
-        started, after, selected = time.perf_counter(), 0, 0
-        while True:
-            page = conn.execute(f"SELECT {eventstore.EVENT_COLUMNS} FROM events WHERE seq > %s ORDER BY seq"
-                                " LIMIT 1000", (after,)).fetchall()
-            if not page:
-                break
-            json.dumps(page)
-            selected += len(page)
-            after = page[-1][0]
-        raw_rate = selected / (time.perf_counter() - started)
+        raw_rate = bench.keyset_pull(lambda after_seq: conn.execute(
+            f"SELECT {eventstore.EVENT_COLUMNS} FROM events WHERE seq > %s ORDER BY seq LIMIT 1000",
+            (after_seq,)).fetchall())
     return pull_rate, raw_rate
 
 
