@@ -90,17 +90,14 @@ class PostgresReads:
         for held in list(self._holders):
             held.conn.close()
 
-    @contextlib.contextmanager
     def _connection(self):
-        yield self.conn if self.conn is not None else self._held().conn
+        return self.conn if self.conn is not None else self._held().conn
 
     def _all(self, sql, params=()):
-        with self._connection() as conn:
-            return conn.execute(sql, params).fetchall()
+        return self._connection().execute(sql, params).fetchall()
 
     def _one(self, sql, params=()):
-        with self._connection() as conn:
-            return conn.execute(sql, params).fetchone()
+        return self._connection().execute(sql, params).fetchone()
 
     # Users, keys, grants
 
@@ -220,7 +217,8 @@ class PostgresReads:
         """Every event (tombstones included) in Sequence order, as JSON texts, from
         one snapshot, streamed through a server-side cursor."""
         where = "WHERE program_id = ANY(%s)" if programs else ""
-        with self._connection() as conn, conn.transaction():
+        conn = self._connection()
+        with conn.transaction():
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
             with conn.cursor(name="eventstore_export") as cursor:
                 cursor.itersize = 1000
@@ -783,7 +781,6 @@ class PostgresCommitWatch:
 
     def __init__(self, storage):
         self.storage = storage
-        self._lock = threading.Lock()
         self._open()
 
     def _open(self):
