@@ -9,7 +9,6 @@ connections over them) supervised by the first, which restarts any that dies.
 
 import argparse
 import collections
-import datetime
 import logging
 import os
 import re
@@ -305,33 +304,49 @@ class AccessLog:
         self.app, self.stream, self.clock = app, stream or sys.stderr, clock
         self.flush_interval = flush_interval
         self._lines = collections.deque()  # append and popleft are thread-safe: no lock
+        self._second = (None, "")  # a whole second of time.time() and its UTC time, formatted
         self._closed = threading.Event()
         self._writer = threading.Thread(target=self._write_lines, daemon=True, name="access-log")
         self._writer.start()
 
     def __call__(self, environ, start_response):
-        started, answer = self.clock(), {}
+        started, answer = self.clock(), []
 
         def recording_start_response(status, headers, exc_info=None):
-            answer["status"] = status.split(" ", 1)[0]
-            answer["length"] = next((v for k, v in headers if k.lower() == "content-length"), None)
+            answer[:] = status, headers
             return start_response(status, headers, exc_info)
 
-        body = self.app(environ, recording_start_response)
-        return _LoggedBody(body, lambda sent: self.write(environ, answer, sent, started))
+        return _LoggedBody(self.app(environ, recording_start_response), self, environ, answer, started)
 
     def write(self, environ, answer, sent, started):
-        target = urllib.parse.quote(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""),
-                                    safe="/:@!$&'()*+,;=-._~%", encoding="latin-1")
-        if environ.get("QUERY_STRING"):
-            target += "?" + urllib.parse.quote(environ["QUERY_STRING"], safe="/:@!$&'()*+,;=-._~%?",
-                                               encoding="latin-1")
-        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
-        method = re.sub(r"[^A-Za-z]", "?", environ.get("REQUEST_METHOD", "-"))[:20]
+        """Add the line of one answered request. It runs on every request's path,
+        so it is kept cheap (formatting the time with datetime and quoting every
+        target cost a fifth of GET throughput): the time's seconds are formatted
+        once a second, and a target is quoted only if it has a character to quote."""
+        elapsed_ms = (self.clock() - started) * 1000
+        now = time.time()
+        second, stamp = self._second
+        if int(now) != second:
+            second = int(now)
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second, stamp
+        target = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+        if not LOGGED_PATH.fullmatch(target):
+            target = urllib.parse.quote(target, safe=LOGGED_PATH_SAFE, encoding="latin-1")
+        query = environ.get("QUERY_STRING")
+        if query:
+            if not LOGGED_QUERY.fullmatch(query):
+                query = urllib.parse.quote(query, safe=LOGGED_PATH_SAFE + "?", encoding="latin-1")
+            target += "?" + query
+        method = environ.get("REQUEST_METHOD", "-")
+        if not (method.isascii() and method.isalpha() and len(method) <= 20):
+            method = re.sub(r"[^A-Za-z]", "?", method)[:20]
+        status, headers = answer or ("-", ())
+        length = next((v for k, v in headers if k.lower() == "content-length"), None) or sent
         self._lines.append(
-            f"{now.replace('+00:00', 'Z')} {environ.get('REMOTE_ADDR', '-')} "
-            f"{environ.get('eventstore.user_id', '-')} {method} {target} {answer.get('status', '-')} "
-            f"{answer.get('length') or sent} {(self.clock() - started) * 1000:.1f}ms\n")
+            f"{stamp}.{int((now - second) * 1000):03d}Z {environ.get('REMOTE_ADDR', '-')} "
+            f"{environ.get('eventstore.user_id', '-')} {method} {target} {status.split(' ', 1)[0]} "
+            f"{length} {elapsed_ms:.1f}ms\n")
 
     def _write_lines(self):
         while not self._closed.wait(self.flush_interval):
@@ -349,13 +364,28 @@ class AccessLog:
         self.flush()
 
 
-class _LoggedBody:
-    """The app's body iterable; calls ``on_close(bytes sent)`` once the server closes it."""
+# The characters urllib.parse.quote keeps as they are, given LOGGED_PATH_SAFE as
+# its safe set: a target made of these only is logged as it is, without quote().
+LOGGED_PATH_SAFE = "/:@!$&'()*+,;=-._~%"
+LOGGED_PATH = re.compile(r"[A-Za-z0-9_.~/:@!$&'()*+,;=%-]*")
+LOGGED_QUERY = re.compile(r"[A-Za-z0-9_.~/:@!$&'()*+,;=%?-]*")
 
-    def __init__(self, body, on_close):
-        self.body, self.on_close, self.sent = body, on_close, 0
+
+class _LoggedBody:
+    """The app's body iterable; has ``log`` write the request's line once the
+    server closes it."""
+
+    def __init__(self, body, log, environ, answer, started):
+        self.body, self.log, self.environ, self.answer, self.started = body, log, environ, answer, started
+        self.sent = 0
 
     def __iter__(self):
+        if type(self.body) is list:  # every eventstore answer: all of it handed over at once
+            self.sent = sum(map(len, self.body))
+            return iter(self.body)
+        return self._counted()
+
+    def _counted(self):
         for chunk in self.body:
             self.sent += len(chunk)
             yield chunk
@@ -365,7 +395,7 @@ class _LoggedBody:
             if hasattr(self.body, "close"):
                 self.body.close()
         finally:
-            self.on_close(self.sent)
+            self.log.write(self.environ, self.answer, self.sent, self.started)
 
 
 class OneWriteTask(waitress.task.WSGITask):

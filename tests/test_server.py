@@ -263,3 +263,33 @@ def test_the_access_log_loses_no_line_under_concurrent_requests():
     log.close()
     lines = stream.getvalue().splitlines()
     assert len(lines) == 2000 and len(set(line.split()[4] for line in lines)) == 2000
+
+
+def test_the_access_log_quotes_exactly_what_urllib_quotes():
+    """A target made only of characters quote() keeps is logged without quoting it
+    (the fast path); for every one of the 256 characters WSGI's latin-1 environ can
+    hold, in the path and in the query, the line has what quote() gives."""
+    import io
+    import urllib.parse
+    import serve
+    stream = io.StringIO()
+    log = serve.AccessLog(lambda environ, start_response: start_response("304 Not Modified", []) or [], stream,
+                          flush_interval=60)
+    safe = "/:@!$&'()*+,;=-._~%"
+    expected = []
+    for code in range(256):
+        path, query = f"/a{chr(code)}b", f"x={chr(code)}"
+        body = log({"REQUEST_METHOD": "GET", "PATH_INFO": path, "QUERY_STRING": query, "REMOTE_ADDR": "::1"},
+                   lambda status, headers, exc_info=None: None)
+        list(body)
+        body.close()
+        expected.append(urllib.parse.quote(path, safe=safe, encoding="latin-1") + "?" +
+                        urllib.parse.quote(query, safe=safe + "?", encoding="latin-1"))
+    body = log({"REQUEST_METHOD": "G E\tT", "PATH_INFO": "/", "REMOTE_ADDR": "::1"}, lambda *args: None)
+    body.close()
+    log.close()
+    *quoted, odd_method = stream.getvalue().splitlines()
+    lines = [ACCESS_LINE.match(line) for line in quoted]
+    assert all(lines) and [line["target"] for line in lines] == expected
+    assert all(line["status"] == "304" and line["bytes"] == "0" for line in lines)
+    assert odd_method.split()[3:5] == ["G?E?T", "/"]
