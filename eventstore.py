@@ -2486,10 +2486,10 @@ class AuthThrottle:
         """Seconds to wait before trying again, or 0 when the attempt may go ahead."""
         if not self.threshold:  # throttling switched off
             return 0
+        now = self.clock()
+        if self.shared is not None and self.shared.quiet(now, self.window):
+            return 0  # a read of the shared table: no lock needed
         with self._lock:
-            now = self.clock()
-            if self.shared is not None and self.shared.quiet(now, self.window):
-                return 0
             by_address = self._delay(("address", address), now)
             if by_address or not self._recent(("address", address), now)[0]:
                 return by_address
@@ -2686,7 +2686,8 @@ class EventStore:
         if path is None:
             raise Problem(404, "There is no such resource.")
         handler, params, needs_auth = self.router.match(method, path)
-        query = urllib.parse.parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True)
+        query_string = environ.get("QUERY_STRING")
+        query = urllib.parse.parse_qsl(query_string, keep_blank_values=True) if query_string else []
         req = Request(self, method, path, params, query, environ)
         if needs_auth:
             req.user = self.authenticate(environ.get("HTTP_AUTHORIZATION"), environ.get("REMOTE_ADDR", ""))
@@ -2701,15 +2702,18 @@ class EventStore:
         second."""
         cache_key = hashlib.sha256(header.encode("utf-8", "surrogateescape")).digest() if header else None
         cached = self._auth_cache.get(cache_key)
-        credentials = parse_basic_auth(header)
-        if not credentials:  # nothing was guessed: no credentials, or not Basic ones
-            raise unauthorized()
-        user_id = credentials[0]
+        if cached and cached[0] > time.monotonic():
+            credentials, user_id = None, cached[1].user_id  # parsed when it was cached
+        else:
+            credentials = parse_basic_auth(header)
+            if not credentials:  # nothing was guessed: no credentials, or not Basic ones
+                raise unauthorized()
+            user_id = credentials[0]
         wait = self.throttle.retry_after(user_id, address)
         if wait:
             raise Problem(429, "Too many failed authentications; try again later.",
                           headers=[("Retry-After", str(wait))])
-        if cached and cached[0] > time.monotonic():
+        if credentials is None:
             return cached[1]
         principal = authenticate(self.storage.reads(), *credentials, self.clock(), touch=self._touch_key)
         if not principal:
@@ -2750,8 +2754,11 @@ class EventStore:
             headers.append(("Content-Length", str(len(body))))
         if environ.get("REQUEST_METHOD", "").upper() == "HEAD":
             body = b""
-        start_response(f"{response.status} {http.HTTPStatus(response.status).phrase}", headers)
+        start_response(STATUS_LINES[response.status], headers)
         return [body]
+
+
+STATUS_LINES = {status.value: f"{status.value} {status.phrase}" for status in http.HTTPStatus}
 
 
 def make_app(db, **options):

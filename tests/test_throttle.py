@@ -102,6 +102,20 @@ def test_over_http_guessing_gets_429_and_the_owner_elsewhere_still_gets_in(tmp_p
         registry.close()
 
 
+def test_a_key_authenticated_a_moment_ago_is_refused_too_once_its_address_guesses(tmp_path, clock):
+    """The one-second cache of good credentials does not bypass the throttle."""
+    registry = Registry(tmp_path / "t.db", throttle=eventstore.AuthThrottle(threshold=5, clock=clock))
+    try:
+        client = client_from(registry, "203.0.113.9")
+        right = basic("writer", registry.keys["writer"])
+        client.get("/events", headers=right, status=200)  # now cached
+        for n in range(5):
+            client.get("/events", headers=basic("writer", f"esk_guess{n}"), status=401)
+        client.get("/events", headers=right, status=429)
+    finally:
+        registry.close()
+
+
 def test_requests_without_credentials_are_401_and_count_nothing(tmp_path, clock):
     registry = Registry(tmp_path / "t.db", throttle=eventstore.AuthThrottle(threshold=2, clock=clock))
     try:
