@@ -170,6 +170,9 @@ MUTANTS = [
     ("PostgreSQL: the GET pipeline waits for a hung connection without end", "eventstore_pg.py", [
         ("if not poll.poll(max(0.0, deadline - time.monotonic()) * 1000):", "if not poll.poll(None):"),
     ], ["tests/test_postgres.py"]),
+    ("PostgreSQL: the GET pipeline's statement planned anew at every read", "eventstore_pg.py", [
+        (' -c plan_cache_mode=force_generic_plan"', '"'),
+    ], ["tests/test_postgres.py"]),
     ("replays skip the registered-types check", "eventstore.py", [
         ("    if not tx.rules.type_allowed(event.program_id, event.event_type):\n        raise bad_request(",
          "    if not tx.rules.type_allowed(event.program_id, event.event_type) and not tx.current(event.event_id):\n"

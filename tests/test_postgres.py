@@ -466,6 +466,35 @@ def test_event_ids_reach_postgresql_as_the_same_text(url):
             == values
 
 
+def test_the_pipelines_statement_is_planned_once_not_at_every_read(url):
+    """On the pipeline's connection, ``event_id = ANY($1)`` gets PostgreSQL's
+    generic plan (an index scan whatever the array) instead of a plan made anew
+    for every execution, PostgreSQL's own choice for it, which cost twice the lookup."""
+    import psycopg
+    with psycopg.connect(url, autocommit=True) as filler:  # a table the size of a real one, analyzed
+        filler.execute("INSERT INTO programs (program_id, name, created_us) VALUES ('FOO', 'Foo', 0)")
+        filler.execute("INSERT INTO events (seq, xid, event_id, program_id, event_type, doc, revision, created_us,"
+                       " updated_us) SELECT n, pg_current_xact_id(), 'FOO-' || n, 'FOO', 'T', '{}', 1, 0, 0"
+                       " FROM generate_series(1, 5000) AS n")
+        filler.execute("ANALYZE events")
+    storage = eventstore.open_storage(url)
+    try:
+        conn = storage.connect_read_only()
+        pipeline = eventstore_pg().ReadPipeline
+        conn.pgconn.prepare(pipeline.STATEMENT, pipeline.SQL)
+        for n in range(12):  # PostgreSQL weighs the generic plan after 5 custom ones
+            conn.pgconn.exec_prepared(pipeline.STATEMENT, [eventstore_pg()._text_array([f"FOO-{n}", "FOO-x"])])
+        plans = conn.execute("SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE name = %s",
+                             (pipeline.STATEMENT.decode(),)).fetchone()
+        assert plans == (12, 0)
+        plan = "\n".join(row[0] for row in conn.execute(
+            f"EXPLAIN EXECUTE {pipeline.STATEMENT.decode()}('{{FOO-1}}')"))
+        assert "Index" in plan and "Seq Scan" not in plan, plan
+        conn.close()
+    finally:
+        storage.close()
+
+
 @pytest.mark.parametrize("required", [False, True])
 def test_without_postgresql_the_summary_says_so_or_ci_fails(tmp_path, required):
     """Where PostgreSQL's binaries are missing, its half of the suite skips with a
