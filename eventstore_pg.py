@@ -366,8 +366,10 @@ def _text_array(values):
 
 def _event_of(result, row):
     """An EVENT_COLUMNS row, from a libpq result in text format."""
+    value = result.get_value
     seq, event_id, program_id, event_type, doc, revision, created_us, updated_us = (
-        result.get_value(row, column) for column in range(8))
+        value(row, 0), value(row, 1), value(row, 2), value(row, 3), value(row, 4), value(row, 5), value(row, 6),
+        value(row, 7))
     return (int(seq), event_id.decode(), program_id.decode(), event_type.decode(), doc and doc.decode(),
             int(revision), int(created_us), int(updated_us))
 
