@@ -16,6 +16,7 @@ Issue 3:
      / figure 4's pull through Next
 Issue 14 (bench/feed.py, printed last): a feed page at 1,000 programs / the same page
 at 1 program, and a commit's CPU with 8 long polls it cannot match / with none.
+Figures 1, 2, 9 and 11: the median of 3 rounds' ratios, the runs compared taking turns.
 Issue 10 (serve.py --processes):
   9. GET /events/{id} at --processes 2 / the baseline app served by 2 processes
  10. GET at --processes 2 / GET at --processes 1 (figure 2's run)
@@ -143,6 +144,32 @@ def wrk(port, lua, seconds, connections=16, args=(), expect_errors=False, timeou
     cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk has been waited for: its time is in
     wrk_cpu = sum(getattr(cpu_after, f) - getattr(cpu_before, f) for f in ("ru_utime", "ru_stime"))
     return rate, latency(50), latency(99), total, wrk_cpu / max(total, 1)
+
+
+ROUNDS = 3
+
+
+def alternating(runs, rounds=ROUNDS):
+    """{name: run(round)} -> {name: [its wrk results]}: every run once a round,
+    in turn, ``rounds`` rounds."""
+    results = {name: [] for name in runs}
+    for round_number in range(rounds):
+        for name, run in runs.items():
+            results[name].append(run(round_number))
+    return results
+
+
+def median_pair(results, ours, base):
+    """-> (our rate, the base's rate) whose ratio is the median of the rounds'
+    ratios (the pair of the round that gave it)."""
+    pairs = sorted(zip(results[ours], results[base]), key=lambda pair: pair[0][0] / pair[1][0])
+    middle = pairs[len(pairs) // 2]
+    return middle[0][0], middle[1][0]
+
+
+def median_run(runs):
+    """The wrk result with the median rate."""
+    return sorted(runs, key=lambda result: result[0])[len(runs) // 2]
 
 
 def cpu_seconds(pid):
@@ -338,32 +365,50 @@ def main():
                               headers={"Content-Type": "application/json"})[0] == 200
     get_lua = GET_LUA % {"auth": auth, "count": get_count}
     wrk(server.port, put_lua, 2, args=["warm"])
-    base_put = wrk(baseline.port, put_lua, options.seconds, args=["b"])
-    put_empty = wrk(server.port, put_lua, options.seconds, args=["empty"])
-    base_get = wrk(baseline.port, get_lua, options.seconds)
-    server_cpu = cpu_seconds(server.process.pid)
-    ours_get = wrk(server.port, get_lua, options.seconds)
-    get_cpu = (cpu_seconds(server.process.pid) - server_cpu) / ours_get[3]  # the server's CPU a GET
-    baseline.stop()
-    ratio("1. PUT vs baseline app", put_empty[0], base_put[0], "req/s")
-    ratio("2. GET vs baseline app", ours_get[0], base_get[0], "req/s")
+    # Each figure is the median of ROUNDS rounds' ratios, the runs it compares taking
+    # turns, so that this machine's drift (of the order of the differences measured)
+    # falls on both sides of a ratio alike.
+    server_cpu, get_requests = 0.0, 0  # the server's CPU in our GET runs, and their requests
+
+    def ours_get_run(seconds):
+        nonlocal server_cpu, get_requests
+        before = cpu_seconds(server.process.pid)
+        result = wrk(server.port, get_lua, seconds)
+        server_cpu, get_requests = server_cpu + cpu_seconds(server.process.pid) - before, get_requests + result[3]
+        return result
+
+    one = alternating({
+        "base_put": lambda r: wrk(baseline.port, put_lua, options.seconds, args=[f"b{r}"]),
+        "put_empty": lambda r: wrk(server.port, put_lua, options.seconds, args=[f"empty{r}"]),
+        "base_get": lambda r: wrk(baseline.port, get_lua, options.seconds),
+        "ours_get": lambda r: ours_get_run(options.seconds)})
+    get_cpu = server_cpu / get_requests  # the server's CPU a GET
+    ratio("1. PUT vs baseline app", *median_pair(one, "put_empty", "base_put"), "req/s")
+    ratio("2. GET vs baseline app", *median_pair(one, "ours_get", "base_get"), "req/s")
+    put_empty, base_put, ours_get = (median_run(one[name]) for name in ("put_empty", "base_put", "ours_get"))
     latencies = {"1. PUT": put_empty[1:3], "1. baseline PUT": base_put[1:3],
-                 "2. GET": ours_get[1:3], "2. baseline GET": base_get[1:3]}
+                 "2. GET": ours_get[1:3], "2. baseline GET": median_run(one["base_get"])[1:3]}
 
     # Issue 10: the same PUTs and GETs with 2 worker processes, against the
-    # baseline app served by 2 processes the same way.
+    # baseline app served by 2 processes the same way (and PUT against the
+    # baseline at 1 process, still up, in the same rounds).
     say("9-11: PUT and GET at --processes 2, and the baseline at 2 ...")
     two = Server(workdir / "empty.db", processes=2)
     baseline2 = Baseline(processes=2)
     wrk(two.port, put_lua, 2, args=["warm2"])
-    base_get2 = wrk(baseline2.port, get_lua, options.seconds)
-    base_put2 = wrk(baseline2.port, put_lua, options.seconds, args=["b2"])
-    get2 = wrk(two.port, get_lua, options.seconds)
-    put2 = wrk(two.port, put_lua, options.seconds, args=["two"])
+    both = alternating({
+        "base_get2": lambda r: wrk(baseline2.port, get_lua, options.seconds),
+        "get2": lambda r: wrk(two.port, get_lua, options.seconds),
+        "base_put": lambda r: wrk(baseline.port, put_lua, options.seconds, args=[f"b1{r}"]),
+        "put2": lambda r: wrk(two.port, put_lua, options.seconds, args=[f"two{r}"]),
+        "base_put2": lambda r: wrk(baseline2.port, put_lua, options.seconds, args=[f"b2{r}"])})
+    baseline.stop()
     baseline2.stop()
     two.stop()
-    ratio("9. GET, 2 processes vs baseline at 2", get2[0], base_get2[0], "req/s")
-    ratio("10. GET, 2 processes vs 1 process", get2[0], ours_get[0], "req/s")
+    get2, put2, base_put2, base_get2 = (median_run(both[name]) for name in ("get2", "put2", "base_put2", "base_get2"))
+    ratio("9. GET, 2 processes vs baseline at 2", *median_pair(both, "get2", "base_get2"), "req/s")
+    figures["10. GET, 2 processes vs 1 process"] = get2[0] / ours_get[0]  # rounds of different phases
+    notes.append(f"10. GET, 2 processes vs 1 process: {get2[0]:,.0f} vs {ours_get[0]:,.0f} req/s (medians)")
     # What figure 10 can reach on this machine: one process is bound by its one
     # core (s CPU seconds a GET); two need s of the server's and w of wrk's CPU a
     # GET out of the machine's cores, so the ratio is at most cores * s / (s + w).
@@ -371,7 +416,7 @@ def main():
     notes.append(f"10. at most {min(2.0, cores * get_cpu / (get_cpu + get2[4])):.2f} on this machine: "
                  f"{cores} cores, the server's CPU a GET at 1 process {get_cpu * 1e6:.0f} us, "
                  f"wrk's {get2[4] * 1e6:.0f} us")
-    ratio("11. PUT, 2 processes vs baseline at 1", put2[0], base_put[0], "req/s")
+    ratio("11. PUT, 2 processes vs baseline at 1", *median_pair(both, "put2", "base_put"), "req/s")
     notes.append(f"baseline PUT at 2 processes: {base_put2[0]:,.0f} req/s; "
                  f"PUT at 2 processes vs baseline at 2: {put2[0] / base_put2[0]:.2f}")
     latencies.update({"9. GET, 2 processes": get2[1:3], "11. PUT, 2 processes": put2[1:3],
