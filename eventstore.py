@@ -2554,6 +2554,9 @@ class _LongPoll:
                    for program, event_type in touched)
 
 
+STATUS_LINES = {status.value: f"{status.value} {status.phrase}" for status in http.HTTPStatus}
+
+
 class EventStore:
     """The WSGI application. Only ``__call__`` touches environ and start_response."""
 
@@ -2756,9 +2759,6 @@ class EventStore:
             body = b""
         start_response(STATUS_LINES[response.status], headers)
         return [body]
-
-
-STATUS_LINES = {status.value: f"{status.value} {status.phrase}" for status in http.HTTPStatus}
 
 
 def make_app(db, **options):
