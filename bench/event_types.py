@@ -74,13 +74,11 @@ def catalogue_figure(folder, events, seconds):
         assert status == 200 and len(answer["EventTypes"]) == 30, status
         lua = {name: GET_LUA % {"auth": auth, "path": f"/{name}"} for name in ("event-types", "programs")}
         bench.wrk(server.port, lua["event-types"], 2)  # warm
-        rates = {name: [] for name in lua}
-        for _ in range(3):  # interleaved rounds
-            for name, script in lua.items():
-                rates[name].append(bench.wrk(server.port, script, seconds)[0])
+        runs = bench.alternating({name: lambda n, script=script: bench.wrk(server.port, script, seconds)
+                                  for name, script in lua.items()}, 3)
     finally:
         server.stop()
-    return {name: statistics.median(values) for name, values in rates.items()}
+    return {name: statistics.median(run[0] for run in values) for name, values in runs.items()}
 
 
 def put_figure(folder, seconds, rounds=8):
@@ -100,19 +98,17 @@ def put_figure(folder, seconds, rounds=8):
         servers[name] = server
     scripts = {name: bench.PUT_LUA % {"auth": "Basic " + base64.b64encode(f"admin:{server.admin_key}".encode()).decode(),
                                       "body": json.dumps(bench.event_body(1))} for name, server in servers.items()}
-    rates, ratios = {name: [] for name in servers}, []
     try:
         for name, server in servers.items():
             bench.wrk(server.port, scripts[name], 2, args=["warm"])
-        for round_number in range(rounds):
-            order = list(servers) if round_number % 2 == 0 else list(servers)[::-1]
-            for name in order:
-                rates[name].append(bench.wrk(servers[name].port, scripts[name], seconds, args=[f"r{round_number}"])[0])
-            ratios.append(rates["kept"][-1] / rates["not kept"][-1])
+        runs = bench.alternating({name: lambda n, name=name: bench.wrk(servers[name].port, scripts[name], seconds,
+                                                                        args=[f"r{n}"])[0]
+                                  for name in servers}, rounds)
     finally:
         for server in servers.values():
             server.stop()
-    return statistics.median(ratios), {name: statistics.median(values) for name, values in rates.items()}
+    ratios = [kept / not_kept for kept, not_kept in zip(runs["kept"], runs["not kept"])]
+    return statistics.median(ratios), {name: statistics.median(values) for name, values in runs.items()}
 
 
 def main(events=1_000_000, seconds=10):

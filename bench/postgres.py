@@ -87,13 +87,10 @@ def backend_figures(sqlite_path, pg_url, processes, seconds, rounds=3):
         scripts = {name: prepare(server) for name, server in servers.items()}
         for name, server in servers.items():
             bench.wrk(server.port, scripts[name][0], 2, args=[f"warm{processes}"])
-        runs = {(name, kind): [] for name in servers for kind in ("put", "get")}
-        for n in range(rounds):
-            order = list(servers) if n % 2 == 0 else list(reversed(servers))
-            for kind, script_index in (("put", 0), ("get", 1)):
-                for name in order:
-                    runs[name, kind].append(bench.wrk(servers[name].port, scripts[name][script_index], seconds,
-                                                      args=[f"r{processes}-{n}"], timeouts_allowed=True))
+        runs = bench.alternating({
+            (name, kind): lambda n, name=name, script=scripts[name][script_index]: bench.wrk(
+                servers[name].port, script, seconds, args=[f"r{processes}-{n}"], timeouts_allowed=True)
+            for kind, script_index in (("put", 0), ("get", 1)) for name in servers}, rounds)
         figures = {name: {kind: statistics.median(run[0] for run in runs[name, kind]) for kind in ("put", "get")}
                    for name in servers}
         for name in servers:

@@ -150,12 +150,14 @@ ROUNDS = 3
 
 
 def alternating(runs, rounds=ROUNDS):
-    """{name: run(round)} -> {name: [its wrk results]}: every run once a round,
-    in turn, ``rounds`` rounds."""
+    """{name: run(round)} -> {name: [its results]}: every run once a round, in
+    turn, ``rounds`` rounds, the order reversed every other round (so that
+    neither the machine's drift nor coming first falls on one side only)."""
     results = {name: [] for name in runs}
     for round_number in range(rounds):
-        for name, run in runs.items():
-            results[name].append(run(round_number))
+        order = list(runs) if round_number % 2 == 0 else list(runs)[::-1]
+        for name in order:
+            results[name].append(runs[name](round_number))
     return results
 
 
