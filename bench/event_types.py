@@ -75,7 +75,7 @@ def catalogue_figure(folder, events, seconds):
         lua = {name: GET_LUA % {"auth": auth, "path": f"/{name}"} for name in ("event-types", "programs")}
         bench.wrk(server.port, lua["event-types"], 2)  # warm
         runs = bench.alternating({name: lambda n, script=script: bench.wrk(server.port, script, seconds)
-                                  for name, script in lua.items()}, 3)
+                                  for name, script in lua.items()})
     finally:
         server.stop()
     return {name: statistics.median(run[0] for run in values) for name, values in runs.items()}
@@ -118,7 +118,7 @@ def main(events=1_000_000, seconds=10):
     put_ratio, puts = put_figure(folder, max(3, seconds // 2))
     figures = {"13. GET /event-types vs GET /programs": catalogue["event-types"] / catalogue["programs"],
                "14. PUT, counts kept vs not": put_ratio}
-    print(f"\nissue 12, event types ({events:,} events; wrk -t1 -c16; 13: medians of 3 rounds of {seconds} s; "
+    print(f"\nissue 12, event types ({events:,} events; wrk -t1 -c16; 13: medians of {bench.ROUNDS} rounds of {seconds} s; "
           f"14: the median ratio of 8 pairs of {max(3, seconds // 2)} s runs)")
     for name, value in figures.items():
         print(f"{name:40} {value:7.2f}  >= {TARGETS[name]:<5} {'met' if value >= TARGETS[name] else 'NOT MET'}")

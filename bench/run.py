@@ -512,7 +512,7 @@ def main():
                            env={**os.environ, "EVENTSTORE_KEY": key}, cwd=ROOT, check=True)
             return (options.events / (time.perf_counter() - started),)
 
-    say("   and the client's follow --until-caught-up, in 3 rounds taken in turn ...")
+    say(f"   and the client's follow --until-caught-up, in {ROUNDS} rounds taken in turn ...")
     pulls = alternating({"pull": pull, "raw": raw, "follow": follow})
     ratio("4. pull via Next vs keyset SELECT", *median_pair(pulls, "pull", "raw"), "events/s")
     ratio("8. client follow vs pull via Next", *median_pair(pulls, "follow", "pull"), "events/s")
