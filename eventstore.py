@@ -737,9 +737,11 @@ def parse_event_types_query(pairs):
 # insert_tombstone, put_program, register_event_type, strict_users_of_type,
 # delete_event_type, insert_user, insert_key, set_grants, revoke_grant,
 # disable_user, revoke_key, touch_key, any_user) and ``changes()``, a count of
-# the rows it has written. The rules that are not SQL (404s, 412s, the type
-# rule, what a batch does) are the functions after the SQLite classes, shared
-# by both backends.
+# the rows it has written (or sent to be). upsert_event returns a function that
+# gives the revision: PostgreSQL sends a transaction's upserts together and
+# reads their answers at the first question. The rules that are not SQL (404s,
+# 412s, the type rule, what a batch does) are the functions after the SQLite
+# classes, shared by both backends.
 
 def now_us():
     return time.time_ns() // 1000
@@ -1234,12 +1236,14 @@ class SQLiteTransaction(SQLiteReads):
         return row and (row[0], bool(row[1]))
 
     def upsert_event(self, event):
-        """Create or change ``event`` unless it is a replay -> its new revision, or None."""
+        """Create or change ``event`` unless it is a replay -> a function that
+        returns its new revision, or None (PostgreSQL answers it later; see Later)."""
         written = self.conn.execute(UPSERT_EVENT, event_row(event, self.peek_seq(), self.now)).fetchall()
         if not written:
-            return None
+            return lambda: None
         self.take_seq()
-        return written[0][0]
+        revision = written[0][0]
+        return lambda: revision
 
     def current_many(self, event_ids):
         """-> {event_id: (revision, deleted, content_hash)} of those stored."""
@@ -1565,7 +1569,8 @@ class GroupCommitWriter:
     transaction, every change queued while the previous commit was being made
     durable (group commit).
 
-    A change is a function ``change(tx) -> result`` over a Transaction, with
+    A change is a function ``change(tx) -> result`` over a Transaction (or
+    a Later of its result, asked for once every change of the batch has run), with
     ``changed(result)``: what the committed change touched, as a set of
     (ProgramId, EventType or None) pairs, or True (something, unsaid), or a
     false value (nothing a feed shows); ``on_commit`` hears the union (None for
@@ -1732,6 +1737,23 @@ class GroupCommitWriter:
                     item.result, item.error = None, problem
                 except Exception as exc:
                     raise _ChangeFailed() from exc
+            for item in batch:
+                if isinstance(item.result, Later):
+                    try:
+                        item.result = item.result.get()
+                    except Exception as exc:  # after its writes, as any failure of a Later
+                        raise _ChangeFailed() from exc
+
+
+class Later:
+    """A change's result, asked for (``get()``) only once every change of its
+    group has run: PostgreSQL sends a group's upserts together, in one round
+    trip, and has the answers at the first question (SQLite has them already)."""
+
+    __slots__ = ("get",)
+
+    def __init__(self, get):
+        self.get = get
 
 
 class _ChangeFailed(Exception):
@@ -1926,6 +1948,13 @@ def put_event(tx, event, preconditions=None):
     Raises Problem 404 (unregistered program), 400 (a type its program does
     not take) or 412, always before writing.
     """
+    return put_event_later(tx, event, preconditions).get()
+
+
+def put_event_later(tx, event, preconditions=None):
+    """put_event, its outcome a Later: the checks and the write now, what
+    came of the write when asked (for a group commit's changes, after the
+    group's other writes were sent)."""
     if not tx.rules.program_exists(event.program_id):
         raise Problem(404, f"Program {event.program_id!r} is not registered.")
     if not tx.rules.type_allowed(event.program_id, event.event_type):
@@ -1935,10 +1964,14 @@ def put_event(tx, event, preconditions=None):
     if preconditions:
         current = tx.current(event.event_id)
         preconditions.check(current[0] if current and not current[1] else None)
-    revision = tx.upsert_event(event)
-    if revision is not None:
-        return ("created" if revision == 1 else "updated"), revision
-    return "unchanged", (current or tx.current(event.event_id))[0]
+    written = tx.upsert_event(event)
+
+    def outcome():
+        revision = written()
+        if revision is not None:
+            return ("created" if revision == 1 else "updated"), revision
+        return "unchanged", (current or tx.current(event.event_id))[0]
+    return Later(outcome)
 
 
 def put_events(tx, indexed_events):
@@ -2132,7 +2165,7 @@ def put_event_handler(req):
         problem.errors += _type_errors(req, [(None, event_id, body)])
         raise
     preconditions = req.preconditions()
-    status, revision = req.store.write(lambda tx: put_event(tx, event, preconditions),
+    status, revision = req.store.write(lambda tx: put_event_later(tx, event, preconditions),
                                        changed=lambda result: result[0] != "unchanged" and {
                                            (event.program_id, event.event_type)})
     return Response(200, [("Location", req.url(f"/events/{event_id}")), ("ETag", etag(revision))])
@@ -3081,14 +3114,16 @@ def cmd_import(db, args, out):
     done = 0
     while chunk := list(itertools.islice(lines, args.batch)):
         with db.transaction(now_us(), seqs=len(chunk)) as tx:
+            applied = []  # PUTs' outcomes are asked for at the end (see Later)
             for number, line in chunk:
                 kind, value = parse_import_line(line, registered)
                 try:
-                    outcome = put_event(tx, value)[0] if kind == "put" else import_tombstone(tx, *value)
+                    applied.append(put_event_later(tx, value) if kind == "put" else import_tombstone(tx, *value))
                 except Problem as problem:  # a program's rules changed since the check
                     raise CommandError(f"line {number}: {_problem_text(problem)}; the {done:,} lines before "
                                        "its transaction were imported") from None
-                outcomes[outcome] += 1
+            for outcome in applied:
+                outcomes[outcome.get()[0] if isinstance(outcome, Later) else outcome] += 1
         done += len(chunk)
         progress.update(done)
     progress.finish()

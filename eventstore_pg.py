@@ -336,12 +336,9 @@ class ReadPipeline:
         """{EventId: row} of those that exist."""
         pgconn.send_query_prepared(self.STATEMENT, [_text_array(event_ids)])
         deadline = time.monotonic() + self.timeout
-        while pgconn.flush():
-            self._wait(pgconn, deadline, select.POLLIN | select.POLLOUT)
         results = []
         while True:
-            while pgconn.is_busy():
-                self._wait(pgconn, deadline, select.POLLIN)
+            _wait_for_answer(pgconn, deadline)
             result = pgconn.get_result()
             if result is None:
                 break
@@ -350,12 +347,25 @@ class ReadPipeline:
         rows = (_event_of(result, row) for row in range(result.ntuples))
         return {row[1]: row for row in rows}
 
-    def _wait(self, pgconn, deadline, events):
-        poll = select.poll()
-        poll.register(pgconn.socket, events)
-        if not poll.poll(max(0.0, deadline - time.monotonic()) * 1000):
-            raise psycopg.OperationalError(f"PostgreSQL did not answer within {self.timeout:g} s")
-        pgconn.consume_input()
+
+
+def _wait_for_answer(pgconn, deadline=None):
+    """Send what libpq holds for ``pgconn`` and wait until a result can be read
+    without blocking: get_result() would wait holding the GIL (psycopg waits in
+    Python, so must we), and every thread of the process with it. ``deadline``
+    (time.monotonic()) bounds the wait, or None."""
+    while pgconn.flush():
+        _poll(pgconn, deadline, select.POLLIN | select.POLLOUT)
+    while pgconn.is_busy():
+        _poll(pgconn, deadline, select.POLLIN)
+
+
+def _poll(pgconn, deadline, events):
+    poll = select.poll()
+    poll.register(pgconn.socket, events)
+    if not poll.poll(None if deadline is None else max(0.0, deadline - time.monotonic()) * 1000):
+        raise psycopg.OperationalError("PostgreSQL did not answer in time")
+    pgconn.consume_input()
 
 
 def _text_array(values):
@@ -374,34 +384,27 @@ def _event_of(result, row):
             int(revision), int(created_us), int(updated_us))
 
 
-def exec_prepared(conn, prepared, name, sql, params):
-    """Run ``sql`` ($1, $2 ... placeholders) with ``params`` through libpq itself,
-    as a statement prepared once per connection (``prepared``: the names already
-    prepared on ``conn``): a third of the CPU psycopg's cursor spends on the
-    same statement. For the hottest statement only (the PUT upsert).
-    Parameters go as text (str, int) or binary (bytes), NULL for None; the
-    result's values come back as bytes (text format) for the caller to convert."""
-    pgconn = conn.pgconn
-    values = [value if value is None or isinstance(value, bytes) else str(value).encode("utf-8")
-              for value in params]
-    formats = [1 if isinstance(value, bytes) else 0 for value in params]
-    for attempt in (1, 2):
-        if name not in prepared:
-            try:
-                _succeeded(pgconn.prepare(name.encode(), sql.encode()))
-            except pg_errors.DuplicatePreparedStatement:
-                pass
-            prepared.add(name)
+def _libpq_parameters(params):
+    """-> (values, formats) for libpq: str and int as text, bytes as binary, None as NULL."""
+    return ([value if value is None or isinstance(value, bytes) else str(value).encode("utf-8")
+             for value in params], [1 if isinstance(value, bytes) else 0 for value in params])
+
+
+def _prepare(pgconn, prepared, name, sql):
+    """Prepare ``sql`` ($1, $2 ... placeholders) as ``name`` on ``pgconn``
+    unless ``prepared`` (the names prepared on it) holds it. The hottest
+    write (PUT's upsert) runs through libpq itself, as a statement prepared
+    once per connection: psycopg's cursor spent three times the CPU on it.
+    A statement can go behind our back (psycopg deallocates every prepared
+    statement of a connection when it rolls back a transaction of its own; so
+    may a pooler): whoever sees InvalidSqlStatementName discards its name, and
+    the transaction, now aborted, runs again and prepares it anew."""
+    if name not in prepared:
         try:
-            return _succeeded(pgconn.exec_prepared(name.encode(), values, formats))
-        except pg_errors.InvalidSqlStatementName:
-            # Gone (psycopg deallocates every prepared statement of a connection when
-            # it rolls back a transaction of its own; so may a pooler). Outside a
-            # transaction prepare it again; inside one (now aborted) the caller's
-            # transaction runs again.
-            prepared.discard(name)
-            if attempt == 2 or pgconn.transaction_status != pq.TransactionStatus.IDLE:
-                raise
+            _succeeded(pgconn.prepare(name.encode(), sql.encode()))
+        except pg_errors.DuplicatePreparedStatement:
+            pass
+        prepared.add(name)
 
 
 def _succeeded(result):
@@ -426,9 +429,10 @@ UPSERT_EVENT = (
     " WHERE events.deleted OR events.content_hash IS DISTINCT FROM excluded.content_hash"
     " RETURNING revision")
 INSERT_EVENT = UPSERT_EVENT[:UPSERT_EVENT.index(" ON CONFLICT")]
-# The same upsert with libpq's placeholders, for exec_prepared.
+# The same upsert with libpq's placeholders (see _prepare).
 UPSERT_PARAMETERS = ("seq", "event_id", "program_id", "event_type", "member_id", "start_us", "end_us", "doc",
                      "ref_event_id", "content_hash", "now")
+UPSERT_STATEMENT = "eventstore_upsert_event"
 UPSERT_EVENT_PREPARED = UPSERT_EVENT
 for _number, _name in enumerate(UPSERT_PARAMETERS, 1):
     UPSERT_EVENT_PREPARED = UPSERT_EVENT_PREPARED.replace(f"%({_name})s", f"${_number}")
@@ -450,9 +454,12 @@ class PostgresTransaction(PostgresReads):
     the programs' rules; the block of Sequences taken at its start (``seqs``
     of them; none when 0, and then it must not change events)."""
 
+    PIPELINE_MAX = 64  # upserts sent before their answers are read (see upsert_event)
+
     def __init__(self, conn, now, seqs, prepared=None):
+        self._sent = []  # the upserts on their way, each a list its answer goes in
         super().__init__(conn=conn)
-        self.prepared = set() if prepared is None else prepared  # see exec_prepared
+        self.prepared = set() if prepared is None else prepared  # see _prepare
         self.now = now
         self.rules = eventstore.TypeRules(self)
         self.wanted = seqs
@@ -476,6 +483,24 @@ class PostgresTransaction(PostgresReads):
         programs = result.get_value(0, 2)
         if programs is not None:
             self._programs = {program_id: tuple(rule) for program_id, rule in json.loads(programs).items()}
+
+    @property
+    def conn(self):
+        """The connection, for any statement but an upsert: the answers of the
+        upserts on their way are read first."""
+        if self._sent:
+            self._answer_sent()
+        return self._conn
+
+    @conn.setter
+    def conn(self, conn):
+        self._conn = conn
+
+    def settle(self):
+        """Read the answers of the upserts still on their way (before COMMIT or
+        ROLLBACK). One that failed has aborted the transaction: COMMIT says so."""
+        if self._sent:
+            self._answer_sent()
 
     def changes(self):
         return self._written
@@ -506,15 +531,69 @@ class PostgresTransaction(PostgresReads):
         return self._one("SELECT revision, deleted FROM events WHERE event_id = %s", (event_id,))
 
     def upsert_event(self, event):
-        """PUT's statement, through libpq (see exec_prepared)."""
-        row = _event_row(event, self.peek_seq(), self.now)
-        result = exec_prepared(self.conn, self.prepared, "eventstore_upsert_event", UPSERT_EVENT_PREPARED,
-                               [row[name] for name in UPSERT_PARAMETERS])
-        if not result.ntuples:
-            return None
+        """PUT's statement, prepared through libpq (see _prepare) and sent
+        in libpq's pipeline mode: a group commit's upserts reach PostgreSQL
+        together, and their answers come back together when the first is asked
+        for (one round trip, not one each: the writer waited on round trips).
+        At most PIPELINE_MAX are on their way, so that neither side's buffer
+        fills while the other waits. Each takes its Sequence, also a replay
+        that writes nothing (a gap in the Sequences, which PostgreSQL's have)."""
+        row = _event_row(event, self.take_seq(), self.now)
+        values, formats = _libpq_parameters([row[name] for name in UPSERT_PARAMETERS])
+        pgconn = self._conn.pgconn
+        if not self._sent:
+            _prepare(pgconn, self.prepared, UPSERT_STATEMENT, UPSERT_EVENT_PREPARED)
+            pgconn.enter_pipeline_mode()
+        pgconn.send_query_prepared(UPSERT_STATEMENT.encode(), values, formats)
+        answer = []
+        self._sent.append(answer)
         self._written += 1
-        self.take_seq()
-        return int(result.get_value(0, 0))
+        if len(self._sent) >= self.PIPELINE_MAX:
+            self._answer_sent()
+        return lambda: self._revision(answer)
+
+    def _revision(self, answer):
+        if not answer:
+            self._answer_sent()
+        if isinstance(answer[0], Exception):
+            raise answer[0]
+        return answer[0]
+
+    def _answer_sent(self):
+        """Each upsert on its way gets its answer (its revision, None for a
+        replay, or the error that failed or aborted it), and the connection
+        leaves pipeline mode; one that cannot be read closes the connection."""
+        pgconn, sent, self._sent = self._conn.pgconn, self._sent, []
+
+        def next_result():  # waiting as long as COMMIT may: row locks can hold an upsert
+            _wait_for_answer(pgconn)
+            return pgconn.get_result()
+        error = None
+        try:
+            pgconn.pipeline_sync()
+            for answer in sent:
+                result = next_result()
+                if result is None:
+                    raise psycopg.OperationalError("PostgreSQL's answer to an upsert was lost")
+                if error is None and result.status != pq.ExecStatus.TUPLES_OK:
+                    error = pg_errors.error_from_result(result, encoding="utf-8")
+                    if isinstance(error, pg_errors.InvalidSqlStatementName):
+                        self.prepared.discard(UPSERT_STATEMENT)  # see _prepare
+                if error is not None:  # this one failed, or was not run after one that did
+                    answer.append(copy.copy(error))
+                else:
+                    answer.append(int(result.get_value(0, 0)) if result.ntuples else None)
+                next_result()  # the end of this statement's results
+            result = next_result()
+            if result is None or result.status != pq.ExecStatus.PIPELINE_SYNC:
+                raise psycopg.OperationalError("PostgreSQL's answers to the upserts were not what was sent")
+            pgconn.exit_pipeline_mode()
+        except Exception as exc:
+            self._conn.close()  # in an unknown state: the session opens another
+            for answer in sent:
+                if not answer:
+                    answer.append(copy.copy(exc))
+            raise
 
     def current_many(self, event_ids):
         return {row[0]: row[1:] for row in self._all(
@@ -622,7 +701,7 @@ class PostgresSession(PostgresReads):
     def __init__(self, storage):
         self.storage = storage
         super().__init__(conn=storage.connect())
-        self.prepared = set()  # the statements prepared on self.conn (see exec_prepared)
+        self.prepared = set()  # the statements prepared on self.conn (see _prepare)
 
     @contextlib.contextmanager
     def transaction(self, now, seqs=0):
@@ -631,10 +710,15 @@ class PostgresSession(PostgresReads):
         if self.conn.broken or self.conn.closed:
             self.conn, self.prepared = self.storage.connect(), set()
         pgconn = self.conn.pgconn
+        tx = PostgresTransaction(self.conn, now, seqs, self.prepared)
         try:
-            yield PostgresTransaction(self.conn, now, seqs, self.prepared)
+            yield tx
+            tx.settle()
         except BaseException:
-            if pgconn.transaction_status in (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR):
+            with contextlib.suppress(Exception):
+                tx.settle()
+            if not self.conn.closed and pgconn.transaction_status in (
+                    pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR):
                 pgconn.exec_(b"ROLLBACK")
             raise
         result = _succeeded(pgconn.exec_(b"COMMIT"))

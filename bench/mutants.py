@@ -168,7 +168,18 @@ MUTANTS = [
         ("read.row = rows.get(read.event_id)", "read.row = next(iter(rows.values()), None)"),
     ], ["tests/test_postgres.py"]),
     ("PostgreSQL: the GET pipeline waits for a hung connection without end", "eventstore_pg.py", [
-        ("if not poll.poll(max(0.0, deadline - time.monotonic()) * 1000):", "if not poll.poll(None):"),
+        ("if not poll.poll(None if deadline is None else max(0.0, deadline - time.monotonic()) * 1000):",
+         "if not poll.poll(None):"),
+    ], ["tests/test_postgres.py"]),
+    ("PostgreSQL: a group's upserts sent one round trip each", "eventstore_pg.py", [
+        ("    PIPELINE_MAX = 64 ", "    PIPELINE_MAX = 1 "),
+    ], ["tests/test_postgres.py"]),
+    ("PostgreSQL: an upsert's answer awaited holding the GIL", "eventstore_pg.py", [
+        ("            _wait_for_answer(pgconn)\n            return pgconn.get_result()",
+         "            return pgconn.get_result()"),
+    ], ["tests/test_postgres.py"]),
+    ("PostgreSQL: a failed transaction rolled back in pipeline mode", "eventstore_pg.py", [
+        ("            with contextlib.suppress(Exception):\n                tx.settle()\n", ""),
     ], ["tests/test_postgres.py"]),
     ("PostgreSQL: the GET pipeline's statement planned anew at every read", "eventstore_pg.py", [
         (' -c plan_cache_mode=force_generic_plan"', '"'),

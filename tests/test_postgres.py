@@ -360,6 +360,146 @@ def test_with_more_programs_than_read_at_begin_each_is_looked_up(url):
             assert "takes registered types only" in str(refused.value.errors)
 
 
+def _event(event_id, n=0):
+    return eventstore.validate_event(event_id, body(n))
+
+
+def test_a_transactions_upserts_reach_postgresql_together_and_each_gets_its_own_answer(url, tmp_path):
+    """PUT's upserts go in libpq's pipeline mode: a group's statements are all
+    sent before the first answer comes back (libpq's own trace of the protocol
+    shows it), and each still gets its own outcome."""
+    from psycopg import pq
+    from conftest import opened
+    with opened(url) as session:
+        with session.transaction(eventstore.now_us(), seqs=2) as tx:
+            tx.put_program("FOO", "Foo")
+            eventstore.put_event(tx, _event("FOO-old"))
+            eventstore.put_event(tx, _event("FOO-same"))
+        trace = tmp_path / "libpq.trace"
+        with open(trace, "w") as file:
+            pgconn = session.conn.pgconn
+            pgconn.trace(file.fileno())
+            pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
+            with session.transaction(eventstore.now_us(), seqs=4) as tx:
+                later = [eventstore.put_event_later(tx, _event(event_id, n))
+                         for event_id, n in (("FOO-new1", 1), ("FOO-old", 5), ("FOO-same", 0), ("FOO-new2", 2))]
+                outcomes = [outcome.get() for outcome in later]
+            pgconn.untrace()
+    assert outcomes == [("created", 1), ("updated", 2), ("unchanged", 1), ("created", 1)]
+    messages = [line.split("\t")[:3:2] for line in trace.read_text().splitlines()]  # [direction, message type]
+    begun = messages.index(["B", "ReadyForQuery"])  # BEGIN and the Sequences, then the upserts
+    upserts = messages[begun + 1:messages.index(["B", "ReadyForQuery"], begun + 1) + 1]
+    assert upserts.count(["F", "Execute"]) == 4
+    first_answer = next(index for index, (direction, _) in enumerate(upserts) if direction == "B")
+    assert all(direction == "B" for direction, _ in upserts[first_answer:]), upserts
+
+
+def test_more_upserts_than_one_pipeline_holds_are_each_answered_in_order(url):
+    from conftest import opened
+    count = 2 * eventstore_pg().PostgresTransaction.PIPELINE_MAX + 7
+    with opened(url) as session:
+        with session.transaction(eventstore.now_us(), seqs=count + 1) as tx:
+            tx.put_program("FOO", "Foo")
+            later = [eventstore.put_event_later(tx, _event(f"FOO-{n}", n)) for n in range(count)]
+            later.append(eventstore.put_event_later(tx, _event("FOO-3", 3)))  # a replay
+            outcomes = [outcome.get() for outcome in later]
+        rows = session.conn.execute("SELECT event_id FROM events ORDER BY seq").fetchall()
+    assert outcomes == [("created", 1)] * count + [("unchanged", 1)]
+    assert [row[0] for row in rows] == [f"FOO-{n}" for n in range(count)]
+
+
+def test_an_upsert_held_by_a_row_lock_leaves_the_other_threads_running(url):
+    """libpq's get_result() waits holding the GIL: an upsert that waits for a
+    row lock (another server's transaction) must wait outside it, or every
+    thread of the process stops (reads, health checks, the very commit that
+    would release the lock). In a process of its own, whose main thread must
+    still say it is alive while the write waits."""
+    import select
+    import psycopg
+    from conftest import opened
+    with opened(url) as session, session.transaction(eventstore.now_us(), seqs=1) as tx:
+        tx.put_program("FOO", "Foo")
+        eventstore.put_event(tx, _event("FOO-1"))
+    holder = psycopg.connect(url)
+    holder.execute("SELECT 1 FROM events WHERE event_id = 'FOO-1' FOR UPDATE")  # held until rollback
+    script = (f"import sys, threading, time; sys.path.insert(0, {str(ROOT)!r}); import eventstore\n"
+              f"session = eventstore.open_storage({url!r}).session()\n"
+              "def put():\n"
+              "    with session.transaction(eventstore.now_us(), seqs=1) as tx:\n"
+              f"        print(eventstore.put_event(tx, eventstore.validate_event('FOO-1', {body(1)!r}))[0], flush=True)\n"
+              "writer = threading.Thread(target=put); writer.start(); time.sleep(1)\n"
+              "print('alive', flush=True); writer.join()\n")
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+
+    def next_line(timeout):
+        assert select.select([process.stdout], [], [], timeout)[0], f"no line within {timeout} s"
+        return process.stdout.readline().strip()
+    try:
+        assert next_line(20) == "alive"  # while the upsert waits for the lock
+        holder.rollback()
+        assert next_line(20) == "updated"
+        assert process.wait(20) == 0
+    finally:
+        process.kill()
+        holder.close()
+
+
+def test_an_upsert_that_fails_in_a_group_fails_alone_and_the_connection_goes_on(url):
+    """A statement that fails inside the pipeline aborts the ones after it and
+    the transaction: the writer runs each change again on its own, so only the
+    failing one fails; a change that fails after sending its upsert rolls back
+    with it. The writer's connection takes the next writes either way."""
+    import psycopg
+    from conftest import opened
+    with opened(url) as session, session.transaction(eventstore.now_us()) as tx:
+        tx.put_program("FOO", "Foo")
+        tx.conn.execute("CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+                        " IF NEW.event_id = 'FOO-bad' THEN RAISE EXCEPTION 'refused here'; END IF; RETURN NEW;"
+                        " END $$")
+        tx.conn.execute("CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON events FOR EACH ROW EXECUTE FUNCTION refuse()")
+    storage = eventstore.open_storage(url)
+    writer = eventstore.GroupCommitWriter(storage.session, eventstore.now_us)
+    try:
+        gate, blocking = threading.Event(), threading.Event()
+        blocker = threading.Thread(target=writer.submit, args=(lambda tx: (blocking.set(), gate.wait(10)),))
+        blocker.start()
+        assert blocking.wait(10)
+        outcomes = {}
+
+        def put(event_id):
+            try:
+                outcomes[event_id] = writer.submit(lambda tx: eventstore.put_event_later(tx, _event(event_id)))
+            except psycopg.Error as exc:
+                outcomes[event_id] = type(exc).__name__
+
+        threads = [threading.Thread(target=put, args=(event_id,)) for event_id in ("FOO-ok1", "FOO-bad", "FOO-ok2")]
+        for thread in threads:
+            thread.start()
+        eventually(lambda: len(writer._queue) == 3, "the three writes queue behind the blocker")
+        batches = []
+        transaction = writer._transaction
+        writer._transaction = lambda session, batch: (batches.append(len(batch)), transaction(session, batch))[1]
+        gate.set()
+        for thread in threads + [blocker]:
+            thread.join(30)
+            assert not thread.is_alive(), "a write did not finish in 30 s"
+        assert batches == [3, 1, 1, 1]  # together, then each alone
+        assert outcomes == {"FOO-ok1": ("created", 1), "FOO-ok2": ("created", 1), "FOO-bad": "RaiseException"}
+
+        def upsert_then_fail(tx):
+            eventstore.put_event_later(tx, _event("FOO-half"))
+            raise ValueError("boom")
+        with pytest.raises(ValueError, match="boom"):
+            writer.submit(upsert_then_fail)
+        assert writer.submit(lambda tx: eventstore.put_event_later(tx, _event("FOO-after"))) == ("created", 1)
+        with opened(url) as session:
+            stored = {row[0] for row in session.conn.execute("SELECT event_id FROM events").fetchall()}
+        assert stored == {"FOO-ok1", "FOO-ok2", "FOO-after"}
+    finally:
+        writer.stop()
+        storage.close()
+
+
 def _reads_backend_pid(conn, name):
     """The pid of the PostgreSQL backend serving the GET pipeline of database ``name``'s servers."""
     row = conn.execute("SELECT pid FROM pg_stat_activity WHERE application_name = 'eventstore reads'"

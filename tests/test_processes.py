@@ -143,15 +143,19 @@ def test_a_killed_worker_is_restarted_and_nothing_acknowledged_is_lost(two):
     victim, survivor = two.workers()
     victim_cpus = cpus_of(victim)
     os.kill(victim, signal.SIGKILL)
-    # Meanwhile the server keeps answering (a connection that was queued on the
-    # killed worker's socket is reset: a client tries again), and the supervisor
-    # starts another worker.
-    answered_during = []
-    for _ in range(10):
-        try:
-            answered_during.append(two.request("GET", "/health")[0])
-        except ConnectionResetError:
-            answered_during.append(two.request("GET", "/health")[0])
+    # Meanwhile the server keeps answering, and the supervisor starts another
+    # worker. A connection queued on the killed worker's socket is reset, and
+    # one made in the moment the kernel closes that socket can be refused
+    # (SO_REUSEPORT, without net.ipv4.tcp_migrate_req): a client tries again.
+
+    def health(tries=5):
+        for _ in range(tries):
+            try:
+                return two.request("GET", "/health")[0]
+            except (ConnectionResetError, ConnectionRefusedError):
+                time.sleep(0.05)
+        return f"no answer in {tries} tries"
+    answered_during = [health() for _ in range(10)]
     wait_for(lambda: len(two.workers()) == 2 and victim not in two.workers(), "a new worker")
     assert survivor in two.workers()
     replacement = next(pid for pid in two.workers() if pid != survivor)
