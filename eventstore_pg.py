@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import select
 import tempfile
 import threading
@@ -240,27 +241,24 @@ class _Held:
 
 
 class _Read:
-    __slots__ = ("event_id", "done", "row", "error", "lead")
+    __slots__ = ("event_id", "done", "row", "error")
 
     def __init__(self, event_id):
-        self.event_id, self.row, self.error, self.lead = event_id, None, None, False
+        self.event_id, self.row, self.error = event_id, None, None
         self.done = threading.Lock()
-        self.done.acquire()  # released when answered, or when its thread is to read (lead)
+        self.done.acquire()  # released when answered
 
 
 class ReadPipeline:
     """GET /events/{id}, the hottest read, for every request thread of this
-    process on one connection of its own, read by the request threads
-    themselves in turn: a thread that finds nobody reading reads its own
-    EventId and those of every thread waiting, in one statement, hands each
-    its row, and passes the reading on to the first thread that came to wait
-    meanwhile. A connection per request thread cost PostgreSQL a wake-up, a
-    statement and a reply per GET, on the cores the servers share
-    (bench/postgres.py P2'); a thread of the pipeline's own cost every GET two
-    hand-overs between threads. Reads change nothing, so a batch whose
-    connection broke is read once more on a new one. A read waits at most
-    ``timeout`` seconds for PostgreSQL, so a thread waits at most about twice
-    that."""
+    process on one connection of its own: a thread hands its EventId over and
+    waits; one thread reads every id waiting in one statement and hands each
+    thread its row. A connection per request thread cost PostgreSQL a wake-up,
+    a statement and a reply per GET, on the cores the servers share
+    (bench/postgres.py P2'). Reads change nothing, so a batch whose connection
+    broke is read once more on a new one. The pipeline waits at most ``timeout``
+    seconds for an answer before it gives its connection up, so a thread waits
+    at most about twice that."""
 
     STATEMENT = b"eventstore_read_events"
     SQL = f"SELECT {EVENT_COLUMNS} FROM events WHERE event_id = ANY($1::text[])".encode()
@@ -268,93 +266,65 @@ class ReadPipeline:
 
     def __init__(self, connect, timeout):
         self.connect, self.timeout = connect, timeout
-        self._mutex = threading.Lock()  # guards what follows
-        self._waiting = []  # reads no reader has taken yet, oldest first
-        self._reading = False  # a thread is reading: only it uses _conn
-        self._conn = None
-        self._closed = False
+        self._queue = queue.SimpleQueue()
+        self._thread = None
+        self._starting = threading.Lock()
 
     def read_event(self, event_id):
+        if self._thread is None or not self._thread.is_alive():
+            self._start()
         read = _Read(event_id)
-        with self._mutex:
-            self._waiting.append(read)
-            read.lead, self._reading = not self._reading, True
-        if not read.lead:
-            self._wait(read)
-        if read.lead:
-            self._read_waiting(read)
+        self._queue.put(read)
+        wait = 2 * self.timeout + 1  # a try on each of two connections
+        if not read.done.acquire(timeout=wait):
+            raise psycopg.OperationalError(f"PostgreSQL did not answer a read within {wait:g} s")
         if read.error is not None:
             raise read.error
         return read.row
 
-    def _wait(self, read):
-        """Until ``read`` is answered, or its thread is to read (read.lead)."""
-        wait = 2 * self.timeout + 1  # a reader's try on each of two connections
-        if read.done.acquire(timeout=wait):
-            return
-        with self._mutex:
-            if read.lead:  # asked to read in the same moment
-                return
-            if read in self._waiting:  # no reader took it: nobody will answer it
-                self._waiting.remove(read)
-                raise psycopg.OperationalError(f"PostgreSQL did not answer a read within {wait:g} s")
-        if not read.done.acquire(timeout=wait):  # being read: its reader's bound holds
-            raise psycopg.OperationalError(f"PostgreSQL did not answer a read within {2 * wait:g} s")
-
-    def _read_waiting(self, mine):
-        """Read every waiting EventId (``mine`` first among them), answer each
-        thread, and pass the reading on, or say nobody reads."""
-        with self._mutex:
-            batch, self._waiting = self._waiting[:self.MAX_BATCH], self._waiting[self.MAX_BATCH:]
-        try:
-            self._answer(batch)
-        finally:
-            closing = None
-            with self._mutex:
-                reader = self._waiting[0] if self._waiting else None
-                if reader is not None:
-                    reader.lead = True
-                else:
-                    self._reading = False
-                    if self._closed:
-                        closing, self._conn = self._conn, None
-            if closing is not None:
-                closing.close()
-            for read in batch:
-                if read is not mine:
-                    read.done.release()
-            if reader is not None:
-                reader.done.release()
-
-    def _answer(self, reads):
-        for attempt in (1, 2):
-            try:
-                if self._conn is None:
-                    if self._closed:
-                        raise psycopg.OperationalError("the storage is closed")
-                    self._conn = self._open()
-                rows = self._read(self._conn.pgconn, {read.event_id for read in reads})
-                for read in reads:
-                    read.row = rows.get(read.event_id)
-                return
-            except Exception as exc:  # the connection broke, or none could be opened
-                if self._conn is not None:
-                    self._conn.close()
-                    self._conn = None
-                if attempt == 2:
-                    log.warning("database unavailable for reads: %r", exc)
-                    for read in reads:  # each its own copy: raised in one thread only
-                        read.error = copy.copy(exc).with_traceback(None)
+    def _start(self):
+        with self._starting:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="eventstore-reads", daemon=True)
+                self._thread.start()
 
     def close(self):
-        """Close the connection; a thread reading now closes it when done."""
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            self._queue.put(None)
+            thread.join(self.timeout)
+
+    def _run(self):
         conn = None
-        with self._mutex:
-            self._closed = True
-            if not self._reading:
-                conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
+        try:
+            while True:
+                batch = [self._queue.get()]
+                while len(batch) < self.MAX_BATCH and not self._queue.empty():
+                    batch.append(self._queue.get())
+                reads = [read for read in batch if read is not None]
+                for attempt in (1, 2):
+                    try:
+                        if conn is None:
+                            conn = self._open()
+                        rows = self._read(conn.pgconn, {read.event_id for read in reads})
+                        for read in reads:
+                            read.row = rows.get(read.event_id)
+                        break
+                    except Exception as exc:  # the connection broke, or none could be opened
+                        if conn is not None:
+                            conn.close()
+                            conn = None
+                        if attempt == 2:
+                            log.warning("database unavailable for reads: %r", exc)
+                            for read in reads:  # each its own copy: raised in one thread only
+                                read.error = copy.copy(exc).with_traceback(None)
+                for read in reads:
+                    read.done.release()
+                if len(reads) < len(batch):  # close() was called
+                    return
+        finally:
+            if conn is not None:
+                conn.close()
 
     def _open(self):
         conn = self.connect()

@@ -178,9 +178,6 @@ MUTANTS = [
         ("            _wait_for_answer(pgconn)\n            return pgconn.get_result()",
          "            return pgconn.get_result()"),
     ], ["tests/test_postgres.py"]),
-    ("PostgreSQL: a GET that no reader took stays queued when its thread gives up", "eventstore_pg.py", [
-        ("                self._waiting.remove(read)\n", ""),
-    ], ["tests/test_postgres.py"]),
     ("PostgreSQL: a failed transaction rolled back in pipeline mode", "eventstore_pg.py", [
         ("            with contextlib.suppress(Exception):\n                tx.settle()\n", ""),
     ], ["tests/test_postgres.py"]),
