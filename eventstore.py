@@ -1741,7 +1741,7 @@ class GroupCommitWriter:
                 if isinstance(item.result, Later):
                     try:
                         item.result = item.result.get()
-                    except Exception as exc:  # after its writes, as any failure of a Later
+                    except Exception as exc:  # after its change wrote: one transaction each, again
                         raise _ChangeFailed() from exc
 
 
