@@ -488,8 +488,7 @@ class PostgresTransaction(PostgresReads):
     def conn(self):
         """The connection, for any statement but an upsert: the answers of the
         upserts on their way are read first."""
-        if self._sent:
-            self._answer_sent()
+        self.settle()
         return self._conn
 
     @conn.setter
