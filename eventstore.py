@@ -1584,12 +1584,21 @@ class GroupCommitWriter:
     If the thread dies (its session cannot be opened, or anything unexpected
     escapes), every change it held or had queued fails with a 503, ``failure``
     says why until a new thread has connected, and the next change starts one.
+
+    A submitter waits at most ``timeout`` seconds: then a change still queued is
+    withdrawn (503, nothing written), one being written gets a 503 that says its
+    outcome is unknown. While a transaction has run longer than that, the writer
+    is ``stuck()`` and changes are refused at once, so that waiting writes cannot
+    take every request thread from reads and /health.
     """
 
-    def __init__(self, open_session, clock, on_commit=lambda touched: None, max_batch=1000):
+    def __init__(self, open_session, clock, on_commit=lambda touched: None, max_batch=1000, timeout=10.0):
         self.open_session, self.clock, self.on_commit = open_session, clock, on_commit
         self.max_batch = max_batch
+        self.timeout = timeout
         self.failure = None  # why the last writer thread died, until another connects
+        self.failing = None  # the database error of the last transaction, until one commits
+        self._busy_since = None  # time.monotonic() when the transaction in progress began
         self._queue = []
         self._wake = threading.Condition()
         self._thread = None
@@ -1599,11 +1608,24 @@ class GroupCommitWriter:
         """Queue ``change`` and wait for its outcome: its result, or its error.
         ``seqs``: how many Sequences it will probably take (a hint for PostgreSQL,
         which takes them when the transaction begins)."""
+        if self.stuck():
+            raise self.unavailable()
         item = self.post(change, changed, seqs)
+        deadline = time.monotonic() + self.timeout
         # Bounded waits: a writer that died without answering is noticed.
-        while not item.done.wait(0.5):
+        while not item.done.wait(min(0.5, max(deadline - time.monotonic(), 0))):
             with self._wake:
-                if item.done.is_set() or (item.writer or self._thread).is_alive():
+                if item.done.is_set():
+                    break
+                if item.writer is None and time.monotonic() >= deadline:
+                    self._queue.remove(item)
+                    raise self.unavailable()
+                if time.monotonic() >= deadline:
+                    raise service_unavailable(
+                        f"The database did not confirm this write within {self.timeout:g} s; it may or may "
+                        "not have been written. Read it back, or send it again (PUT and POST /events are "
+                        "idempotent).", retry_after=5)
+                if (item.writer or self._thread).is_alive():
                     continue
                 if item.writer is None:  # still queued: hand it to a new writer
                     self._start()
@@ -1638,7 +1660,13 @@ class GroupCommitWriter:
 
     def unavailable(self):
         return service_unavailable("The database cannot take writes at the moment; nothing was written. "
-                                   "Try again shortly.")
+                                   "Try again shortly.", retry_after=5 if self.stuck() else 1)
+
+    def stuck(self):
+        """Seconds the transaction in progress has run, when that is past the timeout."""
+        since = self._busy_since
+        running = 0 if since is None else time.monotonic() - since
+        return running if running > self.timeout else 0
 
     def stop(self):
         with self._wake:
@@ -1664,7 +1692,11 @@ class GroupCommitWriter:
                     batch, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
                     for item in batch:
                         item.writer = threading.current_thread()
-                self._commit(session, batch)
+                self._busy_since = time.monotonic()
+                try:
+                    self._commit(session, batch)
+                finally:
+                    self._busy_since = None
                 batch = []
         except BaseException as exc:
             self._died(exc, batch)
@@ -1694,8 +1726,11 @@ class GroupCommitWriter:
                 except Exception as exc:
                     item.error, item.result = exc, None
         except Exception as exc:  # BEGIN or COMMIT failed: nothing of the batch is written
+            self.failing = exc
             for item in batch:  # each its own copy: an exception is raised in one thread only
                 item.error, item.result = copy.copy(exc).with_traceback(None), None
+        else:
+            self.failing = None
         touched, unsaid = set(), False
         for item in batch:
             changed = item.error is None and item.changed(item.result)
@@ -2335,6 +2370,15 @@ def health_handler(req):
     if writer.failure is not None:
         raise service_unavailable("The database answers reads but its writer is down; writes get 503 "
                                   "until it is back.", retry_after=5)
+    if writer.stuck():
+        raise service_unavailable(f"The database writer has been in one transaction for {writer.stuck():.0f} s; "
+                                  "writes get 503 until it finishes.", retry_after=5)
+    if writer.failing is not None:  # the last write failed: see whether one can commit now
+        try:
+            writer.submit(lambda tx: None, changed=lambda result: False, seqs=0)
+        except (Problem, *req.store.storage.errors):
+            raise service_unavailable("The database answers reads but cannot take writes; writes get 503 "
+                                      "until it can.", retry_after=5) from None
     return json_response({"status": "ok", "backend": req.store.storage.backend, "schemaVersion": SCHEMA_VERSION,
                           "longPolls": req.store.long_polls, **req.store.storage.health_details()})
 
@@ -2595,7 +2639,7 @@ class EventStore:
 
     def __init__(self, db, *, max_body_bytes=DEFAULT_MAX_BODY, clock=now_us,
                  max_waiting=8, busy_timeout_ms=5000, auth_cache_seconds=AUTH_CACHE_SECONDS,
-                 throttle=None, openapi=None, routes=ROUTES, poll_interval=0.025):
+                 throttle=None, openapi=None, routes=ROUTES, poll_interval=0.025, write_timeout=10.0):
         self.storage = open_storage(db, busy_timeout_ms)
         self.throttle = throttle if throttle is not None else shared_throttle(self.storage.local_file("throttle"))
         self.auth_cache_seconds = auth_cache_seconds
@@ -2614,7 +2658,7 @@ class EventStore:
         self._waiting = threading.BoundedSemaphore(max_waiting) if max_waiting else None
         self.long_polls = 0  # requests waiting now (reported by /health)
         self._auth_cache = {}
-        self.writer = GroupCommitWriter(self.storage.session, clock, on_commit=self._committed)
+        self.writer = GroupCommitWriter(self.storage.session, clock, on_commit=self._committed, timeout=write_timeout)
 
     def write(self, change, changed=lambda result: True, seqs=1):
         """Run ``change(tx)`` in a committed, durable write transaction
@@ -2798,7 +2842,8 @@ def make_app(db, **options):
     """The WSGI application over ``db``: a SQLite file (created if missing), a
     ``postgresql://`` URL, or a storage object. Options: max_body_bytes, clock,
     max_waiting, busy_timeout_ms, auth_cache_seconds, throttle (an AuthThrottle), openapi (the document's bytes), routes (the route table),
-    poll_interval (seconds between checks for other processes' commits while long polls wait)."""
+    poll_interval (seconds between checks for other processes' commits while long polls wait), write_timeout
+    (seconds a write waits for its commit before a 503)."""
     return EventStore(db, **options)
 
 

@@ -699,32 +699,53 @@ class PostgresSession(PostgresReads):
 
     def __init__(self, storage):
         self.storage = storage
-        super().__init__(conn=storage.connect())
+        super().__init__(conn=storage.connect(application_name="eventstore writer"))
         self.prepared = set()  # the statements prepared on self.conn (see _prepare)
 
     @contextlib.contextmanager
     def transaction(self, now, seqs=0):
         """BEGIN (see PostgresTransaction) ... COMMIT, on libpq itself: psycopg's
-        transaction() would send BEGIN in a round trip of its own."""
-        if self.conn.broken or self.conn.closed:
-            self.conn, self.prepared = self.storage.connect(), set()
+        transaction() would send BEGIN in a round trip of its own. Every way out
+        leaves the connection idle, or closed (and replaced by the next one): a
+        failed BEGIN (a cancel, a timeout) must not leave it in a transaction."""
+        if not self._usable():
+            with contextlib.suppress(Exception):
+                self.conn.close()
+            self.conn, self.prepared = self.storage.connect(application_name="eventstore writer"), set()
         pgconn = self.conn.pgconn
-        tx = PostgresTransaction(self.conn, now, seqs, self.prepared)
+        tx = None
         try:
+            tx = PostgresTransaction(self.conn, now, seqs, self.prepared)
             yield tx
             tx.settle()
-        except BaseException:
-            with contextlib.suppress(Exception):
-                tx.settle()
-            if not self.conn.closed and pgconn.transaction_status in (
-                    pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR):
-                pgconn.exec_(b"ROLLBACK")
+            result = _succeeded(pgconn.exec_(b"COMMIT"))
+        except BaseException as exc:
+            self._end_failed(tx)
+            if pgconn.status != pq.ConnStatus.OK and not isinstance(exc, psycopg.OperationalError):
+                raise psycopg.OperationalError(f"the connection to the database was lost: {exc}") from exc
             raise
-        result = _succeeded(pgconn.exec_(b"COMMIT"))
         if result.command_status != b"COMMIT":
             # COMMIT in a failed transaction rolls it back (a statement failed, and its
             # error was caught): nothing was written; say so.
             raise psycopg.OperationalError("the transaction failed and was rolled back; nothing was written")
+
+    def _usable(self):
+        return (not self.conn.closed and not self.conn.broken and self.conn.pgconn.status == pq.ConnStatus.OK
+                and self.conn.pgconn.transaction_status == pq.TransactionStatus.IDLE)
+
+    def _end_failed(self, tx):
+        """Roll back what a failure left open; a connection that cannot is closed."""
+        with contextlib.suppress(Exception):
+            if tx is not None:
+                tx.settle()
+        pgconn = self.conn.pgconn
+        with contextlib.suppress(Exception):
+            if not self.conn.closed and pgconn.transaction_status in (
+                    pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR):
+                pgconn.exec_(b"ROLLBACK")
+        if not self.conn.closed and not self._usable():
+            with contextlib.suppress(Exception):
+                self.conn.close()
 
     def close(self):
         self.conn.close()

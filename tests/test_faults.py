@@ -143,9 +143,12 @@ def test_a_write_lock_held_by_another_process_is_503_and_nothing_stays_stuck(tmp
         status, headers, problem = server.request("PUT", "/events/FOO-1", event(1), **admin)
         assert (status, headers["retry-after"], problem["status"]) == (503, "1", 503)
         assert time.monotonic() - started < 8  # the 5 s busy timeout, then an answer
-        assert server.request("GET", "/health")[0] == 200  # readers are not blocked
+        assert server.request("GET", "/events/FOO-0", **admin)[0] == 404  # readers are not blocked
+        status, _, problem = server.request("GET", "/health")  # but the writer cannot write: it says so
+        assert (status, "cannot take writes" in problem["detail"]) == (503, True)
         blocker.execute("ROLLBACK")
         blocker.close()
+        assert server.request("GET", "/health")[0] == 200
         assert server.request("PUT", "/events/FOO-1", event(1), **admin)[0] == 200
         assert server.request("GET", "/events/FOO-1", **admin)[0] == 200
     finally:

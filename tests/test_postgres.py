@@ -652,3 +652,107 @@ def test_without_postgresql_the_summary_says_so_or_ci_fails(tmp_path, required):
     else:
         assert result.returncode == 0 and "1 passed, 1 skipped, 44 deselected" in result.stdout, result.stdout
     assert "PostgreSQL server binaries not found" in result.stdout
+
+
+# --- The writer after a failure (outside checks of 2026-12-02) --------------------
+
+def _writer_pid(registry):
+    """The backend of the app's writer, asked through the writer itself."""
+    return registry.app.write(lambda tx: tx.conn.info.backend_pid, changed=lambda result: False, seqs=0)
+
+
+def test_a_cancelled_begin_rolls_back_and_the_next_write_commits(url):
+    """The writer's first statement (BEGIN and the Sequences) cancelled while it
+    waits: that write gets a 503, and the connection is not left in an aborted
+    transaction: /health and the next writes succeed (they got 500 for good)."""
+    import psycopg
+    import webtest
+    from conftest import Registry, run_in_thread
+    registry = Registry(url)
+    try:
+        admin, anonymous = registry.client("admin"), webtest.TestApp(registry.app)
+        admin.put_json("/events/FOO-1", body(1))
+        pid = _writer_pid(registry)
+        with psycopg.connect(url, autocommit=True) as other:
+            other.execute("SELECT pg_advisory_lock(7310582)")  # what eventstore_take_sequences waits for
+            answer = run_in_thread(lambda: admin.put_json("/events/FOO-2", body(2), status="*"))
+            eventually(lambda: other.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s",
+                                             (pid,)).fetchone()[0] == "Lock", "the writer waits in BEGIN")
+            assert other.execute("SELECT pg_cancel_backend(%s)", (pid,)).fetchone()[0]
+            cancelled = answer()
+            assert cancelled.status_int == 503 and cancelled.content_type == "application/problem+json"
+            other.execute("SELECT pg_advisory_unlock(7310582)")
+        assert anonymous.get("/health").status_int == 200
+        assert admin.put_json("/events/FOO-2", body(2)).headers["ETag"] == '"1"'
+        assert admin.put_json("/events/FOO-3", body(3)).headers["ETag"] == '"1"'
+        assert [e["EventId"] for e in admin.get("/events").json["Events"]] == ["FOO-1", "FOO-2", "FOO-3"]
+    finally:
+        registry.close()
+
+
+def test_a_write_waits_a_bounded_time_and_reads_and_health_go_on(url):
+    """The writer held in one transaction (here by a lock it waits for): a PUT
+    waits write_timeout, then 503 with Retry-After; further writes are refused at
+    once (they must not take every request thread), /health says 503, GETs are
+    served; once the writer is free, writes commit again."""
+    import psycopg
+    import webtest
+    from conftest import Registry, run_in_thread
+    registry = Registry(url, write_timeout=1)
+    try:
+        admin, anonymous = registry.client("admin"), webtest.TestApp(registry.app)
+        admin.put_json("/events/FOO-1", body(1))
+        with psycopg.connect(url, autocommit=True) as other:
+            other.execute("SELECT pg_advisory_lock(7310582)")
+            try:
+                started = time.monotonic()
+                held = admin.put_json("/events/FOO-2", body(2), status=503)
+                assert 1 <= time.monotonic() - started < 5
+                assert held.headers["Retry-After"] and "may or may not" in held.json["detail"]
+                started = time.monotonic()
+                refused = admin.put_json("/events/FOO-3", body(3), status=503)
+                assert time.monotonic() - started < 0.5 and "nothing was written" in refused.json["detail"]
+                assert refused.headers["Retry-After"] == "5"
+                assert "in one transaction" in anonymous.get("/health", status=503).json["detail"]
+                assert admin.get("/events/FOO-1").json["EventData"] == {"n": 1}
+                assert [e["EventId"] for e in admin.get("/events").json["Events"]] == ["FOO-1"]
+                queued = run_in_thread(lambda: registry.app.writer.stuck())
+                assert queued() > 1
+            finally:
+                other.execute("SELECT pg_advisory_unlock(7310582)")
+        eventually(lambda: not registry.app.writer.stuck(), "the held transaction ends")
+        assert admin.put_json("/events/FOO-3", body(3)).headers["ETag"] == '"1"'
+        assert anonymous.get("/health").status_int == 200
+        # The write that got "may or may not" did commit once the lock was free: its outcome was unknown.
+        assert admin.get("/events/FOO-2").json["Revision"] == 1
+    finally:
+        registry.close()
+
+
+def test_a_lost_writer_connection_is_503_while_it_lasts_and_nothing_lingers(url):
+    """The writer's backend terminated while the database refuses connections:
+    writes get 503 (not 500), /health says the writer cannot write; once the
+    database takes connections again, /health and writes succeed at once."""
+    import psycopg
+    import webtest
+    from conftest import Registry
+    registry = Registry(url, busy_timeout_ms=1000)
+    server, name = url.rsplit("/", 1)
+    try:
+        admin, anonymous = registry.client("admin"), webtest.TestApp(registry.app)
+        admin.put_json("/events/FOO-1", body(1))
+        pid = _writer_pid(registry)
+        with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
+            conn.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
+            try:
+                assert conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0]
+                for n in (2, 3):
+                    problem = admin.put_json(f"/events/FOO-{n}", body(n), status=503)
+                    assert problem.content_type == "application/problem+json"
+                assert "cannot take writes" in anonymous.get("/health", status=503).json["detail"]
+            finally:
+                conn.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+        assert anonymous.get("/health").status_int == 200
+        assert admin.put_json("/events/FOO-2", body(2)).headers["ETag"] == '"1"'
+    finally:
+        registry.close()
