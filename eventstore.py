@@ -13,6 +13,7 @@ import argparse
 import base64
 import binascii
 import collections
+import contextlib
 import copy
 import fcntl
 import functools
@@ -2732,18 +2733,28 @@ class EventStore:
         re-read, as for our own commits."""
         watch = None
         try:
-            watch = self.storage.watch_commits()
-            self._committed()  # another process may have committed before that first look
             while not self._closing.is_set():
                 with self._commits:
                     if not self.long_polls:
                         self._watcher = None
                         return
-                changed = watch.changes(self.poll_interval, self._closing, limit=10000)
+                try:
+                    if watch is None:
+                        watch = self.storage.watch_commits()
+                        # Another process may have committed before this first look (or
+                        # while the connection was lost): every waiter reads again.
+                        self._committed()
+                    changed = watch.changes(self.poll_interval, self._closing, limit=10000)
+                except self.storage.errors as exc:  # the connection was lost: a new one, after a pause
+                    log.warning("the commit watcher lost the database (%r); connecting again", exc)
+                    if watch is not None:
+                        with contextlib.suppress(Exception):
+                            watch.close()
+                    watch = None
+                    self._closing.wait(1.0)
+                    continue
                 if changed:
                     self._committed(None if len(changed) == 10000 else {row[1:] for row in changed})
-        except self.storage.errors:
-            log.exception("the commit watcher stopped; long polls see other processes' commits at their end")
         finally:
             with self._commits:
                 if self._watcher is threading.current_thread():

@@ -894,7 +894,7 @@ class PostgresCommitWatch:
         self._open()
 
     def _open(self):
-        self.conn = self.storage.connect()
+        self.conn = self.storage.connect(application_name="eventstore watcher")
         self.conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
         self.reads = PostgresReads(conn=self.conn)
         self.last_seq = self.reads.last_sequence()

@@ -756,3 +756,32 @@ def test_a_lost_writer_connection_is_503_while_it_lasts_and_nothing_lingers(url)
         assert admin.put_json("/events/FOO-2", body(2)).headers["ETag"] == '"1"'
     finally:
         registry.close()
+
+
+def test_long_polls_waiting_when_the_watchers_connection_drops_still_wake_on_other_commits(url):
+    """The commit watcher's connection terminated while a long poll waits: it
+    connects and LISTENs again, and the poll wakes on another session's commit
+    (with the re-check a minute apart, only that can wake it in time)."""
+    import psycopg
+    from conftest import Registry, opened, run_in_thread
+    registry = Registry(url, poll_interval=60)
+    try:
+        admin = registry.client("admin")
+        answer = run_in_thread(lambda: admin.get("/events?wait=20").json)
+        eventually(lambda: registry.app.long_polls == 1 and registry.app._watcher is not None, "the poll waits")
+        with psycopg.connect(url, autocommit=True) as conn:
+            def watchers():
+                return [pid for pid, in conn.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = 'eventstore watcher'")]
+            eventually(lambda: len(watchers()) == 1, "the watcher listens")
+            first = watchers()[0]
+            assert conn.execute("SELECT pg_terminate_backend(%s)", (first,)).fetchone()[0]
+            eventually(lambda: watchers() not in ([], [first]), "the watcher listens again")
+        time.sleep(0.3)
+        started = time.monotonic()
+        with opened(url) as other, other.transaction(eventstore.now_us(), seqs=1) as tx:
+            eventstore.put_event(tx, eventstore.validate_event("FOO-x", body()))
+        assert [e["EventId"] for e in answer(timeout=30)["Events"]] == ["FOO-x"]
+        assert time.monotonic() - started < 10
+    finally:
+        registry.close()
