@@ -735,8 +735,8 @@ def parse_event_types_query(pairs):
 # list_keys, answers. A Transaction is a Reads inside the transaction, plus
 # take_seq/peek_seq and the writes (current, upsert_event, current_many,
 # insert_events, update_events, live_revision, tombstone, member_event_ids,
-# insert_tombstone, put_program, register_event_type, strict_users_of_type,
-# delete_event_type, insert_user, insert_key, set_grants, revoke_grant,
+# insert_tombstone, put_program, register_event_type, lock_event_type,
+# strict_users_of_type, delete_event_type, insert_user, insert_key, set_grants, revoke_grant,
 # disable_user, revoke_key, touch_key, any_user) and ``changes()``, a count of
 # the rows it has written (or sent to be). upsert_event returns a function that
 # gives the revision: PostgreSQL sends a transaction's upserts together and
@@ -1307,6 +1307,10 @@ class SQLiteTransaction(SQLiteReads):
             "INSERT INTO event_types (event_type, description, created_us, updated_us) VALUES (?, ?, ?, ?)"
             " ON CONFLICT (event_type) DO UPDATE SET description = excluded.description,"
             " updated_us = excluded.updated_us", (event_type, description, self.now, self.now))
+
+    def lock_event_type(self, event_type):
+        """Whether ``event_type`` is registered (the write lock already keeps it so)."""
+        return self.type_registered(event_type)
 
     def strict_users_of_type(self, event_type):
         """[(program_id, live events)] of the programs that take registered types
@@ -1947,8 +1951,10 @@ def unregistered_type_errors(rules, events):
 
 def unregister_event_type(tx, event_type):
     """Problem 404 when it is not registered, 409 while a program that takes
-    registered types only has live events of it (API.md §5a); before writing."""
-    if not tx.type_registered(event_type):
+    registered types only has live events of it (API.md §5a); before writing.
+    The type is locked first: a write of it in progress elsewhere (PostgreSQL)
+    commits before the check, and one after it sees the type gone."""
+    if not tx.lock_event_type(event_type):
         raise Problem(404, f"Event type {event_type!r} is not registered.")
     users = tx.strict_users_of_type(event_type)
     if users:

@@ -657,6 +657,18 @@ class PostgresTransaction(PostgresReads):
             " WHERE c.event_type = %s AND c.events > 0 AND p.registered_types_only ORDER BY c.program_id",
             (event_type,))
 
+    def type_registered(self, event_type):
+        """Whether ``event_type`` is registered, kept so until this transaction ends:
+        its removal (lock_event_type) waits for this transaction's writes of it."""
+        return self._one("SELECT 1 FROM event_types WHERE event_type = %s FOR KEY SHARE",
+                         (event_type,)) is not None
+
+    def lock_event_type(self, event_type):
+        """Whether ``event_type`` is registered, locked for its removal: after
+        every transaction that wrote it (each holds it, see type_registered) has
+        ended, so that the next statement sees their events."""
+        return self._one("SELECT 1 FROM event_types WHERE event_type = %s FOR UPDATE", (event_type,)) is not None
+
     def delete_event_type(self, event_type):
         self._write("DELETE FROM event_types WHERE event_type = %s", (event_type,))
 

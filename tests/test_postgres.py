@@ -785,3 +785,38 @@ def test_long_polls_waiting_when_the_watchers_connection_drops_still_wake_on_oth
         assert time.monotonic() - started < 10
     finally:
         registry.close()
+
+
+def test_removing_a_type_waits_for_a_write_of_it_in_progress_and_then_refuses(url):
+    """A write of type T into a program that takes registered types only, not yet
+    committed, while another session removes T: the removal waits for it and then
+    answers 409, as SQLite's write lock makes it; both committing left an event of
+    an unregistered type in that program. A removal first, then the write: the
+    write sees T gone."""
+    from conftest import opened, run_in_thread
+    with opened(url) as setup, setup.transaction(eventstore.now_us()) as tx:
+        tx.register_event_type("T", "a type")
+        tx.put_program("STRICT", "Strict", registered_types_only=True)
+    strict = {**body(), "ProgramId": "STRICT"}
+    with opened(url) as writing, opened(url) as removing:
+        with writing.transaction(eventstore.now_us(), seqs=1) as tx:
+            eventstore.put_event(tx, eventstore.validate_event("STRICT-1", strict))
+            removal = run_in_thread(lambda: _remove_type(removing, "T"))
+            time.sleep(0.5)  # the removal waits for this transaction now
+        with pytest.raises(eventstore.Problem) as refused:
+            removal()
+        assert refused.value.status == 409
+        assert writing.type_registered("T") and writing.read_event("STRICT-1") is not None
+        # The other order: the type removed first, then a write of it is refused.
+        with writing.transaction(eventstore.now_us(), seqs=1) as tx:
+            eventstore.delete_event(tx, "STRICT-1")
+        _remove_type(removing, "T")
+        with pytest.raises(eventstore.Problem) as unregistered:
+            with writing.transaction(eventstore.now_us(), seqs=1) as tx:
+                eventstore.put_event(tx, eventstore.validate_event("STRICT-2", strict))
+        assert unregistered.value.status == 400
+
+
+def _remove_type(session, event_type):
+    with session.transaction(eventstore.now_us()) as tx:
+        eventstore.unregister_event_type(tx, event_type)
