@@ -1540,14 +1540,38 @@ POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
 def safe_db_name(db):
-    """A database name fit for a log or an error: a URL without its password."""
+    """A database name fit for a log or an error: a URL without its password
+    (in its user part, or as a ``password`` or ``sslpassword`` parameter)."""
     db = str(db)
     if not db.startswith(POSTGRES_SCHEMES):
         return db
     url = urllib.parse.urlsplit(db)
-    if url.password is None:
-        return db
-    return url._replace(netloc=url.netloc.replace(f":{url.password}@", ":***@", 1)).geturl()
+    if url.password is not None:
+        userinfo, host = url.netloc.rsplit("@", 1)
+        url = url._replace(netloc=f"{userinfo.split(':', 1)[0]}:***@{host}")
+    query = [(name, "***" if name in PASSWORD_PARAMETERS else value)
+             for name, value in urllib.parse.parse_qsl(url.query, keep_blank_values=True)]
+    return url._replace(query=urllib.parse.urlencode(query, safe="*")).geturl()
+
+
+def _url_passwords(db):
+    url = urllib.parse.urlsplit(db)
+    found = [url.password] if url.password else []
+    return found + [value for name, value in urllib.parse.parse_qsl(url.query) if name in PASSWORD_PARAMETERS and value]
+
+
+PASSWORD_PARAMETERS = ("password", "sslpassword")
+
+
+def safe_text(text, db):
+    """``text`` (an error message, a URL) without the passwords in the database URL ``db``."""
+    text, db = str(text), str(db)
+    if not db.startswith(POSTGRES_SCHEMES):
+        return text
+    for password in sorted(_url_passwords(db), key=len, reverse=True):
+        for form in {password, urllib.parse.unquote(password), urllib.parse.quote(password, safe="")}:
+            text = text.replace(form, "***")
+    return text
 
 
 def open_storage(db, busy_timeout_ms=5000, threads=None):
@@ -3288,7 +3312,8 @@ def main(argv=None, out=None):
     try:
         storage = open_storage(args.db)
     except (sqlite3.Error, RuntimeError) as exc:
-        print(f"error: cannot open {safe_db_name(args.db)} as an eventstore database: {exc}", file=sys.stderr)
+        print(f"error: cannot open {safe_db_name(args.db)} as an eventstore database: "
+              f"{safe_text(exc, args.db)}", file=sys.stderr)
         return 1
     db = storage.session()
     try:

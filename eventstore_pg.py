@@ -815,13 +815,21 @@ class PostgresStorage:
             log.warning("PostgreSQL has fsync=%s and synchronous_commit=%s: a 200 is NOT durable, a crash "
                         "can lose acknowledged changes. Turn both on for anything but tests.",
                         settings["fsync"], settings["synchronous_commit"])
+        # /health's feedHeldBackSeconds reads pg_stat_activity, where a role sees
+        # other roles' transactions only with pg_read_all_stats (or as superuser).
+        settings["role"], settings["sees_all_sessions"] = conn.execute(
+            "SELECT current_user, rolsuper OR pg_has_role(current_user, 'pg_read_all_stats', 'MEMBER')"
+            " FROM pg_roles WHERE rolname = current_user").fetchone()
+        if not settings["sees_all_sessions"]:
+            log.warning("%s", _blind_note(settings["role"]))
         return settings
 
     def durability(self):
         """One line for the operator: whether a 200 is durable on this server."""
         s = self.settings
         return (f"PostgreSQL {s['server_version']}: fsync={s['fsync']}, synchronous_commit="
-                f"{s['synchronous_commit']}" + ("" if _durable(s) else " -- WARNING: a 200 is not durable"))
+                f"{s['synchronous_commit']}" + ("" if _durable(s) else " -- WARNING: a 200 is not durable")
+                + ("" if s["sees_all_sessions"] else f"\n{_blind_note(s['role'])}"))
 
     @staticmethod
     def _apply_schema(conn):
@@ -860,7 +868,8 @@ class PostgresStorage:
             log.warning("the change feed is held back %.0f s by the oldest transaction in progress in the "
                         "PostgreSQL cluster (see pg_stat_activity); followers see nothing newer until it ends",
                         held)
-        return {"feedHeldBackSeconds": round(held, 3)}
+        return {"feedHeldBackSeconds": round(held, 3),
+                "feedHeldBackSeesAllSessions": self.settings["sees_all_sessions"]}
 
     def problem(self, exc):
         if isinstance(exc, psycopg_pool.PoolTimeout):
@@ -887,6 +896,13 @@ class PostgresStorage:
         self._pipeline.close()
         self._reads.close_held()
         self.pool.close()
+
+
+def _blind_note(role):
+    quoted = '"' + role.replace('"', '""') + '"'
+    return (f"note: role {role} cannot see other roles' transactions, which also hold the change feed back: "
+            f"/health's feedHeldBackSeconds counts only its own. To see them all: GRANT pg_read_all_stats "
+            f"TO {quoted};")
 
 
 def _durable(settings):

@@ -77,7 +77,8 @@ def default_processes():
 
 def cannot_open(db, exc):
     """The one line for a database that cannot be opened -> exit status 1."""
-    print(f"error: cannot open {eventstore.safe_db_name(db)} as an eventstore database: {exc}", file=sys.stderr)
+    print(f"error: cannot open {eventstore.safe_db_name(db)} as an eventstore database: "
+          f"{eventstore.safe_text(exc, db)}", file=sys.stderr)
     return 1
 
 

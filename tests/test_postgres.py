@@ -820,3 +820,66 @@ def test_removing_a_type_waits_for_a_write_of_it_in_progress_and_then_refuses(ur
 def _remove_type(session, event_type):
     with session.transaction(eventstore.now_us()) as tx:
         eventstore.unregister_event_type(tx, event_type)
+
+
+def test_a_role_that_cannot_see_other_roles_transactions_is_told_at_start_and_health_says_so(url):
+    """pg_stat_activity hides other roles' transactions from a role without
+    pg_read_all_stats, and feedHeldBackSeconds read 0 while one held the feed
+    back: the banner says so and names the GRANT; /health says what it saw;
+    with the GRANT it sees them."""
+    import psycopg
+    server, name = url.rsplit("/", 1)
+    with psycopg.connect(url, autocommit=True) as owner:
+        owner.execute("DROP ROLE IF EXISTS limited")
+        owner.execute("CREATE ROLE limited LOGIN")
+        owner.execute("GRANT ALL ON ALL TABLES IN SCHEMA public TO limited")
+        owner.execute("GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO limited")
+        limited_url = url.replace("eventstore@", "limited@")
+        try:
+            blind = Server(limited_url)
+            try:
+                assert "cannot see other roles' transactions" in blind.banner
+                assert "GRANT pg_read_all_stats TO \"limited\";" in blind.banner
+                owner.execute("BEGIN")
+                owner.execute("SELECT pg_current_xact_id()")  # the owner's transaction holds the feed back
+                time.sleep(0.3)
+                health = blind.request("GET", "/health")[2]
+                assert (health["feedHeldBackSeconds"], health["feedHeldBackSeesAllSessions"]) == (0, False)
+                owner.execute("ROLLBACK")
+            finally:
+                blind.stop()
+            owner.execute("GRANT pg_read_all_stats TO limited")
+            seeing = Server(limited_url)
+            try:
+                assert "cannot see" not in seeing.banner
+                owner.execute("BEGIN")
+                owner.execute("SELECT pg_current_xact_id()")
+                time.sleep(0.3)
+                health = seeing.request("GET", "/health")[2]
+                assert health["feedHeldBackSeconds"] >= 0.3 and health["feedHeldBackSeesAllSessions"] is True
+                owner.execute("ROLLBACK")
+            finally:
+                seeing.stop()
+        finally:
+            owner.execute("REASSIGN OWNED BY limited TO eventstore")
+            owner.execute("DROP OWNED BY limited")
+            owner.execute("DROP ROLE limited")
+
+
+def test_a_password_in_the_url_is_never_printed(url, tmp_path):
+    """In the user part or as ?password=: the banner, the command line's
+    errors and serve.py's errors show *** in its place."""
+    server_url, name = url.rsplit("/", 1)
+    with_password = url.replace("eventstore@", "eventstore:userinfo-secret@") + "?password=query-secret"
+    served = Server(with_password)
+    try:
+        assert "***" in served.banner
+        assert "secret" not in served.banner and "secret" not in "".join(served.log)
+    finally:
+        served.stop()
+    missing = f"{server_url}/no_such_database?password=query-secret".replace("eventstore@", "eventstore:userinfo-secret@")
+    for argv in ([sys.executable, "serve.py", "--db", missing, "--port", "0"],
+                 [sys.executable, "eventstore.py", "--db", missing, "program", "list"]):
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert result.returncode == 1 and "no_such_database" in result.stderr, result.stderr
+        assert "secret" not in result.stdout + result.stderr
