@@ -2195,10 +2195,12 @@ class Request:
             if len(digits) > 18 or int(digits) > limit:
                 raise too_large
             body = stream.read(int(digits))
-        else:
+        elif self.environ.get("wsgi.input_terminated"):  # the server ends the input (a chunked body, say)
             body = stream.read(limit + 1)
             if len(body) > limit:
                 raise too_large
+        else:  # reading on would wait for bytes that may never come (PEP 3333)
+            raise Problem(411, "Send the body with a Content-Length header.")
         return parse_json(body)
 
 

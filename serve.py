@@ -9,6 +9,7 @@ connections over them) supervised by the first, which restarts any that dies.
 
 import argparse
 import collections
+import fcntl
 import logging
 import os
 import re
@@ -17,6 +18,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -62,6 +64,7 @@ def parse_args(argv=None):
                              "stays on one CPU, worker i on the i-th available one)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by the supervisor
     parser.add_argument("--worker-slot", type=int, default=0, help=argparse.SUPPRESS)  # which worker it is
+    parser.add_argument("--lifeline-fd", type=int, default=None, help=argparse.SUPPRESS)  # see stop_with_supervisor
     args = parser.parse_args(argv)
     if args.processes is not None and args.processes < 1:
         parser.error("--processes must be at least 1")
@@ -144,9 +147,22 @@ def pin_to_cpu(args):
         os.sched_setaffinity(0, {cpus[args.worker_slot % len(cpus)]})
 
 
+def stop_with_supervisor(lifeline_fd):
+    """A worker stops as on SIGTERM when its supervisor is gone, however it died
+    (SIGKILL too): the supervisor alone holds the pipe's other end, so a read
+    here ends (EOF) only then. Orphaned workers served on for good."""
+    def watch():
+        while os.read(lifeline_fd, 1):
+            pass
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=watch, name="eventstore-lifeline", daemon=True).start()
+
+
 def serve_one(args, announce_it):
     """Serve in this process until SIGTERM or SIGINT; -> exit status."""
     pin_to_cpu(args)
+    if args.lifeline_fd is not None:
+        stop_with_supervisor(args.lifeline_fd)
     try:
         max_waiting = args.max_waiting if args.max_waiting is not None else args.threads // 2
         storage = eventstore.open_storage(args.db, threads=args.threads)
@@ -222,14 +238,17 @@ def supervise(args, argv, processes, prepare, script=__file__, restart_limit=5, 
     try:
         reserved = reuse_port_socket(args.host, args.port)
         port = reserved.getsockname()[1]
+        port_claim = claim_port(args.host, port)
         prepare(args, port, processes)
     except OSError as exc:
         print(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     except (sqlite3.Error, RuntimeError) as exc:
         return cannot_open(args.db, exc)
-    command = [sys.executable, os.path.abspath(script), *without_port(argv), "--port", str(port), "--worker"]
-    start = lambda slot: subprocess.Popen([*command, "--worker-slot", str(slot)])  # noqa: E731
+    lifeline, lifeline_end = os.pipe()  # see stop_with_supervisor; only this process holds lifeline_end
+    command = [sys.executable, os.path.abspath(script), *without_port(argv), "--port", str(port), "--worker",
+               "--lifeline-fd", str(lifeline)]
+    start = lambda slot: subprocess.Popen([*command, "--worker-slot", str(slot)], pass_fds=(lifeline,))  # noqa: E731
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
@@ -265,15 +284,40 @@ def supervise(args, argv, processes, prepare, script=__file__, restart_limit=5, 
             worker.kill()
             worker.wait()
     reserved.close()
+    port_claim.close()
+    os.close(lifeline_end)
+    os.close(lifeline)
     return status
 
 
 def reuse_port_socket(host, port):
-    """A TCP socket bound with SO_REUSEPORT: several of them share one port."""
+    """A TCP socket bound with SO_REUSEPORT: several of them share one port. And
+    SO_REUSEADDR: a restart binds at once, beside the last run's connections in
+    TIME_WAIT (without it, "Address already in use" for up to a minute)."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     return sock
+
+
+def claim_port(host, port):
+    """-> an open file whose lock says this server holds ``host:port``: every
+    process of the same user may bind an SO_REUSEPORT port, and a second server
+    started on it would share its connections, unseen. OSError if one holds it."""
+    path = os.path.join(tempfile.gettempdir(), f"eventstore-port-{host.replace(':', '_')}-{port}.lock")
+    claim = open(path, "a+")
+    try:
+        fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        claim.seek(0)
+        holder = claim.read().strip() or "another process"
+        claim.close()
+        raise OSError(f"another eventstore server ({holder}) serves this port") from None
+    claim.truncate(0)
+    claim.write(f"pid {os.getpid()}")
+    claim.flush()
+    return claim
 
 
 def without_port(argv):

@@ -302,3 +302,27 @@ def test_a_content_length_with_leading_zeros_is_read_as_its_number(registry):
     answers = []
     registry.app(environ, lambda status, headers: answers.append(status))
     assert answers == ["200 OK"]
+
+
+class NeverEnds:
+    """A wsgi.input with no end in sight: a read would wait for good."""
+
+    def read(self, *args):
+        raise AssertionError("the app read a body the server did not say was terminated")
+
+
+def test_a_body_without_content_length_is_read_only_where_the_server_ends_it(registry):
+    """PEP 3333: without Content-Length the input may never end (wsgiref froze,
+    Werkzeug held a thread): 411, unless the server says wsgi.input_terminated."""
+    raw = json.dumps(event_body()).encode()
+    environ = {"REQUEST_METHOD": "PUT", "PATH_INFO": "/events/FOO-1", "CONTENT_TYPE": "application/json",
+               "wsgi.input": NeverEnds(),
+               "HTTP_AUTHORIZATION": basic("writer", registry.keys["writer"])["Authorization"]}
+    answers = []
+    body = b"".join(registry.app(environ, lambda status, headers: answers.append((status, dict(headers)))))
+    assert answers[0][0] == "411 Length Required" and "Content-Length" in json.loads(body)["detail"]
+    assert answers[0][1]["Content-Type"] == "application/problem+json" and registry.count_events() == 0
+    answers.clear()
+    registry.app({**environ, "wsgi.input": io.BytesIO(raw), "wsgi.input_terminated": True},
+                 lambda status, headers: answers.append((status, dict(headers))))
+    assert answers[0][0] == "200 OK" and registry.count_events() == 1

@@ -5,6 +5,7 @@ throttle that hold for the server as a whole."""
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -235,3 +236,56 @@ def test_workers_that_keep_dying_at_start_stop_the_server_with_status_1(tmp_path
                              "--processes", "2"], capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 1
     assert "workers keep dying at start" in result.stderr
+
+
+def test_workers_stop_when_their_supervisor_is_killed(tmp_path):
+    """SIGKILL to the supervisor alone: its workers stop (they served on as
+    orphans, on a port a new server could share)."""
+    server = Server(tmp_path / "orphans.db", processes=2)
+    try:
+        wait_for(lambda: len(server.workers()) == 2, "two workers")
+        workers = server.workers()
+        os.kill(server.process.pid, signal.SIGKILL)
+        server.process.wait(10)
+
+        def gone(pid):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            with open(f"/proc/{pid}/stat") as stat:  # exited, not yet reaped by init
+                return stat.read().split(") ", 1)[1].startswith("Z")
+
+        wait_for(lambda: all(gone(pid) for pid in workers), "the orphaned workers stop")
+    finally:
+        server.stop()
+
+
+def test_a_second_server_on_the_same_port_is_refused_and_a_restart_binds_at_once(tmp_path):
+    """Two multi-process servers on one port would share its connections
+    (SO_REUSEPORT lets every process of the user bind it): the second is refused,
+    saying why. Stopped after serving a connection, a server starts again on that
+    port at once (SO_REUSEADDR: the old connections wait in TIME_WAIT)."""
+    from server import free_port
+    port = free_port()
+    first = Server(tmp_path / "a.db", port=port, processes=2)
+    try:
+        for _ in range(3):
+            assert first.request("GET", "/health")[0] == 200
+        second = subprocess.run([sys.executable, "serve.py", "--port", str(port), "--db", str(tmp_path / "b.db"),
+                                 "--processes", "2"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert second.returncode == 1 and "another eventstore server (pid" in second.stderr, second.stderr
+        # Connections the server closes first, so that they wait in TIME_WAIT on its side.
+        kept = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(4)]
+        for conn in kept:
+            conn.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert conn.recv(65536).startswith(b"HTTP/1.1 200")
+    finally:
+        first.stop()
+    for conn in kept:
+        conn.close()
+    again = Server(tmp_path / "a.db", port=port, processes=2)
+    try:
+        assert again.request("GET", "/health")[0] == 200
+    finally:
+        again.stop()

@@ -293,3 +293,23 @@ def test_the_access_log_quotes_exactly_what_urllib_quotes():
     assert all(lines) and [line["target"] for line in lines] == expected
     assert all(line["status"] == "304" and line["bytes"] == "0" for line in lines)
     assert odd_method.split()[3:5] == ["G?E?T", "/"]
+
+
+def test_a_chunked_put_over_waitress_is_written(server):
+    """waitress ends a chunked body itself (wsgi.input_terminated): the PUT is
+    read and written, not refused for its missing Content-Length."""
+    import http.client
+    import json
+    admin = {"user": "admin", "key": server.admin_key}
+    server.request("PUT", "/programs/FOO", {"Name": "Foo"}, **admin)
+    body = json.dumps({"ProgramId": "FOO", "ProgramMemberId": "m", "EventType": "T",
+                       "EventStartUTC": "2026-03-01T09:30:00Z"}).encode()
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=20)
+    token = base64.b64encode(f"admin:{server.admin_key}".encode()).decode()
+    connection.request("PUT", "/events/FOO-1", body=iter([body[:10], body[10:]]), encode_chunked=True,
+                       headers={"Authorization": f"Basic {token}", "Content-Type": "application/json",
+                                "Transfer-Encoding": "chunked"})
+    response = connection.getresponse()
+    assert response.status == 200, response.read()
+    connection.close()
+    assert server.request("GET", "/events/FOO-1", **admin)[0] == 200
