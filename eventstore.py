@@ -65,7 +65,14 @@ class Problem(Exception):
     application/problem+json response.
     """
 
+    MAX_ERRORS = 100  # listed in one problem: an answer stays small whatever the request
+
     def __init__(self, status, detail, errors=None, headers=()):
+        if errors:  # each listed once, at most MAX_ERRORS (a 60 KB request was answered with 5 MB)
+            errors = list({json.dumps(error, sort_keys=True): error for error in errors}.values())
+            if len(errors) > self.MAX_ERRORS:
+                detail = f"{detail} The first {self.MAX_ERRORS} of {len(errors)} errors are listed."
+                errors = errors[:self.MAX_ERRORS]
         super().__init__(detail)
         self.status = int(status)
         self.detail = detail
@@ -1089,7 +1096,7 @@ class SQLiteReads:
                                          or len(programs) + len(types) > MAX_IN_LIST):
                 return self._merge_ranges(programs, query, query.after, want)
             window = WINDOW * want
-            window_end = query.after + window
+            window_end = min(query.after + window, 2**63 - 1)  # SQLite's integers end there
             rows = self._walk(programs, query, query.after, window_end, want)
             last_seq = self.last_sequence()
             if len(rows) == want or window_end >= last_seq:

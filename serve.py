@@ -49,6 +49,9 @@ def parse_args(argv=None):
                         help="open connections accepted at once (default: %(default)s)")
     parser.add_argument("--channel-timeout", type=int, default=60, metavar="SECONDS",
                         help="close a connection idle this long, between requests (default: %(default)s)")
+    parser.add_argument("--request-timeout", type=float, default=30, metavar="SECONDS",
+                        help="close a connection whose request (headers and body) has not all arrived this "
+                             "long after its first byte (default: %(default)s)")
     parser.add_argument("--max-auth-failures", type=int, default=10, metavar="N",
                         help="failed authentications per address or user id in 60 s before 429s "
                              "(default: %(default)s; 0 switches throttling off, for fuzzing)")
@@ -464,7 +467,26 @@ class OneWriteTask(waitress.task.WSGITask):
 
 
 class OneWriteChannel(waitress.channel.HTTPChannel):
+    """A connection whose answers go out in one write (OneWriteTask), and whose
+    requests must arrive whole within ``request_timeout`` seconds of their first
+    byte: waitress closes only connections idle for channel_timeout, so clients
+    trickling a byte now and then held every connection slot for as long as
+    they liked (210 of them stopped the server answering)."""
+
     task_class = OneWriteTask
+    request_timeout = 30.0  # set for each server by create_waitress
+    request_started = 0.0
+
+    def received(self, data):
+        if data and self.request is None:  # the first bytes of a request
+            self.request_started = time.monotonic()
+        return super().received(data)
+
+    def readable(self):
+        # Asked by the serving loop about every connection at least once a second.
+        if self.request is not None and time.monotonic() - self.request_started > self.request_timeout:
+            self.will_close = True
+        return super().readable()
 
 
 def create_waitress(app, args, reuse_port=False):
@@ -492,9 +514,10 @@ def create_waitress(app, args, reuse_port=False):
         cleanup_interval=max(1, min(30, args.channel_timeout // 2)),
         max_request_header_size=64 * 1024, max_request_body_size=8 * args.max_body,
         ident="eventstore")
+    channel_class = type("OneWriteChannel", (OneWriteChannel,), {"request_timeout": args.request_timeout})
     for listener in listeners.values():  # one per listening socket
         if isinstance(listener, waitress.server.BaseWSGIServer):
-            listener.channel_class = OneWriteChannel
+            listener.channel_class = channel_class
     return server
 
 

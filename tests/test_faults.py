@@ -192,3 +192,43 @@ def test_a_read_only_database_serves_reads_and_answers_writes_with_503(tmp_path)
     conn = sqlite3.connect(writable / "ro.db")
     assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     assert [row[0] for row in conn.execute("SELECT event_id FROM events")] == ["FOO-1"]
+
+
+def test_requests_trickling_in_past_the_request_timeout_do_not_keep_the_server_from_answering(tmp_path):
+    """More clients than connection slots, each sending a request a byte at a
+    time (never idle long enough for the channel timeout): each is closed once
+    its request has taken longer than --request-timeout, and others are served
+    again. Before, they held every slot as long as they kept trickling."""
+    import socket
+    import threading
+    import time
+    server = Server(tmp_path / "trickle.db", "--connection-limit", "4", "--request-timeout", "2",
+                    "--channel-timeout", "60")
+    stop = threading.Event()
+    closed = []
+
+    def trickle():
+        with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+            try:
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+                while not stop.wait(0.3):
+                    sock.sendall(b"X-A: b\r\n")
+            except OSError:
+                closed.append(True)
+
+    clients = [threading.Thread(target=trickle, daemon=True) for _ in range(8)]
+    try:
+        for client in clients:
+            client.start()
+        time.sleep(0.5)
+        started = time.monotonic()
+        status, _, body = server.request("GET", "/health", timeout=20)
+        assert status == 200 and body["status"] == "ok"
+        assert time.monotonic() - started < 15
+    finally:
+        stop.set()
+        for client in clients:
+            client.join(30)
+        server.stop()
+    assert not any(client.is_alive() for client in clients)
+    assert closed  # the server closed the trickling connections, not the clients

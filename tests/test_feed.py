@@ -258,3 +258,10 @@ def test_a_long_poll_does_not_re_read_for_commits_it_cannot_match(registry, monk
     publish(admin, "FOO-1")
     assert [e["EventId"] for e in answer()["Events"]] == ["FOO-1"]
     assert len(reads) == before + 1
+
+
+@pytest.mark.parametrize("after", [2**63 - 2, 2**63 - 1, 2**63 - 1000])
+def test_after_near_the_largest_sequence_is_an_empty_page_not_a_500(admin, after):
+    admin.put_json("/events/FOO-1", event_body())
+    page = admin.get(f"/events?after={after}").json
+    assert page == {"Events": [], "Next": f"/events?after={after}", "HasMore": False}

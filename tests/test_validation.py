@@ -206,3 +206,20 @@ def test_a_non_numeric_content_length_is_400(registry):
     statuses = []
     registry.app(environ, lambda status, headers: statuses.append(status))
     assert [status[:3] for status in statuses] == ["400"]
+
+
+def test_an_answer_lists_at_most_a_hundred_errors_each_once(registry):
+    """A 60 KB query of unknown parameters was answered with 5 MB, a batch
+    without write access with one error per event: the list is capped, says how
+    many there were, and repeats nothing."""
+    nobody = registry.client("nobody")
+    query = "&".join(f"x{i}=1" for i in range(5000))
+    problem = nobody.get(f"/events?{query}", status=400)
+    assert len(problem.body) < 30_000 and len(problem.json["errors"]) == 100
+    assert "The first 100 of 5000 errors are listed." in problem.json["detail"]
+    repeated = nobody.get("/events?" + "&".join(["limit=1"] * 500), status=400).json["errors"]
+    assert len(repeated) == len({(e["field"], e["message"]) for e in repeated}) == 1
+    events = [{**event_body(), "EventId": f"FOO-{i}"} for i in range(1000)]
+    forbidden = nobody.post_json("/events", {"Events": events}, status=403)
+    assert len(forbidden.json["errors"]) == 100 and "1000 events" in forbidden.json["detail"]
+    assert len(forbidden.body) < 20_000
