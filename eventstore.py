@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import weakref
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -1465,6 +1466,18 @@ class SQLiteStorage:
         log.error("database error: %r", exc)
         return Problem(500, "Internal error.")
 
+    def reopened(self):
+        """The same database, opened anew in this process (see EventStore._after_fork)."""
+        return SQLiteStorage(self.path, self.busy_timeout_ms)
+
+    def forget_after_fork(self):
+        """In a forked child: never use or close the parent's connections (closing
+        one could checkpoint and remove the WAL under the parent); the writer lock's
+        file description is the parent's too, so this process opens its own."""
+        if self.writer_lock is not None:
+            self.writer_lock.close()  # the parent's lock is unaffected: it holds the description too
+            self.writer_lock = None
+
     def close(self):
         """Close this thread's connection and the writer lock. Other threads'
         connections close when their threads end (thread-local storage)."""
@@ -1635,6 +1648,8 @@ class GroupCommitWriter:
         self.failure = None  # why the last writer thread died, until another connects
         self.failing = None  # the database error of the last transaction, until one commits
         self._busy_since = None  # time.monotonic() when the transaction in progress began
+        self._committing = threading.Lock()  # held around each batch; pause() takes it
+        self._paused = False
         self._queue = []
         self._wake = threading.Condition()
         self._thread = None
@@ -1698,6 +1713,16 @@ class GroupCommitWriter:
         return service_unavailable("The database cannot take writes at the moment; nothing was written. "
                                    "Try again shortly.", retry_after=5 if self.stuck() else 1)
 
+    def pause(self):
+        """Let the batch being committed finish, and start no other until resume():
+        a fork must not copy the database library's locks held mid-call."""
+        self._paused = self._committing.acquire(timeout=self.timeout)
+
+    def resume(self):
+        if self._paused:
+            self._paused = False
+            self._committing.release()
+
     def stuck(self):
         """Seconds the transaction in progress has run, when that is past the timeout."""
         since = self._busy_since
@@ -1728,11 +1753,12 @@ class GroupCommitWriter:
                     batch, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
                     for item in batch:
                         item.writer = threading.current_thread()
-                self._busy_since = time.monotonic()
-                try:
-                    self._commit(session, batch)
-                finally:
-                    self._busy_since = None
+                with self._committing:
+                    self._busy_since = time.monotonic()
+                    try:
+                        self._commit(session, batch)
+                    finally:
+                        self._busy_since = None
                 batch = []
         except BaseException as exc:
             self._died(exc, batch)
@@ -2527,6 +2553,10 @@ class SharedFailureTable:
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
+    def close(self):
+        self._map.close()
+        os.close(self._fd)
+
     def quiet(self, now, window):
         """True when no source has failed within the window (nobody is throttled)."""
         return now - self.LATEST.unpack_from(self._map, self._latest_at)[0] > window
@@ -2598,6 +2628,14 @@ class AuthThrottle:
         self.shared = SharedFailureTable(path) if path and threshold else None
         self._failures = collections.OrderedDict()  # source -> deque of failure times
         self._lock = threading.Lock()
+
+    def after_fork(self):
+        """In a forked child: a lock of its own, and the shared table opened anew
+        (an flock on the parent's file description would exclude nobody)."""
+        self._lock = threading.Lock()
+        if self.shared is not None:
+            self.shared.close()
+            self.shared = SharedFailureTable(self.shared.path)
 
     def retry_after(self, user_id, address):
         """Seconds to wait before trying again, or 0 when the attempt may go ahead."""
@@ -2673,6 +2711,27 @@ class _LongPoll:
 
 STATUS_LINES = {status.value: f"{status.value} {status.phrase}" for status in http.HTTPStatus}
 
+# Forks (see EventStore._after_fork). Where Python forks (os.fork: gunicorn), each
+# app's writer finishes its batch first: a fork in the midst of a SQLite call copies
+# SQLite's own locks held, and the child hung on them for good.
+_APPS = weakref.WeakSet()
+_INHERITED = []      # storages a forked child inherited: kept, so never closed
+_FORK_LOCKS = {}     # pid -> the lock of that process's _after_fork
+
+
+def _pause_writers():
+    for app in list(_APPS):
+        app.writer.pause()
+
+
+def _resume_writers():
+    for app in list(_APPS):
+        app.writer.resume()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_pause_writers, after_in_parent=_resume_writers)
+
 
 class EventStore:
     """The WSGI application. Only ``__call__`` touches environ and start_response."""
@@ -2687,18 +2746,42 @@ class EventStore:
         self.max_body_bytes = max_body_bytes
         self.clock = clock
         self.openapi = openapi if openapi is not None else OPENAPI_PATH.read_bytes()
+        self.poll_interval, self.max_waiting, self.write_timeout = poll_interval, max_waiting, write_timeout
+        self._start_process()
+        _APPS.add(self)
+
+    def _start_process(self):
+        """What belongs to one process: the writer thread, the long polls, locks."""
         # Every commit made through this app wakes the long polls it may match
         # (_committed). Commits by other processes are noticed by one watcher
         # thread (the storage's CommitWatch), looking every poll_interval seconds.
         self._commits = threading.Lock()
         self._waiters = set()  # the _LongPoll of every request in wait_for_feed
-        self.poll_interval = poll_interval
         self._watcher = None
         self._closing = threading.Event()
-        self._waiting = threading.BoundedSemaphore(max_waiting) if max_waiting else None
+        self._waiting = threading.BoundedSemaphore(self.max_waiting) if self.max_waiting else None
         self.long_polls = 0  # requests waiting now (reported by /health)
         self._auth_cache = {}
-        self.writer = GroupCommitWriter(self.storage.session, clock, on_commit=self._committed, timeout=write_timeout)
+        self.writer = GroupCommitWriter(self.storage.session, self.clock, on_commit=self._committed,
+                                        timeout=self.write_timeout)
+        self._pid = os.getpid()
+
+    def _after_fork(self):
+        """This process is a fork of the one that made the app (gunicorn --preload,
+        uWSGI without --lazy-apps): that process's threads are not here, and its
+        connections and lock files are shared with it. Everything of a process is
+        made anew; the inherited connections are kept, never used or closed
+        (closing them would end or damage the parent's)."""
+        with _FORK_LOCKS.setdefault(os.getpid(), threading.Lock()):
+            if self._pid == os.getpid():
+                return  # another thread got here first
+            log.info("eventstore: this process (pid %d) was forked from %d after the app was made; opening "
+                     "the database anew", os.getpid(), self._pid)
+            _INHERITED.append(self.storage)
+            self.storage.forget_after_fork()
+            self.storage = self.storage.reopened()
+            self.throttle.after_fork()
+            self._start_process()
 
     def write(self, change, changed=lambda result: True, seqs=1):
         """Run ``change(tx)`` in a committed, durable write transaction
@@ -2865,6 +2948,8 @@ class EventStore:
             pass
 
     def __call__(self, environ, start_response):
+        if self._pid != os.getpid():
+            self._after_fork()
         try:
             response = self.handle(environ)
         except Problem as problem:

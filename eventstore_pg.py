@@ -773,7 +773,8 @@ class PostgresStorage:
 
     def __init__(self, url, busy_timeout_ms=5000, threads=None):
         self.url = url
-        self.busy_timeout_ms = busy_timeout_ms
+        self.busy_timeout_ms, self.threads = busy_timeout_ms, threads
+        self._opened = weakref.WeakSet()  # every connection opened for this storage (see forget_after_fork)
         try:
             with self.connect() as conn:
                 self.settings = self._check(conn)
@@ -786,7 +787,7 @@ class PostgresStorage:
             # Read-only, as SQLite's read connections are. No check on every checkout (it
             # would cost a round trip per statement): a connection that broke fails its
             # statement (503) and the pool drops it.
-            kwargs={"autocommit": True, "options": READ_ONLY}, name="eventstore")
+            kwargs={"autocommit": True, "options": READ_ONLY}, name="eventstore", configure=self._opened.add)
         self._pipeline = ReadPipeline(self.connect_read_only, busy_timeout_ms / 1000)
         self._reads = PostgresReads(pool=self.pool, pipeline=self._pipeline)
 
@@ -794,8 +795,28 @@ class PostgresStorage:
         return eventstore.safe_db_name(self.url)
 
     def connect(self, **options):
-        return psycopg.connect(self.url, autocommit=True, connect_timeout=max(2, self.busy_timeout_ms // 1000),
+        conn = psycopg.connect(self.url, autocommit=True, connect_timeout=max(2, self.busy_timeout_ms // 1000),
                                **options)
+        self._opened.add(conn)
+        return conn
+
+    def reopened(self):
+        """The same database, connected anew from this process (see EventStore._after_fork)."""
+        return PostgresStorage(self.url, self.busy_timeout_ms, self.threads)
+
+    def forget_after_fork(self):
+        """In a forked child: the parent's connections share their sockets with it,
+        and closing one here (now, or when it is collected) would send PostgreSQL
+        the end of the parent's session. /dev/null takes each socket's place in
+        this process only."""
+        devnull = os.open(os.devnull, os.O_RDWR)
+        try:
+            for conn in list(self._opened):
+                with contextlib.suppress(Exception):
+                    if not conn.closed:
+                        os.dup2(devnull, conn.pgconn.socket)
+        finally:
+            os.close(devnull)
 
     def connect_read_only(self):
         """The GET pipeline's connection (``eventstore reads`` in pg_stat_activity).

@@ -1,0 +1,95 @@
+"""The app embedded in other WSGI hosts: forked after it was made (gunicorn
+--preload, uWSGI without --lazy-apps)."""
+
+import os
+import signal
+import threading
+import time
+import traceback
+
+import webtest
+
+import eventstore
+from conftest import event_body, eventually
+
+
+def in_a_fork(work, timeout=60):
+    """Run ``work()`` in a forked child -> its exit status: 0 when it returned
+    true, 2 when false, 1 when it raised, "hung" when it had not ended within
+    ``timeout`` seconds (then it is killed)."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        status = 1
+        try:
+            signal.alarm(timeout)  # a hung child ends by itself too
+            status = 0 if work() else 2
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(status)
+    deadline = time.monotonic() + timeout + 5
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            code = os.waitstatus_to_exitcode(status)
+            return "hung" if code == -signal.SIGALRM else code
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return "hung"
+        time.sleep(0.02)
+
+
+def test_an_app_used_before_a_fork_serves_in_each_child_and_goes_on_in_the_parent(registry):
+    """Forked while its writer commits (a warm-up, or a master that serves): each
+    child opens the database anew on its first request and serves reads and
+    writes; none hangs (a fork amid a SQLite call copied its locks held: 2 of 10
+    children hung for good); the parent's connections still work after."""
+    admin = registry.client("admin")
+    admin.put_json("/events/FOO-1", event_body())
+    stop, written = threading.Event(), []
+
+    def keep_writing():
+        while not stop.is_set():
+            admin.put_json(f"/events/FOO-bg{len(written)}", event_body())
+            written.append(True)
+
+    writing = threading.Thread(target=keep_writing, daemon=True)
+    writing.start()
+    try:
+        eventually(lambda: len(written) >= 3, "the parent writes")
+        for child in range(6):
+            def work():
+                client = registry.client("admin")
+                client.put_json(f"/events/FOO-child{child}", event_body())
+                return (client.get("/events/FOO-1").status_int, client.get("/health").status_int) == (200, 200)
+            assert in_a_fork(work, timeout=30) == 0, f"child {child}"
+    finally:
+        stop.set()
+        writing.join(30)
+    assert not writing.is_alive()
+    admin.put_json("/events/FOO-2", event_body())
+    served = {e["EventId"] for e in admin.get("/events?limit=1000").json["Events"]}
+    assert {f"FOO-child{child}" for child in range(6)} | {"FOO-1", "FOO-2"} <= served
+
+
+def test_a_forked_child_has_writer_and_throttle_locks_of_its_own(tmp_path):
+    """flock locks belong to an open file description, which a fork shares: the
+    child's writer lock excluded nobody while the parent held it. The child opens
+    its own, and waits for the parent's."""
+    app = eventstore.make_app(tmp_path / "forked.db")
+    try:
+        webtest.TestApp(app).get("/health")
+        lock, table = app.storage.writer_lock, app.throttle.shared
+        assert lock.acquire(1)
+        try:
+            def work():
+                webtest.TestApp(app).get("/health")  # the child's first request
+                mine = app.storage.writer_lock
+                return (mine is not lock and app.throttle.shared is not table
+                        and not mine.acquire(0.3))  # the parent holds it
+            assert in_a_fork(work) == 0
+        finally:
+            lock.release()
+    finally:
+        app.close()
