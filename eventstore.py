@@ -36,7 +36,7 @@ import threading
 import time
 import urllib.parse
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import NamedTuple
@@ -2336,6 +2336,10 @@ def _require_read_on_requested_programs(req):
 def list_events_handler(req):
     _require_read_on_requested_programs(req)
     query = parse_feed_query(req.query)
+    if query.wait and not (req.environ.get("wsgi.multithread") or req.environ.get("wsgi.multiprocess")):
+        # A host serving one request at a time (wsgiref) could serve nothing else,
+        # not even the commit the poll waits for, until the wait is over.
+        query = replace(query, wait=0)
     programs = query.programs or readable_programs(req.user)
     rows = req.store.wait_for_feed(programs, query)
     has_more = len(rows) > query.limit

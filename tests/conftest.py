@@ -23,11 +23,16 @@ def basic(user_id, api_key):
     return {"Authorization": f"Basic {token}"}
 
 
+THREADED_HOST = {"wsgi.multithread": True}
+
+
 class Client:
     """A WebTest app that sends one user's credentials with every request."""
 
     def __init__(self, app, headers):
-        self.app = webtest.TestApp(app)
+        # The tests call the app from several threads at once, as a threaded server
+        # does (WebTest says wsgi.multithread False, where long polls answer at once).
+        self.app = webtest.TestApp(app, extra_environ=THREADED_HOST)
         self.headers = headers
 
     def __getattr__(self, verb):
@@ -56,7 +61,7 @@ class Registry:
         self.add_user("writer", grants={"FOO": "write"})
         self.add_user("reader", grants={"FOO": "read"})
         self.add_user("nobody")
-        self.anonymous = webtest.TestApp(self.app)
+        self.anonymous = webtest.TestApp(self.app, extra_environ=THREADED_HOST)
 
     def add_user(self, user_id, is_system=False, grants=None):
         with self.session.transaction(eventstore.now_us()) as tx:

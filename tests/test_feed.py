@@ -218,6 +218,50 @@ def test_long_poll_times_out_empty(admin):
     assert time.monotonic() - started >= 1
 
 
+@pytest.mark.parametrize("max_waiting", [0, 1])
+def test_at_most_max_waiting_long_polls_wait_and_the_rest_answer_at_once(db, max_waiting):
+    registry = Registry(db, max_waiting=max_waiting)
+    try:
+        admin = registry.client("admin")
+        waiting = [run_in_thread(lambda: admin.get("/events?wait=20").json) for _ in range(max_waiting)]
+        wait_until_polling(registry, max_waiting)
+        answer = run_in_thread(lambda: admin.get("/events?wait=20").json)
+        assert answer(timeout=10)["Events"] == []  # past the limit: at once, empty
+        assert registry.app.long_polls == max_waiting
+        publish(admin, "FOO-1")
+        for poll in waiting:
+            assert [e["EventId"] for e in poll()["Events"]] == ["FOO-1"]
+    finally:
+        registry.close()
+
+
+def test_a_host_serving_one_request_at_a_time_answers_a_long_poll_at_once(registry):
+    """wsgiref serves one request at a time (wsgi.multithread and multiprocess
+    false): a waiting poll would hold it, so nothing, not even the commit the poll
+    waits for, could be served; the app answers wait= at once there."""
+    import json
+    import urllib.request
+    import wsgiref.simple_server
+    from conftest import basic
+
+    class Quiet(wsgiref.simple_server.WSGIRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = wsgiref.simple_server.make_server("127.0.0.1", 0, registry.app, handler_class=Quiet)
+    serving = run_in_thread(server.serve_forever)
+    try:
+        request = urllib.request.Request(f"http://127.0.0.1:{server.server_port}/events?wait=30",
+                                         headers=basic("admin", registry.keys["admin"]))
+        with urllib.request.urlopen(request, timeout=10) as response:  # a wait of 30 s fails here
+            assert json.load(response)["Events"] == []
+        assert registry.app.long_polls == 0
+    finally:
+        server.shutdown()
+        serving()
+        server.server_close()
+
+
 def test_long_poll_notices_commits_from_another_connection(admin, registry):
     import eventstore
 
