@@ -83,6 +83,49 @@ def test_openapi_document_describes_every_route(registry):
     assert len(routed) == len(eventstore.ROUTES)
 
 
+def test_openapi_document_passes_the_validator_as_served(registry, tmp_path):
+    """openapi-spec-validator reads the file as YAML, which refuses raw C1 control
+    characters (U+007F-U+009F): invisible characters in patterns are \\u escapes."""
+    import subprocess
+    import sys
+    import unicodedata
+    served = registry.anonymous.get("/openapi.json").body.decode("utf-8")
+    invisible = {c for c in served if unicodedata.category(c) in ("Cc", "Zs", "Zl", "Zp")} - {" ", "\n"}
+    assert not invisible, sorted(map(hex, map(ord, invisible)))
+    (tmp_path / "openapi.json").write_text(served, encoding="utf-8")
+    checked = subprocess.run([sys.executable, "-m", "openapi_spec_validator", str(tmp_path / "openapi.json")],
+                             capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_openapi_gives_generators_named_types_and_a_default_problem(registry):
+    """Code generators (openapi-python-client) drop an operation whose body has a
+    union of object and null: EventData is a component, nullable through anyOf.
+    Every operation says what any other status carries: a problem document."""
+    document = registry.anonymous.get("/openapi.json").json
+    schemas = document["components"]["schemas"]
+
+    def types_listed(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("type"), list):
+                yield node["type"]
+            for value in node.values():
+                yield from types_listed(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from types_listed(value)
+
+    assert all(len(types) == 2 and "null" in types and "object" not in types for types in types_listed(document))
+    assert schemas["EventData"]["type"] == "object"
+    assert {"$ref": "#/components/schemas/EventData"} in schemas["EventInput"]["properties"]["EventData"]["anyOf"]
+    assert schemas["Event"]["properties"]["EventData"] == {"$ref": "#/components/schemas/EventData"}
+    default = document["components"]["responses"]["Problem"]["content"]["application/problem+json"]["schema"]
+    assert default == {"$ref": "#/components/schemas/Problem"}
+    operations = [op for item in document["paths"].values() for op in item.values() if "responses" in op]
+    assert len(operations) == 14
+    assert all(op["responses"]["default"] == {"$ref": "#/components/responses/Problem"} for op in operations)
+
+
 def test_unknown_paths_are_404_problem_json(registry):
     for path in ("/", "/event", "/events/", "/programs/FOO/extra", "/EVENTS"):
         response = registry.anonymous.get(path, status=404)
