@@ -2341,7 +2341,7 @@ def list_events_handler(req):
         # not even the commit the poll waits for, until the wait is over.
         query = replace(query, wait=0)
     programs = query.programs or readable_programs(req.user)
-    rows = req.store.wait_for_feed(programs, query)
+    rows = req.store.wait_for_feed(programs, query, client_gone=req.environ.get("waitress.client_disconnected"))
     has_more = len(rows) > query.limit
     rows = rows[:query.limit]
     last = rows[-1][0] if rows else query.after
@@ -2809,10 +2809,12 @@ class EventStore:
         self.writer.stop()
         self.storage.close()
 
-    def wait_for_feed(self, programs, query):
+    def wait_for_feed(self, programs, query, client_gone=None):
         """Read a feed page; with ``query.wait``, if it is empty, wait up to that
         many seconds for a matching commit. At most ``max_waiting`` requests wait
-        at once; beyond that a request answers at once, as with wait=0."""
+        at once; beyond that a request answers at once, as with wait=0. Where
+        the host says whether the client is still there (``client_gone``,
+        waitress's client_disconnected), a wait ends within a second of it leaving."""
         reads = self.storage.reads()
         if not query.wait or self._closing.is_set() or not self._waiting:
             return reads.read_feed(programs, query)
@@ -2834,8 +2836,11 @@ class EventStore:
             try:
                 deadline = time.monotonic() + query.wait
                 while not self._closing.is_set():
-                    if not waiter.news.wait(deadline - time.monotonic()):
-                        return rows  # the wait is over: empty
+                    left = deadline - time.monotonic()
+                    if not waiter.news.wait(left if client_gone is None else min(left, 1.0)):
+                        if left <= 1.0 or client_gone is None or client_gone():
+                            return rows  # the wait is over (or nobody awaits it): empty
+                        continue
                     waiter.news.clear()  # before the read: a later commit sets it again
                     if self._closing.is_set():
                         break

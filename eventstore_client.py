@@ -9,6 +9,9 @@ One standard-library file: copy it into a consuming program, or import it.
 
 ``python eventstore_client.py --help`` is its command line (the key comes from
 the environment variable EVENTSTORE_KEY, never from an argument).
+
+Every failure a call raises is a ClientError: a refusal carries its HTTP status
+and problem; NoAnswer (status None, also a ConnectionError) says no answer came.
 """
 
 import argparse
@@ -19,14 +22,15 @@ import os
 import queue
 import random
 import re
+import signal
+import socket
 import sys
-import tempfile
 import threading
 import time
 import urllib.parse
 from email.utils import parsedate_to_datetime
 
-__all__ = ["Client", "ClientError"]
+__all__ = ["Client", "ClientError", "NoAnswer"]
 
 MAX_BATCH = 1000
 LONG_POLL_SECONDS = 30
@@ -39,13 +43,25 @@ EVENT_ID_RE = re.compile(r"[A-Za-z0-9_]{1,32}-[A-Za-z0-9._~:@-]{1,200}")
 # ============================================================================
 
 class ClientError(Exception):
-    """The registry refused a request: ``status`` is the HTTP status, ``problem``
-    the RFC 9457 problem body as a dict (or None)."""
+    """Every failure of a call. A refusal: ``status`` is the HTTP status,
+    ``problem`` the RFC 9457 problem body as a dict (or None). No answer at all
+    (refused, dropped or timed-out connection): a NoAnswer, status None."""
 
     def __init__(self, status, problem=None, message=None):
         self.status, self.problem = status, problem
         detail = (problem or {}).get("detail") if isinstance(problem, dict) else None
         super().__init__(message or f"HTTP {status}: {detail or 'no detail'}")
+
+
+class NoAnswer(ClientError, ConnectionError):
+    """No answer came from the registry (``status`` is None)."""
+
+    def __init__(self, message):
+        super().__init__(None, None, message)
+
+
+class _Stopped(Exception):
+    """The follower this page fetch was for has stopped."""
 
 
 class _Retry(Exception):
@@ -70,7 +86,9 @@ class Client:
     ``MAX_BACKOFF_SECONDS`` apart. Single calls give up after ``retry_for``
     seconds and raise the last error; ``follow`` never gives up. Any other 4xx
     raises ClientError at once. ``log`` (a function taking one string) hears
-    about every retry.
+    about every retry. Every call takes ``timeout=`` (seconds to wait for an
+    answer) for itself. ``with Client(...) as client:`` closes its connections
+    at the end; so does ``close()``.
     """
 
     def __init__(self, url, user_id, api_key, timeout=60.0, retry_for=300.0, log=None, sleep=time.sleep):
@@ -84,35 +102,50 @@ class Client:
         token = base64.b64encode(f"{user_id}:{api_key}".encode("utf-8")).decode("ascii")
         self._headers = {"Authorization": f"Basic {token}", "Accept": "application/json"}
         self._local = threading.local()  # one keep-alive connection per thread
+        self._lock = threading.Lock()
+        self._connections = set()  # every thread's, for close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
 
     # --- single calls --------------------------------------------------------
 
-    def put(self, event_id, body, if_match=None):
-        """Create or update an event; -> its Revision (a replay changes nothing)."""
-        headers = {"If-Match": if_match} if if_match else {}
-        _, answer_headers, _ = self._call("PUT", self._event_path(event_id), body, headers)
+    def put(self, event_id, body, if_match=None, if_none_match=None, timeout=None):
+        """Create or update an event; -> its Revision (a replay changes nothing).
+        ``if_match``: a Revision (or entity tag) the event must be at;
+        ``if_none_match="*"``: create only (ClientError 412 if it exists; if an
+        earlier try's answer was lost, the message says it may have been ours)."""
+        headers = _conditions(if_match, if_none_match)
+        _, answer_headers, _ = self._call("PUT", self._event_path(event_id), body, headers, timeout=timeout,
+                                          resent_412_may_be_ours=if_none_match == "*")
         return int(answer_headers["etag"].strip('"'))
 
-    def get(self, event_id):
-        """-> the event's representation as a dict (ClientError 404 if there is none)."""
-        return self._call("GET", self._event_path(event_id))[2]
+    def get(self, event_id, if_none_match=None, timeout=None):
+        """-> the event's representation as a dict (ClientError 404 if there is
+        none); with ``if_none_match`` (a Revision or entity tag), None while the
+        event is still at that revision."""
+        status, _, event = self._call("GET", self._event_path(event_id), headers=_conditions(None, if_none_match),
+                                      timeout=timeout)
+        return None if status == 304 else event
 
-    def delete(self, event_id, if_match=None):
+    def delete(self, event_id, if_match=None, timeout=None):
         """Delete an event; -> the tombstone's Revision, or None when a resent
         DELETE (its first answer lost) found the event already deleted."""
-        headers = {"If-Match": if_match} if if_match else {}
-        _, answer_headers, _ = self._call("DELETE", self._event_path(event_id), headers=headers,
-                                          resent_404_is_done=not if_match)
+        _, answer_headers, _ = self._call("DELETE", self._event_path(event_id), headers=_conditions(if_match, None),
+                                          timeout=timeout, resent_404_is_done=not if_match)
         return int(answer_headers["etag"].strip('"')) if answer_headers else None
 
-    def publish(self, events):
+    def publish(self, events, timeout=None):
         """Publish any number of events (each a PUT body plus its ``EventId``),
         in order, in all-or-nothing batches of at most 1000; an EventId already
         in the current batch starts a new one. -> the server's Results entries,
         ``{"EventId", "Revision", "Status"}``, in order."""
         results = []
         for batch in _batches(events):
-            results += self._call("POST", "/events", {"Events": batch})[2]["Results"]
+            results += self._call("POST", "/events", {"Events": batch}, timeout=timeout)[2]["Results"]
         return results
 
     # --- following the feed ----------------------------------------------------
@@ -143,8 +176,8 @@ class Client:
         # A thread of its own (with its own connection) fetches the next page
         # while this one is parsed and handled: Next stands at the end of a page,
         # so it is known before the events are decoded.
-        pages, stop = queue.Queue(maxsize=2), threading.Event()
-        fetcher = threading.Thread(target=self._fetch_pages, args=(path, wait, until_caught_up, pages, stop),
+        pages, fetch = queue.Queue(maxsize=2), _Fetch()
+        fetcher = threading.Thread(target=self._fetch_pages, args=(path, wait, until_caught_up, pages, fetch),
                                    daemon=True, name="eventstore-client-fetch")
         fetcher.start()
         try:
@@ -158,28 +191,30 @@ class Client:
                 elif until_caught_up:
                     return
         finally:
-            stop.set()
+            fetch.stop()  # a long poll in flight ends now, not in 30 s
 
-    def _fetch_pages(self, path, wait, until_caught_up, pages, stop):
-        """Fetch pages in order into ``pages`` until ``stop`` (or, until caught
-        up, the first empty page); an error is handed over in their place."""
+    def _fetch_pages(self, path, wait, until_caught_up, pages, fetch):
+        """Fetch pages in order into ``pages`` until ``fetch`` stops (or, until
+        caught up, the first empty page); an error is handed over in their place."""
         def hand_over(item):
-            while not stop.is_set():
+            while not fetch.stopped.is_set():
                 try:
                     return pages.put(item, timeout=0.5)
                 except queue.Full:
                     continue
 
         try:
-            while not stop.is_set():
+            while not fetch.stopped.is_set():
                 raw = self._call("GET", f"{path}&wait={wait}", retry_for=None,
-                                 timeout=max(self.timeout, wait + 30), parse=bytes, stop=stop)[2]
+                                 timeout=max(self.timeout, wait + 30), parse=bytes, fetch=fetch)[2]
                 hand_over(raw)
                 if until_caught_up and raw.startswith(PAGE_START.encode() + b"]"):
                     return
                 next_url = page_tail(raw)["Next"]
                 # Next is relative to the server's root; keep our own path prefix off it.
                 path = next_url[len(self.prefix):] if next_url.startswith(self.prefix + "/") else next_url
+        except _Stopped:
+            pass
         except BaseException as exc:
             hand_over(exc)
         finally:
@@ -191,9 +226,10 @@ class Client:
         return "/events/" + urllib.parse.quote(event_id, safe="")
 
     def _call(self, method, path, body=None, headers=None, retry_for=..., timeout=None,
-              resent_404_is_done=False, parse=None, stop=None):
+              resent_404_is_done=False, resent_412_may_be_ours=False, parse=None, fetch=None):
         """One request, retried as the class says -> (status, headers, parsed body);
-        ``parse`` reads a successful answer's bytes instead of json.loads."""
+        ``parse`` reads a successful answer's bytes instead of json.loads; for a
+        follower's ``fetch``, retries end when it stops."""
         retry_for = self.retry_for if retry_for is ... else retry_for
         deadline = None if retry_for is None else time.monotonic() + retry_for
         payload = None if body is None else json.dumps(body, ensure_ascii=False).encode("utf-8")
@@ -201,10 +237,13 @@ class Client:
         while True:
             attempt += 1
             try:
-                return self._send(method, path, payload, headers or {}, timeout, parse)
+                return self._send(method, path, payload, headers or {}, timeout, parse, fetch)
             except ClientError as error:
                 if error.status == 404 and resent_404_is_done and attempt > 1:
                     return 404, {}, None  # an earlier try did it; its answer was lost
+                if error.status == 412 and resent_412_may_be_ours and attempt > 1:
+                    raise ClientError(412, error.problem, "HTTP 412: the event exists; an earlier try of this "
+                                      "call, whose answer was lost, may have created it") from None
                 raise
             except _Retry as retry:
                 delay = retry.delay if retry.delay is not None else min(
@@ -212,23 +251,27 @@ class Client:
                 if deadline is not None and time.monotonic() + delay > deadline:
                     raise retry.error from None
                 self.log(f"{method} {path}: {retry.error}; trying again in {delay:.1f} s")
-                if stop is None:
+                if fetch is None:
                     self.sleep(delay)
-                elif stop.wait(delay):  # nobody wants the answer any more (a follower stopped)
-                    raise retry.error from None
+                elif fetch.stopped.wait(delay):  # nobody wants the answer any more (a follower stopped)
+                    raise _Stopped() from None
 
-    def _send(self, method, path, payload, headers, timeout, parse=None):
+    def _send(self, method, path, payload, headers, timeout, parse=None, fetch=None):
         all_headers = dict(self._headers, **headers)
         if payload is not None:
             all_headers["Content-Type"] = "application/json"
         try:
             connection = self._connect(timeout)
+            if fetch is not None:
+                fetch.using(connection)
             connection.request(method, self.prefix + path, body=payload, headers=all_headers)
             response = connection.getresponse()
             raw = response.read()
         except (OSError, http.client.HTTPException) as exc:
             self._close()
-            raise _Retry(ConnectionError(f"no answer from {self.host}: {exc or type(exc).__name__}")) from None
+            if fetch is not None and fetch.stopped.is_set():
+                raise _Stopped() from None
+            raise _Retry(NoAnswer(f"no answer from {self.host}: {exc or type(exc).__name__}")) from None
         if response.getheader("Connection", "").lower() == "close":
             self._close()
         answer_headers = {name.lower(): value for name, value in response.getheaders()}
@@ -253,9 +296,12 @@ class Client:
         if connection is None:
             factory = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
             connection = self._local.connection = factory(self.host, self.port, timeout=timeout)
+            with self._lock:
+                self._connections.add(connection)
         connection.timeout = timeout
-        if connection.sock is not None:
-            connection.sock.settimeout(timeout)
+        if connection.sock is None:
+            connection.connect()
+        connection.sock.settimeout(timeout)
         return connection
 
     def _close(self):
@@ -263,9 +309,50 @@ class Client:
         if connection is not None:
             connection.close()
             self._local.connection = None
+            with self._lock:
+                self._connections.discard(connection)
 
     def close(self):
-        self._close()
+        """Close every connection this client holds, in every thread."""
+        with self._lock:
+            connections, self._connections = self._connections, set()
+        for connection in connections:
+            connection.close()
+        self._local.connection = None
+
+
+class _Fetch:
+    """A follower's page fetching: ``stop()`` ends it at once, even in the middle
+    of a long poll, by shutting down the socket it waits on."""
+
+    def __init__(self):
+        self.stopped = threading.Event()
+        self._lock = threading.Lock()
+        self._sock = None
+
+    def using(self, connection):
+        """Called with the (connected) connection before each request: either
+        stop() has run (then _Stopped) or it will see this socket."""
+        with self._lock:
+            if self.stopped.is_set():
+                raise _Stopped()
+            self._sock = connection.sock
+
+    def stop(self):
+        with self._lock:
+            self.stopped.set()
+            if self._sock is not None:
+                try:
+                    self._sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass  # already closed
+
+
+def _conditions(if_match, if_none_match):
+    """If-Match / If-None-Match headers from Revisions (ints) or entity tags."""
+    tag = lambda value: f'"{value}"' if isinstance(value, int) else value  # noqa: E731
+    return {name: tag(value) for name, value in (("If-Match", if_match), ("If-None-Match", if_none_match))
+            if value is not None}
 
 
 _DECODER = json.JSONDecoder()
@@ -416,19 +503,31 @@ def json_line(value):
 
 
 def write_cursor(path, sequence):
-    """Replace the cursor file atomically: its digits and a newline, fsynced."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, temporary = tempfile.mkstemp(dir=folder, prefix=".cursor-")
+    """Replace the cursor file atomically: its digits and a newline, fsynced,
+    through one staging file of a fixed name (``PATH.writing``), so that a
+    follower killed while writing leaves at most that one, which its next save
+    (or start) replaces."""
+    staging = f"{path}.writing"
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        with os.fdopen(fd, "w") as cursor:
-            cursor.write(f"{sequence}\n")
-            cursor.flush()
-            os.fsync(cursor.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+        os.write(fd, f"{sequence}\n".encode("ascii"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(staging, path)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself survives a crash
+    finally:
+        os.close(folder)
+
+
+def forget_unsaved_cursor(path):
+    """Remove the staging file a follower killed while saving left behind."""
+    try:
+        os.unlink(f"{path}.writing")
+    except FileNotFoundError:
+        pass
 
 
 def read_cursor(path):
@@ -442,6 +541,8 @@ def read_cursor(path):
 
 
 def cmd_follow(client, args, out, err):
+    if args.cursor_file:
+        forget_unsaved_cursor(args.cursor_file)
     after = read_cursor(args.cursor_file) if args.cursor_file else args.after
     filters = {name: value for name, value in (("ProgramId", args.program), ("EventType", args.type),
                                                  ("ProgramMemberId", args.member), ("limit", args.limit)) if value}
@@ -483,21 +584,33 @@ def cmd_get(client, args, out, err):
     return 0
 
 
+ONE_SHOT_RETRY_SECONDS = 30.0
+
+
 def build_parser():
+    # The connection options go before or after the command (defaults SUPPRESSed,
+    # so that a command's own copy does not overwrite a value given before it).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=argparse.SUPPRESS,
+                        help="the registry, e.g. http://127.0.0.1:8080 (default: $EVENTSTORE_URL)")
+    common.add_argument("--user", default=argparse.SUPPRESS, metavar="USER_ID", help="your user id")
+    common.add_argument("--retry-for", type=float, default=argparse.SUPPRESS, metavar="SECONDS",
+                        help=f"give up on an unanswered get or publish after SECONDS (default "
+                             f"{ONE_SHOT_RETRY_SECONDS:g}); follow never gives up")
     parser = argparse.ArgumentParser(
-        prog="eventstore_client.py",
+        prog="eventstore_client.py", parents=[common],
         description="Follow and publish to an eventstore registry. The API key is read from "
                     "the environment variable EVENTSTORE_KEY, never from an argument.")
-    parser.add_argument("--url", required=True, help="the registry, e.g. http://127.0.0.1:8080")
-    parser.add_argument("--user", required=True, metavar="USER_ID", help="your user id")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     follow = commands.add_parser("follow", help="write every change as JSON Lines to standard output",
+                                 parents=[common],
                                  description="Write every change, in Sequence order, as JSON Lines to "
                                              "standard output; long-poll for more unless --until-caught-up.")
     start = follow.add_mutually_exclusive_group()
     start.add_argument("--after", type=int, default=0, metavar="N", help="start after Sequence N (default 0)")
     start.add_argument("--cursor-file", metavar="PATH",
-                       help="start after the Sequence stored here (0 if missing); rewritten after each page")
+                       help="start after the Sequence stored here (0 if missing); rewritten after each "
+                            "page is written out (through PATH.writing)")
     follow.add_argument("--program", action="append", metavar="P", help="only this program (repeatable)")
     follow.add_argument("--type", action="append", metavar="T", help="only this event type (repeatable)")
     follow.add_argument("--member", metavar="M", help="only this ProgramMemberId")
@@ -506,12 +619,14 @@ def build_parser():
                         help="events per page, 1-1000 (default: %(default)s)")
     follow.set_defaults(func=cmd_follow)
     publish = commands.add_parser("publish", help="publish a JSON Lines file (every line checked first)",
+                                  parents=[common],
                                   description="Publish JSON Lines of PUT bodies plus EventId (export's extra "
                                               "fields are ignored; a tombstone line is sent as a DELETE). Every "
                                               "line is checked before anything is sent.")
     publish.add_argument("file", metavar="FILE.jsonl")
     publish.set_defaults(func=cmd_publish)
-    get = commands.add_parser("get", help="print one event", description="Print one event's representation.")
+    get = commands.add_parser("get", help="print one event", parents=[common],
+                              description="Print one event's representation.")
     get.add_argument("event_id", metavar="EVENT_ID")
     get.set_defaults(func=cmd_get)
     return parser
@@ -521,13 +636,20 @@ def main(argv=None, environ=None, out=None, err=None):
     """The command line; -> exit status: 0 done, 1 failed, 2 wrong usage."""
     environ = os.environ if environ is None else environ
     out, err = out or sys.stdout.buffer, err or sys.stderr
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    url = getattr(args, "url", None) or environ.get("EVENTSTORE_URL")
+    if not url:
+        parser.error("give the registry's URL: --url http://HOST:PORT, or set EVENTSTORE_URL")
+    if not getattr(args, "user", None):
+        parser.error("give your user id: --user USER_ID")
     key = environ.get("EVENTSTORE_KEY")
     if not key:
         print("error: set EVENTSTORE_KEY to your API key (it is never taken as an argument)", file=err)
         return 2
     try:
-        client = Client(args.url, args.user, key, log=lambda message: print(message, file=err, flush=True))
+        client = Client(url, args.user, key, retry_for=getattr(args, "retry_for", ONE_SHOT_RETRY_SECONDS),
+                        log=lambda message: print(message, file=err, flush=True))
     except ValueError as exc:
         print(f"error: --url: {exc}", file=err)
         return 2
@@ -545,5 +667,12 @@ def main(argv=None, environ=None, out=None, err=None):
         client.close()
 
 
+def _stop_on_sigterm(signum, frame):
+    # SIGTERM ends the command as Ctrl-C does: through its finally blocks, so a
+    # follower closes its long poll and leaves its cursor whole.
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     sys.exit(main())

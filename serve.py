@@ -513,7 +513,9 @@ def create_waitress(app, args, reuse_port=False):
         connection_limit=args.connection_limit, channel_timeout=args.channel_timeout,
         cleanup_interval=max(1, min(30, args.channel_timeout // 2)),
         max_request_header_size=64 * 1024, max_request_body_size=8 * args.max_body,
-        ident="eventstore")
+        # Reading on while a request runs is how waitress notices a client that
+        # left (waitress.client_disconnected): a long poll it waited for ends then.
+        channel_request_lookahead=1, ident="eventstore")
     channel_class = type("OneWriteChannel", (OneWriteChannel,), {"request_timeout": args.request_timeout})
     for listener in listeners.values():  # one per listening socket
         if isinstance(listener, waitress.server.BaseWSGIServer):

@@ -13,8 +13,8 @@ import time
 import pytest
 
 import eventstore_client
-from eventstore_client import Client, ClientError
-from conftest import eventually
+from eventstore_client import Client, ClientError, NoAnswer
+from conftest import eventually, run_in_thread
 from server import ROOT, Server, free_port
 
 CLIENT = [sys.executable, str(ROOT / "eventstore_client.py")]
@@ -54,12 +54,23 @@ def add_user(server, user_id, grants):
     return create_user(server.db_path, user_id, grants)
 
 
-def run_cli(server, *args, key=None, timeout=60, user="admin"):
-    env = {k: v for k, v in os.environ.items() if k != "EVENTSTORE_KEY"}
+def run_cli(server, *args, key=None, timeout=60, user="admin", url=True, env=None):
+    """The command line with --url (unless ``url`` is false) and --user before the command."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("EVENTSTORE_")}, **(env or {})}
     if key is not False:
         env["EVENTSTORE_KEY"] = key or server.admin_key
-    return subprocess.run([*CLIENT, "--url", f"http://127.0.0.1:{server.port}", "--user", user, *args],
+    where = ["--url", f"http://127.0.0.1:{server.port}"] if url else []
+    return subprocess.run([*CLIENT, *where, "--user", user, *args],
                           capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def silent_listener():
+    """A socket that accepts connections (the kernel does) and never answers."""
+    import socket
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    return listener, f"http://127.0.0.1:{listener.getsockname()[1]}"
 
 
 # --- the Python API ----------------------------------------------------------------------
@@ -84,6 +95,86 @@ def test_round_trip_put_get_delete_publish_and_follow(server):
     assert sequences == sorted(set(sequences))
     assert [e["EventId"] for e in client.follow(after=sequences[-2], until_caught_up=True)] == ["FOO-p2499"]
     assert list(client.follow(ProgramId=["BAR"], until_caught_up=True)) == []
+
+
+def test_conditional_put_and_get_by_revision(server):
+    client = admin_client(server)
+    assert client.put("FOO-1", body(1), if_none_match="*") == 1
+    with pytest.raises(ClientError) as raised:
+        client.put("FOO-1", body(2), if_none_match="*")  # create only: it exists
+    assert raised.value.status == 412
+    assert client.get("FOO-1", if_none_match=1) is None  # 304: still at revision 1
+    assert client.get("FOO-1", if_none_match='"1"') is None
+    assert client.put("FOO-1", body(2), if_match=1) == 2
+    assert client.get("FOO-1", if_none_match=1)["EventData"] == {"n": 2}
+    with pytest.raises(ClientError) as raised:
+        client.delete("FOO-1", if_match=1)
+    assert raised.value.status == 412
+
+
+def test_a_create_only_put_resent_after_its_answer_was_lost_says_it_may_have_been_ours(server):
+    client = admin_client(server)
+    original, calls = client._send, []
+
+    def lose_the_first_answer(*args):
+        calls.append(args)
+        result = original(*args)
+        if len(calls) == 1:
+            raise eventstore_client._Retry(NoAnswer("connection reset"), 0)
+        return result
+
+    client._send = lose_the_first_answer
+    with pytest.raises(ClientError) as raised:
+        client.put("FOO-1", body(), if_none_match="*")
+    assert raised.value.status == 412 and "may have created it" in str(raised.value)
+
+
+def test_every_failure_is_a_client_error_and_a_call_takes_its_own_timeout(server):
+    refused = Client(f"http://127.0.0.1:{free_port()}", "u", "k", retry_for=0)
+    with pytest.raises(ClientError) as raised:
+        refused.get("FOO-1")
+    assert isinstance(raised.value, NoAnswer) and raised.value.status is None
+    listener, url = silent_listener()
+    try:
+        silent = Client(url, "u", "k", timeout=120, retry_for=0)
+        started = time.monotonic()
+        with pytest.raises(NoAnswer):
+            silent.get("FOO-1", timeout=0.5)  # the call's timeout, not the client's 120 s
+        assert time.monotonic() - started < 30
+        with pytest.raises(NoAnswer):
+            silent.put("FOO-1", body(), timeout=0.5)
+    finally:
+        listener.close()
+
+
+def test_a_client_in_a_with_block_closes_every_connection_it_opened(server):
+    with admin_client(server) as client:
+        client.put("FOO-1", body())
+        in_thread = run_in_thread(lambda: client.get("FOO-1"))
+        in_thread()
+        connections = set(client._connections)
+        assert len(connections) == 2 and all(c.sock is not None for c in connections)
+    assert all(c.sock is None for c in connections) and not client._connections
+
+
+def test_breaking_out_of_follow_leaves_no_long_poll_behind(server):
+    """The fetcher thread waits in a 30 s long poll for the next page while the
+    loop handles this one: leaving the loop ends it at once, on both sides (the
+    client shuts its socket; the server notices the client left)."""
+    server.request("PUT", "/events/FOO-1", body(), user="admin", key=server.admin_key)
+    client = admin_client(server)
+    before = {t for t in threading.enumerate() if t.name == "eventstore-client-fetch"}
+
+    def long_polls():
+        return server.request("GET", "/health")[2]["longPolls"]
+
+    for event in client.follow():
+        assert event["EventId"] == "FOO-1"
+        eventually(lambda: long_polls() == 1, "the fetcher waiting in a long poll for the next page")
+        break
+    fetchers = {t for t in threading.enumerate() if t.name == "eventstore-client-fetch"} - before
+    eventually(lambda: not any(t.is_alive() for t in fetchers), "the fetcher thread ending", timeout=5)
+    eventually(lambda: long_polls() == 0, "the server's long poll ending", timeout=5)
 
 
 def test_publish_starts_a_new_batch_for_an_event_id_already_in_it(server):
@@ -185,7 +276,7 @@ def test_other_5xx_and_refused_connections_back_off_with_jitter_and_give_up_afte
     assert len(slept) == 3 and all(0 < s <= eventstore_client.MAX_BACKOFF_SECONDS for s in slept)
     closed = Client(f"http://127.0.0.1:{free_port()}", "u", "k", retry_for=2, sleep=time.sleep)
     started = time.monotonic()
-    with pytest.raises(ConnectionError):
+    with pytest.raises(NoAnswer):
         closed.get("FOO-1")
     assert time.monotonic() - started < 10
 
@@ -256,6 +347,35 @@ def test_the_key_comes_only_from_the_environment(server):
     assert requests_logged(server, "GET", "/events/FOO-1") == 0
 
 
+def test_url_and_user_go_before_or_after_the_command_and_the_url_comes_from_the_environment(server):
+    server.request("PUT", "/events/FOO-1", body(5), user="admin", key=server.admin_key)
+    url = f"http://127.0.0.1:{server.port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTSTORE_")}
+    after = subprocess.run([*CLIENT, "get", "FOO-1", "--url", url, "--user", "admin"], capture_output=True,
+                           text=True, env={**env, "EVENTSTORE_KEY": server.admin_key}, timeout=60)
+    assert after.returncode == 0 and json.loads(after.stdout)["EventData"] == {"n": 5}, after.stderr
+    from_env = run_cli(server, "get", "FOO-1", url=False, env={"EVENTSTORE_URL": url})
+    assert from_env.returncode == 0 and json.loads(from_env.stdout)["EventData"] == {"n": 5}, from_env.stderr
+    wrong_env = run_cli(server, "get", "FOO-1", env={"EVENTSTORE_URL": "http://127.0.0.1:1"})
+    assert wrong_env.returncode == 0, "--url wins over EVENTSTORE_URL"
+    missing = run_cli(server, "get", "FOO-1", url=False)
+    assert missing.returncode == 2 and "EVENTSTORE_URL" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_a_one_shot_command_gives_up_after_retry_for_seconds():
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens: refused, retried
+    for where in ("before", "after"):
+        options = ["--url", url, "--user", "admin", "--retry-for", "1"]
+        argv = options + ["get", "FOO-1"] if where == "before" else ["get", "FOO-1"] + options
+        started = time.monotonic()
+        result = subprocess.run([*CLIENT, *argv], capture_output=True, text=True,
+                                env={**os.environ, "EVENTSTORE_KEY": "k"}, timeout=60)
+        assert result.returncode == 1 and "no answer" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+        assert time.monotonic() - started < 20  # not the default 30 s of retrying
+    assert "--retry-for" in subprocess.run([*CLIENT, "get", "--help"], capture_output=True, text=True).stdout
+
+
 def test_get_prints_the_representation_and_a_404_is_exit_1(server):
     server.request("PUT", "/events/FOO-1", body(5), user="admin", key=server.admin_key)
     found = run_cli(server, "get", "FOO-1")
@@ -308,15 +428,19 @@ def test_follow_writes_only_events_on_stdout_and_progress_on_stderr(server):
 
 def test_a_follower_killed_at_any_moment_and_restarted_on_its_cursor_misses_nothing(server, tmp_path):
     """Publishing goes on while a `follow --cursor-file` is SIGKILLed three times
-    and restarted; in the end every event's last change is in the output, in
-    Sequence order per run, and each restart repeats at most one page."""
-    cursor, output = tmp_path / "cursor", tmp_path / "out.jsonl"
+    and restarted. Every event is new, so each stays in the feed at its one
+    Sequence: a page lost between runs would be missing from the output. A
+    restart starts where the output ends (the cursor never runs ahead of it),
+    repeats at most one page, and a kill leaves no file but the cursor and
+    perhaps its one staging file."""
+    (tmp_path / "cursor-folder").mkdir()
+    cursor, output = tmp_path / "cursor-folder" / "cursor", tmp_path / "out.jsonl"
     stop, acknowledged = threading.Event(), {}
 
     def publish():
         client, n = admin_client(server), 0
         while not stop.is_set() and n < 3000:
-            batch = [{"EventId": f"FOO-{(n + i) % 400}", **body(n + i)} for i in range(20)]
+            batch = [{"EventId": f"FOO-{n + i}", **body(n + i)} for i in range(20)]
             for result in client.publish(batch):
                 acknowledged[result["EventId"]] = result["Revision"]
             n += 20
@@ -326,14 +450,18 @@ def test_a_follower_killed_at_any_moment_and_restarted_on_its_cursor_misses_noth
     env = {**os.environ, "EVENTSTORE_KEY": server.admin_key}
     command = [*CLIENT, "--url", f"http://127.0.0.1:{server.port}", "--user", "admin", "follow",
                "--cursor-file", str(cursor)]
-    runs = []
+    def written_so_far():
+        return [json.loads(line)["Sequence"] for line in output.read_text().splitlines()]
+
     with open(output, "ab") as sink:
         for delay in (0.4, 0.7, 0.3):
             follower = subprocess.Popen(command, stdout=sink, stderr=subprocess.DEVNULL, env=env)
             time.sleep(delay)  # a random-ish moment, not a synchronization
             follower.send_signal(signal.SIGKILL)
             follower.wait(10)
-            runs.append(output.stat().st_size)
+            assert {p.name for p in cursor.parent.iterdir()} <= {"cursor", "cursor.writing"}
+            if cursor.exists():
+                assert int(cursor.read_text()) <= max(written_so_far())
     stop.set()
     publisher.join(60)
     assert not publisher.is_alive()
@@ -342,16 +470,68 @@ def test_a_follower_killed_at_any_moment_and_restarted_on_its_cursor_misses_noth
                               timeout=60)
     assert last.returncode == 0
     served = [json.loads(line) for line in output.read_text().splitlines()]
-    final = {}
-    for event in served:
-        final[event["EventId"]] = event["Revision"]
-    assert final == acknowledged  # every event's last change was seen
+    assert {event["EventId"] for event in served} == set(acknowledged)  # no page lost
     assert len(acknowledged) >= 20
+    assert [p.name for p in cursor.parent.iterdir()] == ["cursor"]
     # A repeat happens only where a run was killed between writing a page and its cursor.
     sequences = [event["Sequence"] for event in served]
     repeats = len(sequences) - len(set(sequences))
     assert repeats <= 3 * 1000, repeats  # at most one page (--limit, 1000) per restart
     assert int(cursor.read_text()) == max(sequences)
+
+
+def test_the_cursor_is_saved_only_after_its_page_is_written(server, tmp_path):
+    """Standard output fails on the second page (a full disk, a closed pipe):
+    the cursor must still say the first page, or the second is lost for good."""
+    import io
+    for n in range(5):
+        server.request("PUT", f"/events/FOO-{n}", body(n), user="admin", key=server.admin_key)
+    sequences = [e["Sequence"] for e in admin_client(server).follow(until_caught_up=True)]
+
+    class FailingOnSecondPage(io.BytesIO):
+        pages = 0
+
+        def write(self, data):
+            self.pages += 1
+            if self.pages == 2:
+                raise OSError(28, "No space left on device")
+            return super().write(data)
+
+    cursor, out, err = tmp_path / "cursor", FailingOnSecondPage(), io.StringIO()
+    status = eventstore_client.main(
+        ["--url", f"http://127.0.0.1:{server.port}", "--user", "admin", "follow", "--limit", "2",
+         "--until-caught-up", "--cursor-file", str(cursor)], environ={"EVENTSTORE_KEY": server.admin_key},
+        out=out, err=err)
+    assert status == 1 and "No space left" in err.getvalue()
+    assert len(out.getvalue().splitlines()) == 2
+    assert int(cursor.read_text()) == sequences[1]
+
+
+def test_a_follow_removes_the_staging_file_a_killed_one_left(server, tmp_path):
+    server.request("PUT", "/events/FOO-1", body(), user="admin", key=server.admin_key)
+    cursor = tmp_path / "cursor"
+    (tmp_path / "cursor.writing").write_text("12")  # killed before its rename
+    result = run_cli(server, "follow", "--until-caught-up", "--cursor-file", str(cursor))
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("cursor")) == ["cursor"]
+    assert [json.loads(line)["EventId"] for line in result.stdout.splitlines()] == ["FOO-1"]
+
+
+def test_sigterm_stops_a_follower_cleanly(server, tmp_path):
+    server.request("PUT", "/events/FOO-1", body(), user="admin", key=server.admin_key)
+    env = {**os.environ, "EVENTSTORE_KEY": server.admin_key}
+    follower = subprocess.Popen([*CLIENT, "--url", f"http://127.0.0.1:{server.port}", "--user", "admin", "follow",
+                                 "--cursor-file", str(tmp_path / "cursor")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        assert json.loads(run_in_thread(follower.stdout.readline)(timeout=20))["EventId"] == "FOO-1"
+        eventually(lambda: server.request("GET", "/health")[2]["longPolls"] == 1, "the follower long-polling")
+        follower.send_signal(signal.SIGTERM)
+        assert follower.wait(10) == 130
+        assert b"Traceback" not in follower.stderr.read()
+    finally:
+        follower.kill()
+    eventually(lambda: server.request("GET", "/health")[2]["longPolls"] == 0, "its long poll ending", timeout=5)
 
 
 def test_follow_keeps_tricky_strings_whole(server):
