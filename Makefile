@@ -6,7 +6,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8080
 DB     ?= $(or $(EVENTSTORE_DB),eventstore.db)
 
-.PHONY: run test tools bench fuzz mutants clean
+.PHONY: run test tools bench fuzz mutants clean pg pg-stop
 
 # A postgresql:// database needs psycopg too (requirements-postgres.txt).
 run: $(VENV)/.runtime $(if $(filter postgres%,$(DB)),$(VENV)/.postgres)
@@ -15,16 +15,42 @@ run: $(VENV)/.runtime $(if $(filter postgres%,$(DB)),$(VENV)/.postgres)
 test: $(VENV)/.dev tools
 	$(PY) -m pytest -q
 
-# System tools the tests use: strace (to see each commit's fsync) and PostgreSQL's
-# server binaries (the tests start a throwaway cluster). Installed with apt-get
-# where we are root; elsewhere those tests skip, except in CI (.ci/run), where
-# a missing PostgreSQL fails the run.
+# System tools the tests use: strace (to see each commit's fsync), curl (the
+# README's session) and PostgreSQL's server binaries (the tests start a throwaway
+# cluster). Installed with apt-get where we are root; elsewhere those tests skip,
+# except in CI (.ci/run), where a missing one fails the run.
 tools:
 	@command -v strace >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
 	  apt-get install -y -qq strace >/dev/null; } || echo "note: strace is not installed; its test will skip"
+	@command -v curl >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	  apt-get install -y -qq curl >/dev/null; } || echo "note: curl is not installed; the README session's test will skip"
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || [ -n "$$EVENTSTORE_PG_BIN" ] || \
 	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq postgresql >/dev/null; } || \
 	  echo "note: PostgreSQL's server binaries are not installed; the PostgreSQL half of the tests will skip"
+
+# A throwaway PostgreSQL cluster to try the PostgreSQL backend with, from Debian's
+# server binaries (`make tools` installs them where we are root; as root the server
+# runs as the user postgres, since it refuses root). Then:
+#   make run DB=postgresql://eventstore@127.0.0.1:5433/eventstore
+# `make pg-stop` stops it; its files stay in PGDIR until removed.
+PGPORT ?= 5433
+PGDIR  ?= /tmp/eventstore-trial-pg-$(PGPORT)
+PGBIN  := $(lastword $(sort $(wildcard /usr/lib/postgresql/*/bin)))
+AS_PG  := $(if $(filter 0,$(shell id -u)),runuser -u postgres --)
+pg: $(VENV)/.postgres
+	@test -x "$(PGBIN)/initdb" || { echo "error: PostgreSQL's server binaries are not installed (make tools installs them as root)"; exit 1; }
+	@test -d $(PGDIR)/data || { mkdir -p $(PGDIR) && $(if $(AS_PG),chown postgres $(PGDIR) &&) \
+	  $(AS_PG) $(PGBIN)/initdb -D $(PGDIR)/data -U eventstore --auth=trust --encoding=UTF8 --locale=C >/dev/null; }
+	@$(AS_PG) $(PGBIN)/pg_ctl -D $(PGDIR)/data -l $(PGDIR)/log -w -t 60 status >/dev/null || \
+	  $(AS_PG) $(PGBIN)/pg_ctl -D $(PGDIR)/data -l $(PGDIR)/log -w -t 60 start \
+	    -o "-p $(PGPORT) -k $(PGDIR) -c listen_addresses=127.0.0.1" >/dev/null
+	@$(PGBIN)/psql -h 127.0.0.1 -p $(PGPORT) -U eventstore -d postgres -tAc \
+	  "SELECT 1 FROM pg_database WHERE datname = 'eventstore'" | grep -q 1 || \
+	  $(PGBIN)/createdb -h 127.0.0.1 -p $(PGPORT) -U eventstore eventstore
+	@echo "PostgreSQL is up: make run DB=postgresql://eventstore@127.0.0.1:$(PGPORT)/eventstore  (make pg-stop stops it)"
+
+pg-stop:
+	@test ! -d $(PGDIR)/data || $(AS_PG) $(PGBIN)/pg_ctl -D $(PGDIR)/data -w -t 60 stop -m fast
 
 # Longer schemathesis runs than make test's: FUZZ_SECONDS per user and seed
 # (default 120), over FUZZ_SEEDS (default 2 3 4 5; make test uses seed 1).

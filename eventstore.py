@@ -739,13 +739,13 @@ def parse_event_types_query(pairs):
 #
 # A Reads answers: key_row, grants_of, find_program, list_programs,
 # type_registered, registered_types, event_types_json, read_event, read_feed,
-# export_events, last_sequence, changes_since, user_exists, list_users,
+# export_events, last_sequence, changes_since, user_state, list_users,
 # list_keys, answers. A Transaction is a Reads inside the transaction, plus
 # take_seq/peek_seq and the writes (current, upsert_event, current_many,
 # insert_events, update_events, live_revision, tombstone, member_event_ids,
 # insert_tombstone, put_program, register_event_type, lock_event_type,
 # strict_users_of_type, delete_event_type, insert_user, insert_key, set_grants, revoke_grant,
-# disable_user, revoke_key, touch_key, any_user) and ``changes()``, a count of
+# set_user_disabled, revoke_key, touch_key, any_user) and ``changes()``, a count of
 # the rows it has written (or sent to be). upsert_event returns a function that
 # gives the revision: PostgreSQL sends a transaction's upserts together and
 # reads their answers at the first question. The rules that are not SQL (404s,
@@ -987,8 +987,10 @@ class SQLiteReads:
     def any_user(self):
         return self.conn.execute("SELECT 1 FROM users LIMIT 1").fetchone() is not None
 
-    def user_exists(self, user_id):
-        return self.conn.execute("SELECT 1 FROM users WHERE user_id = ?", (user_id,)).fetchone() is not None
+    def user_state(self, user_id):
+        """-> None if there is no such user, else "disabled" or "active"."""
+        row = self.conn.execute("SELECT disabled FROM users WHERE user_id = ?", (user_id,)).fetchone()
+        return None if row is None else "disabled" if row[0] else "active"
 
     def list_users(self):
         """[(user_id, is_system, disabled, [(program_id, access)])] sorted by id."""
@@ -1352,9 +1354,10 @@ class SQLiteTransaction(SQLiteReads):
         return bool(self.conn.execute("DELETE FROM grants WHERE user_id = ? AND program_id = ?",
                                       (user_id, program_id)).rowcount)
 
-    def disable_user(self, user_id):
-        """-> whether the user exists (now disabled: none of its keys work)."""
-        return bool(self.conn.execute("UPDATE users SET disabled = 1 WHERE user_id = ?", (user_id,)).rowcount)
+    def set_user_disabled(self, user_id, disabled):
+        """-> whether the user exists (disabled: none of its keys work)."""
+        return bool(self.conn.execute("UPDATE users SET disabled = ? WHERE user_id = ?",
+                                      (int(disabled), user_id)).rowcount)
 
     def revoke_key(self, user_id, key_id):
         """-> whether the user has that key (now revoked; revoking twice keeps the first time)."""
@@ -2333,6 +2336,14 @@ def _require_read_on_requested_programs(req):
             req.require("read", value)
 
 
+def takes_query(handler):
+    """Marks a handler that reads the query string itself; every other answers
+    400 to any query parameter (silence let `PUT ...?dryRun=1` write)."""
+    handler.takes_query = True
+    return handler
+
+
+@takes_query
 def list_events_handler(req):
     _require_read_on_requested_programs(req)
     query = parse_feed_query(req.query)
@@ -2396,6 +2407,7 @@ def _event_type_param(req):
     return event_type
 
 
+@takes_query
 def list_event_types_handler(req):
     _require_read_on_requested_programs(req)
     programs = parse_event_types_query(req.query) or readable_programs(req.user)
@@ -2915,6 +2927,10 @@ class EventStore:
             req.user = self.authenticate(environ.get("HTTP_AUTHORIZATION"), environ.get("REMOTE_ADDR", ""))
             # For the server's access log (serve.py): who the request was, once authenticated.
             environ["eventstore.user_id"] = req.user.user_id
+        if query and not getattr(handler, "takes_query", False):
+            raise bad_request("This resource takes no query parameters.",
+                              [field_error(name, "unknown parameter; this resource takes none")
+                               for name in dict.fromkeys(name for name, _ in query)])
         return handler(req)
 
     def authenticate(self, header, address):
@@ -3013,7 +3029,7 @@ def _check_programs(db, program_ids):
 
 
 def _check_user(db, user_id):
-    if not db.user_exists(user_id):
+    if db.user_state(user_id) is None:
         raise CommandError(f"no such user: {user_id}")
 
 
@@ -3048,7 +3064,7 @@ def cmd_user_add(db, args, out):
         raise CommandError(f"{args.user_id!r} is not a userId: 1-64 characters of A-Z a-z 0-9 . _ @ -")
     grants = _grants_from(args)
     _check_programs(db, grants)
-    if db.user_exists(args.user_id):
+    if db.user_state(args.user_id) is not None:
         raise CommandError(f"user {args.user_id} already exists (use: key add {args.user_id})")
     with db.transaction(now_us()) as tx:
         api_key = add_user(tx, args.user_id, args.system, grants)
@@ -3075,10 +3091,18 @@ def cmd_user_revoke(db, args, out):
 
 
 def cmd_user_disable(db, args, out):
+    _set_user_disabled(db, args.user_id, True)
+
+
+def cmd_user_enable(db, args, out):
+    _set_user_disabled(db, args.user_id, False)
+
+
+def _set_user_disabled(db, user_id, disabled):
     with db.transaction(now_us()) as tx:
-        if not tx.disable_user(args.user_id):
-            raise CommandError(f"no such user: {args.user_id}")
-    print(f"user {args.user_id} disabled", file=sys.stderr)
+        if not tx.set_user_disabled(user_id, disabled):
+            raise CommandError(f"no such user: {user_id}")
+    print(f"user {user_id} {'disabled' if disabled else 'enabled'}", file=sys.stderr)
 
 
 def cmd_user_list(db, args, out):
@@ -3089,6 +3113,9 @@ def cmd_user_list(db, args, out):
 
 def cmd_key_add(db, args, out):
     _check_user(db, args.user_id)
+    if db.user_state(args.user_id) == "disabled":
+        raise CommandError(f"user {args.user_id} is disabled, so a key would not work "
+                           f"(enable it first: user enable {args.user_id})")
     with db.transaction(now_us()) as tx:
         api_key = add_key(tx, args.user_id)
     print(api_key, file=out)
@@ -3197,6 +3224,8 @@ def cmd_backup(db, args, out):
         raise CommandError(f"backup copies a SQLite file; on {db.storage.backend} use its own tools "
                            "(for PostgreSQL: pg_dump, or a base backup with WAL archiving)")
     dest = Path(args.dest)
+    if not dest.parent.is_dir():
+        raise CommandError(f"there is no folder {dest.parent} to write {dest.name} into")
     if dest.exists() and not args.force:
         raise CommandError(f"{dest} exists; give --force to overwrite it")
     partial = dest.with_name(dest.name + ".partial")
@@ -3330,7 +3359,11 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="eventstore.py", description="Administer an eventstore database.")
     parser.add_argument("--db", default=os.environ.get("EVENTSTORE_DB", DEFAULT_DB),
-                        help="database file (default: $EVENTSTORE_DB or %(default)s)")
+                        help="a SQLite database file, or a PostgreSQL URL postgresql://USER@HOST/DBNAME "
+                             "(default: $EVENTSTORE_DB or %(default)s)")
+    parser.add_argument("--create", action="store_true",
+                        help="make a new SQLite database if there is none at --db (otherwise a missing file is "
+                             "an error: a mistyped name would make an empty database)")
     groups = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
 
     def command(group, name, func, help):
@@ -3381,6 +3414,8 @@ def build_parser():
     sub.add_argument("program_id", metavar="PROGRAM_ID")
     sub = command(user, "disable", cmd_user_disable, "disable a user: none of its keys work any more")
     sub.add_argument("user_id", metavar="USER_ID")
+    sub = command(user, "enable", cmd_user_enable, "enable a disabled user: its keys that are not revoked work again")
+    sub.add_argument("user_id", metavar="USER_ID")
     command(user, "list", cmd_user_list, "list users: id, rights, state, tab-separated")
 
     key = groups.add_parser("key", help="manage API keys").add_subparsers(
@@ -3412,6 +3447,10 @@ def main(argv=None, out=None):
     """The admin command line; returns the exit status."""
     args = build_parser().parse_args(argv)
     out = out or sys.stdout
+    if not str(args.db).startswith(POSTGRES_SCHEMES) and not os.path.exists(args.db) and not args.create:
+        print(f"error: there is no database at {args.db} (serve.py makes one on its first start; "
+              "--create makes one here)", file=sys.stderr)
+        return 1
     try:
         storage = open_storage(args.db)
     except (sqlite3.Error, RuntimeError) as exc:

@@ -112,8 +112,9 @@ class PostgresReads:
     def any_user(self):
         return self._one("SELECT 1 FROM users LIMIT 1") is not None
 
-    def user_exists(self, user_id):
-        return self._one("SELECT 1 FROM users WHERE user_id = %s", (user_id,)) is not None
+    def user_state(self, user_id):
+        row = self._one("SELECT disabled FROM users WHERE user_id = %s", (user_id,))
+        return None if row is None else "disabled" if row[0] else "active"
 
     def list_users(self):
         grants = {}
@@ -692,8 +693,8 @@ class PostgresTransaction(PostgresReads):
         return bool(self._write("DELETE FROM grants WHERE user_id = %s AND program_id = %s",
                                 (user_id, program_id)).rowcount)
 
-    def disable_user(self, user_id):
-        return bool(self._write("UPDATE users SET disabled = true WHERE user_id = %s", (user_id,)).rowcount)
+    def set_user_disabled(self, user_id, disabled):
+        return bool(self._write("UPDATE users SET disabled = %s WHERE user_id = %s", (disabled, user_id)).rowcount)
 
     def revoke_key(self, user_id, key_id):
         return bool(self._write("UPDATE api_keys SET revoked_us = COALESCE(revoked_us, %s)"

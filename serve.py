@@ -23,11 +23,16 @@ import threading
 import time
 import urllib.parse
 
-import waitress
-import waitress.channel
-import waitress.server
-import waitress.task
-import waitress.wasyncore
+try:
+    import waitress
+    import waitress.channel
+    import waitress.server
+    import waitress.task
+    import waitress.wasyncore
+except ImportError:
+    sys.exit(f"serve.py needs waitress, which this Python ({sys.executable}) does not have. `make run` "
+             "installs it in .venv and serves; or run .venv/bin/python serve.py, or first: "
+             "pip install -r requirements.txt")
 
 import eventstore
 

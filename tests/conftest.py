@@ -207,6 +207,20 @@ def run_in_thread(function, *args):
 BACKENDS = ["sqlite", "postgresql"]
 
 
+def require_tool(name):
+    """The path of a system tool a test needs (the Makefile's ``tools`` installs
+    them where it can), or skip; where EVENTSTORE_REQUIRE_TOOLS is set (.ci/run
+    sets it), fail instead: in CI such a test must run."""
+    import shutil
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (make tools installs it as root)"
+        if os.environ.get("EVENTSTORE_REQUIRE_TOOLS"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
 @pytest.fixture(scope="session")
 def pg_cluster():
     from pg_cluster import Cluster, find_binaries
@@ -312,7 +326,7 @@ def cli(db, capsys):
     (``cli.db``) and checks its exit status -> (stdout, stderr)."""
 
     def run(*argv, status=0):
-        code = eventstore.main(["--db", db, *argv])
+        code = eventstore.main(["--db", db, "--create", *argv])
         out, err = capsys.readouterr()
         assert code == status, err
         return out, err

@@ -74,6 +74,22 @@ def test_disable_stops_every_key(cli):
     cli("user", "disable", "ghost", status=1)
 
 
+def test_a_disabled_user_takes_no_new_key_until_enabled_again(cli):
+    key = cli("user", "add", "alice")[0].strip()
+    revoked = cli("key", "add", "alice")[0].strip()
+    cli("key", "revoke", "alice", revoked[:12])
+    cli("user", "disable", "alice")
+    out, err = cli("key", "add", "alice", status=1)
+    assert out == "" and "disabled" in err and "user enable alice" in err
+    assert len(cli("key", "list", "alice")[0].splitlines()) == 2
+    cli("user", "enable", "alice")
+    assert "alice\t-\tactive" in cli("user", "list")[0]
+    assert cli.authenticate("alice", key) is not None
+    assert cli.authenticate("alice", revoked) is None  # enabling brings back no revoked key
+    assert cli.authenticate("alice", cli("key", "add", "alice")[0].strip()) is not None
+    cli("user", "enable", "ghost", status=1)
+
+
 def test_keys_add_list_revoke(cli):
     first = cli("user", "add", "alice")[0].strip()
     second = cli("key", "add", "alice")[0].strip()
@@ -101,20 +117,46 @@ def test_a_file_that_is_not_a_database_is_refused_in_one_line(tmp_path, capsys):
 
 def test_the_db_defaults_to_eventstore_db_env(tmp_path):
     env = {"EVENTSTORE_DB": str(tmp_path / "env.db"), "PATH": "/usr/bin:/bin"}
-    subprocess.run([sys.executable, str(ROOT / "eventstore.py"), "program", "add", "ENV"], env=env, check=True,
-                   capture_output=True)
+    subprocess.run([sys.executable, str(ROOT / "eventstore.py"), "--create", "program", "add", "ENV"], env=env,
+                   check=True, capture_output=True)
     assert (tmp_path / "env.db").exists()
+
+
+def test_a_missing_database_file_is_refused_unless_asked_to_create_it(tmp_path, capsys):
+    """A mistyped --db once made a new empty database and said nothing."""
+    typo = tmp_path / "eventstroe.db"
+    assert eventstore.main(["--db", str(typo), "user", "list"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(typo) in err and "--create" in err
+    assert not typo.exists() and list(tmp_path.iterdir()) == []
+    assert eventstore.main(["--db", str(typo), "--create", "program", "add", "FOO"]) == 0
+    assert eventstore.main(["--db", str(typo), "program", "list"]) == 0
+    assert capsys.readouterr().out.startswith("FOO\t")
+
+
+def test_help_names_postgresql_urls():
+    result = subprocess.run([sys.executable, str(ROOT / "eventstore.py"), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "postgresql://" in result.stdout and "--create" in result.stdout
 
 
 @pytest.mark.parametrize("command", [
     [], ["program"], ["program", "add"], ["program", "list"], ["user"], ["user", "add"], ["user", "grant"],
-    ["user", "revoke"], ["user", "disable"], ["user", "list"], ["key"], ["key", "add"], ["key", "list"],
-    ["key", "revoke"],
+    ["user", "revoke"], ["user", "disable"], ["user", "enable"], ["user", "list"], ["key"], ["key", "add"],
+    ["key", "list"], ["key", "revoke"], ["type"], ["type", "add"], ["type", "list"], ["type", "remove"],
+    ["backup"], ["export"], ["import"],
 ])
 def test_every_command_has_help(command):
     result = subprocess.run([sys.executable, str(ROOT / "eventstore.py"), *command, "--help"],
                             capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("usage:")
+
+
+def test_serve_says_how_to_run_it_where_waitress_is_missing():
+    """`python serve.py` with a Python outside the venv (-S: no site-packages, so no waitress)."""
+    result = subprocess.run([sys.executable, "-S", str(ROOT / "serve.py")], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "waitress" in result.stderr and ".venv/bin/python serve.py" in result.stderr and "make run" in result.stderr
 
 
 def test_serve_has_help():

@@ -31,3 +31,28 @@ def test_the_api_reference_has_every_route():
             "event_id": "eventId", "program_id": "ProgramId", "member_id": "ProgramMemberId", "event_type": "EventType"}[m.group(1)] + "}",
             pattern).replace("\\.", ".")
         assert f"{method} {path}" in text, f"docs/API.md does not describe {method} {path}"
+
+
+def test_the_readme_curl_session_works_as_pasted_on_another_port_and_database(tmp_path):
+    """The README's session, as a reader runs it against `make run PORT=... DB=...`:
+    the key pasted into its first line, the port and database into its second."""
+    import subprocess
+    from conftest import require_tool
+    from server import Server
+    require_tool("curl")
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    lines = re.search(r"## A session with curl\n.*?```sh\n(.*?)```", text, re.S).group(1).splitlines()
+    assert lines[0].startswith("ADMIN_KEY='esk_...'") and lines[1].startswith("PORT=8080 DB=")
+    server = Server(tmp_path / "other.db")
+    try:
+        script = [f"ADMIN_KEY='{server.admin_key}'", f"PORT={server.port} DB={server.db_path}", *lines[2:]]
+        result = subprocess.run(["bash", "-e", "-c", "\n".join(script)], cwd=ROOT, capture_output=True,
+                                text=True, timeout=60)
+    finally:
+        server.stop()
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    out = result.stdout
+    assert "HTTP/1.1 200 OK" in out and re.search(r'(?im)^etag: "1"\r?$', out)  # the PUT
+    assert out.count('"EventId":"FOO-ABC123"') == 2  # read back, and in the feed
+    assert '"Description":"A learner completed a course."' in out and '{"ProgramId":"FOO","Events":1}' in out
+    assert not any("Traceback" in line or '" 500 ' in line for line in server.log)

@@ -4,13 +4,13 @@ and acknowledged writes surviving SIGKILL."""
 import os
 import random
 import re
-import shutil
 import signal
 import threading
 import time
 
 import pytest
 
+from conftest import require_tool
 from server import PutLoad, Server, assert_seen_every_change_once_in_order, missing_from, publish_while_following
 
 
@@ -124,13 +124,12 @@ def test_acknowledged_writes_survive_sigkill(tmp_path):
     assert len(acknowledged) > 50
 
 
-@pytest.mark.skipif(shutil.which("strace") is None and not os.environ.get("CI"),
-                    reason="strace is not installed (the Makefile installs it where it can; CI requires it)")
 def test_a_200_is_sent_only_after_the_write_ahead_log_is_fsynced(tmp_path):
     """What a SIGKILL cannot show (the kernel keeps what the process wrote): the
     COMMIT's fsync of the WAL happens before the answer leaves, for every write.
     Traced with strace: each response to a PUT must follow a WAL fsync that
     follows that PUT's request."""
+    require_tool("strace")
     trace = tmp_path / "trace"
     server = Server(tmp_path / "sync.db", "--threads", "1", prefix=(
         "strace", "-f", "-y", "-qq", "-s", "40", "-o", str(trace),

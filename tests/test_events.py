@@ -116,6 +116,26 @@ def test_event_data_keeps_its_key_order(writer):
     assert '"EventData":{"z":1,"a":{"y":[1.5,null],"b":"ü"}}' in raw
 
 
+@pytest.mark.parametrize("method, path", [
+    ("PUT", "/events/FOO-1"), ("GET", "/events/FOO-1"), ("DELETE", "/events/FOO-1"), ("POST", "/events"),
+    ("GET", "/programs"), ("PUT", "/programs/FOO"), ("DELETE", "/programs/FOO/members/m"),
+    ("GET", "/event-types/T"), ("PUT", "/event-types/T"), ("DELETE", "/event-types/T"),
+])
+def test_a_query_parameter_where_the_resource_takes_none_is_a_400_naming_it(admin, registry, method, path):
+    """`PUT /events/FOO-1?dryRun=1` wrote, silently: a client's misunderstanding
+    must not go unnoticed, least of all on a write."""
+    admin.put_json("/events/FOO-1", event_body())
+    changes = registry.db.execute("SELECT MAX(seq) FROM events").fetchone()
+    bodies = {"/events/FOO-1": event_body(EventData={"n": 2}), "/events": {"Events": []},
+              "/programs/FOO": {"Name": "Renamed"}, "/event-types/T": {"Description": "t"}}
+    problem = admin.request(f"{path}?dryRun=1&dryRun=2&verbose", method=method, status=400,
+                            **({"json": bodies[path]} if method in ("PUT", "POST") else {})).json
+    assert [e["field"] for e in problem["errors"]] == ["dryRun", "verbose"]
+    assert "takes none" in problem["errors"][0]["message"]
+    assert registry.db.execute("SELECT MAX(seq) FROM events").fetchone() == changes
+    assert admin.get("/events/FOO-1").json["EventData"] == event_body()["EventData"]
+
+
 def test_get_missing_event_is_404(writer):
     response = writer.get("/events/FOO-nope", status=404)
     assert response.content_type == "application/problem+json"

@@ -141,7 +141,7 @@ def test_erasure_under_concurrent_publishing_leaves_nothing_committed_before_it(
 
 def run(db, *argv, status=0, capsys=None):
     out = io.StringIO()
-    code = eventstore.main(["--db", str(db), *argv], out=out)
+    code = eventstore.main(["--db", str(db), "--create", *argv], out=out)
     err = capsys.readouterr().err if capsys else ""
     assert code == status, err
     return out.getvalue(), err
@@ -181,6 +181,13 @@ def test_backup_refuses_to_overwrite_unless_forced(registry, tmp_path, capsys):
     assert "--force" in err and dest.read_text() == "precious"
     run(registry.db_path, "backup", str(dest), "--force", capsys=capsys)
     assert sqlite3.connect(dest).execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+@pytest.mark.sqlite_only
+def test_backup_into_a_missing_folder_names_the_folder(registry, tmp_path, capsys):
+    dest = tmp_path / "not-made-yet" / "copy.db"
+    _, err = run(registry.db_path, "backup", str(dest), status=1, capsys=capsys)
+    assert err.count("\n") == 1 and str(dest.parent) in err and "folder" in err
 
 
 @pytest.mark.postgresql_only

@@ -6,6 +6,7 @@ contract runs on PostgreSQL through the ``backend`` parameter of every test.)"""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -648,9 +649,9 @@ def test_without_postgresql_the_summary_says_so_or_ci_fails(tmp_path, required):
                              "tests/test_programs.py", "-k", "health_needs_no_credentials"],
                             capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
     if required:
-        assert result.returncode == 1 and "1 passed, 44 deselected, 1 error" in result.stdout, result.stdout
+        assert result.returncode == 1 and re.search(r"1 passed, \d+ deselected, 1 error", result.stdout), result.stdout
     else:
-        assert result.returncode == 0 and "1 passed, 1 skipped, 44 deselected" in result.stdout, result.stdout
+        assert result.returncode == 0 and re.search(r"1 passed, 1 skipped, \d+ deselected", result.stdout), result.stdout
     assert "PostgreSQL server binaries not found" in result.stdout
 
 
@@ -883,3 +884,30 @@ def test_a_password_in_the_url_is_never_printed(url, tmp_path):
         result = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=ROOT)
         assert result.returncode == 1 and "no_such_database" in result.stderr, result.stderr
         assert "secret" not in result.stdout + result.stderr
+
+
+def test_make_pg_starts_a_throwaway_cluster_that_make_run_can_use(url, tmp_path):
+    """The README's PostgreSQL recipe: `make pg`, then `make run DB=...`. (``url``
+    only makes this test need PostgreSQL's binaries as the others do.)"""
+    import shutil
+    import tempfile
+    from server import free_port
+    port = free_port()
+    folder = tempfile.mkdtemp(prefix="eventstore-trial-pg-")
+    os.chmod(folder, 0o755)  # as root, the server runs as postgres, which must reach its folder
+    make = ["make", "-s", "-C", str(ROOT), f"PGPORT={port}", f"PGDIR={folder}/cluster"]
+    try:
+        for _ in range(2):  # a second `make pg` finds it running and says the same
+            started = subprocess.run([*make, "pg"], capture_output=True, text=True, timeout=180)
+            assert started.returncode == 0, started.stdout + started.stderr
+            trial = f"postgresql://eventstore@127.0.0.1:{port}/eventstore"
+            assert f"make run DB={trial}" in started.stdout
+        server = Server(trial)
+        try:
+            assert server.request("PUT", "/programs/FOO", {"Name": "Foo"}, user="admin", key=server.admin_key)[0] == 200
+        finally:
+            server.stop()
+    finally:
+        stopped = subprocess.run([*make, "pg-stop"], capture_output=True, text=True, timeout=120)
+        shutil.rmtree(folder, ignore_errors=True)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
