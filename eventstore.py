@@ -2337,8 +2337,9 @@ def _require_read_on_requested_programs(req):
 
 
 def takes_query(handler):
-    """Marks a handler that reads the query string itself; every other answers
-    400 to any query parameter (silence let `PUT ...?dryRun=1` write)."""
+    """Marks a handler that reads the query string itself (or ignores it on
+    purpose: probes add cache-busters to /health); every other answers 400 to
+    any query parameter (silence let `PUT ...?dryRun=1` write)."""
     handler.takes_query = True
     return handler
 
@@ -2442,6 +2443,7 @@ def delete_event_type_handler(req):
     return Response(204)
 
 
+@takes_query
 def health_handler(req):
     try:
         req.db.answers()
@@ -2465,6 +2467,7 @@ def health_handler(req):
                           "longPolls": req.store.long_polls, **req.store.storage.health_details()})
 
 
+@takes_query
 def openapi_handler(req):
     return Response(200, [], req.store.openapi, "application/json")
 

@@ -33,8 +33,11 @@ class Server:
     ``processes`` says more; stopped by stop(). ``prefix`` runs it under another
     command (strace)."""
 
-    def __init__(self, db_path, *args, env=None, port=0, prefix=(), startup_seconds=30, processes=1):
-        self.db_path = str(db_path)
+    def __init__(self, db_path, *args, env=None, port=0, prefix=(), startup_seconds=30, processes=1,
+                 errors_expected=False):
+        # Unless ``errors_expected``, stop() fails the test if the server's log
+        # shows a traceback or an answer of 500: a client may never see one.
+        self.db_path, self.errors_expected, self._checked = str(db_path), errors_expected, False
         self.process = subprocess.Popen(
             [*prefix, sys.executable, "-u", str(ROOT / "serve.py"), "--port", str(port), "--db", self.db_path,
              "--processes", str(processes), *args],
@@ -130,6 +133,14 @@ class Server:
         if not self.log_reader.is_alive():  # closing a pipe another thread reads would block
             for stream in (self.process.stdout, self.process.stderr):
                 stream.close()
+        if not self.errors_expected and not self._checked:
+            self._checked = True
+            assert not self.errors_logged(), "the server logged:\n" + "".join(self.errors_logged())
+
+    def errors_logged(self):
+        """Log lines of tracebacks and of requests answered 500."""
+        return [line for line in self.log if "Traceback (most recent call last)" in line
+                or re.search(r" \S+ \S+ 500 \d+ [\d.]+ms$", line)]
 
 
 class PutLoad:

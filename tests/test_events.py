@@ -136,6 +136,12 @@ def test_a_query_parameter_where_the_resource_takes_none_is_a_400_naming_it(admi
     assert admin.get("/events/FOO-1").json["EventData"] == event_body()["EventData"]
 
 
+def test_health_and_the_openapi_document_ignore_their_query(registry):
+    """Probes and browsers add cache-busters: these two answer as without them."""
+    assert registry.anonymous.get("/health?nocache=123").json["status"] == "ok"
+    assert registry.anonymous.get("/openapi.json?v=2").json["openapi"].startswith("3.1")
+
+
 def test_get_missing_event_is_404(writer):
     response = writer.get("/events/FOO-nope", status=404)
     assert response.content_type == "application/problem+json"

@@ -213,8 +213,7 @@ def test_backup_during_writes_holds_everything_acknowledged_before_it(registry, 
         client.put_json(f"/events/FOO-pre{n}", event_body(EventData={"pad": "z" * 2000}))
     thread = threading.Thread(target=publish)
     thread.start()
-    while len(acknowledged) < 20:
-        pass
+    eventually(lambda: len(acknowledged) >= 20, "20 writes acknowledged before the backup")
     before = list(acknowledged)
     run(registry.db_path, "backup", str(tmp_path / "live.db"), capsys=capsys)
     stop.set()

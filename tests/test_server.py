@@ -172,11 +172,11 @@ def access_lines(server, count, timeout=10):
 
 def test_the_access_log_has_a_line_per_request_with_its_fields(server):
     admin = {"user": "admin", "key": server.admin_key}
-    status, headers, body = server.request("GET", "/programs?x=%20y", **admin)
+    status, headers, body = server.request("GET", "/events?EventType=A%20B", **admin)
     assert status == 200
     server.request("GET", "/events", user="admin", key="esk_" + "x" * 43)
     server.request("GET", "/nowhere/at%20all")
-    targets = ("/programs?x=%20y", "/events", "/nowhere/at%20all")
+    targets = ("/events?EventType=A%20B", "/events", "/nowhere/at%20all")
     deadline = time.monotonic() + 10
     while True:  # each line is written once its answer has been sent
         lines = [line for line in access_lines(server, 0) if line["target"] in targets]
@@ -187,7 +187,7 @@ def test_the_access_log_has_a_line_per_request_with_its_fields(server):
     # requests may come in either order.
     lines.sort(key=lambda line: targets.index(line["target"]))
     assert [(line["user"], line["method"], line["target"], line["status"]) for line in lines] == [
-        ("admin", "GET", "/programs?x=%20y", "200"),
+        ("admin", "GET", "/events?EventType=A%20B", "200"),
         ("-", "GET", "/events", "401"),
         ("-", "GET", "/nowhere/at%20all", "404")]
     assert lines[0]["bytes"] == headers["content-length"] and int(lines[1]["bytes"]) > 0
