@@ -221,7 +221,7 @@ MUTANTS = [
         ('        if query and not getattr(handler, "takes_query", False):',
          '        if False and not getattr(handler, "takes_query", False):'),
     ], ["tests/test_events.py"]),
-    ("the command line makes a database on a mistyped name", "eventstore.py", [
+    ("the command line makes a database on a mistyped name", "eventstore_admin.py", [
         ("and not os.path.exists(args.db) and not args.create:", "and False:"),
     ], ["tests/test_cli.py"]),
     ("client: the cursor saved before its page is written", "eventstore_client.py", [

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import eventstore  # noqa: E402
+import eventstore_admin  # noqa: E402
 
 
 def basic(user_id, api_key):
@@ -326,7 +327,7 @@ def cli(db, capsys):
     (``cli.db``) and checks its exit status -> (stdout, stderr)."""
 
     def run(*argv, status=0):
-        code = eventstore.main(["--db", db, "--create", *argv])
+        code = eventstore_admin.main(["--db", db, "--create", *argv])
         out, err = capsys.readouterr()
         assert code == status, err
         return out, err

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 import eventstore
+import eventstore_admin
 from conftest import ROOT
 
 
@@ -110,7 +111,7 @@ def test_keys_add_list_revoke(cli):
 def test_a_file_that_is_not_a_database_is_refused_in_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.db"
     bad.write_bytes(b"not a database at all" * 200)
-    assert eventstore.main(["--db", str(bad), "program", "list"]) == 1
+    assert eventstore_admin.main(["--db", str(bad), "program", "list"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error:") and "Traceback" not in err
 
@@ -125,12 +126,12 @@ def test_the_db_defaults_to_eventstore_db_env(tmp_path):
 def test_a_missing_database_file_is_refused_unless_asked_to_create_it(tmp_path, capsys):
     """A mistyped --db once made a new empty database and said nothing."""
     typo = tmp_path / "eventstroe.db"
-    assert eventstore.main(["--db", str(typo), "user", "list"]) == 1
+    assert eventstore_admin.main(["--db", str(typo), "user", "list"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(typo) in err and "--create" in err
     assert not typo.exists() and list(tmp_path.iterdir()) == []
-    assert eventstore.main(["--db", str(typo), "--create", "program", "add", "FOO"]) == 0
-    assert eventstore.main(["--db", str(typo), "program", "list"]) == 0
+    assert eventstore_admin.main(["--db", str(typo), "--create", "program", "add", "FOO"]) == 0
+    assert eventstore_admin.main(["--db", str(typo), "program", "list"]) == 0
     assert capsys.readouterr().out.startswith("FOO\t")
 
 

@@ -11,6 +11,7 @@ import pytest
 import webtest
 
 import eventstore
+import eventstore_admin
 from conftest import basic, create_user, event_body, open_sqlite, opened, run_in_thread
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -264,7 +265,7 @@ def test_counts_follow_every_kind_of_change(admin, writer, registry, tmp_path, c
         {"EventId": "FOO-b1", "ProgramId": "FOO", "EventType": "Badge", "Deleted": True},   # a delete
         {"EventId": "FOO-gone", "ProgramId": "FOO", "EventType": "Badge", "Deleted": True},  # a tombstone only
     ]) + "\n")
-    assert eventstore.main(["--db", registry.db_path, "import", str(dump)]) == 0, capsys.readouterr().err
+    assert eventstore_admin.main(["--db", registry.db_path, "import", str(dump)]) == 0, capsys.readouterr().err
     check(Imported_FOO=2, Badge_FOO=2)                              # import
 
 
@@ -449,7 +450,7 @@ def test_type_add_list_remove(cli):
 def test_type_commands_refuse_bad_input(cli, capsys, argv, says):
     if argv[-1] == "X":  # argparse's own error: exit status 2
         with pytest.raises(SystemExit) as exit:
-            eventstore.main(["--db", cli.db, *argv])
+            eventstore_admin.main(["--db", cli.db, *argv])
         assert exit.value.code == 2 and says in capsys.readouterr().err
     else:
         assert says in cli(*argv, status=1)[1]
@@ -462,7 +463,7 @@ def test_program_add_sets_what_types_a_program_takes(cli):
     cli("program", "add", "FOO", "--name", "Foo")      # kept when not given
     assert cli("program", "list")[0] == "FOO\tFoo\tany-types\n"
     with pytest.raises(SystemExit) as exit:  # one or the other
-        eventstore.main(["--db", cli.db, "program", "add", "FOO", "--registered-types-only", "--any-types"])
+        eventstore_admin.main(["--db", cli.db, "program", "add", "FOO", "--registered-types-only", "--any-types"])
     assert exit.value.code == 2
 
 
@@ -527,7 +528,7 @@ def test_a_version_1_database_is_upgraded_at_start_up(v1_database):
 
 
 def test_the_upgrade_is_idempotent_and_the_command_line_does_it_too(v1_database, capsys):
-    assert eventstore.main(["--db", str(v1_database), "type", "list"]) == 0
+    assert eventstore_admin.main(["--db", str(v1_database), "type", "list"]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0] == "Badge\tunregistered\tBAR=3\t"
     for _ in range(2):

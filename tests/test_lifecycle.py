@@ -9,6 +9,7 @@ import urllib.parse
 import pytest
 
 import eventstore
+import eventstore_admin
 from conftest import Registry, event_body, eventually
 
 
@@ -141,7 +142,7 @@ def test_erasure_under_concurrent_publishing_leaves_nothing_committed_before_it(
 
 def run(db, *argv, status=0, capsys=None):
     out = io.StringIO()
-    code = eventstore.main(["--db", str(db), "--create", *argv], out=out)
+    code = eventstore_admin.main(["--db", str(db), "--create", *argv], out=out)
     err = capsys.readouterr().err if capsys else ""
     assert code == status, err
     return out.getvalue(), err
@@ -312,7 +313,7 @@ def test_import_of_a_missing_file_is_one_clear_error(registry, tmp_path, capsys)
 
 def test_progress_shows_count_rate_and_time_left():
     stream = io.StringIO()
-    progress = eventstore.Progress("import", total=1000, stream=stream, enabled=True)
+    progress = eventstore_admin.Progress("import", total=1000, stream=stream, enabled=True)
     progress.shown -= 1
     progress.update(250)
     progress.finish()
@@ -322,7 +323,7 @@ def test_progress_shows_count_rate_and_time_left():
 
 def test_progress_is_silent_when_not_a_terminal():
     stream = io.StringIO()
-    progress = eventstore.Progress("export", stream=stream)
+    progress = eventstore_admin.Progress("export", stream=stream)
     progress.shown -= 1
     progress.update(5)
     progress.finish()

@@ -16,6 +16,7 @@ import time
 import pytest
 
 import eventstore
+import eventstore_admin
 from conftest import eventually, postgres_url
 from server import ROOT, PutLoad, Server, assert_seen_every_change_once_in_order, missing_from, publish_while_following
 
@@ -279,8 +280,8 @@ def test_startup_says_whether_a_200_is_durable(url):
 
 def test_without_psycopg_one_line_says_what_to_install(url):
     result = subprocess.run(
-        [sys.executable, "-c", "import sys; sys.modules['psycopg'] = None; import eventstore;"
-                               f" sys.exit(eventstore.main(['--db', {url!r}, 'program', 'list']))"],
+        [sys.executable, "-c", "import sys; sys.modules['psycopg'] = None; import eventstore_admin;"
+                               f" sys.exit(eventstore_admin.main(['--db', {url!r}, 'program', 'list']))"],
         capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "requirements-postgres.txt" in result.stderr, result.stderr
