@@ -19,6 +19,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def event(n=0, member="m", program="FOO", pad=0):
+    """The event body of the end-to-end tests: EventData {"n": n}, padded with
+    ``pad`` bytes where a test needs big events."""
+    data = {"n": n, "pad": "x" * pad} if pad else {"n": n}
+    return {"ProgramId": program, "ProgramMemberId": member, "EventType": "T",
+            "EventStartUTC": "2026-03-01T09:30:00Z", "EventData": data}
+
+
 def free_port():
     """A port that was free a moment ago (for a test that must restart a server
     on the same port; otherwise let serve.py pick one with --port 0)."""
@@ -106,6 +114,13 @@ class Server:
         finally:
             connection.close()
 
+    def register(self, program_id="FOO"):
+        """Register a program as the admin; -> the server, for chaining."""
+        status = self.request("PUT", f"/programs/{program_id}", {"Name": program_id.title()}, user="admin",
+                              key=self.admin_key)[0]
+        assert status == 200, status
+        return self
+
     def workers(self):
         """The pids of the supervisor's worker processes (--processes > 1)."""
         path = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
@@ -160,8 +175,7 @@ class PutLoad:
         n = 0
         while not self._stop.is_set():
             event_id = f"{prefix}-{n % ids}"
-            body = {"ProgramId": "FOO", "ProgramMemberId": "m", "EventType": "T",
-                    "EventStartUTC": "2026-03-01T09:30:00Z", "EventData": {"n": n}}
+            body = event(n)
             try:
                 status, headers, _ = server.request("PUT", f"/events/{event_id}", body, user="admin", key=key,
                                                     timeout=10)
@@ -214,9 +228,8 @@ def publish_while_following(publishers, follower, key, workers=6, puts=40, ids=1
         server = publishers[worker % len(publishers)]
         for n in range(puts):
             event_id = f"FOO-w{worker}-{n % ids}"
-            status, headers, _ = server.request("PUT", f"/events/{event_id}", {
-                "ProgramId": "FOO", "ProgramMemberId": f"m{n}", "EventType": "T",
-                "EventStartUTC": "2026-03-01T09:30:00Z", "EventData": {"n": n}}, user="admin", key=key)
+            status, headers, _ = server.request("PUT", f"/events/{event_id}", event(n, member=f"m{n}"),
+                                                user="admin", key=key)
             assert status == 200, status
             with lock:
                 acknowledged[event_id] = int(headers["etag"].strip('"'))

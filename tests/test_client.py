@@ -15,21 +15,17 @@ import pytest
 import eventstore_client
 from eventstore_client import Client, ClientError, NoAnswer
 from conftest import eventually, run_in_thread
-from server import ROOT, Server, free_port
+from server import ROOT, Server, free_port, event
 
 CLIENT = [sys.executable, str(ROOT / "eventstore_client.py")]
 
-
-def body(n=0, member="m", program="FOO"):
-    return {"ProgramId": program, "ProgramMemberId": member, "EventType": "T",
-            "EventStartUTC": "2026-03-01T09:30:00Z", "EventData": {"n": n}}
 
 
 @pytest.fixture
 def server(tmp_path):
     server = Server(tmp_path / "client.db")
-    server.request("PUT", "/programs/FOO", {"Name": "Foo"}, user="admin", key=server.admin_key)
-    server.request("PUT", "/programs/BAR", {"Name": "Bar"}, user="admin", key=server.admin_key)
+    server.register("FOO")
+    server.register("BAR")
     yield server
     server.stop()
 
@@ -75,14 +71,21 @@ def silent_listener():
 
 # --- the Python API ----------------------------------------------------------------------
 
+def test_the_client_checks_event_ids_and_batches_by_the_servers_rules():
+    """eventstore_client.py is one file with no import of the server: its copies
+    of the EventId pattern and the batch limit must stay the server's."""
+    import eventstore
+    assert eventstore_client.EVENT_ID_RE.pattern == eventstore.EVENT_ID_RE.pattern
+    assert eventstore_client.MAX_BATCH == eventstore.MAX_BATCH
+
 def test_round_trip_put_get_delete_publish_and_follow(server):
     client = admin_client(server)
-    assert client.put("FOO-1", body(1)) == 1
-    assert client.put("FOO-1", body(1)) == 1  # a replay
-    assert client.put("FOO-1", body(2), if_match='"1"') == 2
+    assert client.put("FOO-1", event(1)) == 1
+    assert client.put("FOO-1", event(1)) == 1  # a replay
+    assert client.put("FOO-1", event(2), if_match='"1"') == 2
     assert client.get("FOO-1")["EventData"] == {"n": 2}
     assert client.delete("FOO-1") == 3
-    events = [{"EventId": f"FOO-p{n}", **body(n)} for n in range(2500)]
+    events = [{"EventId": f"FOO-p{n}", **event(n)} for n in range(2500)]
     before = requests_logged(server, "POST", "/events")
     results = client.publish(events)
     assert requests_logged(server, "POST", "/events", at_least=before + 3) - before == 3  # 1000 + 1000 + 500
@@ -99,13 +102,13 @@ def test_round_trip_put_get_delete_publish_and_follow(server):
 
 def test_conditional_put_and_get_by_revision(server):
     client = admin_client(server)
-    assert client.put("FOO-1", body(1), if_none_match="*") == 1
+    assert client.put("FOO-1", event(1), if_none_match="*") == 1
     with pytest.raises(ClientError) as raised:
-        client.put("FOO-1", body(2), if_none_match="*")  # create only: it exists
+        client.put("FOO-1", event(2), if_none_match="*")  # create only: it exists
     assert raised.value.status == 412
     assert client.get("FOO-1", if_none_match=1) is None  # 304: still at revision 1
     assert client.get("FOO-1", if_none_match='"1"') is None
-    assert client.put("FOO-1", body(2), if_match=1) == 2
+    assert client.put("FOO-1", event(2), if_match=1) == 2
     assert client.get("FOO-1", if_none_match=1)["EventData"] == {"n": 2}
     with pytest.raises(ClientError) as raised:
         client.delete("FOO-1", if_match=1)
@@ -125,7 +128,7 @@ def test_a_create_only_put_resent_after_its_answer_was_lost_says_it_may_have_bee
 
     client._send = lose_the_first_answer
     with pytest.raises(ClientError) as raised:
-        client.put("FOO-1", body(), if_none_match="*")
+        client.put("FOO-1", event(), if_none_match="*")
     assert raised.value.status == 412 and "may have created it" in str(raised.value)
 
 
@@ -142,14 +145,14 @@ def test_every_failure_is_a_client_error_and_a_call_takes_its_own_timeout(server
             silent.get("FOO-1", timeout=0.5)  # the call's timeout, not the client's 120 s
         assert time.monotonic() - started < 30
         with pytest.raises(NoAnswer):
-            silent.put("FOO-1", body(), timeout=0.5)
+            silent.put("FOO-1", event(), timeout=0.5)
     finally:
         listener.close()
 
 
 def test_a_client_in_a_with_block_closes_every_connection_it_opened(server):
     with admin_client(server) as client:
-        client.put("FOO-1", body())
+        client.put("FOO-1", event())
         in_thread = run_in_thread(lambda: client.get("FOO-1"))
         in_thread()
         connections = set(client._connections)
@@ -161,15 +164,15 @@ def test_breaking_out_of_follow_leaves_no_long_poll_behind(server):
     """The fetcher thread waits in a 30 s long poll for the next page while the
     loop handles this one: leaving the loop ends it at once, on both sides (the
     client shuts its socket; the server notices the client left)."""
-    server.request("PUT", "/events/FOO-1", body(), user="admin", key=server.admin_key)
+    server.request("PUT", "/events/FOO-1", event(), user="admin", key=server.admin_key)
     client = admin_client(server)
     before = {t for t in threading.enumerate() if t.name == "eventstore-client-fetch"}
 
     def long_polls():
         return server.request("GET", "/health")[2]["longPolls"]
 
-    for event in client.follow():
-        assert event["EventId"] == "FOO-1"
+    for followed in client.follow():
+        assert followed["EventId"] == "FOO-1"
         eventually(lambda: long_polls() == 1, "the fetcher waiting in a long poll for the next page")
         break
     fetchers = {t for t in threading.enumerate() if t.name == "eventstore-client-fetch"} - before
@@ -179,8 +182,8 @@ def test_breaking_out_of_follow_leaves_no_long_poll_behind(server):
 
 def test_publish_starts_a_new_batch_for_an_event_id_already_in_it(server):
     client = admin_client(server)
-    results = client.publish([{"EventId": "FOO-x", **body(1)}, {"EventId": "FOO-y", **body(1)},
-                              {"EventId": "FOO-x", **body(2)}])
+    results = client.publish([{"EventId": "FOO-x", **event(1)}, {"EventId": "FOO-y", **event(1)},
+                              {"EventId": "FOO-x", **event(2)}])
     assert [(r["EventId"], r["Revision"], r["Status"]) for r in results] == [
         ("FOO-x", 1, "created"), ("FOO-y", 1, "created"), ("FOO-x", 2, "updated")]
 
@@ -203,7 +206,7 @@ def test_client_errors_are_raised_at_once_and_never_retried(server, status):
 
 def test_a_delete_resent_after_its_answer_was_lost_counts_as_done(server):
     client = admin_client(server)
-    client.put("FOO-1", body())
+    client.put("FOO-1", event())
     original, calls = client._send, []
 
     def lose_the_first_answer(*args):
@@ -285,16 +288,16 @@ def test_a_follower_outlives_a_server_restart_on_the_same_port(tmp_path):
     port = free_port()
     first = Server(tmp_path / "restart.db", port=port)
     key = first.admin_key
-    first.request("PUT", "/programs/FOO", {"Name": "Foo"}, user="admin", key=key)
-    first.request("PUT", "/events/FOO-before", body(), user="admin", key=key)
+    first.register("FOO")
+    first.request("PUT", "/events/FOO-before", event(), user="admin", key=key)
     seen, errors = [], []
     client = Client(f"http://127.0.0.1:{port}", "admin", key)
 
     def follow():
         try:
-            for event in client.follow():
-                seen.append(event["EventId"])
-                if event["EventId"] == "FOO-after":
+            for followed in client.follow():
+                seen.append(followed["EventId"])
+                if followed["EventId"] == "FOO-after":
                     return
         except Exception as exc:  # handed to the test below
             errors.append(exc)
@@ -309,7 +312,7 @@ def test_a_follower_outlives_a_server_restart_on_the_same_port(tmp_path):
     time.sleep(0.5)  # the follower meets a refused connection now, and backs off
     second = Server(tmp_path / "restart.db", port=port)
     try:
-        second.request("PUT", "/events/FOO-after", body(), user="admin", key=key)
+        second.request("PUT", "/events/FOO-after", event(), user="admin", key=key)
         follower.join(30)
         assert not follower.is_alive() and not errors
         assert seen == ["FOO-before", "FOO-after"]
@@ -322,8 +325,8 @@ def test_a_follower_that_stops_while_the_server_is_down_leaves_no_thread_retryin
     follows; once the follower stops, it gives up at its next retry instead of
     retrying forever in the background."""
     server = Server(tmp_path / "gone.db")
-    server.request("PUT", "/programs/FOO", {"Name": "Foo"}, user="admin", key=server.admin_key)
-    server.request("PUT", "/events/FOO-1", body(), user="admin", key=server.admin_key)
+    server.register("FOO")
+    server.request("PUT", "/events/FOO-1", event(), user="admin", key=server.admin_key)
     retries = []
     client = admin_client(server, log=retries.append)
     before = {t for t in threading.enumerate() if t.name == "eventstore-client-fetch"}
@@ -348,7 +351,7 @@ def test_the_key_comes_only_from_the_environment(server):
 
 
 def test_url_and_user_go_before_or_after_the_command_and_the_url_comes_from_the_environment(server):
-    server.request("PUT", "/events/FOO-1", body(5), user="admin", key=server.admin_key)
+    server.request("PUT", "/events/FOO-1", event(5), user="admin", key=server.admin_key)
     url = f"http://127.0.0.1:{server.port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTSTORE_")}
     after = subprocess.run([*CLIENT, "get", "FOO-1", "--url", url, "--user", "admin"], capture_output=True,
@@ -377,7 +380,7 @@ def test_a_one_shot_command_gives_up_after_retry_for_seconds():
 
 
 def test_get_prints_the_representation_and_a_404_is_exit_1(server):
-    server.request("PUT", "/events/FOO-1", body(5), user="admin", key=server.admin_key)
+    server.request("PUT", "/events/FOO-1", event(5), user="admin", key=server.admin_key)
     found = run_cli(server, "get", "FOO-1")
     assert found.returncode == 0 and json.loads(found.stdout)["EventData"] == {"n": 5}
     missing = run_cli(server, "get", "FOO-2")
@@ -385,9 +388,9 @@ def test_get_prints_the_representation_and_a_404_is_exit_1(server):
 
 
 def test_publish_checks_every_line_and_sends_nothing_if_one_is_bad(server, tmp_path):
-    lines = [json.dumps({"EventId": "FOO-1", **body()}), "{not json",
-             json.dumps({"EventId": "FOO-2", **body(), "Extra": 1}),
-             json.dumps({"EventId": "BAR-3", **body()}), json.dumps({"EventId": "FOO-4", **body()})]
+    lines = [json.dumps({"EventId": "FOO-1", **event()}), "{not json",
+             json.dumps({"EventId": "FOO-2", **event(), "Extra": 1}),
+             json.dumps({"EventId": "BAR-3", **event()}), json.dumps({"EventId": "FOO-4", **event()})]
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(lines) + "\n")
     result = run_cli(server, "publish", str(path))
@@ -399,13 +402,13 @@ def test_publish_checks_every_line_and_sends_nothing_if_one_is_bad(server, tmp_p
 
 
 def test_publish_sends_puts_and_tombstones_in_file_order_and_summarises(server, tmp_path):
-    server.request("PUT", "/events/FOO-gone", body(), user="admin", key=server.admin_key)
-    exported = {"EventId": "FOO-2", **body(2), "Revision": 9, "Sequence": 99, "Deleted": False,
+    server.request("PUT", "/events/FOO-gone", event(), user="admin", key=server.admin_key)
+    exported = {"EventId": "FOO-2", **event(2), "Revision": 9, "Sequence": 99, "Deleted": False,
                 "CreatedUTC": "2026-01-01T00:00:00Z", "UpdatedUTC": "2026-01-01T00:00:00Z"}
-    lines = [{"EventId": "FOO-1", **body(1)}, exported,
+    lines = [{"EventId": "FOO-1", **event(1)}, exported,
              {"EventId": "FOO-gone", "ProgramId": "FOO", "EventType": "T", "Deleted": True},
              {"EventId": "FOO-never", "ProgramId": "FOO", "EventType": "T", "Deleted": True},
-             {"EventId": "FOO-1", **body(1)}]
+             {"EventId": "FOO-1", **event(1)}]
     path = tmp_path / "good.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     result = run_cli(server, "publish", str(path))
@@ -417,8 +420,8 @@ def test_publish_sends_puts_and_tombstones_in_file_order_and_summarises(server, 
 
 def test_follow_writes_only_events_on_stdout_and_progress_on_stderr(server):
     for n in range(3):
-        server.request("PUT", f"/events/FOO-{n}", body(n), user="admin", key=server.admin_key)
-    server.request("PUT", "/events/BAR-1", body(program="BAR"), user="admin", key=server.admin_key)
+        server.request("PUT", f"/events/FOO-{n}", event(n), user="admin", key=server.admin_key)
+    server.request("PUT", "/events/BAR-1", event(program="BAR"), user="admin", key=server.admin_key)
     result = run_cli(server, "follow", "--program", "FOO", "--until-caught-up")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -440,7 +443,7 @@ def test_a_follower_killed_at_any_moment_and_restarted_on_its_cursor_misses_noth
     def publish():
         client, n = admin_client(server), 0
         while not stop.is_set() and n < 3000:
-            batch = [{"EventId": f"FOO-{n + i}", **body(n + i)} for i in range(20)]
+            batch = [{"EventId": f"FOO-{n + i}", **event(n + i)} for i in range(20)]
             for result in client.publish(batch):
                 acknowledged[result["EventId"]] = result["Revision"]
             n += 20
@@ -485,7 +488,7 @@ def test_the_cursor_is_saved_only_after_its_page_is_written(server, tmp_path):
     the cursor must still say the first page, or the second is lost for good."""
     import io
     for n in range(5):
-        server.request("PUT", f"/events/FOO-{n}", body(n), user="admin", key=server.admin_key)
+        server.request("PUT", f"/events/FOO-{n}", event(n), user="admin", key=server.admin_key)
     sequences = [e["Sequence"] for e in admin_client(server).follow(until_caught_up=True)]
 
     class FailingOnSecondPage(io.BytesIO):
@@ -508,7 +511,7 @@ def test_the_cursor_is_saved_only_after_its_page_is_written(server, tmp_path):
 
 
 def test_a_follow_removes_the_staging_file_a_killed_one_left(server, tmp_path):
-    server.request("PUT", "/events/FOO-1", body(), user="admin", key=server.admin_key)
+    server.request("PUT", "/events/FOO-1", event(), user="admin", key=server.admin_key)
     cursor = tmp_path / "cursor"
     (tmp_path / "cursor.writing").write_text("12")  # killed before its rename
     result = run_cli(server, "follow", "--until-caught-up", "--cursor-file", str(cursor))
@@ -518,7 +521,7 @@ def test_a_follow_removes_the_staging_file_a_killed_one_left(server, tmp_path):
 
 
 def test_sigterm_stops_a_follower_cleanly(server, tmp_path):
-    server.request("PUT", "/events/FOO-1", body(), user="admin", key=server.admin_key)
+    server.request("PUT", "/events/FOO-1", event(), user="admin", key=server.admin_key)
     env = {**os.environ, "EVENTSTORE_KEY": server.admin_key}
     follower = subprocess.Popen([*CLIENT, "--url", f"http://127.0.0.1:{server.port}", "--user", "admin", "follow",
                                  "--cursor-file", str(tmp_path / "cursor")],
@@ -536,7 +539,7 @@ def test_sigterm_stops_a_follower_cleanly(server, tmp_path):
 
 def test_follow_keeps_tricky_strings_whole(server):
     tricky = {"a": '},{"EventId":"x"}]', "b": "line\u2028sep\u2029", "c": ["]", "[", "\\"], "d": "é\n\"q\""}
-    server.request("PUT", "/events/FOO-t", {**body(), "EventData": tricky}, user="admin", key=server.admin_key)
+    server.request("PUT", "/events/FOO-t", {**event(), "EventData": tricky}, user="admin", key=server.admin_key)
     result = run_cli(server, "follow", "--until-caught-up")
     assert result.returncode == 0, result.stderr
     (line,) = result.stdout.splitlines()  # str.splitlines splits at U+2028 too: it must be escaped

@@ -1,4 +1,4 @@
-"""Issue 3 end to end: long polls under load, two server processes on one file,
+"""Durability end to end: long polls under load, two server processes on one file,
 and acknowledged writes surviving SIGKILL."""
 
 import os
@@ -8,25 +8,17 @@ import signal
 import threading
 import time
 
-import pytest
 
 from conftest import require_tool
-from server import PutLoad, Server, assert_seen_every_change_once_in_order, missing_from, publish_while_following
+from server import PutLoad, Server, assert_seen_every_change_once_in_order, missing_from, publish_while_following, event
 
 
-def body(n=0, member="m"):
-    return {"ProgramId": "FOO", "ProgramMemberId": member, "EventType": "T",
-            "EventStartUTC": "2026-03-01T09:30:00Z", "EventData": {"n": n}}
-
-
-def setup_program(server):
-    server.request("PUT", "/programs/FOO", {"Name": "Foo"}, user="admin", key=server.admin_key)
 
 
 def test_publishes_stay_prompt_while_more_consumers_wait_than_there_are_threads(tmp_path):
     server = Server(tmp_path / "lp.db", "--threads", "4", "--max-waiting", "2")
     try:
-        setup_program(server)
+        server.register("FOO")
         admin = {"user": "admin", "key": server.admin_key}
         answers = []
 
@@ -40,7 +32,7 @@ def test_publishes_stay_prompt_while_more_consumers_wait_than_there_are_threads(
             consumer.start()
         wait_for_long_polls(server, 2)  # the two that may wait are waiting
         started = time.monotonic()
-        status, _, _ = server.request("PUT", "/events/FOO-1", body(), **admin)
+        status, _, _ = server.request("PUT", "/events/FOO-1", event(), **admin)
         publish_time = time.monotonic() - started
         for consumer in consumers:
             consumer.join(20)
@@ -65,7 +57,7 @@ def wait_for_long_polls(server, count, timeout=10):
 
 def two_servers(tmp_path, name):
     first, second = Server(tmp_path / name), Server(tmp_path / name)
-    setup_program(first)
+    first.register("FOO")
     return first, second
 
 
@@ -92,7 +84,7 @@ def test_long_poll_on_one_process_wakes_for_a_commit_on_another(tmp_path):
         consumer = threading.Thread(target=consume, daemon=True)
         consumer.start()
         wait_for_long_polls(first, 1)
-        second.request("PUT", "/events/FOO-x", body(), user="admin", key=first.admin_key)
+        second.request("PUT", "/events/FOO-x", event(), user="admin", key=first.admin_key)
         consumer.join(20)
         assert not consumer.is_alive()
         assert [e["EventId"] for e in result["page"]["Events"]] == ["FOO-x"]
@@ -113,7 +105,7 @@ def test_acknowledged_writes_survive_sigkill(tmp_path):
     for round_number in range(4):
         server = Server(db)
         key = key or server.admin_key
-        setup_program(server) if round_number == 0 else None
+        server.register("FOO") if round_number == 0 else None
         load = PutLoad(server, key, f"r{round_number}")
         time.sleep(rng.uniform(0.3, 1.2))  # a random moment under load, not a synchronization
         os.kill(server.process.pid, signal.SIGKILL)
@@ -136,9 +128,9 @@ def test_a_200_is_sent_only_after_the_write_ahead_log_is_fsynced(tmp_path):
         "-e", "trace=fsync,fdatasync,recvfrom,read,sendto,write,sendmsg,writev"))
     admin = {"user": "admin", "key": server.admin_key}
     try:
-        setup_program(server)
+        server.register("FOO")
         for n in range(5):
-            assert server.request("PUT", f"/events/FOO-{n}", body(n), **admin)[0] == 200
+            assert server.request("PUT", f"/events/FOO-{n}", event(n), **admin)[0] == 200
     finally:
         server.stop()
     lines = trace.read_text().splitlines()

@@ -7,12 +7,8 @@ import subprocess
 
 import pytest
 
-from server import Server
+from server import Server, event
 
-
-def event(n, pad=0):
-    return {"ProgramId": "FOO", "ProgramMemberId": "m", "EventType": "T",
-            "EventStartUTC": "2026-03-01T09:30:00Z", "EventData": {"n": n, "pad": "x" * pad}}
 
 
 @pytest.fixture
@@ -43,7 +39,7 @@ def test_a_full_disk_answers_507_keeps_reads_and_recovers_without_a_restart(tiny
     server = Server(tiny_disk / "full.db")
     admin = {"user": "admin", "key": server.admin_key}
     try:
-        server.request("PUT", "/programs/FOO", {"Name": "Foo"}, **admin)
+        server.register("FOO")
         acknowledged = []
         for n in range(20):
             assert server.request("PUT", f"/events/FOO-{n}", event(n), **admin)[0] == 200
@@ -136,7 +132,7 @@ def test_a_write_lock_held_by_another_process_is_503_and_nothing_stays_stuck(tmp
     server = Server(tmp_path / "locked.db")
     admin = {"user": "admin", "key": server.admin_key}
     try:
-        server.request("PUT", "/programs/FOO", {"Name": "Foo"}, **admin)
+        server.register("FOO")
         blocker = sqlite3.connect(tmp_path / "locked.db", isolation_level=None)  # this test's own process
         blocker.execute("BEGIN IMMEDIATE")
         started = time.monotonic()
@@ -167,7 +163,7 @@ def test_a_read_only_database_serves_reads_and_answers_writes_with_503(tmp_path)
     read_only.mkdir()
     first = Server(writable / "ro.db")
     admin = {"user": "admin", "key": first.admin_key}
-    first.request("PUT", "/programs/FOO", {"Name": "Foo"}, **admin)
+    first.register("FOO")
     first.request("PUT", "/events/FOO-1", event(1), **admin)
     first.stop()
     keeper = sqlite3.connect(writable / "ro.db")  # keeps the -wal and -shm files in place

@@ -25,7 +25,7 @@ SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
 @pytest.fixture
 def server(db):
     server = Server(db, "--max-auth-failures", "0")  # the fuzzer sends bad credentials on purpose
-    server.request("PUT", "/programs/FOO", {"Name": "Foo"}, user="admin", key=server.admin_key)
+    server.register("FOO")
     server.reader_key = create_user(db, "reader", {"FOO": "read"})
     yield server
     server.stop()

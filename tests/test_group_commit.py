@@ -1,4 +1,4 @@
-"""Issue 3: group commit. Writes from many threads share transactions, fail
+"""Group commit. Writes from many threads share transactions, fail
 alone, and are acknowledged only after the commit."""
 
 import sqlite3

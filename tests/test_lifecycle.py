@@ -1,4 +1,4 @@
-"""Issue 4: member erasure, backup, export and import."""
+"""Member erasure, backup, export and import."""
 
 import io
 import json
@@ -8,7 +8,6 @@ import urllib.parse
 
 import pytest
 
-import eventstore
 import eventstore_admin
 from conftest import Registry, event_body, eventually
 

@@ -16,9 +16,8 @@ import time
 import pytest
 
 import eventstore
-import eventstore_admin
 from conftest import eventually, postgres_url
-from server import ROOT, PutLoad, Server, assert_seen_every_change_once_in_order, missing_from, publish_while_following
+from server import ROOT, PutLoad, Server, assert_seen_every_change_once_in_order, missing_from, publish_while_following, event
 
 
 @pytest.fixture
@@ -28,17 +27,13 @@ def url(pg_cluster):
     pg_cluster.release(url)
 
 
-def body(n=0, member="m"):
-    return {"ProgramId": "FOO", "ProgramMemberId": member, "EventType": "T",
-            "EventStartUTC": "2026-03-01T09:30:00Z", "EventData": {"n": n}}
-
 
 @pytest.fixture
 def pair(url):
     """Two separate serve.py on one PostgreSQL database, as behind a load balancer."""
     first = Server(url)
     second = Server(url)
-    assert first.request("PUT", "/programs/FOO", {"Name": "Foo"}, user="admin", key=first.admin_key)[0] == 200
+    first.register("FOO")
     yield first, second
     first.stop()
     second.stop()
@@ -87,11 +82,11 @@ def test_a_long_poll_wakes_on_a_commit_made_by_another_server_or_the_command_lin
         eventually(lambda: poller.request("GET", "/health")[2]["longPolls"] == 1, "the poll waits")
         if publisher == "cli":
             line = tmp_path / "one.jsonl"
-            line.write_text(json.dumps({"EventId": f"FOO-{n}", **body(n)}) + "\n")
+            line.write_text(json.dumps({"EventId": f"FOO-{n}", **event(n)}) + "\n")
             subprocess.run([sys.executable, str(ROOT / "eventstore.py"), "--db", first.db_path, "import", str(line)],
                            check=True, capture_output=True, timeout=30)
         else:
-            assert publisher.request("PUT", f"/events/FOO-{n}", body(n), user="admin", key=key)[0] == 200
+            assert publisher.request("PUT", f"/events/FOO-{n}", event(n), user="admin", key=key)[0] == 200
         consumer.join(25)
         assert not consumer.is_alive()
         assert [e["EventId"] for e in result["page"]["Events"]] == [f"FOO-{n}"]
@@ -109,7 +104,7 @@ def test_a_commit_elsewhere_wakes_a_long_poll_through_its_notification(url):
         eventually(lambda: registry.app.long_polls == 1 and registry.app._watcher is not None, "the poll waits")
         time.sleep(0.3)  # the watcher is listening
         with opened(url) as other, other.transaction(eventstore.now_us(), seqs=1) as tx:
-            eventstore.put_event(tx, eventstore.validate_event("FOO-x", body()))
+            eventstore.put_event(tx, eventstore.validate_event("FOO-x", event()))
         assert [e["EventId"] for e in answer(timeout=30)["Events"]] == ["FOO-x"]
     finally:
         registry.close()
@@ -125,11 +120,11 @@ def test_an_open_transaction_holds_the_feed_back_until_it_ends(url):
     registry = Registry(url)
     try:
         admin = registry.client("admin")
-        admin.put_json("/events/FOO-1", body(1))
+        admin.put_json("/events/FOO-1", event(1))
         idle = psycopg.connect(url)
         idle.execute("SELECT pg_current_xact_id()")  # an open transaction with an xid
         time.sleep(0.2)
-        admin.put_json("/events/FOO-2", body(2))
+        admin.put_json("/events/FOO-2", event(2))
         assert [e["EventId"] for e in admin.get("/events").json["Events"]] == ["FOO-1"]
         assert admin.get("/events/FOO-2").json["EventId"] == "FOO-2"  # a read by id is not held back
         assert webtest.TestApp(registry.app).get("/health").json["feedHeldBackSeconds"] >= 0.2
@@ -158,8 +153,8 @@ def test_a_transaction_that_took_smaller_sequences_holds_back_a_later_one_that_c
                 pass
             with a.transaction(eventstore.now_us(), seqs=1) as tx_a:
                 with b.transaction(eventstore.now_us(), seqs=1) as tx_b:
-                    eventstore.put_event(tx_b, eventstore.validate_event("FOO-b", body(2)))
-                eventstore.put_event(tx_a, eventstore.validate_event("FOO-a", body(1)))
+                    eventstore.put_event(tx_b, eventstore.validate_event("FOO-b", event(2)))
+                eventstore.put_event(tx_a, eventstore.validate_event("FOO-a", event(1)))
                 assert reads.read_feed(None, eventstore.FeedQuery()) == []
             rows = reads.read_feed(None, eventstore.FeedQuery())
         assert [row[1] for row in rows] == ["FOO-a", "FOO-b"] and rows[0][0] < rows[1][0]
@@ -181,7 +176,7 @@ def test_sequences_follow_commit_order_across_concurrent_writers(url):
             for n in range(60):
                 with session.transaction(eventstore.now_us(), seqs=3) as tx:
                     for k in range(3):
-                        eventstore.put_event(tx, eventstore.validate_event(f"FOO-s{w}-{(n + k) % 7}", body(n)))
+                        eventstore.put_event(tx, eventstore.validate_event(f"FOO-s{w}-{(n + k) % 7}", event(n)))
                     time.sleep(0.001 * (n % 3))  # commit at different moments than the Sequences were taken
         except Exception as exc:
             errors.append(exc)
@@ -236,8 +231,8 @@ def test_export_from_sqlite_import_into_postgresql_and_back(tmp_path, url):
     try:
         writer = source.client("writer")
         for n in range(30):
-            writer.put_json(f"/events/FOO-{n}", body(n, member=f"m{n % 4}\u0000é"))
-        writer.put_json("/events/FOO-3", body(333))
+            writer.put_json(f"/events/FOO-{n}", event(n, member=f"m{n % 4}\u0000é"))
+        writer.put_json("/events/FOO-3", event(333))
         writer.delete("/events/FOO-4")
         writer.delete(f"/programs/FOO/members/{'m1%00%C3%A9'}")
         exported = cli(source.db_path, "export")
@@ -295,9 +290,9 @@ def test_statements_deallocated_behind_its_back_are_prepared_again(url):
     registry = Registry(url)
     try:
         admin = registry.client("admin")
-        admin.put_json("/events/FOO-1", body(1))
+        admin.put_json("/events/FOO-1", event(1))
         registry.app.write(lambda tx: tx.conn.execute("DEALLOCATE ALL"), changed=lambda _: False, seqs=0)
-        admin.put_json("/events/FOO-1", body(2), status=200)
+        admin.put_json("/events/FOO-1", event(2), status=200)
         assert admin.get("/events/FOO-1").json["EventData"] == {"n": 2}
     finally:
         registry.close()
@@ -335,10 +330,10 @@ def test_a_program_registered_earlier_in_the_same_transaction_takes_events(url):
     with opened(url) as session, session.transaction(eventstore.now_us(), seqs=2) as tx:
         assert tx._programs == {}  # read at BEGIN (none yet)
         tx.put_program("NEW", "New")
-        assert eventstore.put_event(tx, eventstore.validate_event("NEW-1", {**body(), "ProgramId": "NEW"}))[0] == \
+        assert eventstore.put_event(tx, eventstore.validate_event("NEW-1", {**event(), "ProgramId": "NEW"}))[0] == \
             "created"
         with pytest.raises(eventstore.Problem, match="not registered"):
-            eventstore.put_event(tx, eventstore.validate_event("NOPE-1", {**body(), "ProgramId": "NOPE"}))
+            eventstore.put_event(tx, eventstore.validate_event("NOPE-1", {**event(), "ProgramId": "NOPE"}))
 
 
 def test_with_more_programs_than_read_at_begin_each_is_looked_up(url):
@@ -353,17 +348,17 @@ def test_with_more_programs_than_read_at_begin_each_is_looked_up(url):
                             " SELECT 'P' || n, 'Program ' || n, 0, n = 1 FROM generate_series(1, %s) AS n", (count,))
         with session.transaction(eventstore.now_us(), seqs=3) as tx:
             assert tx._programs is None  # the branch under test
-            assert eventstore.put_event(tx, eventstore.validate_event("P2-1", {**body(), "ProgramId": "P2"}))[0] == \
+            assert eventstore.put_event(tx, eventstore.validate_event("P2-1", {**event(), "ProgramId": "P2"}))[0] == \
                 "created"
             with pytest.raises(eventstore.Problem, match="not registered"):
-                eventstore.put_event(tx, eventstore.validate_event("NOPE-1", {**body(), "ProgramId": "NOPE"}))
+                eventstore.put_event(tx, eventstore.validate_event("NOPE-1", {**event(), "ProgramId": "NOPE"}))
             with pytest.raises(eventstore.Problem) as refused:
-                eventstore.put_event(tx, eventstore.validate_event("P1-1", {**body(), "ProgramId": "P1"}))
+                eventstore.put_event(tx, eventstore.validate_event("P1-1", {**event(), "ProgramId": "P1"}))
             assert "takes registered types only" in str(refused.value.errors)
 
 
 def _event(event_id, n=0):
-    return eventstore.validate_event(event_id, body(n))
+    return eventstore.validate_event(event_id, event(n))
 
 
 def test_a_transactions_upserts_reach_postgresql_together_and_each_gets_its_own_answer(url, tmp_path):
@@ -428,7 +423,7 @@ def test_an_upsert_held_by_a_row_lock_leaves_the_other_threads_running(url):
               f"session = eventstore.open_storage({url!r}).session()\n"
               "def put():\n"
               "    with session.transaction(eventstore.now_us(), seqs=1) as tx:\n"
-              f"        print(eventstore.put_event(tx, eventstore.validate_event('FOO-1', {body(1)!r}))[0], flush=True)\n"
+              f"        print(eventstore.put_event(tx, eventstore.validate_event('FOO-1', {event(1)!r}))[0], flush=True)\n"
               "writer = threading.Thread(target=put); writer.start(); time.sleep(1)\n"
               "print('alive', flush=True); writer.join()\n")
     process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
@@ -517,7 +512,7 @@ def test_concurrent_gets_each_get_their_own_event(url):
     try:
         admin = registry.client("admin")
         for n in range(40):
-            admin.put_json(f"/events/FOO-{n}", body(n))
+            admin.put_json(f"/events/FOO-{n}", event(n))
 
         def get_many(thread):
             seen = []
@@ -546,7 +541,7 @@ def test_gets_survive_a_lost_connection_a_hung_one_and_an_unreachable_database(u
     server, name = url.rsplit("/", 1)
     try:
         admin = registry.client("admin")
-        admin.put_json("/events/FOO-1", body(1))
+        admin.put_json("/events/FOO-1", event(1))
         assert admin.get("/events/FOO-1").json["EventData"] == {"n": 1}
         with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
             first = _reads_backend_pid(conn, name)
@@ -673,11 +668,11 @@ def test_a_cancelled_begin_rolls_back_and_the_next_write_commits(url):
     registry = Registry(url)
     try:
         admin, anonymous = registry.client("admin"), webtest.TestApp(registry.app)
-        admin.put_json("/events/FOO-1", body(1))
+        admin.put_json("/events/FOO-1", event(1))
         pid = _writer_pid(registry)
         with psycopg.connect(url, autocommit=True) as other:
             other.execute("SELECT pg_advisory_lock(7310582)")  # what eventstore_take_sequences waits for
-            answer = run_in_thread(lambda: admin.put_json("/events/FOO-2", body(2), status="*"))
+            answer = run_in_thread(lambda: admin.put_json("/events/FOO-2", event(2), status="*"))
             eventually(lambda: other.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s",
                                              (pid,)).fetchone()[0] == "Lock", "the writer waits in BEGIN")
             assert other.execute("SELECT pg_cancel_backend(%s)", (pid,)).fetchone()[0]
@@ -685,8 +680,8 @@ def test_a_cancelled_begin_rolls_back_and_the_next_write_commits(url):
             assert cancelled.status_int == 503 and cancelled.content_type == "application/problem+json"
             other.execute("SELECT pg_advisory_unlock(7310582)")
         assert anonymous.get("/health").status_int == 200
-        assert admin.put_json("/events/FOO-2", body(2)).headers["ETag"] == '"1"'
-        assert admin.put_json("/events/FOO-3", body(3)).headers["ETag"] == '"1"'
+        assert admin.put_json("/events/FOO-2", event(2)).headers["ETag"] == '"1"'
+        assert admin.put_json("/events/FOO-3", event(3)).headers["ETag"] == '"1"'
         assert [e["EventId"] for e in admin.get("/events").json["Events"]] == ["FOO-1", "FOO-2", "FOO-3"]
     finally:
         registry.close()
@@ -703,16 +698,16 @@ def test_a_write_waits_a_bounded_time_and_reads_and_health_go_on(url):
     registry = Registry(url, write_timeout=1)
     try:
         admin, anonymous = registry.client("admin"), webtest.TestApp(registry.app)
-        admin.put_json("/events/FOO-1", body(1))
+        admin.put_json("/events/FOO-1", event(1))
         with psycopg.connect(url, autocommit=True) as other:
             other.execute("SELECT pg_advisory_lock(7310582)")
             try:
                 started = time.monotonic()
-                held = admin.put_json("/events/FOO-2", body(2), status=503)
+                held = admin.put_json("/events/FOO-2", event(2), status=503)
                 assert 1 <= time.monotonic() - started < 5
                 assert held.headers["Retry-After"] and "may or may not" in held.json["detail"]
                 started = time.monotonic()
-                refused = admin.put_json("/events/FOO-3", body(3), status=503)
+                refused = admin.put_json("/events/FOO-3", event(3), status=503)
                 assert time.monotonic() - started < 0.5 and "nothing was written" in refused.json["detail"]
                 assert refused.headers["Retry-After"] == "5"
                 assert "in one transaction" in anonymous.get("/health", status=503).json["detail"]
@@ -723,7 +718,7 @@ def test_a_write_waits_a_bounded_time_and_reads_and_health_go_on(url):
             finally:
                 other.execute("SELECT pg_advisory_unlock(7310582)")
         eventually(lambda: not registry.app.writer.stuck(), "the held transaction ends")
-        assert admin.put_json("/events/FOO-3", body(3)).headers["ETag"] == '"1"'
+        assert admin.put_json("/events/FOO-3", event(3)).headers["ETag"] == '"1"'
         assert anonymous.get("/health").status_int == 200
         # The write that got "may or may not" did commit once the lock was free: its outcome was unknown.
         assert admin.get("/events/FOO-2").json["Revision"] == 1
@@ -742,20 +737,20 @@ def test_a_lost_writer_connection_is_503_while_it_lasts_and_nothing_lingers(url)
     server, name = url.rsplit("/", 1)
     try:
         admin, anonymous = registry.client("admin"), webtest.TestApp(registry.app)
-        admin.put_json("/events/FOO-1", body(1))
+        admin.put_json("/events/FOO-1", event(1))
         pid = _writer_pid(registry)
         with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
             conn.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
             try:
                 assert conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0]
                 for n in (2, 3):
-                    problem = admin.put_json(f"/events/FOO-{n}", body(n), status=503)
+                    problem = admin.put_json(f"/events/FOO-{n}", event(n), status=503)
                     assert problem.content_type == "application/problem+json"
                 assert "cannot take writes" in anonymous.get("/health", status=503).json["detail"]
             finally:
                 conn.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
         assert anonymous.get("/health").status_int == 200
-        assert admin.put_json("/events/FOO-2", body(2)).headers["ETag"] == '"1"'
+        assert admin.put_json("/events/FOO-2", event(2)).headers["ETag"] == '"1"'
     finally:
         registry.close()
 
@@ -782,7 +777,7 @@ def test_long_polls_waiting_when_the_watchers_connection_drops_still_wake_on_oth
         time.sleep(0.3)
         started = time.monotonic()
         with opened(url) as other, other.transaction(eventstore.now_us(), seqs=1) as tx:
-            eventstore.put_event(tx, eventstore.validate_event("FOO-x", body()))
+            eventstore.put_event(tx, eventstore.validate_event("FOO-x", event()))
         assert [e["EventId"] for e in answer(timeout=30)["Events"]] == ["FOO-x"]
         assert time.monotonic() - started < 10
     finally:
@@ -799,7 +794,7 @@ def test_removing_a_type_waits_for_a_write_of_it_in_progress_and_then_refuses(ur
     with opened(url) as setup, setup.transaction(eventstore.now_us()) as tx:
         tx.register_event_type("T", "a type")
         tx.put_program("STRICT", "Strict", registered_types_only=True)
-    strict = {**body(), "ProgramId": "STRICT"}
+    strict = {**event(), "ProgramId": "STRICT"}
     with opened(url) as writing, opened(url) as removing:
         with writing.transaction(eventstore.now_us(), seqs=1) as tx:
             eventstore.put_event(tx, eventstore.validate_event("STRICT-1", strict))
@@ -905,7 +900,7 @@ def test_make_pg_starts_a_throwaway_cluster_that_make_run_can_use(url, tmp_path)
             assert f"make run DB={trial}" in started.stdout
         server = Server(trial)
         try:
-            assert server.request("PUT", "/programs/FOO", {"Name": "Foo"}, user="admin", key=server.admin_key)[0] == 200
+            server.register("FOO")
         finally:
             server.stop()
     finally:

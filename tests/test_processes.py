@@ -15,16 +15,9 @@ import time
 import pytest
 
 from conftest import eventually
-from server import ROOT, PutLoad, Server, assert_seen_every_change_once_in_order, missing_from, publish_while_following
+from server import ROOT, PutLoad, Server, assert_seen_every_change_once_in_order, missing_from, publish_while_following, event
 
 
-def setup_program(server):
-    assert server.request("PUT", "/programs/FOO", {"Name": "Foo"}, user="admin", key=server.admin_key)[0] == 200
-
-
-def body(n=0):
-    return {"ProgramId": "FOO", "ProgramMemberId": "m", "EventType": "T",
-            "EventStartUTC": "2026-03-01T09:30:00Z", "EventData": {"n": n}}
 
 
 def wait_for(predicate, what):
@@ -35,7 +28,7 @@ def wait_for(predicate, what):
 def two(tmp_path):
     server = Server(tmp_path / "two.db", processes=2)
     wait_for(lambda: len(server.workers()) == 2, "two workers")
-    setup_program(server)
+    server.register("FOO")
     yield server
     server.stop()
 
@@ -72,7 +65,7 @@ def test_long_polls_in_each_worker_wake_on_commits_of_the_other(tmp_path):
     knows which process holds the poll and which commits."""
     first, second = Server(tmp_path / "wake.db"), Server(tmp_path / "wake.db")
     try:
-        setup_program(first)
+        first.register("FOO")
         for poller, publisher, n in ((first, second, 1), (second, first, 2), (first, first, 3)):
             result = {}
 
@@ -85,7 +78,7 @@ def test_long_polls_in_each_worker_wake_on_commits_of_the_other(tmp_path):
             consumer = threading.Thread(target=consume, daemon=True)
             consumer.start()
             wait_for(lambda: poller.request("GET", "/health")[2]["longPolls"] == 1, "the poll waits")
-            assert publisher.request("PUT", f"/events/FOO-{n}", body(n), user="admin", key=first.admin_key)[0] == 200
+            assert publisher.request("PUT", f"/events/FOO-{n}", event(n), user="admin", key=first.admin_key)[0] == 200
             consumer.join(25)
             assert not consumer.is_alive()
             assert [e["EventId"] for e in result["page"]["Events"]] == [f"FOO-{n}"]
@@ -97,7 +90,7 @@ def test_long_polls_in_each_worker_wake_on_commits_of_the_other(tmp_path):
         consumer.start()
         wait_for(lambda: first.request("GET", "/health")[2]["longPolls"] == 1, "the poll waits")
         line = tmp_path / "one.jsonl"
-        line.write_text(json.dumps({"EventId": "FOO-cli", **body()}) + "\n")
+        line.write_text(json.dumps({"EventId": "FOO-cli", **event()}) + "\n")
         subprocess.run([sys.executable, str(ROOT / "eventstore.py"), "--db", first.db_path, "import", str(line)],
                        check=True, capture_output=True, timeout=30)
         consumer.join(25)
@@ -174,8 +167,8 @@ def test_sigterm_stops_every_process_cleanly_answering_long_polls(tmp_path):
     server = Server(tmp_path / "term.db", processes=2)
     try:
         wait_for(lambda: len(server.workers()) == 2, "two workers")
-        setup_program(server)
-        assert server.request("PUT", "/events/FOO-1", body(), user="admin", key=server.admin_key)[0] == 200
+        server.register("FOO")
+        assert server.request("PUT", "/events/FOO-1", event(), user="admin", key=server.admin_key)[0] == 200
         workers = server.workers()
         answers = []
 

@@ -205,7 +205,7 @@ def test_the_fast_datetime_path_agrees_with_the_general_one(text):
     assert outcome(eventstore.parse_datetime) == outcome(eventstore.parse_any_datetime)
 
 
-# --- issue 14: every way of reading a feed page returns the same page ------------------
+# --- every way of reading a feed page returns the same page -----------------------------
 
 PROGRAMS = [f"P{n}" for n in range(8)]
 history_step = st.tuples(

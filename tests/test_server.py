@@ -45,7 +45,7 @@ def test_a_corrupt_database_is_refused_in_one_line(tmp_path):
 
 def test_the_readme_session_over_http(server):
     admin = {"user": "admin", "key": server.admin_key}
-    assert server.request("PUT", "/programs/FOO", {"Name": "Foo"}, **admin)[0] == 200
+    server.register("FOO")
     status, headers, _ = server.request("PUT", "/events/FOO-1", {
         "ProgramId": "FOO", "ProgramMemberId": "m@example.com", "EventType": "CourseCompleted",
         "EventStartUTC": "2026-03-01T09:30:00Z"}, **admin)
@@ -59,7 +59,7 @@ def test_the_readme_session_over_http(server):
 
 def test_hostile_requests_over_http_get_4xx(server):
     admin = {"user": "admin", "key": server.admin_key}
-    server.request("PUT", "/programs/FOO", {"Name": "Foo"}, **admin)
+    server.register("FOO")
     cases = [
         ("PUT", "/events/FOO-1", b"\xff\xfe\x00garbage", {"Content-Type": "application/json"}),
         ("PUT", "/events/FOO-1", b"[" * 200000, {"Content-Type": "application/json"}),
@@ -78,7 +78,7 @@ def test_hostile_requests_over_http_get_4xx(server):
 def test_concurrent_publishers_and_a_follower_see_every_event_once_in_order(server):
     """The sync guarantee: a consumer following Next while several threads publish
     sees every acknowledged change exactly once, in increasing Sequence."""
-    server.request("PUT", "/programs/FOO", {"Name": "Foo"}, user="admin", key=server.admin_key)
+    server.register("FOO")
     acknowledged, seen = publish_while_following([server], server, server.admin_key, puts=60, ids=30)
     assert len(acknowledged) > 30
     assert_seen_every_change_once_in_order(seen, acknowledged)
@@ -87,7 +87,7 @@ def test_concurrent_publishers_and_a_follower_see_every_event_once_in_order(serv
 def test_erasure_with_a_percent_encoded_member_id_over_http(server):
     import urllib.parse
     admin = {"user": "admin", "key": server.admin_key}
-    server.request("PUT", "/programs/FOO", {"Name": "Foo"}, **admin)
+    server.register("FOO")
     member = "Zoë Ñúñez+tag@example.com/x"
     for n in range(3):
         server.request("PUT", f"/events/FOO-{n}", {"ProgramId": "FOO", "ProgramMemberId": member,
@@ -301,7 +301,7 @@ def test_a_chunked_put_over_waitress_is_written(server):
     import http.client
     import json
     admin = {"user": "admin", "key": server.admin_key}
-    server.request("PUT", "/programs/FOO", {"Name": "Foo"}, **admin)
+    server.register("FOO")
     body = json.dumps({"ProgramId": "FOO", "ProgramMemberId": "m", "EventType": "T",
                        "EventStartUTC": "2026-03-01T09:30:00Z"}).encode()
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=20)
