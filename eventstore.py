@@ -2,7 +2,7 @@
 
 Programs publish learners' events with ``PUT /events/{eventId}``; other programs
 read them back and follow the change feed ``GET /events``. The contract is
-API.md; ``make_app(db_path)`` returns the WSGI application and
+docs/API.md; ``make_app(db_path)`` returns the WSGI application and
 ``python eventstore.py --help`` is the admin command line.
 
 The module reads top to bottom in the order a request flows through it; each
@@ -548,7 +548,7 @@ def validate_program_body(body):
 
 
 def event_type_error(event_type):
-    """What is wrong with an EventType (API.md §3), or None."""
+    """What is wrong with an EventType (docs/API.md §3), or None."""
     return _text_error(event_type, 1, 100, allow_controls=False)
 
 
@@ -1031,7 +1031,7 @@ class SQLiteReads:
         return names, self.conn.execute("SELECT COUNT(*) FROM event_types").fetchone()[0]
 
     def event_types_json(self, programs, event_type=None):
-        """The catalogue (API.md §5a) as seen through ``programs`` (a list, or None
+        """The catalogue (docs/API.md §5a) as seen through ``programs`` (a list, or None
         for every program), as the JSON text of its list of entries: every registered
         type and every type with live events in those programs (or only
         ``event_type``), sorted by name, each with its live counts per program.
@@ -2010,7 +2010,7 @@ def unregistered_type_errors(rules, events):
 
 def unregister_event_type(tx, event_type):
     """Problem 404 when it is not registered, 409 while a program that takes
-    registered types only has live events of it (API.md §5a); before writing.
+    registered types only has live events of it (docs/API.md §5a); before writing.
     The type is locked first: a write of it in progress elsewhere (PostgreSQL)
     commits before the check, and one after it sees the type gone."""
     if not tx.lock_event_type(event_type):
@@ -2027,7 +2027,7 @@ def unregister_event_type(tx, event_type):
 # --- Events -------------------------------------------------------------------
 
 def render_event(row):
-    """A row selected with EVENT_COLUMNS -> its JSON representation (API.md §3)
+    """A row selected with EVENT_COLUMNS -> its JSON representation (docs/API.md §3)
     as text: the stored doc (or, for a tombstone, what it keeps) plus the
     bookkeeping members."""
     seq, event_id, program_id, event_type, doc, revision, created_us, updated_us = row
@@ -2249,7 +2249,7 @@ def _event_id_param(req):
 
 def _type_errors(req, items):
     """For [(index or None, event_id, body)] that fail validation: the EventType
-    errors of programs that take registered types only (API.md §5a), so that
+    errors of programs that take registered types only (docs/API.md §5a), so that
     the 400 lists them among the others. (Bodies that pass are checked in the
     write transaction, against what is registered then.)"""
     candidates = [(index, event_id, program_of(event_id), body.get("EventType")) for index, event_id, body in items

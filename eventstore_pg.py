@@ -5,7 +5,7 @@ Imported only for a ``postgresql://`` URL; needs psycopg 3 and its pool
 (requirements-postgres.txt). The schema is schema-postgres.sql.
 
 How the change feed stays "Sequence order, never skipped" while servers
-commit concurrently (POSTGRES.md measured the alternatives): every write
+commit concurrently (docs/DESIGN.md has the measurements of the alternatives): every write
 transaction that may change events first calls eventstore_take_sequences(n),
 which, under an advisory lock held for that call only, gives the transaction
 its xid and a block of n Sequences. So xid order is Sequence order, and a
@@ -618,7 +618,7 @@ class PostgresTransaction(PostgresReads):
 
     def tombstone(self, event_id):
         # The row's fields are overwritten; the old row version stays on disk until
-        # VACUUM reclaims it, and in the WAL until it is recycled (README).
+        # VACUUM reclaims it, and in the WAL until it is recycled (docs/DESIGN.md).
         return self._write(
             "UPDATE events SET member_id = NULL, start_us = NULL, end_us = NULL, doc = NULL,"
             " ref_event_id = NULL, content_hash = NULL, deleted = true, revision = revision + 1,"

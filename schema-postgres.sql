@@ -124,7 +124,7 @@ END $$;
 
 -- Take n Sequences for the calling transaction, and give it its xid, while
 -- holding an advisory lock that every writer takes for this step only: so the
--- order of xids is the order of Sequences (POSTGRES.md, "alloclock"). The lock
+-- order of xids is the order of Sequences (docs/DESIGN.md, "alloclock"). The lock
 -- is a session lock, released before returning (also on error), so writers
 -- wait for each other only during this step, never until COMMIT.
 CREATE OR REPLACE FUNCTION eventstore_take_sequences(n bigint) RETURNS bigint LANGUAGE plpgsql AS $$

@@ -1,4 +1,4 @@
-"""API.md §2: Basic authentication, API keys, grants and the order of checks."""
+"""docs/API.md §2: Basic authentication, API keys, grants and the order of checks."""
 
 import base64
 import hashlib

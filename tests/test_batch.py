@@ -1,4 +1,4 @@
-"""API.md §3 POST /events: batches, all or nothing."""
+"""docs/API.md §3 POST /events: batches, all or nothing."""
 
 import json
 

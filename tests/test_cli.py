@@ -1,4 +1,4 @@
-"""API.md §8: the admin command line."""
+"""docs/API.md §9: the admin command line."""
 
 import subprocess
 import sys

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = ["README.md", "docs/API.md", "bench/README.md"]
+DOCS = ["README.md", "docs/API.md", "docs/DESIGN.md", "bench/README.md"]
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
@@ -21,6 +21,20 @@ def test_every_relative_link_resolves_inside_the_repository(name):
         assert target.is_relative_to(ROOT), f"{name} points outside the repository: {link}"
         assert target.exists(), f"{name} links to a missing file: {link}"
     assert "../shared" not in text
+
+
+def test_code_and_schema_cite_only_documents_in_the_repository():
+    """The design notes the code points to live in docs/ (the study that chose
+    PostgreSQL's feed ordering was once cited from outside the repository)."""
+    sources = [*ROOT.glob("*.py"), *ROOT.glob("*.sql"), *ROOT.glob("bench/*.py"), *ROOT.glob("tests/*.py")]
+    for path in sources:
+        text = path.read_text(encoding="utf-8")
+        for name in re.findall(r"\b([\w./-]+\.md)\b", text):
+            assert (ROOT / name).exists(), f"{path.name} cites {name}, which is not in the repository"
+
+
+def test_the_readme_reads_in_five_minutes():
+    assert len((ROOT / "README.md").read_text(encoding="utf-8").splitlines()) < 200
 
 
 def test_the_api_reference_has_every_route():

@@ -1,4 +1,4 @@
-"""API.md §5a: the event-type catalogue, its live counts, programs that take
+"""docs/API.md §5a: the event-type catalogue, its live counts, programs that take
 registered types only, the command line, and the upgrade of a version-1 database."""
 
 import json

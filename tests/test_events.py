@@ -1,4 +1,4 @@
-"""API.md §3: PUT, GET and DELETE /events/{eventId}."""
+"""docs/API.md §3: PUT, GET and DELETE /events/{eventId}."""
 
 import io
 import json

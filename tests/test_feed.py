@@ -1,4 +1,4 @@
-"""API.md §4: GET /events, the change feed."""
+"""docs/API.md §4: GET /events, the change feed."""
 
 import time
 import urllib.parse

@@ -1,4 +1,4 @@
-"""API.md §5 programs, §6 service endpoints, §7 errors and routing."""
+"""docs/API.md §5 programs, §6 service endpoints, §7 errors and routing."""
 
 import json
 

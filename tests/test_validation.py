@@ -1,4 +1,4 @@
-"""API.md §3 validation: the validator, the strict JSON parser, times, and hostile
+"""docs/API.md §3 validation: the validator, the strict JSON parser, times, and hostile
 input over HTTP (always a 4xx problem+json, nothing written)."""
 
 import json
