@@ -7,16 +7,16 @@ import argparse
 import itertools
 import json
 import os
-import sqlite3
 import sys
 import time
 from pathlib import Path
 
-from eventstore import (DEFAULT_DB, EVENT_ID_RE, EVENT_ID_RULE, POSTGRES_SCHEMES, USER_ID_RE, Later, Problem,
-                        TypeRules, _text_error, add_key, add_user, bad_request, event_type_error, format_datetime,
-                        import_tombstone, now_us, open_storage, parse_json, program_id_error, program_of,
-                        put_event_later, safe_db_name, safe_text, unregister_event_type, unregistered_type_error,
-                        validate_event, validate_event_type_body)
+from eventstore import (DEFAULT_DB, EVENT_ID_RE, EVENT_ID_RULE, USER_ID_RE, Later, Problem, _text_error, add_key,
+                        add_user, bad_request, event_type_error, format_datetime, import_tombstone, open_storage,
+                        parse_json, program_id_error, program_of, put_event_later, render_event,
+                        unregister_event_type, unregistered_type_error, validate_event, validate_event_type_body)
+from eventstore_storage import (POSTGRES_SCHEMES, Backups, StorageOpenError, TypeRules, now_us, safe_db_name,
+                                safe_text)
 
 
 class CommandError(Exception):
@@ -228,7 +228,7 @@ def _fsync_path(path):
 
 
 def cmd_backup(db, args, out):
-    if db.storage.backend != "sqlite":
+    if not isinstance(db.storage, Backups):
         raise CommandError(f"backup copies a SQLite file; on {db.storage.backend} use its own tools "
                            "(for PostgreSQL: pg_dump, or a base backup with WAL archiving)")
     dest = Path(args.dest)
@@ -258,8 +258,8 @@ def cmd_export(db, args, out):
             raise CommandError(f"not a registered program: {program_id}")
     progress = Progress("export")
     count = 0
-    for count, event in enumerate(db.export_events(programs), 1):
-        out.write(event + "\n")
+    for count, row in enumerate(db.export_events(programs), 1):
+        out.write(render_event(row) + "\n")
         if count % 1000 == 0:
             progress.update(count)
     out.flush()
@@ -461,7 +461,7 @@ def main(argv=None, out=None):
         return 1
     try:
         storage = open_storage(args.db)
-    except (sqlite3.Error, RuntimeError) as exc:
+    except StorageOpenError as exc:
         print(f"error: cannot open {safe_db_name(args.db)} as an eventstore database: "
               f"{safe_text(exc, args.db)}", file=sys.stderr)
         return 1

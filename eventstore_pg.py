@@ -1,5 +1,5 @@
-"""eventstore on PostgreSQL: the storage interface of eventstore.py (see its
-Storage section) for several servers sharing one database.
+"""eventstore on PostgreSQL: the storage interface of eventstore_storage.py
+for several servers sharing one database.
 
 Imported only for a ``postgresql://`` URL; needs psycopg 3 and its pool
 (requirements-postgres.txt). The schema is schema-postgres.sql.
@@ -37,8 +37,9 @@ import psycopg_pool
 from psycopg import errors as pg_errors
 from psycopg import pq
 
-import eventstore
-from eventstore import EVENT_COLUMNS, Problem, SequencesExhausted, render_event, service_unavailable
+from eventstore_storage import (EVENT_COLUMNS, SCHEMA_VERSION, Failure, Reads, SequencesExhausted, Storage,
+                                StorageOpenError, Transaction, TypeRules, changes_after_last_look, event_row,
+                                safe_db_name)
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "schema-postgres.sql"
 SCHEMA_LOCK = 7310581      # advisory lock id: one process applies the schema at a time
@@ -64,7 +65,7 @@ def local_file(url, suffix):
 
 # --- Reads --------------------------------------------------------------------
 
-class PostgresReads:
+class PostgresReads(Reads):
     """Every read of the storage interface: on ``conn`` (a transaction's), or on
     a connection from ``pool`` that the calling thread keeps while it lives
     (borrowing one per statement cost a sixth of a read's time); it goes back
@@ -215,8 +216,8 @@ class PostgresReads:
                          " ORDER BY seq LIMIT %s", (*params, query.limit + 1))
 
     def export_events(self, programs=()):
-        """Every event (tombstones included) in Sequence order, as JSON texts, from
-        one snapshot, streamed through a server-side cursor."""
+        """Every event (tombstones included) in Sequence order, as rows (EVENT_COLUMNS),
+        from one snapshot, streamed through a server-side cursor."""
         where = "WHERE program_id = ANY(%s)" if programs else ""
         conn = self._connection()
         with conn.transaction():
@@ -226,7 +227,7 @@ class PostgresReads:
                 cursor.execute(f"SELECT {EVENT_COLUMNS} FROM events {where} ORDER BY seq",
                                (list(programs),) if programs else ())
                 for row in cursor:
-                    yield render_event(row)
+                    yield row
 
     def answers(self):
         self._one("SELECT 1 FROM programs LIMIT 1")
@@ -445,12 +446,12 @@ UPDATE_EVENT = (
 
 
 def _event_row(event, seq, now):
-    row = eventstore.event_row(event, seq, now)
+    row = event_row(event, seq, now)
     row["member_id"] = _member(row["member_id"])
     return row
 
 
-class PostgresTransaction(PostgresReads):
+class PostgresTransaction(PostgresReads, Transaction):
     """One write transaction on ``conn``: its reads see its own writes; ``now``;
     the programs' rules; the block of Sequences taken at its start (``seqs``
     of them; none when 0, and then it must not change events)."""
@@ -462,7 +463,7 @@ class PostgresTransaction(PostgresReads):
         super().__init__(conn=conn)
         self.prepared = set() if prepared is None else prepared  # see _prepare
         self.now = now
-        self.rules = eventstore.TypeRules(self)
+        self.rules = TypeRules(self)
         self.wanted = seqs
         self._next = self._end = 0
         self._written = 0
@@ -764,7 +765,7 @@ class PostgresSession(PostgresReads):
         self.conn.close()
 
 
-class PostgresStorage:
+class PostgresStorage(Storage):
     """The PostgreSQL database at ``url``: a pool of autocommit connections for
     the request threads (sized from the server's ``threads``), a connection of
     its own for each session and for the commit watch."""
@@ -781,7 +782,7 @@ class PostgresStorage:
                 self.settings = self._check(conn)
                 self._apply_schema(conn)
         except psycopg.Error as exc:
-            raise RuntimeError(f"PostgreSQL: {exc}".strip()) from None
+            raise StorageOpenError(f"PostgreSQL: {exc}".strip()) from None
         size = (threads or 16) + 1
         self.pool = psycopg_pool.ConnectionPool(
             url, min_size=min(2, size), max_size=size, timeout=busy_timeout_ms / 1000, open=True,
@@ -793,7 +794,7 @@ class PostgresStorage:
         self._reads = PostgresReads(pool=self.pool, pipeline=self._pipeline)
 
     def __str__(self):
-        return eventstore.safe_db_name(self.url)
+        return safe_db_name(self.url)
 
     def connect(self, **options):
         conn = psycopg.connect(self.url, autocommit=True, connect_timeout=max(2, self.busy_timeout_ms // 1000),
@@ -859,14 +860,14 @@ class PostgresStorage:
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
             exists = conn.execute("SELECT to_regclass('eventstore_schema') IS NOT NULL").fetchone()[0]
             version = exists and conn.execute("SELECT MAX(version) FROM eventstore_schema").fetchone()[0]
-            if version and version > eventstore.SCHEMA_VERSION:
-                raise RuntimeError(f"the database has schema version {version}; this eventstore knows up to "
-                                   f"{eventstore.SCHEMA_VERSION}. Upgrade eventstore.")
-            if version == eventstore.SCHEMA_VERSION:
+            if version and version > SCHEMA_VERSION:
+                raise StorageOpenError(f"the database has schema version {version}; this eventstore knows up "
+                                       f"to {SCHEMA_VERSION}. Upgrade eventstore.")
+            if version == SCHEMA_VERSION:
                 return
             conn.execute(SCHEMA_PATH.read_text(encoding="utf-8"))
             conn.execute("DELETE FROM eventstore_schema")
-            conn.execute("INSERT INTO eventstore_schema (version) VALUES (%s)", (eventstore.SCHEMA_VERSION,))
+            conn.execute("INSERT INTO eventstore_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
 
     def session(self):
         return PostgresSession(self)
@@ -893,21 +894,19 @@ class PostgresStorage:
         return {"feedHeldBackSeconds": round(held, 3),
                 "feedHeldBackSeesAllSessions": self.settings["sees_all_sessions"]}
 
-    def problem(self, exc):
+    def failure(self, exc):
         if isinstance(exc, psycopg_pool.PoolTimeout):
-            return service_unavailable("Every database connection is busy; try again shortly.")
+            return Failure(Failure.BUSY, "Every database connection is busy; try again shortly.")
         if isinstance(exc, pg_errors.DiskFull):
-            return Problem(507, "The database server's disk is full; nothing was written.")
+            return Failure(Failure.DISK_FULL, "The database server's disk is full; nothing was written.")
         if isinstance(exc, pg_errors.ReadOnlySqlTransaction):
-            return service_unavailable("The database is read-only at the moment; nothing was written.",
-                                       retry_after=60)
+            return Failure(Failure.READ_ONLY, "The database is read-only at the moment; nothing was written.")
         if isinstance(exc, (psycopg.OperationalError, pg_errors.SerializationFailure,
                             pg_errors.DeadlockDetected, pg_errors.LockNotAvailable,
                             pg_errors.QueryCanceled)):
             log.warning("database unavailable: %r", exc)
-            return service_unavailable("The database is unavailable or busy; try again shortly.")
-        log.error("database error: %r", exc)
-        return Problem(500, "Internal error.")
+            return Failure(Failure.UNAVAILABLE, "The database is unavailable or busy; try again shortly.")
+        return None
 
     @staticmethod
     def retryable(exc):
@@ -959,7 +958,7 @@ class PostgresCommitWatch:
             pass
         if stop.is_set():
             return None
-        return eventstore.changes_after_last_look(self, limit)
+        return changes_after_last_look(self, limit)
 
     def close(self):
         self.conn.close()

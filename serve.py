@@ -15,7 +15,6 @@ import os
 import re
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ except ImportError:
              "pip install -r requirements.txt")
 
 import eventstore
+from eventstore_storage import StorageOpenError, safe_db_name, safe_text
 
 
 def parse_args(argv=None):
@@ -88,23 +88,26 @@ def default_processes():
 
 def cannot_open(db, exc):
     """The one line for a database that cannot be opened -> exit status 1."""
-    print(f"error: cannot open {eventstore.safe_db_name(db)} as an eventstore database: "
-          f"{eventstore.safe_text(exc, db)}", file=sys.stderr)
+    print(f"error: cannot open {safe_db_name(db)} as an eventstore database: "
+          f"{safe_text(exc, db)}", file=sys.stderr)
     return 1
 
 
 def announce(storage, host, port, processes=1):
     """Create the first admin on an empty database and tell the operator how to
     authenticate. The key is printed once, to standard error."""
-    session = storage.session()
     try:
-        admin_key = eventstore.bootstrap_admin(session, eventstore.now_us())
-    finally:
-        session.close()
+        session = storage.session()
+        try:
+            admin_key = eventstore.bootstrap_admin(session, eventstore.now_us())
+        finally:
+            session.close()
+    except storage.errors as exc:  # a database that opens but takes no write (read-only, say)
+        raise StorageOpenError(str(exc)) from None
     base = f"http://{host}:{port}"
     say = lambda text="": print(text, file=sys.stderr)  # noqa: E731
     workers = f" with {processes} worker processes" if processes > 1 else ""
-    db_path = eventstore.safe_db_name(storage)  # a URL without its password
+    db_path = safe_db_name(storage)  # a URL without its password
     name = os.path.abspath(db_path) if storage.backend == "sqlite" else db_path
     say(f"eventstore serving {name}{workers} on {base}")
     say(storage.durability())
@@ -176,7 +179,7 @@ def serve_one(args, announce_it):
         storage = eventstore.open_storage(args.db, threads=args.threads)
         throttle = eventstore.shared_throttle(storage.local_file("throttle"), threshold=args.max_auth_failures)
         app = eventstore.make_app(storage, max_body_bytes=args.max_body, max_waiting=max_waiting, throttle=throttle)
-    except (sqlite3.Error, RuntimeError, OSError) as exc:
+    except (StorageOpenError, OSError) as exc:
         return cannot_open(args.db, exc)
     access_log = AccessLog(app) if args.access_log else None
     try:
@@ -187,7 +190,7 @@ def serve_one(args, announce_it):
     if announce_it:
         try:
             announce(app.storage, args.host, server.effective_port)
-        except (sqlite3.Error, RuntimeError, OSError) as exc:
+        except (StorageOpenError, OSError) as exc:
             return cannot_open(args.db, exc)
     try:
         run_until_stopped(server, app)
@@ -251,7 +254,7 @@ def supervise(args, argv, processes, prepare, script=__file__, restart_limit=5, 
     except OSError as exc:
         print(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    except (sqlite3.Error, RuntimeError) as exc:
+    except StorageOpenError as exc:
         return cannot_open(args.db, exc)
     lifeline, lifeline_end = os.pipe()  # see stop_with_supervisor; only this process holds lifeline_end
     command = [sys.executable, os.path.abspath(script), *without_port(argv), "--port", str(port), "--worker",

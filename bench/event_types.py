@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run as bench  # noqa: E402  (bench/run.py: wrk, Server, event_body)
 from run import eventstore  # noqa: E402
+import eventstore_sqlite  # noqa: E402
 
 PROGRAMS = [f"P{n}" for n in range(10)]
 TYPES = [f"Type{n:02}" for n in range(30)]
@@ -40,7 +41,7 @@ function request() return wrk.format("GET", "%(path)s") end
 def build(path, events):
     """``events`` events over PROGRAMS, program n using types 3n .. 3n+9 (of 30, wrapping), inserted
     raw in 10,000-row transactions (the count triggers keep the counts as they go)."""
-    session = eventstore.SQLiteStorage(path).session()
+    session = eventstore_sqlite.SQLiteStorage(path).session()
     conn = session.conn
     now = eventstore.now_us()
     with session.transaction(now) as tx:
@@ -53,7 +54,7 @@ def build(path, events):
     for start in range(0, events, 10_000):
         rows = [(n + 1, f"{PROGRAMS[n % 10]}-e{n}", PROGRAMS[n % 10], TYPES[((n % 10) * 3 + n // 10 % 10) % 30],
                  f"m{n % 5000}", now, now, doc, now, now) for n in range(start, min(events, start + 10_000))]
-        with eventstore.write_transaction(conn):
+        with eventstore_sqlite.write_transaction(conn):
             conn.executemany("INSERT INTO events (seq, event_id, program_id, event_type, member_id, start_us, end_us,"
                              " doc, revision, created_us, updated_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?)", rows)
     counted = conn.execute("SELECT COUNT(*), SUM(events) FROM event_type_counts WHERE events > 0").fetchone()
@@ -88,7 +89,7 @@ def put_figure(folder, seconds, rounds=8):
     servers = {}
     for name in ("kept", "not kept"):
         path = folder / f"put-{name.replace(' ', '-')}.db"
-        conn = eventstore.SQLiteStorage(path).session().conn
+        conn = eventstore_sqlite.SQLiteStorage(path).session().conn
         if name == "not kept":
             for (trigger,) in conn.execute("SELECT name FROM sqlite_schema WHERE type = 'trigger'").fetchall():
                 conn.execute(f"DROP TRIGGER {trigger}")  # this bench's own copy: what PUT cost before the counts

@@ -23,13 +23,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import eventstore  # noqa: E402
+import eventstore_sqlite
 
 EVENTS = 20_000
 TYPES = ("CourseCompleted", "CourseStarted", "CreditEarned")
 
 
 def build(path, programs):
-    session = eventstore.SQLiteStorage(path).session()
+    session = eventstore_sqlite.SQLiteStorage(path).session()
     now = eventstore.now_us()
     names = [f"P{n}" for n in range(programs)]
     with session.transaction(now) as tx:

@@ -61,7 +61,7 @@ MUTANTS = [
         ("GroupCommitWriter(self.storage.session, self.clock, on_commit=self._committed,",
          "GroupCommitWriter(self.storage.session, self.clock, on_commit=lambda touched: None,"),
     ], ["tests/test_feed.py"]),
-    ("synchronous=NORMAL", "eventstore.py", [
+    ("synchronous=NORMAL", "eventstore_sqlite.py", [
         ('conn.execute("PRAGMA synchronous = FULL")', 'conn.execute("PRAGMA synchronous = NORMAL")'),
     ], ["tests/test_durability.py"]),
     ("a failed COMMIT acknowledged", "eventstore.py", [
@@ -96,14 +96,14 @@ MUTANTS = [
     ("SYSTEM user gets 403 for an id without a hyphen", "eventstore.py", [
         ("        if self.user.is_system:\n            return\n", ""),
     ], ["tests/test_auth.py"]),
-    ("Sequence counted per process, not read in the transaction", "eventstore.py", [
+    ("Sequence counted per process, not read in the transaction", "eventstore_sqlite.py", [
         ("class SQLiteTransaction(", "SEQ_COUNTERS = {}\n\n\nclass SQLiteTransaction("),
         ("            self._last_seq = self.last_sequence()",
          '            self._last_seq = SEQ_COUNTERS.setdefault("seq", self.last_sequence())'),
         ("        self._last_seq = seq\n",
          '        self._last_seq = SEQ_COUNTERS["seq"] = seq\n'),
     ], ["tests/test_durability.py"]),
-    ("tombstones keep the member id", "eventstore.py", [
+    ("tombstones keep the member id", "eventstore_sqlite.py", [
         ('        "UPDATE events SET member_id = NULL, start_us = NULL',
          '        "UPDATE events SET member_id = member_id, start_us = NULL'),
     ], ["tests/test_events.py", "tests/test_lifecycle.py"]),
@@ -117,7 +117,7 @@ MUTANTS = [
     ("a stopping server does not answer waiting long polls", "serve.py", [
         ("        app.end_long_polls()\n", "        pass\n"),
     ], ["tests/test_processes.py"]),
-    ("the feed walk ignores the caller's programs", "eventstore.py", [
+    ("the feed walk ignores the caller's programs", "eventstore_sqlite.py", [
         ("        if programs is not None:\n            where.insert(0, f\"+program_id IN",
          "        if False:\n            where.insert(0, f\"+program_id IN"),
     ], ["tests/test_properties.py"]),
@@ -138,7 +138,7 @@ MUTANTS = [
         ("WHEN NEW.deleted = 0 AND (OLD.deleted = 1 OR NEW.event_type IS NOT OLD.event_type)",
          "WHEN NEW.deleted = 0 AND OLD.deleted = 1"),
     ], ["tests/test_event_types.py"]),
-    ("counts of a version-1 database not built on upgrade", "eventstore.py", [
+    ("counts of a version-1 database not built on upgrade", "eventstore_sqlite.py", [
         ("    if version < 2:  # counts", "    if False:  # counts"),
     ], ["tests/test_event_types.py"]),
     ("the catalogue shows counts of programs the caller cannot read", "eventstore.py", [
@@ -204,7 +204,7 @@ MUTANTS = [
     ("a forked child goes on with its parent's connections and threads", "eventstore.py", [
         ("        if self._pid != os.getpid():\n            self._after_fork()\n", ""),
     ], ["tests/test_embedding.py"]),
-    ("a forked child shares its parent's writer-lock file description", "eventstore.py", [
+    ("a forked child shares its parent's writer-lock file description", "eventstore_sqlite.py", [
         ("            self.writer_lock.close()  # the parent's lock is unaffected: it holds the description too\n"
          "            self.writer_lock = None\n", "            pass\n"),
         ("        return SQLiteStorage(self.path, self.busy_timeout_ms)\n",

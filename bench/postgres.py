@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run as bench  # noqa: E402  (bench/run.py: wrk, Server, event_body, percentile)
 from run import eventstore  # noqa: E402
+import eventstore_storage  # noqa: E402
 from pg_cluster import Cluster  # noqa: E402  (tests/pg_cluster.py)
 
 TARGETS = {"P1. PUT, PostgreSQL vs SQLite": 0.7, "P2. GET, PostgreSQL vs SQLite": 0.8,
@@ -160,7 +161,7 @@ def pull_figures(cluster, events):
     assert pulled == events, pulled
     with psycopg.connect(url, autocommit=True) as conn:
         raw_rate = bench.keyset_pull(lambda after_seq: conn.execute(
-            f"SELECT {eventstore.EVENT_COLUMNS} FROM events WHERE seq > %s ORDER BY seq LIMIT 1000",
+            f"SELECT {eventstore_storage.EVENT_COLUMNS} FROM events WHERE seq > %s ORDER BY seq LIMIT 1000",
             (after_seq,)).fetchall())
     return pull_rate, raw_rate
 

@@ -56,6 +56,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import eventstore  # noqa: E402
+import eventstore_storage
+import eventstore_sqlite
 import feed  # noqa: E402  (bench/feed.py)
 from server import Server, free_port  # noqa: E402
 
@@ -327,7 +329,7 @@ def insert_rows(conn, rows, first_seq, batch):
 
 
 def fresh_database(path):
-    session = eventstore.SQLiteStorage(path).session()
+    session = eventstore_sqlite.SQLiteStorage(path).session()
     with session.transaction(eventstore.now_us()) as tx:
         tx.put_program("FOO", "Foo")
     return session.conn
@@ -490,8 +492,8 @@ def main():
     # 4: pull everything through Next against a raw keyset SELECT + json.dumps.
     say("4: pulling through Next vs keyset SELECT ...")
     server = Server(full)
-    with eventstore.write_transaction(conn):
-        tx = eventstore.SQLiteTransaction(conn, eventstore.now_us())
+    with eventstore_sqlite.write_transaction(conn):
+        tx = eventstore_sqlite.SQLiteTransaction(conn, eventstore.now_us())
         key = eventstore.add_user(tx, "bench", True, {})
     def pull(_):
         pulled, rate = pull_through_next(server.port, "bench", key)
@@ -500,7 +502,7 @@ def main():
 
     def raw(_):
         return (keyset_pull(lambda after_seq: conn.execute(
-            f"SELECT {eventstore.EVENT_COLUMNS} FROM events WHERE seq > ? ORDER BY seq LIMIT 1000",
+            f"SELECT {eventstore_storage.EVENT_COLUMNS} FROM events WHERE seq > ? ORDER BY seq LIMIT 1000",
             (after_seq,)).fetchall()),)
 
     # Issue 13: the client's follow, to /dev/null, against the server's own pull (figure 4).
@@ -532,7 +534,7 @@ def main():
     with open(dump, "wb") as out:
         export_time, export_rss = timed_child([PYTHON, "eventstore.py", "--db", str(full), "export"], stdout=out)
     started = time.perf_counter()
-    read = sum(1 for _ in conn.execute(f"SELECT {eventstore.EVENT_COLUMNS} FROM events ORDER BY seq"))
+    read = sum(1 for _ in conn.execute(f"SELECT {eventstore_storage.EVENT_COLUMNS} FROM events ORDER BY seq"))
     raw_read = read / (time.perf_counter() - started)
     conn.close()
     fresh_database(workdir / "import.db").close()

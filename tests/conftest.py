@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import eventstore  # noqa: E402
+import eventstore_sqlite
 import eventstore_admin  # noqa: E402
 
 
@@ -143,8 +144,8 @@ class PostgresSQL:
 def open_sqlite(path):
     """A plain sqlite3 connection to an eventstore database file, its schema
     applied: for the tests of what only SQLite has."""
-    eventstore.SQLiteStorage(path).close()
-    return eventstore.connect(str(path))
+    eventstore_sqlite.SQLiteStorage(path).close()
+    return eventstore_sqlite.connect(str(path))
 
 
 def create_user(db, user_id, grants, is_system=False):

@@ -8,6 +8,7 @@ import time
 import pytest
 
 import eventstore
+import eventstore_sqlite
 from conftest import Registry, eventually, run_in_thread, basic, event_body
 from eventstore import parse_basic_auth
 
@@ -117,7 +118,7 @@ def test_a_read_never_waits_for_the_write_lock_to_record_a_key_s_last_use(tmp_pa
     answered at once, its last use recorded once the lock is free."""
     registry = Registry(tmp_path / "locked.db", busy_timeout_ms=60_000)
     try:
-        blocker = eventstore.connect(registry.db_path)
+        blocker = eventstore_sqlite.connect(registry.db_path)
         blocker.execute("BEGIN IMMEDIATE")
         answered = run_in_thread(lambda: registry.client("reader").get("/events?ProgramId=FOO").status_int)
         assert answered(timeout=10) == 200  # well before the 60 s busy timeout

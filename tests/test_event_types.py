@@ -11,6 +11,7 @@ import pytest
 import webtest
 
 import eventstore
+import eventstore_sqlite
 import eventstore_admin
 from conftest import basic, create_user, event_body, open_sqlite, opened, run_in_thread
 
@@ -534,7 +535,7 @@ def test_the_upgrade_is_idempotent_and_the_command_line_does_it_too(v1_database,
     for _ in range(2):
         conn = open_sqlite(v1_database)
         assert counts(conn) == V1_COUNTS
-        eventstore.apply_schema(conn)
+        eventstore_sqlite.apply_schema(conn)
         conn.close()
 
 
@@ -544,10 +545,10 @@ def test_processes_upgrading_at_once_upgrade_once(v1_database):
     errors, start = [], threading.Barrier(4)
 
     def upgrade():
-        conn = eventstore.connect(str(v1_database))
+        conn = eventstore_sqlite.connect(str(v1_database))
         try:
             start.wait(timeout=10)
-            eventstore.apply_schema(conn)
+            eventstore_sqlite.apply_schema(conn)
         except Exception as exc:
             errors.append(exc)
         finally:

@@ -164,7 +164,7 @@ def test_limit_bounds_are_inclusive(admin):
 
 @pytest.mark.sqlite_only
 def test_feed_queries_walk_an_index_in_sequence_order(registry):
-    from eventstore import EVENT_COLUMNS
+    from eventstore_storage import EVENT_COLUMNS
     plans = {
         "": "program_id=?",
         " AND event_type = ?": "event_type=?",

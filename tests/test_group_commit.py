@@ -8,6 +8,7 @@ import time
 import pytest
 
 import eventstore
+import eventstore_sqlite
 from conftest import event_body, eventually, open_sqlite, run_in_thread
 
 
@@ -75,7 +76,7 @@ def test_a_failing_change_fails_alone(registry):
 
 
 def test_an_exception_inside_a_change_rolls_back_only_that_change(tmp_path):
-    writer = eventstore.GroupCommitWriter(lambda: eventstore.SQLiteStorage(tmp_path / "w.db").session(), lambda: 1)
+    writer = eventstore.GroupCommitWriter(lambda: eventstore_sqlite.SQLiteStorage(tmp_path / "w.db").session(), lambda: 1)
 
     def good(n):
         return lambda tx: tx.conn.execute("INSERT INTO programs (program_id, name, created_us) VALUES (?, 'x', ?)", (f"P{n}", tx.now)).rowcount
@@ -109,12 +110,12 @@ def test_a_failed_commit_fails_every_change_in_it(tmp_path):
     """When the COMMIT itself fails (here: the database is locked by another
     connection), no change of the batch is acknowledged and nothing is written."""
     db = tmp_path / "locked.db"
-    writer = eventstore.GroupCommitWriter(eventstore.SQLiteStorage(db, busy_timeout_ms=100).session, lambda: 1)
-    blocker = eventstore.connect(db)
+    writer = eventstore.GroupCommitWriter(eventstore_sqlite.SQLiteStorage(db, busy_timeout_ms=100).session, lambda: 1)
+    blocker = eventstore_sqlite.connect(db)
     blocker.execute("BEGIN IMMEDIATE")
     with pytest.raises(Exception) as caught:
         writer.submit(lambda tx: tx.conn.execute("INSERT INTO programs (program_id, name, created_us) VALUES ('P', 'x', 1)"))
-    assert getattr(caught.value, "sqlite_errorcode", None) == eventstore.sqlite3.SQLITE_BUSY
+    assert getattr(caught.value, "sqlite_errorcode", None) == sqlite3.SQLITE_BUSY
     blocker.execute("ROLLBACK")
     assert writer.submit(lambda tx: tx.conn.execute("SELECT COUNT(*) FROM programs").fetchone()[0]) == 0
     writer.stop()
@@ -123,7 +124,7 @@ def test_a_failed_commit_fails_every_change_in_it(tmp_path):
 def test_a_busy_database_is_503_with_retry_after(tmp_path):
     from conftest import Registry
     registry = Registry(tmp_path / "busy.db", busy_timeout_ms=100)
-    blocker = eventstore.connect(registry.db_path)
+    blocker = eventstore_sqlite.connect(registry.db_path)
     blocker.execute("BEGIN IMMEDIATE")
     response = registry.client("writer").put_json("/events/FOO-1", event_body(), status=503)
     assert response.headers["Retry-After"] == "1"
@@ -185,7 +186,7 @@ def violating_change(tx):
     """A change whose COMMIT fails: on SQLite a grant for a user that does not
     exist, with the foreign key check deferred to COMMIT; on PostgreSQL a grant
     that a deferred constraint trigger (fail_at_commit) refuses at COMMIT."""
-    if isinstance(tx, eventstore.SQLiteTransaction):
+    if isinstance(tx, eventstore_sqlite.SQLiteTransaction):
         tx.conn.execute("PRAGMA defer_foreign_keys = ON")
         tx.conn.execute("INSERT INTO grants (user_id, program_id, access) VALUES ('ghost', 'FOO', 'read')")
     else:

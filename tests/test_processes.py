@@ -219,8 +219,9 @@ def test_the_failed_authentication_throttle_holds_across_workers(tmp_path):
 
 def test_workers_that_keep_dying_at_start_stop_the_server_with_status_1(tmp_path):
     import eventstore
+    import eventstore_sqlite
     db = tmp_path / "dying.db"
-    eventstore.SQLiteStorage(db).close()
+    eventstore_sqlite.SQLiteStorage(db).close()
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     # A sitecustomize that makes every worker (and only the workers) exit at once.
     (tmp_path / "sitecustomize.py").write_text(

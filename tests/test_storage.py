@@ -6,6 +6,8 @@ import threading
 import pytest
 
 import eventstore
+import eventstore_sqlite
+import eventstore_storage
 from conftest import open_sqlite
 
 
@@ -29,14 +31,14 @@ def test_schema_keeps_existing_data(registry):
 
 def test_schema_sql_never_drops():
     import re
-    assert not re.search(r"\bDROP\s+(TABLE|INDEX|VIEW|TRIGGER)", eventstore.SCHEMA_PATH.read_text(), re.I)
+    assert not re.search(r"\bDROP\s+(TABLE|INDEX|VIEW|TRIGGER)", eventstore_sqlite.SCHEMA_PATH.read_text(), re.I)
 
 
 def test_a_newer_schema_is_refused(tmp_path):
     conn = sqlite3.connect(tmp_path / "new.db")
     conn.execute(f"PRAGMA user_version = {eventstore.SCHEMA_VERSION + 1}")
     conn.close()
-    with pytest.raises(RuntimeError, match="Upgrade eventstore"):
+    with pytest.raises(eventstore_storage.StorageOpenError, match="Upgrade eventstore"):
         eventstore.make_app(tmp_path / "new.db")
 
 

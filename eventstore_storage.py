@@ -1,0 +1,394 @@
+"""eventstore's storage interface: what the app asks of a backend, as documented
+base classes, and the names both backends share. The backends are
+eventstore_sqlite.py (the default) and eventstore_pg.py; neither imports the app.
+
+    storage.backend                 "sqlite" or "postgresql"
+    storage.reads()                 a Reads for this thread (autocommit reads)
+    storage.session()               a Session: its own connection, for the writer
+                                    thread and the command line
+    session.transaction(now, seqs)  with ... as tx: a durable write Transaction
+    storage.watch_commits()         a CommitWatch: other processes' commits
+    storage.errors                  the exceptions its operations raise
+    storage.failure(exc)            the kind of failure one of them is (Failure), or None
+    storage.retryable(exc)          whether a transaction that raised it may run again
+
+Opening a storage raises StorageOpenError, whatever the backend. A backend that
+can copy itself consistently while in use (SQLite) is also a Backups.
+"""
+
+import time
+import urllib.parse
+from typing import NamedTuple
+
+SCHEMA_VERSION = 2
+EVENT_COLUMNS = "seq, event_id, program_id, event_type, doc, revision, created_us, updated_us"
+
+
+def now_us():
+    return time.time_ns() // 1000
+
+
+class StorageOpenError(Exception):
+    """The database cannot be opened as an eventstore database (missing driver,
+    refused connection, a file that is not one, a newer schema): one line to show."""
+
+
+class Failure(NamedTuple):
+    """A failure of the database that the client can do something about: ``kind``
+    (one of the constants below; the app answers each with its status) and a
+    ``detail`` fit to show the client (never the database's own message)."""
+
+    kind: str
+    detail: str
+
+    BUSY = "busy"                # try again shortly: the database or its connections are taken
+    DISK_FULL = "disk full"      # nothing was written
+    READ_ONLY = "read-only"      # nothing was written; try again later
+    UNAVAILABLE = "unavailable"  # lost, cancelled or deadlocked: try again shortly
+
+
+class SequencesExhausted(Exception):
+    """A transaction needs more Sequences than it took when it began (PostgreSQL
+    takes them up front): roll it back and run it again with ``needed``."""
+
+    def __init__(self, needed):
+        super().__init__(f"more than the Sequences taken; run again with {needed}")
+        self.needed = needed
+
+
+class Reads:
+    """What the app reads; a backend's reads implement every method."""
+
+    def key_row(self, key_id):
+        """-> (user_id, key_hash, revoked_us, last_used_us, is_system, disabled) or None."""
+        raise NotImplementedError
+
+    def grants_of(self, user_id):
+        """-> {program_id: access} of a user."""
+        raise NotImplementedError
+
+    def any_user(self):
+        """Whether any user exists."""
+        raise NotImplementedError
+
+    def user_state(self, user_id):
+        """-> None if there is no such user, else "disabled" or "active"."""
+        raise NotImplementedError
+
+    def list_users(self):
+        """[(user_id, is_system, disabled, [(program_id, access)])] sorted by id."""
+        raise NotImplementedError
+
+    def list_keys(self, user_id):
+        """[(key_id, created_us, last_used_us, revoked_us)] of a user's keys, oldest first."""
+        raise NotImplementedError
+
+    def find_program(self, program_id):
+        """-> (name, registered_types_only), or None when the program is not registered."""
+        raise NotImplementedError
+
+    def list_programs(self):
+        """[(program_id, name, registered_types_only)] sorted by id."""
+        raise NotImplementedError
+
+    def type_registered(self, event_type):
+        """Whether ``event_type`` is registered (in a transaction: and held so until it
+        ends)."""
+        raise NotImplementedError
+
+    def registered_types(self, limit):
+        """-> (the first ``limit`` registered types by name, how many there are)."""
+        raise NotImplementedError
+
+    def event_types_json(self, programs, event_type=None):
+        """The catalogue (docs/API."""
+        raise NotImplementedError
+
+    def read_event(self, event_id):
+        """-> the row (EVENT_COLUMNS) of an event or tombstone, or None."""
+        raise NotImplementedError
+
+    def last_sequence(self):
+        """The largest Sequence ever assigned (rows are never removed), 0 for none."""
+        raise NotImplementedError
+
+    def changes_since(self, seq, limit):
+        """[(seq, program_id, event_type)] of the changes after Sequence ``seq``, at most
+        ``limit``."""
+        raise NotImplementedError
+
+    def read_feed(self, programs, query, strategy=None):
+        """One page of the change feed: up to ``query.limit + 1`` rows (the extra one tells
+        HasMore) with seq > query.after, in seq order, for ``programs`` (a list, or None
+        for every program)."""
+        raise NotImplementedError
+
+    def export_events(self, programs=()):
+        """Every event (tombstones included) in Sequence order, as rows (EVENT_COLUMNS),
+        from one snapshot, streamed."""
+        raise NotImplementedError
+
+    def answers(self):
+        """Raises one of ``storage.errors`` unless the database answers a query."""
+        raise NotImplementedError
+
+
+class Transaction(Reads):
+    """A write transaction: a Reads inside it, plus the writes. ``now`` is its
+    time (microseconds); ``rules`` a TypeRules over it. ``upsert_event`` returns
+    a function giving the revision: PostgreSQL sends a transaction's upserts
+    together and reads the answers at the first question."""
+
+    def changes(self):
+        """How many rows this transaction has written (or sent to be)."""
+        raise NotImplementedError
+
+    def peek_seq(self):
+        """The Sequence the next change will take (claim it with take_seq)."""
+        raise NotImplementedError
+
+    def take_seq(self):
+        """Claim the next Sequence for a change of this transaction."""
+        raise NotImplementedError
+
+    def current(self, event_id):
+        """-> (revision, deleted) of a stored event, or None."""
+        raise NotImplementedError
+
+    def upsert_event(self, event):
+        """Create or change ``event`` unless it is a replay -> a function that returns its
+        new revision, or None (PostgreSQL answers it later; see Later)."""
+        raise NotImplementedError
+
+    def current_many(self, event_ids):
+        """-> {event_id: (revision, deleted, content_hash)} of those stored."""
+        raise NotImplementedError
+
+    def insert_events(self, events):
+        """[(EventInput, seq)] of new events, in one executemany."""
+        raise NotImplementedError
+
+    def update_events(self, events):
+        """[(EventInput, seq)] of stored events, each a new revision."""
+        raise NotImplementedError
+
+    def live_revision(self, event_id):
+        """-> the revision of a live event, or None (missing or a tombstone)."""
+        raise NotImplementedError
+
+    def tombstone(self, event_id):
+        """Turn a stored event into a tombstone with a new revision and Sequence -> the
+        revision."""
+        raise NotImplementedError
+
+    def member_event_ids(self, program_id, member_id):
+        """The live events of one member of a program, in Sequence order."""
+        raise NotImplementedError
+
+    def insert_tombstone(self, event_id, program_id, event_type):
+        """Store a tombstone for an event that was never stored (import) -> its revision."""
+        raise NotImplementedError
+
+    def put_program(self, program_id, name, registered_types_only=None):
+        """Register or rename a program; ``registered_types_only`` None keeps the setting
+        (false for a new program). Returns the setting now in force."""
+        raise NotImplementedError
+
+    def register_event_type(self, event_type, description):
+        """Register ``event_type``, or change its description."""
+        raise NotImplementedError
+
+    def lock_event_type(self, event_type):
+        """Whether ``event_type`` is registered, locked against writes of it until this
+        transaction ends."""
+        raise NotImplementedError
+
+    def strict_users_of_type(self, event_type):
+        """[(program_id, live events)] of the programs that take registered types only and
+        have live events of ``event_type``."""
+        raise NotImplementedError
+
+    def delete_event_type(self, event_type):
+        """Unregister ``event_type`` (its events keep it)."""
+        raise NotImplementedError
+
+    def insert_user(self, user_id, is_system):
+        """Create a user."""
+        raise NotImplementedError
+
+    def insert_key(self, key_id, user_id, key_hash):
+        """Store a key's hash for a user."""
+        raise NotImplementedError
+
+    def set_grants(self, user_id, grants):
+        """Grant ``{program_id: access}`` to a user (replacing those programs' grants)."""
+        raise NotImplementedError
+
+    def revoke_grant(self, user_id, program_id):
+        """-> whether the user held a grant on the program (now removed)."""
+        raise NotImplementedError
+
+    def set_user_disabled(self, user_id, disabled):
+        """-> whether the user exists (disabled: none of its keys work)."""
+        raise NotImplementedError
+
+    def revoke_key(self, user_id, key_id):
+        """-> whether the user has that key (now revoked; revoking twice keeps the first
+        time)."""
+        raise NotImplementedError
+
+    def touch_key(self, key_id, when):
+        """Record a key's last use."""
+        raise NotImplementedError
+
+
+class Storage:
+    """A database, open: see the module's docstring for what it offers."""
+
+    backend = None
+    errors = ()
+
+    def reads(self):
+        """This thread's Reads."""
+        raise NotImplementedError
+
+    def session(self):
+        """A Session of its own (``transaction(now, seqs)``, ``close()``)."""
+        raise NotImplementedError
+
+    def watch_commits(self):
+        """A CommitWatch: ``changes(timeout, stop, limit)`` -> None or
+        [(seq, program_id, event_type)] committed by any process since the last look."""
+        raise NotImplementedError
+
+    def local_file(self, suffix):
+        """A file this machine's processes on this database share, or None."""
+        raise NotImplementedError
+
+    def failure(self, exc):
+        """-> the Failure that ``exc`` (one of ``errors``) is, or None for a bug."""
+        raise NotImplementedError
+
+    @staticmethod
+    def retryable(exc):
+        """Whether a transaction that raised ``exc`` may succeed if run again."""
+        raise NotImplementedError
+
+    def health_details(self):
+        """What /health adds for this backend (a dict)."""
+        raise NotImplementedError
+
+    def durability(self):
+        """One line for the operator: whether a 200 is durable here."""
+        raise NotImplementedError
+
+    def reopened(self):
+        """The same database, opened anew in a forked child."""
+        raise NotImplementedError
+
+    def forget_after_fork(self):
+        """In a forked child: never use or close the parent's connections."""
+        raise NotImplementedError
+
+    def close(self):
+        raise NotImplementedError
+
+
+class Backups:
+    """A storage that can copy itself consistently while in use (the command
+    line's ``backup``)."""
+
+    def backup_to(self, path, on_progress):
+        """Copy the database to a new file at ``path``; ``on_progress(done, total)``.
+        -> the events in the copy."""
+        raise NotImplementedError
+
+    @staticmethod
+    def check_copy(path):
+        """-> (an integrity verdict, "ok" when sound; the events) of a copy."""
+        raise NotImplementedError
+
+
+class TypeRules:
+    """What programs take, read from ``reads`` once per program and type and kept:
+    one per write transaction (read under the write lock, so a rule changed by
+    any process is seen by the next transaction), or one per check of an import."""
+
+    def __init__(self, reads):
+        self.reads = reads
+        self._strict = {}       # program id -> registered_types_only, or None: not registered
+        self._registered = {}   # event type -> registered?
+
+    def program_exists(self, program_id):
+        return self._program_rule(program_id) is not None
+
+    def _program_rule(self, program_id):
+        if program_id not in self._strict:
+            found = self.reads.find_program(program_id)
+            self._strict[program_id] = found and found[1]
+        return self._strict[program_id]
+
+    def type_allowed(self, program_id, event_type):
+        """False when the program takes registered types only and this one is not."""
+        if not self._program_rule(program_id):
+            return True
+        if event_type not in self._registered:
+            self._registered[event_type] = self.reads.type_registered(event_type)
+        return self._registered[event_type]
+
+
+def event_row(event, seq, now):
+    """An EventInput's named parameters for the events table."""
+    return {"seq": seq, "event_id": event.event_id, "program_id": event.program_id,
+            "event_type": event.event_type, "member_id": event.member_id, "start_us": event.start_us,
+            "end_us": event.end_us, "doc": event.doc, "ref_event_id": event.ref_event_id,
+            "content_hash": event.content_hash, "now": now}
+
+
+def changes_after_last_look(watch, limit):
+    """A commit watch's changes since its last look (``watch.last_seq``), which
+    moves to the last of them."""
+    changed = watch.reads.changes_since(watch.last_seq, limit)
+    if changed:
+        watch.last_seq = changed[-1][0]
+    return changed
+
+
+# --- Database names ----------------------------------------------------------------
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def safe_db_name(db):
+    """A database name fit for a log or an error: a URL without its password
+    (in its user part, or as a ``password`` or ``sslpassword`` parameter)."""
+    db = str(db)
+    if not db.startswith(POSTGRES_SCHEMES):
+        return db
+    url = urllib.parse.urlsplit(db)
+    if url.password is not None:
+        userinfo, host = url.netloc.rsplit("@", 1)
+        url = url._replace(netloc=f"{userinfo.split(':', 1)[0]}:***@{host}")
+    query = [(name, "***" if name in PASSWORD_PARAMETERS else value)
+             for name, value in urllib.parse.parse_qsl(url.query, keep_blank_values=True)]
+    return url._replace(query=urllib.parse.urlencode(query, safe="*")).geturl()
+
+
+def _url_passwords(db):
+    url = urllib.parse.urlsplit(db)
+    found = [url.password] if url.password else []
+    return found + [value for name, value in urllib.parse.parse_qsl(url.query) if name in PASSWORD_PARAMETERS and value]
+
+
+PASSWORD_PARAMETERS = ("password", "sslpassword")
+
+
+def safe_text(text, db):
+    """``text`` (an error message, a URL) without the passwords in the database URL ``db``."""
+    text, db = str(text), str(db)
+    if not db.startswith(POSTGRES_SCHEMES):
+        return text
+    for password in sorted(_url_passwords(db), key=len, reverse=True):
+        for form in {password, urllib.parse.unquote(password), urllib.parse.quote(password, safe="")}:
+            text = text.replace(form, "***")
+    return text
