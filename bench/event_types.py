@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import run as bench  # noqa: E402  (bench/run.py: wrk, Server, event_body)
-from run import eventstore  # noqa: E402
+import common  # noqa: E402  (bench/common.py: wrk, Server, event_body, rounds in turn, percentile)
+import eventstore  # noqa: E402
 import eventstore_sqlite  # noqa: E402
 
 PROGRAMS = [f"P{n}" for n in range(10)]
@@ -66,16 +66,16 @@ def build(path, events):
 
 def catalogue_figure(folder, events, seconds):
     path = folder / "catalogue.db"
-    bench.say(f"13: building a {events:,}-event database over 10 programs and 30 types ...")
+    common.say(f"13: building a {events:,}-event database over 10 programs and 30 types ...")
     key = build(path, events)
-    server = bench.Server(path)
+    server = common.Server(path)
     try:
         auth = "Basic " + base64.b64encode(f"bench:{key}".encode()).decode()
         status, _, answer = server.request("GET", "/event-types", user="bench", key=key)
         assert status == 200 and len(answer["EventTypes"]) == 30, status
         lua = {name: GET_LUA % {"auth": auth, "path": f"/{name}"} for name in ("event-types", "programs")}
-        bench.wrk(server.port, lua["event-types"], 2)  # warm
-        runs = bench.alternating({name: lambda n, script=script: bench.wrk(server.port, script, seconds)
+        common.wrk(server.port, lua["event-types"], 2)  # warm
+        runs = common.alternating({name: lambda n, script=script: common.wrk(server.port, script, seconds)
                                   for name, script in lua.items()})
     finally:
         server.stop()
@@ -94,15 +94,15 @@ def put_figure(folder, seconds, rounds=8):
             for (trigger,) in conn.execute("SELECT name FROM sqlite_schema WHERE type = 'trigger'").fetchall():
                 conn.execute(f"DROP TRIGGER {trigger}")  # this bench's own copy: what PUT cost before the counts
         conn.close()
-        server = bench.Server(path)
+        server = common.Server(path)
         server.request("PUT", "/programs/FOO", {"Name": "Foo"}, user="admin", key=server.admin_key)
         servers[name] = server
-    scripts = {name: bench.PUT_LUA % {"auth": "Basic " + base64.b64encode(f"admin:{server.admin_key}".encode()).decode(),
-                                      "body": json.dumps(bench.event_body(1))} for name, server in servers.items()}
+    scripts = {name: common.PUT_LUA % {"auth": "Basic " + base64.b64encode(f"admin:{server.admin_key}".encode()).decode(),
+                                      "body": json.dumps(common.event_body(1))} for name, server in servers.items()}
     try:
         for name, server in servers.items():
-            bench.wrk(server.port, scripts[name], 2, args=["warm"])
-        runs = bench.alternating({name: lambda n, name=name: bench.wrk(servers[name].port, scripts[name], seconds,
+            common.wrk(server.port, scripts[name], 2, args=["warm"])
+        runs = common.alternating({name: lambda n, name=name: common.wrk(servers[name].port, scripts[name], seconds,
                                                                         args=[f"r{n}"])[0]
                                   for name in servers}, rounds)
     finally:
@@ -115,11 +115,11 @@ def put_figure(folder, seconds, rounds=8):
 def main(events=1_000_000, seconds=10):
     folder = Path(tempfile.mkdtemp(prefix="eventstore-bench-types-"))
     catalogue = catalogue_figure(folder, events, seconds)
-    bench.say("14: PUT with the counts kept and without ...")
+    common.say("14: PUT with the counts kept and without ...")
     put_ratio, puts = put_figure(folder, max(3, seconds // 2))
     figures = {"13. GET /event-types vs GET /programs": catalogue["event-types"] / catalogue["programs"],
                "14. PUT, counts kept vs not": put_ratio}
-    print(f"\nissue 12, event types ({events:,} events; wrk -t1 -c16; 13: medians of {bench.ROUNDS} rounds of {seconds} s; "
+    print(f"\nissue 12, event types ({events:,} events; wrk -t1 -c16; 13: medians of {common.ROUNDS} rounds of {seconds} s; "
           f"14: the median ratio of 8 pairs of {max(3, seconds // 2)} s runs)")
     for name, value in figures.items():
         print(f"{name:40} {value:7.2f}  >= {TARGETS[name]:<5} {'met' if value >= TARGETS[name] else 'NOT MET'}")

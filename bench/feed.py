@@ -50,8 +50,11 @@ def build(path, programs):
 def call(app, path, user, key):
     token = base64.b64encode(f"{user}:{key}".encode()).decode()
     path, _, query = path.partition("?")
+    # wsgi.multithread: this calls the app from several threads, as a threaded
+    # server does (a host that says it serves one request at a time gets wait=
+    # answered at once, and the long polls below would never wait).
     environ = {"REQUEST_METHOD": "GET", "PATH_INFO": path, "QUERY_STRING": query, "REMOTE_ADDR": "127.0.0.1",
-               "HTTP_AUTHORIZATION": f"Basic {token}", "wsgi.input": None}
+               "HTTP_AUTHORIZATION": f"Basic {token}", "wsgi.input": None, "wsgi.multithread": True}
     statuses = []
     body = b"".join(app(environ, lambda status, headers: statuses.append(status)))
     assert statuses[0].startswith("200"), (statuses, body[:200])

@@ -36,10 +36,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import run as bench  # noqa: E402  (bench/run.py: wrk, Server, event_body, percentile)
-from run import eventstore  # noqa: E402
+import common  # noqa: E402  (bench/common.py: wrk, Server, event_body, rounds in turn, percentile)
+import eventstore  # noqa: E402
 import eventstore_storage  # noqa: E402
-from pg_cluster import Cluster  # noqa: E402  (tests/pg_cluster.py)
+from tests.pg_cluster import Cluster  # noqa: E402
 
 TARGETS = {"P1. PUT, PostgreSQL vs SQLite": 0.7, "P2. GET, PostgreSQL vs SQLite": 0.8,
            "P1'. PUT, PG vs SQLite, 2 processes": 0.7, "P2'. GET, PG vs SQLite, 2 processes": 0.8,
@@ -56,20 +56,20 @@ def prepare(server):
     key = server.admin_key
     server.request("PUT", "/programs/FOO", {"Name": "Foo"}, user="admin", key=key)
     for start in range(1, 10_001, 1000):
-        body = json.dumps({"Events": [{"EventId": f"FOO-g-{n}", **bench.event_body(n)}
+        body = json.dumps({"Events": [{"EventId": f"FOO-g-{n}", **common.event_body(n)}
                                       for n in range(start, start + 1000)]}).encode()
         assert server.request("POST", "/events", body, user="admin", key=key,
                               headers={"Content-Type": "application/json"})[0] == 200
     auth = auth_of(key)
-    return (bench.PUT_LUA % {"auth": auth, "body": json.dumps(bench.event_body(1))},
-            bench.GET_LUA % {"auth": auth, "count": 10_000})
+    return (common.PUT_LUA % {"auth": auth, "body": json.dumps(common.event_body(1))},
+            common.GET_LUA % {"auth": auth, "count": 10_000})
 
 
 def post_rate(server, seconds, tag):
     """POST /events, 1,000 events a request, one client -> events/s."""
     started, posted = time.perf_counter(), 0
     while time.perf_counter() - started < seconds:
-        body = json.dumps({"Events": [{"EventId": f"FOO-b{tag}-{posted + n}", **bench.event_body(n)}
+        body = json.dumps({"Events": [{"EventId": f"FOO-b{tag}-{posted + n}", **common.event_body(n)}
                                       for n in range(1000)]}).encode()
         assert server.request("POST", "/events", body, user="admin", key=server.admin_key,
                               headers={"Content-Type": "application/json"})[0] == 200
@@ -82,14 +82,14 @@ def backend_figures(sqlite_path, pg_url, processes, seconds, rounds=3):
     (this machine drifts by more than some of the differences): -> per backend
     the median PUT and GET req/s and p99 over ``rounds``, and POST events/s, and
     the median of the rounds' PostgreSQL/SQLite ratios."""
-    servers = {"sqlite": bench.Server(sqlite_path, "--processes", str(processes)),
-               "postgresql": bench.Server(pg_url, "--processes", str(processes))}
+    servers = {"sqlite": common.Server(sqlite_path, "--processes", str(processes)),
+               "postgresql": common.Server(pg_url, "--processes", str(processes))}
     try:
         scripts = {name: prepare(server) for name, server in servers.items()}
         for name, server in servers.items():
-            bench.wrk(server.port, scripts[name][0], 2, args=[f"warm{processes}"])
-        runs = bench.alternating({
-            (name, kind): lambda n, name=name, script=scripts[name][script_index]: bench.wrk(
+            common.wrk(server.port, scripts[name][0], 2, args=[f"warm{processes}"])
+        runs = common.alternating({
+            (name, kind): lambda n, name=name, script=scripts[name][script_index]: common.wrk(
                 servers[name].port, script, seconds, args=[f"r{processes}-{n}"], timeouts_allowed=True)
             for kind, script_index in (("put", 0), ("get", 1)) for name in servers}, rounds)
         figures = {name: {kind: statistics.median(run[0] for run in runs[name, kind]) for kind in ("put", "get")}
@@ -110,17 +110,17 @@ def backend_figures(sqlite_path, pg_url, processes, seconds, rounds=3):
 
 def two_server_figures(url, key, seconds):
     """PUT, then GET, through two servers on one database at once -> summed req/s."""
-    servers = [bench.Server(url, "--processes", "1"), bench.Server(url, "--processes", "1")]
+    servers = [common.Server(url, "--processes", "1"), common.Server(url, "--processes", "1")]
     try:
         auth = auth_of(key)
-        put_lua = bench.PUT_LUA % {"auth": auth, "body": json.dumps(bench.event_body(1))}
-        get_lua = bench.GET_LUA % {"auth": auth, "count": 10_000}
+        put_lua = common.PUT_LUA % {"auth": auth, "body": json.dumps(common.event_body(1))}
+        get_lua = common.GET_LUA % {"auth": auth, "count": 10_000}
         rates = {}
         for name, lua in (("put", put_lua), ("get", get_lua)):
             results = [None, None]
 
             def load(i):
-                results[i] = bench.wrk(servers[i].port, lua, seconds, connections=8, args=[f"two{name}{i}"])
+                results[i] = common.wrk(servers[i].port, lua, seconds, connections=8, args=[f"two{name}{i}"])
 
             threads = [threading.Thread(target=load, args=(i,)) for i in range(2)]
             for thread in threads:
@@ -147,20 +147,20 @@ def pull_figures(cluster, events):
     for start in range(0, events, 50_000):
         count = min(50_000, events - start)
         with session.transaction(eventstore.now_us(), seqs=count) as tx:
-            tx.insert_events([(eventstore.validate_event(f"FOO-e{n}", bench.event_body(n)), tx.take_seq())
+            tx.insert_events([(eventstore.validate_event(f"FOO-e{n}", common.event_body(n)), tx.take_seq())
                               for n in range(start, start + count)])
     session.close()
     storage.close()
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("VACUUM ANALYZE events")
-    server = bench.Server(url)
+    server = common.Server(url)
     try:
-        pulled, pull_rate = bench.pull_through_next(server.port, "bench", key)
+        pulled, pull_rate = common.pull_through_next(server.port, "bench", key)
     finally:
         server.stop()
     assert pulled == events, pulled
     with psycopg.connect(url, autocommit=True) as conn:
-        raw_rate = bench.keyset_pull(lambda after_seq: conn.execute(
+        raw_rate = common.keyset_pull(lambda after_seq: conn.execute(
             f"SELECT {eventstore_storage.EVENT_COLUMNS} FROM events WHERE seq > %s ORDER BY seq LIMIT 1000",
             (after_seq,)).fetchall())
     return pull_rate, raw_rate
@@ -168,7 +168,7 @@ def pull_figures(cluster, events):
 
 def soak(url, seconds, publishers=8):
     """-> (acknowledged changes, missed, out of order, changes served per follower)."""
-    servers = [bench.Server(url), bench.Server(url)]
+    servers = [common.Server(url), common.Server(url)]
     key = servers[0].admin_key
     servers[0].request("PUT", "/programs/FOO", {"Name": "Foo"}, user="admin", key=key)
     acknowledged, lock, stop = {}, threading.Lock(), threading.Event()
@@ -178,7 +178,7 @@ def soak(url, seconds, publishers=8):
         server, n = servers[w % 2], 0
         while not stop.is_set():
             event_id = f"FOO-s{w}-{n % 50}"
-            status, headers, _ = server.request("PUT", f"/events/{event_id}", bench.event_body(n), user="admin",
+            status, headers, _ = server.request("PUT", f"/events/{event_id}", common.event_body(n), user="admin",
                                                 key=key)
             if status == 200:
                 with lock:
@@ -226,18 +226,18 @@ def main(events=1_000_000, seconds=10, soak_seconds=60):
     if cluster is None:
         raise SystemExit("PostgreSQL's server binaries are not installed: no PostgreSQL figures")
     try:
-        bench.say("P1-P3: one server on each backend, 1 process, measured in alternation ...")
+        common.say("P1-P3: one server on each backend, 1 process, measured in alternation ...")
         url = cluster.new_database()
         one, one_ratios, key = backend_figures(folder / "one.db", url, 1, seconds)
-        bench.say("P1-P3 again with 2 processes a server (serve.py's default on this machine) ...")
+        common.say("P1-P3 again with 2 processes a server (serve.py's default on this machine) ...")
         two_procs, two_ratios, _ = backend_figures(folder / "two.db", cluster.new_database(), 2, seconds)
-        bench.say("P4: two servers on one PostgreSQL database ...")
+        common.say("P4: two servers on one PostgreSQL database ...")
         two = two_server_figures(url, key, seconds)
-        bench.say(f"P5: pulling {events:,} events through Next on PostgreSQL ...")
+        common.say(f"P5: pulling {events:,} events through Next on PostgreSQL ...")
         pull, raw = pull_figures(cluster, events)
-        bench.say("P6: cross-server long-poll wake-up ...")
-        wakes = bench.wake_up_latencies(cluster.new_database())
-        bench.say(f"P7: {soak_seconds} s, 8 publishers on two servers, a follower on each ...")
+        common.say("P6: cross-server long-poll wake-up ...")
+        wakes = common.wake_up_latencies(cluster.new_database())
+        common.say(f"P7: {soak_seconds} s, 8 publishers on two servers, a follower on each ...")
         changes, missed, out_of_order, served = soak(cluster.new_database(), soak_seconds)
     finally:
         cluster.stop()
@@ -257,7 +257,7 @@ def main(events=1_000_000, seconds=10, soak_seconds=60):
         target = TARGETS.get(name)
         verdict = f">= {target:<5} {'met' if value >= target else 'NOT MET'}" if target else ""
         print(f"{name:40} {value:7.2f}  {verdict}")
-    p50, p99 = bench.percentile(wakes, 50), bench.percentile(wakes, 99)
+    p50, p99 = common.percentile(wakes, 50), common.percentile(wakes, 99)
     print(f"{'P6. cross-server long-poll wake-up (ms)':40} p50 {p50:.1f}, p99 {p99:.1f}  "
           f"p99 < {WAKE_TARGET_MS:g} {'met' if p99 < WAKE_TARGET_MS else 'NOT MET'}")
     print(f"{'P7. missed / out of order':40} {missed} / {out_of_order} of {changes:,} acknowledged changes "
