@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import eventstore  # noqa: E402
+from server import event_body  # noqa: E402,F401  (tests import it from here too)
 import eventstore_sqlite
 import eventstore_admin  # noqa: E402
 
@@ -302,19 +303,6 @@ def writer(registry):
 @pytest.fixture
 def reader(registry):
     return registry.client("reader")
-
-
-def event_body(program_id="FOO", **fields):
-    body = {
-        "ProgramId": program_id,
-        "ProgramMemberId": "joebob@example.com",
-        "EventType": "CourseCompleted",
-        "EventStartUTC": "2026-03-01T09:30:00Z",
-        "EventEndUTC": "2026-03-01T11:00:00.250000Z",
-        "EventData": {"course": "CPR-101", "score": 97},
-    }
-    body.update(fields)
-    return {k: v for k, v in body.items() if v is not ...}
 
 
 @pytest.fixture

@@ -19,12 +19,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def event_body(program_id="FOO", **fields):
+    """The tests' event body: a course completion of program ``program_id``; a
+    field given as ``...`` is left out, any other given replaces the default."""
+    body = {
+        "ProgramId": program_id,
+        "ProgramMemberId": "joebob@example.com",
+        "EventType": "CourseCompleted",
+        "EventStartUTC": "2026-03-01T09:30:00Z",
+        "EventEndUTC": "2026-03-01T11:00:00.250000Z",
+        "EventData": {"course": "CPR-101", "score": 97},
+    }
+    body.update(fields)
+    return {k: v for k, v in body.items() if v is not ...}
+
+
 def event(n=0, member="m", program="FOO", pad=0):
-    """The event body of the end-to-end tests: EventData {"n": n}, padded with
-    ``pad`` bytes where a test needs big events."""
-    data = {"n": n, "pad": "x" * pad} if pad else {"n": n}
-    return {"ProgramId": program, "ProgramMemberId": member, "EventType": "T",
-            "EventStartUTC": "2026-03-01T09:30:00Z", "EventData": data}
+    """event_body as the end-to-end tests number their events: EventData {"n": n}
+    (padded with ``pad`` bytes where a test needs big events), type T."""
+    return event_body(program, ProgramMemberId=member, EventType="T", EventEndUTC=...,
+                      EventData={"n": n, "pad": "x" * pad} if pad else {"n": n})
 
 
 def free_port():
