@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -205,10 +206,22 @@ def test_sigterm_stops_every_process_cleanly_answering_long_polls(tmp_path):
     conn.close()
 
 
+def listening_sockets(port):
+    """How many sockets listen on ``port`` (each worker has its own, SO_REUSEPORT)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            count += int(local.rsplit(":", 1)[1], 16) == port and state == "0A"  # 0A: LISTEN
+    return count
+
+
 def test_the_failed_authentication_throttle_holds_across_workers(tmp_path):
     server = Server(tmp_path / "throttle.db", "--max-auth-failures", "4", processes=2)
     try:
-        wait_for(lambda: len(server.workers()) == 2, "two workers")
+        # Both workers listening (a worker still starting takes no connection, and
+        # one worker alone would count every failure itself: the test could not fail).
+        wait_for(lambda: listening_sockets(server.port) == 2, "two workers listening")
         statuses = [server.request("GET", "/programs", user="admin", key="esk_" + "x" * 43)[0] for _ in range(10)]
     finally:
         server.stop()
@@ -218,7 +231,6 @@ def test_the_failed_authentication_throttle_holds_across_workers(tmp_path):
 
 
 def test_workers_that_keep_dying_at_start_stop_the_server_with_status_1(tmp_path):
-    import eventstore
     import eventstore_sqlite
     db = tmp_path / "dying.db"
     eventstore_sqlite.SQLiteStorage(db).close()
