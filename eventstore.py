@@ -1,9 +1,11 @@
-"""eventstore: the Learning Hub's event registry, as one WSGI module over SQLite.
+"""eventstore: the Learning Hub's event registry, as one WSGI application.
 
 Programs publish learners' events with ``PUT /events/{eventId}``; other programs
 read them back and follow the change feed ``GET /events``. The contract is
-docs/API.md; ``make_app(db_path)`` returns the WSGI application and
-``python eventstore.py --help`` is the admin command line.
+docs/API.md; ``make_app(db_path)`` returns the WSGI application, over SQLite
+(eventstore_sqlite.py) or PostgreSQL (eventstore_pg.py) behind one storage
+interface (eventstore_storage.py); ``python eventstore.py --help`` is the admin
+command line (eventstore_admin.py). docs/DESIGN.md shows how they fit.
 
 The module reads top to bottom in the order a request flows through it; each
 section only uses what stands above it.
