@@ -296,11 +296,11 @@ class Client:
         if connection is None:
             factory = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
             connection = self._local.connection = factory(self.host, self.port, timeout=timeout)
+        connection.timeout = timeout
+        if connection.sock is None:  # new, or closed (by the server, or by close() from another thread)
+            connection.connect()
             with self._lock:
                 self._connections.add(connection)
-        connection.timeout = timeout
-        if connection.sock is None:
-            connection.connect()
         connection.sock.settimeout(timeout)
         return connection
 
