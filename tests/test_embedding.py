@@ -3,14 +3,29 @@
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import traceback
+from pathlib import Path
 
 import webtest
 
 import eventstore
-from conftest import event_body, eventually
+from conftest import Registry, event_body, eventually
+
+TESTS = Path(__file__).resolve().parent
+
+
+def in_a_new_interpreter(scenario, *args):
+    """Run ``scenario(*args)``, a function of this module, in a new Python: a
+    fork copies the state of every thread, and the threads other tests leave in
+    pytest's process (one in a SQLite call, say) are not a host's master's."""
+    code = (f"import sys; sys.path[:0] = [{str(TESTS)!r}, {str(TESTS.parent)!r}]; "
+            f"import test_embedding; test_embedding.{scenario.__name__}(*{args!r})")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def in_a_fork(work, timeout=60):
@@ -43,11 +58,23 @@ def in_a_fork(work, timeout=60):
 CHILDREN = 20
 
 
-def test_an_app_used_before_a_fork_serves_in_each_child_and_goes_on_in_the_parent(registry):
+def test_an_app_used_before_a_fork_serves_in_each_child_and_goes_on_in_the_parent(db):
     """Forked while its writer commits (a warm-up, or a master that serves): each
     child opens the database anew on its first request and serves reads and
     writes; none hangs (a fork amid a SQLite call copied its locks held: 2 of 10
     children hung for good); the parent's connections still work after."""
+    in_a_new_interpreter(children_serve_and_the_parent_goes_on, str(db))
+
+
+def children_serve_and_the_parent_goes_on(db):
+    registry = Registry(db)
+    try:
+        forks_while_writing(registry)
+    finally:
+        registry.close()
+
+
+def forks_while_writing(registry):
     admin = registry.client("admin")
     admin.put_json("/events/FOO-1", event_body())
     stop, written = threading.Event(), []
@@ -82,7 +109,11 @@ def test_a_forked_child_has_writer_and_throttle_locks_of_its_own(tmp_path):
     """flock locks belong to an open file description, which a fork shares: the
     child's writer lock excluded nobody while the parent held it. The child opens
     its own, and waits for the parent's."""
-    app = eventstore.make_app(tmp_path / "forked.db")
+    in_a_new_interpreter(a_child_takes_locks_of_its_own, str(tmp_path / "forked.db"))
+
+
+def a_child_takes_locks_of_its_own(path):
+    app = eventstore.make_app(path)
     try:
         webtest.TestApp(app).get("/health")
         lock, table = app.storage.writer_lock, app.throttle.shared
