@@ -37,8 +37,11 @@ def _check_programs(db, program_ids):
 
 
 def _check_user(db, user_id):
-    if db.user_state(user_id) is None:
+    """-> the user's state ("active" or "disabled"); CommandError if there is no such user."""
+    state = db.user_state(user_id)
+    if state is None:
         raise CommandError(f"no such user: {user_id}")
+    return state
 
 
 def _fmt_time(micros):
@@ -120,8 +123,7 @@ def cmd_user_list(db, args, out):
 
 
 def cmd_key_add(db, args, out):
-    _check_user(db, args.user_id)
-    if db.user_state(args.user_id) == "disabled":
+    if _check_user(db, args.user_id) == "disabled":
         raise CommandError(f"user {args.user_id} is disabled, so a key would not work "
                            f"(enable it first: user enable {args.user_id})")
     with db.transaction(now_us()) as tx:

@@ -655,10 +655,7 @@ def main(argv=None, environ=None, out=None, err=None):
         return 2
     try:
         return args.func(client, args, out, err)
-    except ClientError as exc:
-        print(f"error: {exc}", file=err)
-        return 1
-    except (OSError, ValueError) as exc:
+    except (ClientError, OSError, ValueError) as exc:  # a refusal, no answer, a file, a bad line
         print(f"error: {exc}", file=err)
         return 1
     except KeyboardInterrupt:
