@@ -2,34 +2,34 @@
 
 Programs publish learners' events with ``PUT /events/{eventId}``; other programs
 read them back and follow the change feed ``GET /events``. The contract is
-docs/API.md; ``make_app(db_path)`` returns the WSGI application, over SQLite
-(eventstore_sqlite.py) or PostgreSQL (eventstore_pg.py) behind one storage
-interface (eventstore_storage.py); ``python eventstore.py --help`` is the admin
-command line (eventstore_admin.py). docs/DESIGN.md shows how they fit.
+docs/API.md; ``make_app(db)`` returns the WSGI application. This module holds
+what the HTTP contract needs and nothing else: parsing and validation, the
+registry's write rules, Basic authentication, the handlers, the route table
+and the app. Below it, each in a module of its own that never imports this one:
+the storage interface (eventstore_storage.py) and its backends
+(eventstore_sqlite.py, eventstore_pg.py), the group-commit writer
+(eventstore_writer.py), the failed-authentication throttle
+(eventstore_throttle.py) and the errors (eventstore_errors.py).
+``python eventstore.py --help`` is the admin command line (eventstore_admin.py).
+docs/DESIGN.md shows how they fit.
 
-The module reads top to bottom in the order a request flows through it; each
-section only uses what stands above it.
+The sections stand in dependency order, leaves first: each uses only what
+stands above it. A request enters at the bottom, at ``EventStore.__call__``,
+and goes up: the router, authentication, a handler, the write rules, storage.
 """
 
 import base64
 import binascii
-import collections
-import contextlib
-import copy
-import fcntl
 import functools
 import hashlib
 import hmac
 import http
-import itertools
 import json
 import logging
 import math
-import mmap
 import os
 import re
 import secrets
-import struct
 import sys
 import threading
 import time
@@ -40,9 +40,13 @@ from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import NamedTuple
 
+from eventstore_errors import Problem, bad_request, field_error, service_unavailable, storage_problem
+from eventstore_news import CommitNews
 from eventstore_sqlite import SQLiteStorage
-from eventstore_storage import (POSTGRES_SCHEMES, SCHEMA_VERSION, Failure, SequencesExhausted, StorageOpenError,
-                                TypeRules, now_us)
+from eventstore_storage import (POSTGRES_SCHEMES, SCHEMA_VERSION, EventInput, FeedQuery, StorageOpenError, TypeRules,
+                                now_us)
+from eventstore_throttle import shared_throttle
+from eventstore_writer import GroupCommitWriter, Later
 
 __all__ = ["make_app", "EventStore", "Problem"]
 
@@ -54,79 +58,6 @@ REALM = 'Basic realm="eventstore", charset="UTF-8"'
 AUTH_CACHE_SECONDS = 1.0
 
 log = logging.getLogger("eventstore")
-
-
-# ============================================================================
-# Errors
-# ============================================================================
-
-class Problem(Exception):
-    """An HTTP error: status, detail, optional per-field ``errors`` and headers.
-
-    Raised anywhere below the app; the app turns it into an RFC 9457
-    application/problem+json response.
-    """
-
-    MAX_ERRORS = 100  # listed in one problem: an answer stays small whatever the request
-
-    def __init__(self, status, detail, errors=None, headers=()):
-        if errors:  # each listed once, at most MAX_ERRORS (a 60 KB request was answered with 5 MB)
-            errors = list({json.dumps(error, sort_keys=True): error for error in errors}.values())
-            if len(errors) > self.MAX_ERRORS:
-                detail = f"{detail} The first {self.MAX_ERRORS} of {len(errors)} errors are listed."
-                errors = errors[:self.MAX_ERRORS]
-        super().__init__(detail)
-        self.status = int(status)
-        self.detail = detail
-        self.errors = errors
-        self.headers = list(headers)
-
-    def response(self):
-        body = {
-            "type": "about:blank",
-            "title": http.HTTPStatus(self.status).phrase,
-            "status": self.status,
-            "detail": self.detail,
-        }
-        if self.errors:
-            body["errors"] = self.errors
-        return Response(self.status, self.headers, _dumps(body), "application/problem+json")
-
-
-def field_error(name, message):
-    return {"field": name, "message": message}
-
-
-def bad_request(detail, errors=None):
-    return Problem(400, detail, errors)
-
-
-def unauthorized():
-    """The one 401 for every kind of bad credential. A new exception each time:
-    re-raising one shared instance grows its traceback chain (frames, environ)
-    with every raise, without bound."""
-    return Problem(401, "Valid credentials are required: HTTP Basic authentication with your user id and API key.",
-                   headers=[("WWW-Authenticate", REALM)])
-
-
-def service_unavailable(detail, retry_after=1):
-    return Problem(503, detail, headers=[("Retry-After", str(retry_after))])
-
-
-# Each kind of storage Failure: its status, and when to try again (seconds).
-FAILURE_ANSWERS = {Failure.BUSY: (503, 1), Failure.UNAVAILABLE: (503, 1), Failure.READ_ONLY: (503, 60),
-                   Failure.DISK_FULL: (507, None)}
-
-
-def storage_problem(storage, exc):
-    """A database error -> the Problem the client gets: its Failure's answer, or
-    (a bug) a bare 500, logged. The database's own message never leaves the server."""
-    failure = storage.failure(exc)
-    if failure is None:
-        log.error("database error: %r", exc)
-        return Problem(500, "Internal error.")
-    status, retry_after = FAILURE_ANSWERS[failure.kind]
-    return Problem(status, failure.detail, headers=[("Retry-After", str(retry_after))] if retry_after else ())
 
 
 # ============================================================================
@@ -231,10 +162,10 @@ def parse_json(body):
 
 
 def _encoder(sort_keys):
-    """A compact, non-ASCII-escaping JSON encoder function made once. json.dumps
-    sets up a new encoder on every call, which was a fifth of a batch's validation
-    time; this builds the stdlib's C encoder once, when there is one. (No cycle
-    check: values parsed from JSON or built here have no cycles.)"""
+    """A compact, non-ASCII-escaping JSON encoder function, the stdlib's C encoder
+    built once when there is one. (No cycle check: values parsed from JSON or
+    built here have no cycles.)"""
+    # PERF: json.dumps sets up a new encoder on every call (docs/DESIGN.md, "Measured choices").
     encoder = json.JSONEncoder(sort_keys=sort_keys, separators=(",", ":"), ensure_ascii=False)
     if json.encoder.c_make_encoder is None:
         return encoder.encode
@@ -283,9 +214,9 @@ MIN_US = (datetime(1, 1, 1).toordinal() - EPOCH_ORDINAL) * 86_400_000_000
 MAX_US = (datetime(9999, 12, 31).toordinal() - EPOCH_ORDINAL + 1) * 86_400_000_000 - 1
 
 
-# The common spelling, which datetime.fromisoformat reads some thirty times
-# faster than the general path below; anything else, or anything it rejects,
-# takes the general path (and gets its error message).
+# PERF: the common spelling goes to datetime.fromisoformat (docs/DESIGN.md,
+# "Measured choices"); anything else, or anything it rejects, takes the general
+# path below (and gets its error message).
 COMMON_DATETIME_RE = re.compile(
     r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,6})?(?:Z|[+-](?:[01]\d|2[0-3]):[0-5]\d)?", re.ASCII)
 ONE_MICROSECOND = timedelta(microseconds=1)
@@ -357,21 +288,6 @@ EVENT_FIELDS = ("ProgramId", "ProgramMemberId", "EventType", "EventStartUTC",
                 "EventEndUTC", "EventData", "ReferenceEventId")
 EVENT_FIELD_SET = frozenset(EVENT_FIELDS)
 MAX_EVENT_DATA_DEPTH = 32
-
-
-class EventInput(NamedTuple):
-    """A validated, normalized event as a PUT asks it to be. (A named tuple:
-    a batch makes a thousand of them, and a frozen dataclass is slow to build.)"""
-
-    event_id: str
-    program_id: str
-    member_id: str
-    event_type: str
-    start_us: int
-    end_us: int
-    doc: str  # the representation up to "Deleted" (see schema.sql), EventData in the client's key order
-    ref_event_id: str | None
-    content_hash: bytes  # of the canonical content, for the replay rule
 
 
 CONTROL_CHARACTER_RE = re.compile("[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc
@@ -569,6 +485,19 @@ def validate_event_type_body(body):
     return description
 
 
+# --- Representations ------------------------------------------------------------
+
+def render_event(row):
+    """An EventRow -> its JSON representation (docs/API.md §3) as text: the stored
+    doc (or, for a tombstone, what it keeps) plus the bookkeeping members."""
+    seq, event_id, program_id, event_type, doc, revision, created_us, updated_us = row
+    if doc is None:
+        doc = (f'{{"EventId":{json_text(event_id)},"ProgramId":{json_text(program_id)},'
+               f'"EventType":{json_text(event_type)},"Deleted":true')
+    return (f'{doc},"Revision":{revision},"Sequence":{seq},"CreatedUTC":"{format_datetime(created_us)}",'
+            f'"UpdatedUTC":"{format_datetime(updated_us)}"}}')
+
+
 # --- Conditional request headers ----------------------------------------------
 
 def etag(revision):
@@ -637,19 +566,6 @@ MAX_LIMIT = 1000
 MAX_WAIT = 30
 
 
-@dataclass(frozen=True)
-class FeedQuery:
-    programs: tuple = ()      # empty: every program the caller may read
-    event_types: tuple = ()
-    member_id: str | None = None
-    ref_event_id: str | None = None
-    start_from_us: int | None = None
-    start_before_us: int | None = None
-    after: int = 0
-    limit: int = 100
-    wait: int = 0
-
-
 def _whole_number(name, text, low, high, errors):
     if not re.fullmatch(r"[0-9]{1,19}", text) or not low <= int(text) <= high:
         errors.append(field_error(name, f"expected a whole number from {low} to {high}"))
@@ -714,7 +630,7 @@ def parse_event_types_query(pairs):
 
 
 # ============================================================================
-# Storage
+# Opening the storage
 # ============================================================================
 #
 # The handlers and the command line speak to one storage interface
@@ -740,274 +656,15 @@ def open_storage(db, busy_timeout_ms=5000, threads=None):
 
 
 # ============================================================================
-# Group commit
-# ============================================================================
-
-class GroupCommitWriter:
-    """One thread that owns a storage session and commits, in a single write
-    transaction, every change queued while the previous commit was being made
-    durable (group commit).
-
-    A change is a function ``change(tx) -> result`` over a Transaction (or
-    a Later of its result, asked for once every change of the batch has run), with
-    ``changed(result)``: what the committed change touched, as a set of
-    (ProgramId, EventType or None) pairs, or True (something, unsaid), or a
-    false value (nothing a feed shows); ``on_commit`` hears the union (None for
-    "unsaid"), so that only long polls that can match re-read. One that
-    raises a Problem (a 404, a 412) must do so before it writes: it fails alone
-    and the others commit. One that raises anything else, or after writing, makes
-    the batch roll back and rerun one change per transaction, so that it fails
-    alone too. ``submit`` returns only after the COMMIT (durable) or raises the
-    change's own error.
-
-    If the thread dies (its session cannot be opened, or anything unexpected
-    escapes), every change it held or had queued fails with a 503, ``failure``
-    says why until a new thread has connected, and the next change starts one.
-
-    A submitter waits at most ``timeout`` seconds: then a change still queued is
-    withdrawn (503, nothing written), one being written gets a 503 that says its
-    outcome is unknown. While a transaction has run longer than that, the writer
-    is ``stuck()`` and changes are refused at once, so that waiting writes cannot
-    take every request thread from reads and /health.
-    """
-
-    def __init__(self, open_session, clock, on_commit=lambda touched: None, max_batch=1000, timeout=10.0):
-        self.open_session, self.clock, self.on_commit = open_session, clock, on_commit
-        self.max_batch = max_batch
-        self.timeout = timeout
-        self.failure = None  # why the last writer thread died, until another connects
-        self.failing = None  # the database error of the last transaction, until one commits
-        self._busy_since = None  # time.monotonic() when the transaction in progress began
-        self._committing = threading.Lock()  # held around each batch; pause() takes it
-        self._paused = False
-        self._queue = []
-        self._wake = threading.Condition()
-        self._thread = None
-        self._stopping = False
-
-    def submit(self, change, changed=lambda result: True, seqs=1):
-        """Queue ``change`` and wait for its outcome: its result, or its error.
-        ``seqs``: how many Sequences it will probably take (a hint for PostgreSQL,
-        which takes them when the transaction begins)."""
-        if self.stuck():
-            raise self.unavailable()
-        item = self.post(change, changed, seqs)
-        deadline = time.monotonic() + self.timeout
-        # Bounded waits: a writer that died without answering is noticed.
-        while not item.done.wait(min(0.5, max(deadline - time.monotonic(), 0))):
-            with self._wake:
-                if item.done.is_set():
-                    break
-                if item.writer is None and time.monotonic() >= deadline:
-                    self._queue.remove(item)
-                    raise self.unavailable()
-                if time.monotonic() >= deadline:
-                    raise service_unavailable(
-                        f"The database did not confirm this write within {self.timeout:g} s; it may or may "
-                        "not have been written. Read it back, or send it again (PUT and POST /events are "
-                        "idempotent).", retry_after=5)
-                if (item.writer or self._thread).is_alive():
-                    continue
-                if item.writer is None:  # still queued: hand it to a new writer
-                    self._start()
-                    continue
-            raise self.unavailable()
-        if item.error is not None:
-            raise item.error
-        return item.result
-
-    def post(self, change, changed=lambda result: True, seqs=0):
-        """Queue ``change`` without waiting for it (best-effort bookkeeping)."""
-        item = _Pending(change, changed, seqs)
-        with self._wake:
-            if self._stopping:
-                raise RuntimeError("the writer is stopped")
-            self._start()
-            self._queue.append(item)
-            self._wake.notify()
-        return item
-
-    def start(self):
-        """Start a writer thread unless one is running (health checks call this,
-        so that a writer that died is brought back even while nobody writes)."""
-        with self._wake:
-            if not self._stopping:
-                self._start()
-
-    def _start(self):
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._run, name="eventstore-writer", daemon=True)
-            self._thread.start()
-
-    def unavailable(self):
-        return service_unavailable("The database cannot take writes at the moment; nothing was written. "
-                                   "Try again shortly.", retry_after=5 if self.stuck() else 1)
-
-    def pause(self):
-        """Let the batch being committed finish, and start no other until resume():
-        a fork must not copy the database library's locks held mid-call."""
-        self._paused = self._committing.acquire(timeout=self.timeout)
-
-    def resume(self):
-        if self._paused:
-            self._paused = False
-            self._committing.release()
-
-    def stuck(self):
-        """Seconds the transaction in progress has run, when that is past the timeout."""
-        since = self._busy_since
-        running = 0 if since is None else time.monotonic() - since
-        return running if running > self.timeout else 0
-
-    def stop(self):
-        with self._wake:
-            self._stopping = True
-            self._wake.notify()
-        if self._thread is not None:
-            self._thread.join()
-
-    def _run(self):
-        batch = []
-        try:
-            session = self.open_session()
-        except Exception as exc:
-            return self._died(exc, batch)
-        self.failure = None
-        try:
-            while True:
-                with self._wake:
-                    while not self._queue and not self._stopping:
-                        self._wake.wait()
-                    if not self._queue:
-                        return
-                    batch, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
-                    for item in batch:
-                        item.writer = threading.current_thread()
-                with self._committing:
-                    self._busy_since = time.monotonic()
-                    try:
-                        self._commit(session, batch)
-                    finally:
-                        self._busy_since = None
-                batch = []
-        except BaseException as exc:
-            self._died(exc, batch)
-        finally:
-            session.close()
-
-    def _died(self, exc, batch):
-        """Fail every change this thread held or that is queued, and say why."""
-        log.error("the database writer stopped: %r; the next write starts another", exc)
-        self.failure = exc
-        with self._wake:
-            batch, self._queue = batch + self._queue, []
-        for item in batch:
-            if not item.done.is_set():
-                item.error, item.result = self.unavailable(), None
-                item.done.set()
-
-    def _commit(self, session, batch):
-        try:
-            self._transaction(session, batch)
-        except _ChangeFailed:
-            for item in batch:  # isolate the failing change: one transaction each
-                try:
-                    self._transaction(session, [item])
-                except _ChangeFailed as failed:
-                    item.error, item.result = failed.__cause__, None
-                except Exception as exc:
-                    item.error, item.result = exc, None
-        except Exception as exc:  # BEGIN or COMMIT failed: nothing of the batch is written
-            self.failing = exc
-            for item in batch:  # each its own copy: an exception is raised in one thread only
-                item.error, item.result = copy.copy(exc).with_traceback(None), None
-        else:
-            self.failing = None
-        touched, unsaid = set(), False
-        for item in batch:
-            changed = item.error is None and item.changed(item.result)
-            if changed is True:
-                unsaid = True  # changed, without saying where
-            elif changed:
-                touched |= changed
-        if unsaid or touched:
-            self.on_commit(None if unsaid else touched)
-        for item in batch:
-            item.done.set()
-
-    def _transaction(self, session, batch):
-        seqs = sum(item.seqs for item in batch)
-        for attempt in itertools.count(1):
-            try:
-                return self._run_changes(session, batch, seqs)
-            except SequencesExhausted as exc:
-                if attempt >= 20:
-                    raise
-                seqs = exc.needed
-            except _ChangeFailed:
-                raise
-            except Exception as exc:  # a deadlock or serialization failure may pass the next time
-                if attempt >= 3 or not session.storage.retryable(exc):
-                    raise
-
-    def _run_changes(self, session, batch, seqs):
-        with session.transaction(self.clock(), seqs) as tx:
-            for item in batch:
-                changes_before = tx.changes()
-                try:
-                    item.result, item.error = item.change(tx), None
-                except SequencesExhausted:
-                    raise
-                except Problem as problem:
-                    if tx.changes() != changes_before:
-                        raise _ChangeFailed() from problem
-                    item.result, item.error = None, problem
-                except Exception as exc:
-                    raise _ChangeFailed() from exc
-            for item in batch:
-                if isinstance(item.result, Later):
-                    try:
-                        item.result = item.result.get()
-                    except Exception as exc:  # after its change wrote: one transaction each, again
-                        raise _ChangeFailed() from exc
-
-
-class Later:
-    """A change's result, asked for (``get()``) only once every change of its
-    group has run: PostgreSQL sends a group's upserts together, in one round
-    trip, and has the answers at the first question (SQLite has them already)."""
-
-    __slots__ = ("get",)
-
-    def __init__(self, get):
-        self.get = get
-
-
-class _ChangeFailed(Exception):
-    """A change failed in a way that only rolling back its transaction undoes."""
-
-
-
-
-class _Pending:
-    __slots__ = ("change", "changed", "seqs", "done", "result", "error", "writer")
-
-    def __init__(self, change, changed, seqs):
-        self.change, self.changed, self.seqs = change, changed, seqs
-        self.done = threading.Event()
-        self.result = self.error = None
-        self.writer = None  # the writer thread that took it
-
-
-# ============================================================================
-# The rules both backends share
+# Write rules
 # ============================================================================
 #
-# Over a Reads or a Transaction: the 404s, 412s, the type rule, what a batch does.
+# What a write must respect, whatever the backend, over a Transaction (or, for
+# checks made before one, a Reads): the 404s and 412s, the type rule, what a
+# batch, a delete, an erasure and an import do. The handlers and the command
+# line's import both write through them.
 
 # --- Programs and event types ----------------------------------------------------
-
-
 
 MAX_TYPES_NAMED = 20  # an error for an unregistered type names at most this many registered ones
 
@@ -1055,22 +712,6 @@ def unregister_event_type(tx, event_type):
 
 # --- Events -------------------------------------------------------------------
 
-def render_event(row):
-    """A row selected with EVENT_COLUMNS -> its JSON representation (docs/API.md §3)
-    as text: the stored doc (or, for a tombstone, what it keeps) plus the
-    bookkeeping members."""
-    seq, event_id, program_id, event_type, doc, revision, created_us, updated_us = row
-    if doc is None:
-        doc = (f'{{"EventId":{json_text(event_id)},"ProgramId":{json_text(program_id)},'
-               f'"EventType":{json_text(event_type)},"Deleted":true')
-    return (f'{doc},"Revision":{revision},"Sequence":{seq},"CreatedUTC":"{format_datetime(created_us)}",'
-            f'"UpdatedUTC":"{format_datetime(updated_us)}"}}')
-
-
-def is_tombstone(row):
-    return row[4] is None
-
-
 def put_event(tx, event, preconditions=None):
     """Create, update or replay ``event`` in transaction ``tx``.
 
@@ -1093,14 +734,14 @@ def put_event_later(tx, event, preconditions=None):
     current = None
     if preconditions:
         current = tx.current(event.event_id)
-        preconditions.check(current[0] if current and not current[1] else None)
+        preconditions.check(current.revision if current and not current.deleted else None)
     written = tx.upsert_event(event)
 
     def outcome():
         revision = written()
         if revision is not None:
             return ("created" if revision == 1 else "updated"), revision
-        return "unchanged", (current or tx.current(event.event_id))[0]
+        return "unchanged", (current or tx.current(event.event_id)).revision
     return Later(outcome)
 
 
@@ -1128,11 +769,11 @@ def put_events(tx, indexed_events):
     inserts, updates, results = [], [], []
     for event in events:
         found = current.get(event.event_id)
-        if found and not found[1] and bytes(found[2]) == event.content_hash:
-            results.append(("unchanged", found[0]))
+        if found and not found.deleted and bytes(found.content_hash) == event.content_hash:
+            results.append(("unchanged", found.revision))
             continue
         (updates if found else inserts).append((event, tx.take_seq()))
-        results.append(("updated", found[0] + 1) if found else ("created", 1))
+        results.append(("updated", found.revision + 1) if found else ("created", 1))
     tx.insert_events(inserts)
     tx.update_events(updates)
     return results
@@ -1168,7 +809,7 @@ def import_tombstone(tx, event_id, event_type):
     if current is None:
         tx.insert_tombstone(event_id, program_of(event_id), event_type)
         return "deleted"
-    if current[1]:
+    if current.deleted:
         return "already deleted"
     tx.tombstone(event_id)
     return "deleted"
@@ -1178,8 +819,17 @@ def import_tombstone(tx, event_id, event_type):
 # Authentication
 # ============================================================================
 #
-# Basic credentials, API keys (only their SHA-256 is stored), users and grants,
-# and the throttle on failed attempts. EventStore.authenticate puts them together.
+# Basic credentials, API keys (only their SHA-256 is stored), users and grants.
+# EventStore.authenticate puts them together with the throttle on failed
+# attempts (eventstore_throttle.py).
+
+def unauthorized():
+    """The one 401 for every kind of bad credential. A new exception each time:
+    re-raising one shared instance grows its traceback chain (frames, environ)
+    with every raise, without bound."""
+    return Problem(401, "Valid credentials are required: HTTP Basic authentication with your user id and API key.",
+                   headers=[("WWW-Authenticate", REALM)])
+
 
 def parse_basic_auth(header):
     """``Authorization`` header value -> ``(user_id, api_key)``, or None if malformed.
@@ -1231,15 +881,14 @@ def authenticate(reads, user_id, api_key, now, touch):
     so neither the answer nor its timing tells which part was wrong. A key's last
     use is recorded, to the minute, by ``touch(key_id, now)``.
     """
-    row = reads.key_row(api_key[:KEY_ID_LENGTH]) if API_KEY_RE.fullmatch(api_key) else None
-    stored = bytes(row[1]) if row else _DUMMY_HASH
+    key = reads.key_row(api_key[:KEY_ID_LENGTH]) if API_KEY_RE.fullmatch(api_key) else None
+    stored = bytes(key.key_hash) if key else _DUMMY_HASH
     hash_ok = hmac.compare_digest(stored, hash_key(api_key))
-    if not (row and hash_ok and row[0] == user_id and row[2] is None and not row[5]):
+    if not (key and hash_ok and key.user_id == user_id and key.revoked_us is None and not key.disabled):
         return None
-    key_owner, _, _, last_used, is_system, _ = row
-    if last_used is None or now - last_used > 60_000_000:
+    if key.last_used_us is None or now - key.last_used_us > 60_000_000:
         touch(api_key[:KEY_ID_LENGTH], now)
-    return Principal(key_owner, bool(is_system), reads.grants_of(key_owner))
+    return Principal(key.user_id, key.is_system, reads.grants_of(key.user_id))
 
 
 def new_api_key():
@@ -1276,190 +925,14 @@ def readable_programs(principal):
     return None if principal.is_system else sorted(principal.grants)
 
 
-# --- The failed-authentication throttle --------------------------------------------
-
-class SharedFailureTable:
-    """Failed-authentication counts shared by every process of a server: a
-    fixed-size table in a memory-mapped file beside the database, so that N
-    worker processes do not give a guesser N times the guesses.
-
-    A slot is (source hash, count, last failure time). A source's count restarts
-    once it has been quiet for the window. Reads take no lock (a torn read at
-    worst misjudges one attempt by one); writes hold an flock on the file. When
-    the probed slots are all taken, the one whose last failure is oldest goes.
-    After the slots, the time of the last failure of any source: while it is
-    older than the window no source can be throttled, and a request's check is
-    one read instead of two probes of the table (a fifth of an authenticated
-    GET's time in the app).
-    """
-
-    SLOT = struct.Struct("<QIxxxxd")   # hash, count, padding, last failure (time.time())
-    SLOTS = 16384
-    PROBES = 8
-    LATEST = struct.Struct("<d")       # the last failure of any source, after the slots
-
-    def __init__(self, path):
-        self.path = path
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        self._latest_at = self.SLOT.size * self.SLOTS
-        size = self._latest_at + self.LATEST.size
-        if os.fstat(self._fd).st_size != size:  # new, or made by a version without LATEST
-            os.ftruncate(self._fd, size)
-        self._map = mmap.mmap(self._fd, size)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        try:  # a table made before LATEST existed: its latest failure is the slots' latest
-            if not self.LATEST.unpack_from(self._map, self._latest_at)[0]:
-                latest = max(self.SLOT.unpack_from(self._map, n * self.SLOT.size)[2] for n in range(self.SLOTS))
-                self.LATEST.pack_into(self._map, self._latest_at, latest)
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-
-    def close(self):
-        self._map.close()
-        os.close(self._fd)
-
-    def quiet(self, now, window):
-        """True when no source has failed within the window (nobody is throttled)."""
-        return now - self.LATEST.unpack_from(self._map, self._latest_at)[0] > window
-
-    @staticmethod
-    def _hash(source):
-        digest = hashlib.blake2b(repr(source).encode("utf-8"), digest_size=8).digest()
-        return int.from_bytes(digest, "little") | 1  # 0 marks an empty slot
-
-    def _find(self, key):
-        """-> (slot offset holding key or None, offset to replace)."""
-        first = key % self.SLOTS
-        oldest, oldest_time = None, math.inf
-        for probe in range(self.PROBES):
-            offset = ((first + probe) % self.SLOTS) * self.SLOT.size
-            stored, _, last = self.SLOT.unpack_from(self._map, offset)
-            if stored == key:
-                return offset, offset
-            if last < oldest_time:
-                oldest, oldest_time = offset, last
-        return None, oldest
-
-    def recent(self, source, now, window):
-        """-> (failures of ``source`` since it was last quiet for ``window``, last failure time)."""
-        offset, _ = self._find(self._hash(source))
-        if offset is None:
-            return 0, None
-        _, count, last = self.SLOT.unpack_from(self._map, offset)
-        return (count, last) if now - last <= window else (0, None)
-
-    def add(self, source, now, window):
-        key = self._hash(source)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        try:
-            found, offset = self._find(key)
-            count = 0
-            if found is not None:
-                _, count, last = self.SLOT.unpack_from(self._map, found)
-                count = count if now - last <= window else 0
-            self.SLOT.pack_into(self._map, offset, key, count + 1, now)
-            self.LATEST.pack_into(self._map, self._latest_at, now)
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-
-
-class AuthThrottle:
-    """Slows down guessing: failed authentications counted per user id and per
-    client address.
-
-    From ``threshold`` failures in ``window`` seconds on, a source is refused (429)
-    for a delay that doubles with every further failure, up to ``max_delay``.
-    An address is refused whatever user it names; a user id is refused only to
-    addresses that have failed recently themselves, so a stranger guessing at a
-    user's keys cannot lock its owner out. A success clears nothing (a guesser
-    holding one good key cannot reset its count); failures age out of the window.
-    A threshold of 0 switches throttling off.
-
-    Counts live in this process (a sliding window; at most ``max_sources``
-    sources, the least recently failing forgotten first) or, with ``path``, in a
-    SharedFailureTable that every process serving the database shares (a count
-    restarts once its source has been quiet for the window).
-    """
-
-    def __init__(self, threshold=10, window=60.0, base_delay=1.0, max_delay=900.0,
-                 max_sources=10_000, clock=time.time, path=None):
-        self.threshold, self.window = threshold, window
-        self.base_delay, self.max_delay = base_delay, max_delay
-        self.max_sources, self.clock = max_sources, clock
-        self.shared = SharedFailureTable(path) if path and threshold else None
-        self._failures = collections.OrderedDict()  # source -> deque of failure times
-        self._lock = threading.Lock()
-
-    def after_fork(self):
-        """In a forked child: a lock of its own, and the shared table opened anew
-        (an flock on the parent's file description would exclude nobody)."""
-        self._lock = threading.Lock()
-        if self.shared is not None:
-            self.shared.close()
-            self.shared = SharedFailureTable(self.shared.path)
-
-    def retry_after(self, user_id, address):
-        """Seconds to wait before trying again, or 0 when the attempt may go ahead."""
-        if not self.threshold:  # throttling switched off
-            return 0
-        now = self.clock()
-        if self.shared is not None and self.shared.quiet(now, self.window):
-            return 0  # a read of the shared table: no lock needed
-        with self._lock:
-            by_address = self._delay(("address", address), now)
-            if by_address or not self._recent(("address", address), now)[0]:
-                return by_address
-            return self._delay(("user", user_id), now)
-
-    def failed(self, user_id, address):
-        if not self.threshold:
-            return
-        with self._lock:
-            now = self.clock()
-            for source in (("address", address), ("user", user_id)):
-                if self.shared is not None:
-                    self.shared.add(source, now, self.window)
-                    continue
-                times = self._failures.pop(source, None) or collections.deque()
-                times.append(now)
-                self._failures[source] = times  # now the most recent
-            while len(self._failures) > self.max_sources:
-                self._failures.popitem(last=False)
-
-    def _recent(self, source, now):
-        """-> (failures within the window, the last one's time)."""
-        if self.shared is not None:
-            return self.shared.recent(source, now, self.window)
-        times = self._failures.get(source)
-        while times and now - times[0] > self.window:
-            times.popleft()
-        return (len(times), times[-1]) if times else (0, None)
-
-    def _delay(self, source, now):
-        count, last = self._recent(source, now)
-        if count < self.threshold:
-            return 0
-        delay = min(self.base_delay * 2 ** (count - self.threshold), self.max_delay)
-        remaining = last + delay - now
-        return math.ceil(remaining) if remaining > 0 else 0
-
-
-def shared_throttle(path, **options):
-    """An AuthThrottle whose counts every process serving one database shares
-    (the file ``path``), or one of this process alone where it cannot be made."""
-    try:
-        return AuthThrottle(path=path, **options)
-    except OSError as exc:
-        log.warning("failed authentications are counted per process: %s", exc)
-        return AuthThrottle(**options)
-
-
 # ============================================================================
-# Handlers
+# Requests and responses
 # ============================================================================
 
 @dataclass
 class Response:
+    """What a handler returns; EventStore.__call__ alone sends it."""
+
     status: int
     headers: list = field(default_factory=list)
     body: bytes = b""
@@ -1470,11 +943,16 @@ def json_response(value, status=200, headers=()):
     return Response(status, list(headers), _dumps(value), "application/json")
 
 
+def problem_response(problem):
+    """A Problem -> its application/problem+json Response (RFC 9457)."""
+    return Response(problem.status, problem.headers, _dumps(problem.to_dict()), "application/problem+json")
+
+
 @dataclass
 class Request:
-    """What a handler needs: the parsed request, the caller and the store."""
+    """What a handler needs: the parsed request, the caller and the app."""
 
-    store: "EventStore"
+    app: "EventStore"
     method: str
     path: str
     params: dict
@@ -1483,9 +961,9 @@ class Request:
     user: Principal | None = None
 
     @property
-    def db(self):
+    def reads(self):
         """The storage's reads for this thread."""
-        return self.store.storage.reads()
+        return self.app.storage.reads()
 
     def header(self, name):
         key = name.upper().replace("-", "_")
@@ -1520,7 +998,7 @@ class Request:
         if media_type.strip().lower() != "application/json" or (
                 charset and charset.group(1).lower() not in ("utf-8", "utf8")):
             raise Problem(415, "The body must be JSON: send Content-Type: application/json (UTF-8).")
-        limit = self.store.max_body_bytes
+        limit = self.app.max_body_bytes
         too_large = Problem(413, f"The body is larger than the limit of {limit} bytes.")
         length = self.header("Content-Length")
         stream = self.environ["wsgi.input"]
@@ -1546,6 +1024,10 @@ class Request:
 CONTENT_LENGTH_RE = re.compile(r"[0-9]+", re.ASCII)
 
 
+# ============================================================================
+# Handlers
+# ============================================================================
+
 def _event_id_param(req):
     event_id = req.params["event_id"]
     return event_id, program_of(event_id)
@@ -1559,7 +1041,7 @@ def _type_errors(req, items):
     candidates = [(index, event_id, program_of(event_id), body.get("EventType")) for index, event_id, body in items
                   if isinstance(body, dict) and program_of(event_id)
                   and not event_type_error(body.get("EventType"))]
-    return unregistered_type_errors(TypeRules(req.db), candidates) if candidates else []
+    return unregistered_type_errors(TypeRules(req.reads), candidates) if candidates else []
 
 
 def put_event_handler(req):
@@ -1572,9 +1054,9 @@ def put_event_handler(req):
         problem.errors += _type_errors(req, [(None, event_id, body)])
         raise
     preconditions = req.preconditions()
-    status, revision = req.store.write(lambda tx: put_event_later(tx, event, preconditions),
-                                       changed=lambda result: result[0] != "unchanged" and {
-                                           (event.program_id, event.event_type)})
+    status, revision = req.app.write(lambda tx: put_event_later(tx, event, preconditions),
+                                     touched=lambda outcome: outcome[0] != "unchanged" and {
+                                         (event.program_id, event.event_type)})
     return Response(200, [("Location", req.url(f"/events/{event_id}")), ("ETag", etag(revision))])
 
 
@@ -1600,10 +1082,10 @@ def post_events_handler(req):
         errors.sort(key=lambda error: error["index"])
         failing = len({e["index"] for e in errors})
         raise bad_request(f"{failing} of {len(batch)} events are not valid; nothing was written.", errors)
-    results = req.store.write(lambda tx: put_events(tx, events),
-                              changed=lambda results: {(event.program_id, event.event_type) for (_, event), (
-                                  status, _) in zip(events, results, strict=True) if status != "unchanged"},
-                              seqs=len(events))
+    results = req.app.write(lambda tx: put_events(tx, events),
+                            touched=lambda results: {(event.program_id, event.event_type) for (_, event), (
+                                status, _) in zip(events, results, strict=True) if status != "unchanged"},
+                            seqs=len(events))
     return json_response({"Results": [{"EventId": event.event_id, "Revision": revision, "Status": status}
                                       for (_, event), (status, revision) in zip(events, results, strict=True)]})
 
@@ -1612,10 +1094,10 @@ def get_event_handler(req):
     event_id, program_id = _event_id_param(req)
     req.require("read", program_id)
     if_none_match = parse_etags("If-None-Match", req.header("If-None-Match"))
-    row = req.db.read_event(event_id) if EVENT_ID_RE.fullmatch(event_id) else None
-    if row is None or is_tombstone(row):
+    row = req.reads.read_event(event_id) if EVENT_ID_RE.fullmatch(event_id) else None
+    if row is None or row.deleted:
         raise Problem(404, f"Event {event_id!r} does not exist.")
-    tag = etag(row[5])
+    tag = etag(row.revision)
     if if_none_match is not None and weak_match(if_none_match, tag):
         return Response(304, [("ETag", tag)])
     return Response(200, [("ETag", tag)], render_event(row).encode("utf-8"), "application/json")
@@ -1627,8 +1109,8 @@ def delete_event_handler(req):
     if not EVENT_ID_RE.fullmatch(event_id):
         raise bad_request("The eventId is not valid.", [field_error("EventId", f"expected {EVENT_ID_RULE}")])
     preconditions = req.preconditions()
-    revision = req.store.write(lambda tx: delete_event(tx, event_id, preconditions),
-                               changed=lambda _: {(program_id, None)})
+    revision = req.app.write(lambda tx: delete_event(tx, event_id, preconditions),
+                             touched=lambda _: {(program_id, None)})
     return Response(204, [("ETag", etag(revision))])
 
 
@@ -1639,15 +1121,6 @@ def _require_read_on_requested_programs(req):
             req.require("read", value)
 
 
-def takes_query(handler):
-    """Marks a handler that reads the query string itself (or ignores it on
-    purpose: probes add cache-busters to /health); every other answers 400 to
-    any query parameter (silence let `PUT ...?dryRun=1` write)."""
-    handler.takes_query = True
-    return handler
-
-
-@takes_query
 def list_events_handler(req):
     _require_read_on_requested_programs(req)
     query = parse_feed_query(req.query)
@@ -1656,10 +1129,10 @@ def list_events_handler(req):
         # not even the commit the poll waits for, until the wait is over.
         query = replace(query, wait=0)
     programs = query.programs or readable_programs(req.user)
-    rows = req.store.wait_for_feed(programs, query, client_gone=req.environ.get("waitress.client_disconnected"))
+    rows = req.app.wait_for_feed(programs, query, client_gone=req.environ.get("waitress.client_disconnected"))
     has_more = len(rows) > query.limit
     rows = rows[:query.limit]
-    last = rows[-1][0] if rows else query.after
+    last = rows[-1].seq if rows else query.after
     kept = [(name, value) for name, value in req.query if name not in ("after", "wait")]
     next_url = req.url("/events?" + urllib.parse.urlencode(kept + [("after", last)]))
     headers = [("Link", f'<{next_url}>; rel="next"')] if has_more else []
@@ -1670,11 +1143,11 @@ def list_events_handler(req):
 
 def list_programs_handler(req):
     user = req.user
-    programs = [{"ProgramId": program_id, "Name": name,
-                 "Access": "write" if user.is_system else user.grants[program_id],
-                 "RegisteredEventTypesOnly": strict}
-                for program_id, name, strict in req.db.list_programs()
-                if user.is_system or program_id in user.grants]
+    programs = [{"ProgramId": program.program_id, "Name": program.name,
+                 "Access": "write" if user.is_system else user.grants[program.program_id],
+                 "RegisteredEventTypesOnly": program.registered_types_only}
+                for program in req.reads.list_programs()
+                if user.is_system or program.program_id in user.grants]
     return json_response({"Programs": programs})
 
 
@@ -1684,8 +1157,7 @@ def put_program_handler(req):
     if program_id_error(program_id):
         raise bad_request("The ProgramId is not valid.", [program_id_error(program_id)])
     name, asked = validate_program_body(req.json_body())
-    strict = req.store.write(lambda tx: tx.put_program(program_id, name, asked),
-                             changed=lambda _: False, seqs=0)
+    strict = req.app.write(lambda tx: tx.put_program(program_id, name, asked), touched=lambda _: False, seqs=0)
     return json_response({"ProgramId": program_id, "Name": name, "RegisteredEventTypesOnly": strict})
 
 
@@ -1697,8 +1169,8 @@ def erase_member_handler(req):
                                   member_error and field_error("ProgramMemberId", member_error)) if error]
     if errors:
         raise bad_request("The path is not valid; see errors.", errors)
-    erased = req.store.write(lambda tx: erase_member(tx, program_id, member_id),
-                             changed=lambda erased: erased and {(program_id, None)})
+    erased = req.app.write(lambda tx: erase_member(tx, program_id, member_id),
+                           touched=lambda erased: erased and {(program_id, None)})
     return json_response({"Deleted": erased})
 
 
@@ -1711,17 +1183,16 @@ def _event_type_param(req):
     return event_type
 
 
-@takes_query
 def list_event_types_handler(req):
     _require_read_on_requested_programs(req)
     programs = parse_event_types_query(req.query) or readable_programs(req.user)
-    body = f'{{"EventTypes":{req.db.event_types_json(programs)}}}'
+    body = f'{{"EventTypes":{req.reads.event_types_json(programs)}}}'
     return Response(200, [], body.encode("utf-8"), "application/json")
 
 
 def get_event_type_handler(req):
     event_type = _event_type_param(req)
-    entries = req.db.event_types_json(readable_programs(req.user), event_type)
+    entries = req.reads.event_types_json(readable_programs(req.user), event_type)
     if entries == "[]":
         raise Problem(404, f"Event type {event_type!r} is neither registered nor used in a program you can read.")
     return Response(200, [], entries[1:-1].encode("utf-8"), "application/json")  # the one entry
@@ -1735,24 +1206,23 @@ def put_event_type_handler(req):
     def register(tx):
         tx.register_event_type(event_type, description)
         return tx.event_types_json(None, event_type)[1:-1]
-    entry = req.store.write(register, changed=lambda _: False, seqs=0)
+    entry = req.app.write(register, touched=lambda _: False, seqs=0)
     return Response(200, [], entry.encode("utf-8"), "application/json")
 
 
 def delete_event_type_handler(req):
     req.require_system()
     event_type = _event_type_param(req)
-    req.store.write(lambda tx: unregister_event_type(tx, event_type), changed=lambda _: False, seqs=0)
+    req.app.write(lambda tx: unregister_event_type(tx, event_type), touched=lambda _: False, seqs=0)
     return Response(204)
 
 
-@takes_query
 def health_handler(req):
     try:
-        req.db.answers()
-    except req.store.storage.errors:
+        req.reads.answers()
+    except req.app.storage.errors:
         raise service_unavailable("The database does not answer.", retry_after=5) from None
-    writer = req.store.writer
+    writer = req.app.writer
     writer.start()  # brings back a writer that died, even while nobody writes
     if writer.failure is not None:
         raise service_unavailable("The database answers reads but its writer is down; writes get 503 "
@@ -1762,42 +1232,54 @@ def health_handler(req):
                                   "writes get 503 until it finishes.", retry_after=5)
     if writer.failing is not None:  # the last write failed: see whether one can commit now
         try:
-            writer.submit(lambda tx: None, changed=lambda result: False, seqs=0)
-        except (Problem, *req.store.storage.errors):
+            writer.submit(lambda tx: None, touched=lambda result: False, seqs=0)
+        except (Problem, *req.app.storage.errors):
             raise service_unavailable("The database answers reads but cannot take writes; writes get 503 "
                                       "until it can.", retry_after=5) from None
-    return json_response({"status": "ok", "backend": req.store.storage.backend, "schemaVersion": SCHEMA_VERSION,
-                          "longPolls": req.store.long_polls, **req.store.storage.health_details()})
+    return json_response({"status": "ok", "backend": req.app.storage.backend, "schemaVersion": SCHEMA_VERSION,
+                          "longPolls": req.app.long_polls, **req.app.storage.health_details()})
 
 
-@takes_query
 def openapi_handler(req):
-    return Response(200, [], req.store.openapi, "application/json")
+    return Response(200, [], req.app.openapi, "application/json")
 
 
 # ============================================================================
 # Routes
 # ============================================================================
 
-# (method, path pattern, handler, needs authentication), read top to bottom.
+AUTH, OPEN = True, False    # whether a route needs credentials
+QUERY, NO_QUERY = True, False  # whether its handler reads the query string (or ignores it on
+                               # purpose: probes add cache-busters to /health); a route that takes
+                               # none answers 400 to any parameter (silence let `PUT ...?dryRun=1` write)
+
+# (method, path pattern, handler, credentials, query), read top to bottom.
 ROUTES = [
-    ("GET", r"/health", health_handler, False),
-    ("GET", r"/openapi\.json", openapi_handler, False),
-    ("GET", r"/events", list_events_handler, True),
-    ("POST", r"/events", post_events_handler, True),
-    ("PUT", r"/events/(?P<event_id>[^/]+)", put_event_handler, True),
-    ("GET", r"/events/(?P<event_id>[^/]+)", get_event_handler, True),
-    ("DELETE", r"/events/(?P<event_id>[^/]+)", delete_event_handler, True),
-    ("GET", r"/programs", list_programs_handler, True),
-    ("PUT", r"/programs/(?P<program_id>[^/]+)", put_program_handler, True),
+    ("GET", r"/health", health_handler, OPEN, QUERY),
+    ("GET", r"/openapi\.json", openapi_handler, OPEN, QUERY),
+    ("GET", r"/events", list_events_handler, AUTH, QUERY),
+    ("POST", r"/events", post_events_handler, AUTH, NO_QUERY),
+    ("PUT", r"/events/(?P<event_id>[^/]+)", put_event_handler, AUTH, NO_QUERY),
+    ("GET", r"/events/(?P<event_id>[^/]+)", get_event_handler, AUTH, NO_QUERY),
+    ("DELETE", r"/events/(?P<event_id>[^/]+)", delete_event_handler, AUTH, NO_QUERY),
+    ("GET", r"/programs", list_programs_handler, AUTH, NO_QUERY),
+    ("PUT", r"/programs/(?P<program_id>[^/]+)", put_program_handler, AUTH, NO_QUERY),
     # The member id is the rest of the path: a percent-encoded "/" in it arrives decoded.
-    ("DELETE", r"/programs/(?P<program_id>[^/]+)/members/(?P<member_id>.+)", erase_member_handler, True),
+    ("DELETE", r"/programs/(?P<program_id>[^/]+)/members/(?P<member_id>.+)", erase_member_handler, AUTH, NO_QUERY),
     # Likewise an event type: "/" in it is sent as %2F and arrives decoded.
-    ("GET", r"/event-types", list_event_types_handler, True),
-    ("GET", r"/event-types/(?P<event_type>.+)", get_event_type_handler, True),
-    ("PUT", r"/event-types/(?P<event_type>.+)", put_event_type_handler, True),
-    ("DELETE", r"/event-types/(?P<event_type>.+)", delete_event_type_handler, True),
+    ("GET", r"/event-types", list_event_types_handler, AUTH, QUERY),
+    ("GET", r"/event-types/(?P<event_type>.+)", get_event_type_handler, AUTH, NO_QUERY),
+    ("PUT", r"/event-types/(?P<event_type>.+)", put_event_type_handler, AUTH, NO_QUERY),
+    ("DELETE", r"/event-types/(?P<event_type>.+)", delete_event_type_handler, AUTH, NO_QUERY),
 ]
+
+
+class Route(NamedTuple):
+    method: str
+    pattern: re.Pattern
+    handler: object
+    needs_auth: bool
+    takes_query: bool
 
 
 class Router:
@@ -1805,18 +1287,18 @@ class Router:
 
     def __init__(self, routes):
         # DOTALL: a percent-encoded line feed in a member id or event type is part of it.
-        self.routes = [(method, re.compile(pattern, re.DOTALL), handler, auth)
-                       for method, pattern, handler, auth in routes]
+        self.routes = [Route(method, re.compile(pattern, re.DOTALL), handler, auth, query)
+                       for method, pattern, handler, auth, query in routes]
 
     def match(self, method, path):
-        """-> (handler, path params, needs auth); Problem 404, or 405 with Allow."""
+        """-> (the Route, its path params); Problem 404, or 405 with Allow."""
         allowed = []
-        for route_method, pattern, handler, auth in self.routes:
-            found = pattern.fullmatch(path)
+        for route in self.routes:
+            found = route.pattern.fullmatch(path)
             if found:
-                if route_method == method or (method == "HEAD" and route_method == "GET"):
-                    return handler, found.groupdict(), auth
-                allowed.append(route_method)
+                if route.method == method or (method == "HEAD" and route.method == "GET"):
+                    return route, found.groupdict()
+                allowed.append(route.method)
         if not allowed:
             raise Problem(404, "There is no such resource.")
         if "GET" in allowed:
@@ -1838,22 +1320,6 @@ def request_path(environ):
 # ============================================================================
 # The app
 # ============================================================================
-
-class _LongPoll:
-    """A request waiting in a long poll: what it reads, and an Event set when a
-    commit that may match it lands."""
-
-    __slots__ = ("programs", "event_types", "news")
-
-    def __init__(self, programs, event_types):
-        self.programs, self.event_types = programs, event_types  # None / empty: all
-        self.news = threading.Event()
-
-    def may_match(self, touched):
-        return any((self.programs is None or program in self.programs)
-                   and (not self.event_types or event_type is None or event_type in self.event_types)
-                   for program, event_type in touched)
-
 
 STATUS_LINES = {status.value: f"{status.value} {status.phrase}" for status in http.HTTPStatus}
 
@@ -1882,11 +1348,12 @@ if hasattr(os, "register_at_fork"):
 class EventStore:
     """The WSGI application. Only ``__call__`` touches environ and start_response."""
 
-    def __init__(self, db, *, max_body_bytes=DEFAULT_MAX_BODY, clock=now_us,
-                 max_waiting=8, busy_timeout_ms=5000, auth_cache_seconds=AUTH_CACHE_SECONDS,
-                 throttle=None, openapi=None, routes=ROUTES, poll_interval=0.025, write_timeout=10.0):
+    def __init__(self, db, *, max_body_bytes=DEFAULT_MAX_BODY, max_waiting=8, write_timeout=10.0,
+                 busy_timeout_ms=5000, auth_cache_seconds=AUTH_CACHE_SECONDS, max_auth_failures=10,
+                 poll_interval=0.025, clock=now_us, throttle=None, openapi=None, routes=ROUTES):
         self.storage = open_storage(db, busy_timeout_ms)
-        self.throttle = throttle if throttle is not None else shared_throttle(self.storage.local_file("throttle"))
+        self.throttle = throttle if throttle is not None else shared_throttle(
+            self.storage.local_file("throttle"), threshold=max_auth_failures)
         self.auth_cache_seconds = auth_cache_seconds
         self.router = Router(routes)
         self.max_body_bytes = max_body_bytes
@@ -1898,17 +1365,12 @@ class EventStore:
 
     def _start_process(self):
         """What belongs to one process: the writer thread, the long polls, locks."""
-        # Every commit made through this app wakes the long polls it may match
-        # (_committed). Commits by other processes are noticed by one watcher
-        # thread (the storage's CommitWatch), looking every poll_interval seconds.
-        self._commits = threading.Lock()
-        self._waiters = set()  # the _LongPoll of every request in wait_for_feed
-        self._watcher = None
-        self._closing = threading.Event()
+        # Every commit made through this app wakes the long polls it may match at
+        # once; other processes' commits reach them through the news's watcher.
+        self.news = CommitNews(self.storage, self.poll_interval)
         self._waiting = threading.BoundedSemaphore(self.max_waiting) if self.max_waiting else None
-        self.long_polls = 0  # requests waiting now (reported by /health)
         self._auth_cache = {}
-        self.writer = GroupCommitWriter(self.storage.session, self.clock, on_commit=self._committed,
+        self.writer = GroupCommitWriter(self.storage.session, self.clock, on_commit=self.news.committed,
                                         timeout=self.write_timeout)
         self._pid = os.getpid()
 
@@ -1929,21 +1391,17 @@ class EventStore:
             self.throttle.after_fork()
             self._start_process()
 
-    def write(self, change, changed=lambda result: True, seqs=1):
+    def write(self, change, touched=lambda result: True, seqs=1):
         """Run ``change(tx)`` in a committed, durable write transaction
-        shared with whatever other writes are queued (group commit); wake long
-        polls if ``changed(result)``; ``seqs``, the Sequences it will probably
-        take. Returns the change's result."""
-        return self.writer.submit(change, changed, seqs)
+        shared with whatever other writes are queued (group commit); wake the
+        long polls that ``touched(result)`` may concern (see GroupCommitWriter);
+        ``seqs``, the Sequences it will probably take. Returns the change's result."""
+        return self.writer.submit(change, touched, seqs)
 
-    def _committed(self, touched=None):
-        """A commit happened; ``touched``: the (program, type or None) pairs it
-        changed, or None when that is not known. Wakes only the long polls that
-        can match it: the others are not even woken."""
-        with self._commits:
-            for waiter in self._waiters:
-                if touched is None or waiter.may_match(touched):
-                    waiter.news.set()
+    @property
+    def long_polls(self):
+        """Requests waiting in a long poll now (reported by /health)."""
+        return self.news.waiting
 
     def close(self):
         """Stop the writer and close the storage."""
@@ -1958,90 +1416,35 @@ class EventStore:
         the host says whether the client is still there (``client_gone``,
         waitress's client_disconnected), a wait ends within a second of it leaving."""
         reads = self.storage.reads()
-        if not query.wait or self._closing.is_set() or not self._waiting:
+        if not query.wait or self.news.closed or not self._waiting:
             return reads.read_feed(programs, query)
-        # Listening from before the first read, so that a commit landing right
-        # after it still counts as news.
-        waiter = _LongPoll(None if programs is None else frozenset(programs), frozenset(query.event_types))
-        with self._commits:
-            self._waiters.add(waiter)
-        try:
+        with self.news.listen(programs, query.event_types) as listener:  # before the first read
             rows = reads.read_feed(programs, query)
             if rows or not self._waiting.acquire(blocking=False):
                 return rows
-            with self._commits:
-                self.long_polls += 1
-                if self._watcher is None:
-                    self._watcher = threading.Thread(target=self._watch_other_processes, daemon=True,
-                                                     name="eventstore-commit-watcher")
-                    self._watcher.start()
             try:
-                deadline = time.monotonic() + query.wait
-                while not self._closing.is_set():
-                    left = deadline - time.monotonic()
-                    if not waiter.news.wait(left if client_gone is None else min(left, 1.0)):
-                        if left <= 1.0 or client_gone is None or client_gone():
-                            return rows  # the wait is over (or nobody awaits it): empty
-                        continue
-                    waiter.news.clear()  # before the read: a later commit sets it again
-                    if self._closing.is_set():
-                        break
-                    rows = reads.read_feed(programs, query)
-                    if rows:
-                        return rows
-                return rows
+                with listener.waiting():
+                    deadline = time.monotonic() + query.wait
+                    while not self.news.closed:
+                        left = deadline - time.monotonic()
+                        if not listener.news.wait(left if client_gone is None else min(left, 1.0)):
+                            if left <= 1.0 or client_gone is None or client_gone():
+                                return rows  # the wait is over (or nobody awaits it): empty
+                            continue
+                        listener.news.clear()  # before the read: a later commit sets it again
+                        if self.news.closed:
+                            break
+                        rows = reads.read_feed(programs, query)
+                        if rows:
+                            return rows
+                    return rows
             finally:
-                with self._commits:
-                    self.long_polls -= 1
                 self._waiting.release()
-        finally:
-            with self._commits:
-                self._waiters.discard(waiter)
-
-    def _watch_other_processes(self):
-        """While long polls wait, one thread per app looks for other processes'
-        commits (storage.watch_commits: one cheap check every poll_interval, not
-        one query per waiting request). The rows changed since the last look say
-        which programs and types were touched, so only the waiters that can match
-        re-read, as for our own commits."""
-        watch = None
-        try:
-            while not self._closing.is_set():
-                with self._commits:
-                    if not self.long_polls:
-                        self._watcher = None
-                        return
-                try:
-                    if watch is None:
-                        watch = self.storage.watch_commits()
-                        # Another process may have committed before this first look (or
-                        # while the connection was lost): every waiter reads again.
-                        self._committed()
-                    changed = watch.changes(self.poll_interval, self._closing, limit=10000)
-                except self.storage.errors as exc:  # the connection was lost: a new one, after a pause
-                    log.warning("the commit watcher lost the database (%r); connecting again", exc)
-                    if watch is not None:
-                        with contextlib.suppress(Exception):
-                            watch.close()
-                    watch = None
-                    self._closing.wait(1.0)
-                    continue
-                if changed:
-                    self._committed(None if len(changed) == 10000 else {row[1:] for row in changed})
-        finally:
-            with self._commits:
-                if self._watcher is threading.current_thread():
-                    self._watcher = None
-            if watch is not None:
-                watch.close()
 
     def end_long_polls(self):
         """Answer every waiting long poll now, and every new one at once (a
         server that is stopping calls this, so that nothing keeps it waiting)."""
-        self._closing.set()
-        with self._commits:
-            for waiter in self._waiters:
-                waiter.news.set()
+        self.news.close()
 
     def handle(self, environ):
         """environ -> Response: route, authenticate, run the handler."""
@@ -2049,19 +1452,19 @@ class EventStore:
         path = request_path(environ)
         if path is None:
             raise Problem(404, "There is no such resource.")
-        handler, params, needs_auth = self.router.match(method, path)
+        route, params = self.router.match(method, path)
         query_string = environ.get("QUERY_STRING")
         query = urllib.parse.parse_qsl(query_string, keep_blank_values=True) if query_string else []
         req = Request(self, method, path, params, query, environ)
-        if needs_auth:
+        if route.needs_auth:
             req.user = self.authenticate(environ.get("HTTP_AUTHORIZATION"), environ.get("REMOTE_ADDR", ""))
             # For the server's access log (serve.py): who the request was, once authenticated.
             environ["eventstore.user_id"] = req.user.user_id
-        if query and not getattr(handler, "takes_query", False):
+        if query and not route.takes_query:
             raise bad_request("This resource takes no query parameters.",
                               [field_error(name, "unknown parameter; this resource takes none")
                                for name in dict.fromkeys(name for name, _ in query)])
-        return handler(req)
+        return route.handler(req)
 
     def authenticate(self, header, address):
         """Authorization header -> Principal, or the one 401 (429 while the source
@@ -2098,7 +1501,7 @@ class EventStore:
         never waits for the write lock. (From a read connection the update would
         contend with the writer for that lock.)"""
         try:
-            self.writer.post(lambda tx: tx.touch_key(key_id, now), changed=lambda result: False)
+            self.writer.post(lambda tx: tx.touch_key(key_id, now), touched=lambda result: False)
         except RuntimeError:  # the app is closing
             pass
 
@@ -2108,12 +1511,12 @@ class EventStore:
         try:
             response = self.handle(environ)
         except Problem as problem:
-            response = problem.response()
+            response = problem_response(problem)
         except self.storage.errors as exc:
-            response = storage_problem(self.storage, exc).response()
+            response = problem_response(storage_problem(self.storage, exc))
         except Exception:
             log.exception("unhandled error in %s %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
-            response = Problem(500, "Internal error.").response()
+            response = problem_response(Problem(500, "Internal error."))
         headers = list(response.headers)
         if response.content_type:
             headers.append(("Content-Type", response.content_type))
@@ -2128,13 +1531,32 @@ class EventStore:
         return [body]
 
 
-def make_app(db, **options):
+def make_app(db, *, max_body_bytes=DEFAULT_MAX_BODY, max_waiting=8, write_timeout=10.0, busy_timeout_ms=5000,
+             auth_cache_seconds=AUTH_CACHE_SECONDS, max_auth_failures=10, poll_interval=0.025,
+             clock=now_us, throttle=None, openapi=None, routes=ROUTES):
     """The WSGI application over ``db``: a SQLite file (created if missing), a
-    ``postgresql://`` URL, or a storage object. Options: max_body_bytes, clock,
-    max_waiting, busy_timeout_ms, auth_cache_seconds, throttle (an AuthThrottle), openapi (the document's bytes), routes (the route table),
-    poll_interval (seconds between checks for other processes' commits while long polls wait), write_timeout
-    (seconds a write waits for its commit before a 503)."""
-    return EventStore(db, **options)
+    ``postgresql://`` URL, or a storage object.
+
+    - ``max_body_bytes``: the largest request body (413 past it).
+    - ``max_waiting``: long polls allowed to wait at once; more answer at once.
+    - ``write_timeout``: seconds a write waits for its commit before a 503.
+    - ``busy_timeout_ms``: how long a request waits for the database's locks or
+      connections before a 503.
+    - ``auth_cache_seconds``: how long a successful authentication is reused
+      (a revoked key stops working within it).
+    - ``max_auth_failures``: failed authentications per address or user id in
+      60 s before 429s (0: no throttling).
+    - ``poll_interval``: seconds between looks for other processes' commits
+      while long polls wait.
+
+    Collaborators, for tests and extensions: ``clock`` (microseconds since the
+    epoch), ``throttle`` (an AuthThrottle, in place of the one made from
+    ``max_auth_failures``), ``openapi`` (the document's bytes), ``routes``
+    (the route table)."""
+    return EventStore(db, max_body_bytes=max_body_bytes, max_waiting=max_waiting, write_timeout=write_timeout,
+                      busy_timeout_ms=busy_timeout_ms, auth_cache_seconds=auth_cache_seconds,
+                      max_auth_failures=max_auth_failures, poll_interval=poll_interval, clock=clock,
+                      throttle=throttle, openapi=openapi, routes=routes)
 
 
 if __name__ == "__main__":  # the admin command line lives in eventstore_admin.py

@@ -11,12 +11,14 @@ import sys
 import time
 from pathlib import Path
 
-from eventstore import (DEFAULT_DB, EVENT_ID_RE, EVENT_ID_RULE, USER_ID_RE, Later, Problem, _text_error, add_key,
-                        add_user, bad_request, event_type_error, format_datetime, import_tombstone, open_storage,
-                        parse_json, program_id_error, program_of, put_event_later, render_event,
-                        unregister_event_type, unregistered_type_error, validate_event, validate_event_type_body)
+from eventstore import (DEFAULT_DB, EVENT_ID_RE, EVENT_ID_RULE, USER_ID_RE, _text_error, add_key, add_user,
+                        event_type_error, format_datetime, import_tombstone, open_storage, parse_json,
+                        program_id_error, program_of, put_event_later, render_event, unregister_event_type,
+                        unregistered_type_error, validate_event, validate_event_type_body)
+from eventstore_errors import Problem, bad_request
 from eventstore_storage import (POSTGRES_SCHEMES, Backups, StorageOpenError, TypeRules, now_us, safe_db_name,
                                 safe_text)
+from eventstore_writer import Later
 
 
 class CommandError(Exception):
@@ -29,16 +31,16 @@ def _grants_from(args):
     return grants
 
 
-def _check_programs(db, program_ids):
-    missing = [p for p in program_ids if db.find_program(p) is None]
+def _check_programs(session, program_ids):
+    missing = [p for p in program_ids if session.find_program(p) is None]
     if missing:
         raise CommandError(f"not a registered program: {', '.join(missing)} "
                            "(register it with: program add PROGRAM_ID)")
 
 
-def _check_user(db, user_id):
+def _check_user(session, user_id):
     """-> the user's state ("active" or "disabled"); CommandError if there is no such user."""
-    state = db.user_state(user_id)
+    state = session.user_state(user_id)
     if state is None:
         raise CommandError(f"no such user: {user_id}")
     return state
@@ -48,14 +50,14 @@ def _fmt_time(micros):
     return format_datetime(micros) if micros is not None else "never"
 
 
-def cmd_program_add(db, args, out):
+def cmd_program_add(session, args, out):
     if program_id_error(args.program_id):
         raise CommandError(program_id_error(args.program_id)["message"])
     if args.name is not None and not args.name.strip():
         raise CommandError("--name must not be empty")
-    with db.transaction(now_us()) as tx:
+    with session.transaction(now_us()) as tx:
         found = tx.find_program(args.program_id)
-        current = found and found[0]
+        current = found and found.name
         if found and args.name is None and args.registered_types_only is None:
             raise CommandError(f"program {args.program_id} already exists (give --name to rename it, "
                                "--registered-types-only or --any-types to change what it takes)")
@@ -65,81 +67,83 @@ def cmd_program_add(db, args, out):
     print(f"program {args.program_id} registered ({takes})", file=sys.stderr)
 
 
-def cmd_program_list(db, args, out):
-    for program_id, name, strict in db.list_programs():
-        print(f"{program_id}\t{name}\t{'registered-types-only' if strict else 'any-types'}", file=out)
+def cmd_program_list(session, args, out):
+    for program in session.list_programs():
+        takes = "registered-types-only" if program.registered_types_only else "any-types"
+        print(f"{program.program_id}\t{program.name}\t{takes}", file=out)
 
 
-def cmd_user_add(db, args, out):
+def cmd_user_add(session, args, out):
     if not USER_ID_RE.fullmatch(args.user_id):
         raise CommandError(f"{args.user_id!r} is not a userId: 1-64 characters of A-Z a-z 0-9 . _ @ -")
     grants = _grants_from(args)
-    _check_programs(db, grants)
-    if db.user_state(args.user_id) is not None:
+    _check_programs(session, grants)
+    if session.user_state(args.user_id) is not None:
         raise CommandError(f"user {args.user_id} already exists (use: key add {args.user_id})")
-    with db.transaction(now_us()) as tx:
+    with session.transaction(now_us()) as tx:
         api_key = add_user(tx, args.user_id, args.system, grants)
     print(api_key, file=out)
 
 
-def cmd_user_grant(db, args, out):
+def cmd_user_grant(session, args, out):
     grants = _grants_from(args)
     if not grants:
         raise CommandError("nothing to grant: give --read PROGRAM_ID or --write PROGRAM_ID")
-    _check_user(db, args.user_id)
-    _check_programs(db, grants)
-    with db.transaction(now_us()) as tx:
+    _check_user(session, args.user_id)
+    _check_programs(session, grants)
+    with session.transaction(now_us()) as tx:
         tx.set_grants(args.user_id, grants)
     print(f"granted {args.user_id}: " + ", ".join(f"{a} {p}" for p, a in grants.items()), file=sys.stderr)
 
 
-def cmd_user_revoke(db, args, out):
-    with db.transaction(now_us()) as tx:
+def cmd_user_revoke(session, args, out):
+    with session.transaction(now_us()) as tx:
         revoked = tx.revoke_grant(args.user_id, args.program_id)
     if not revoked:
         raise CommandError(f"user {args.user_id} holds no grant on {args.program_id}")
     print(f"revoked {args.user_id}'s access to {args.program_id}", file=sys.stderr)
 
 
-def cmd_user_disable(db, args, out):
-    _set_user_disabled(db, args.user_id, True)
+def cmd_user_disable(session, args, out):
+    _set_user_disabled(session, args.user_id, True)
 
 
-def cmd_user_enable(db, args, out):
-    _set_user_disabled(db, args.user_id, False)
+def cmd_user_enable(session, args, out):
+    _set_user_disabled(session, args.user_id, False)
 
 
-def _set_user_disabled(db, user_id, disabled):
-    with db.transaction(now_us()) as tx:
+def _set_user_disabled(session, user_id, disabled):
+    with session.transaction(now_us()) as tx:
         if not tx.set_user_disabled(user_id, disabled):
             raise CommandError(f"no such user: {user_id}")
     print(f"user {user_id} {'disabled' if disabled else 'enabled'}", file=sys.stderr)
 
 
-def cmd_user_list(db, args, out):
-    for user_id, is_system, disabled, grants in db.list_users():
-        rights = "SYSTEM" if is_system else " ".join(f"{a}:{p}" for p, a in grants) or "-"
-        print(f"{user_id}\t{rights}\t{'disabled' if disabled else 'active'}", file=out)
+def cmd_user_list(session, args, out):
+    for user in session.list_users():
+        rights = "SYSTEM" if user.is_system else " ".join(f"{a}:{p}" for p, a in user.grants) or "-"
+        print(f"{user.user_id}\t{rights}\t{'disabled' if user.disabled else 'active'}", file=out)
 
 
-def cmd_key_add(db, args, out):
-    if _check_user(db, args.user_id) == "disabled":
+def cmd_key_add(session, args, out):
+    if _check_user(session, args.user_id) == "disabled":
         raise CommandError(f"user {args.user_id} is disabled, so a key would not work "
                            f"(enable it first: user enable {args.user_id})")
-    with db.transaction(now_us()) as tx:
+    with session.transaction(now_us()) as tx:
         api_key = add_key(tx, args.user_id)
     print(api_key, file=out)
 
 
-def cmd_key_list(db, args, out):
-    _check_user(db, args.user_id)
-    for key_id, created, last_used, revoked in db.list_keys(args.user_id):
-        state = f"\trevoked {_fmt_time(revoked)}" if revoked else ""
-        print(f"{key_id}\tcreated {_fmt_time(created)}\tlast used {_fmt_time(last_used)}{state}", file=out)
+def cmd_key_list(session, args, out):
+    _check_user(session, args.user_id)
+    for key in session.list_keys(args.user_id):
+        state = f"\trevoked {_fmt_time(key.revoked_us)}" if key.revoked_us else ""
+        print(f"{key.key_id}\tcreated {_fmt_time(key.created_us)}\tlast used {_fmt_time(key.last_used_us)}{state}",
+              file=out)
 
 
-def cmd_key_revoke(db, args, out):
-    with db.transaction(now_us()) as tx:
+def cmd_key_revoke(session, args, out):
+    with session.transaction(now_us()) as tx:
         revoked = tx.revoke_key(args.user_id, args.key_id)
     if not revoked:
         raise CommandError(f"user {args.user_id} has no key {args.key_id} (see: key list {args.user_id})")
@@ -153,13 +157,13 @@ def _event_type_arg(event_type):
     return event_type
 
 
-def cmd_type_add(db, args, out):
+def cmd_type_add(session, args, out):
     event_type = _event_type_arg(args.event_type)
     try:
         description = validate_event_type_body({"Description": args.description})
     except Problem as problem:
         raise CommandError("--description " + problem.errors[0]["message"]) from None
-    with db.transaction(now_us()) as tx:
+    with session.transaction(now_us()) as tx:
         tx.register_event_type(event_type, description)
     print(f"event type {event_type} registered", file=sys.stderr)
 
@@ -169,17 +173,17 @@ def _escape(text):
     return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
 
 
-def cmd_type_list(db, args, out):
-    for entry in json.loads(db.event_types_json(None)):
+def cmd_type_list(session, args, out):
+    for entry in json.loads(session.event_types_json(None)):
         used = " ".join(f"{count['ProgramId']}={count['Events']}" for count in entry["Programs"]) or "-"
         print(f"{_escape(entry['EventType'])}\t{'registered' if entry['Registered'] else 'unregistered'}\t{used}"
               f"\t{_escape(entry['Description'] or '')}", file=out)
 
 
-def cmd_type_remove(db, args, out):
+def cmd_type_remove(session, args, out):
     event_type = _event_type_arg(args.event_type)
     try:
-        with db.transaction(now_us()) as tx:
+        with session.transaction(now_us()) as tx:
             unregister_event_type(tx, event_type)
     except Problem as problem:
         raise CommandError(problem.detail) from None
@@ -229,9 +233,9 @@ def _fsync_path(path):
         os.close(fd)
 
 
-def cmd_backup(db, args, out):
-    if not isinstance(db.storage, Backups):
-        raise CommandError(f"backup copies a SQLite file; on {db.storage.backend} use its own tools "
+def cmd_backup(session, args, out):
+    if not isinstance(session.storage, Backups):
+        raise CommandError(f"backup copies a SQLite file; on {session.storage.backend} use its own tools "
                            "(for PostgreSQL: pg_dump, or a base backup with WAL archiving)")
     dest = Path(args.dest)
     if not dest.parent.is_dir():
@@ -241,10 +245,10 @@ def cmd_backup(db, args, out):
     partial = dest.with_name(dest.name + ".partial")
     partial.unlink(missing_ok=True)
     progress = Progress("backup (pages)")
-    events = db.storage.backup_to(partial, lambda done, total: (setattr(progress, "total", total), progress.update(done)))
+    events = session.storage.backup_to(partial, lambda done, total: (setattr(progress, "total", total), progress.update(done)))
     progress.finish()
     _fsync_path(partial)
-    verdict, copied = db.storage.check_copy(partial)
+    verdict, copied = session.storage.check_copy(partial)
     if verdict != "ok" or copied != events:
         partial.unlink(missing_ok=True)
         raise CommandError(f"the copy did not verify ({verdict}); nothing was written to {dest}")
@@ -253,14 +257,14 @@ def cmd_backup(db, args, out):
     print(f"ok: {events:,} events backed up to {dest} (integrity_check ok)", file=sys.stderr)
 
 
-def cmd_export(db, args, out):
+def cmd_export(session, args, out):
     programs = tuple(dict.fromkeys(args.program or ()))
     for program_id in programs:
-        if db.find_program(program_id) is None:
+        if session.find_program(program_id) is None:
             raise CommandError(f"not a registered program: {program_id}")
     progress = Progress("export")
     count = 0
-    for count, row in enumerate(db.export_events(programs), 1):
+    for count, row in enumerate(session.export_events(programs), 1):
         out.write(render_event(row) + "\n")
         if count % 1000 == 0:
             progress.update(count)
@@ -315,9 +319,9 @@ def _read_lines(path):
                 yield number, line
 
 
-def cmd_import(db, args, out):
-    registered = {program_id for program_id, _, _ in db.list_programs()}
-    rules = TypeRules(db)  # what programs take, read once for the check
+def cmd_import(session, args, out):
+    registered = {program.program_id for program in session.list_programs()}
+    rules = TypeRules(session)  # what programs take, read once for the check
     # First pass: check every line, import nothing if any is bad.
     bad, total = [], 0
     checking = Progress("checking")
@@ -326,7 +330,7 @@ def cmd_import(db, args, out):
         try:
             kind, value = parse_import_line(line, registered)
             if kind == "put" and not rules.type_allowed(value.program_id, value.event_type):
-                raise bad_request("", [unregistered_type_error(db, value.program_id, value.event_type)])
+                raise bad_request("", [unregistered_type_error(session, value.program_id, value.event_type)])
         except Problem as problem:
             bad.append(f"line {number}: {_problem_text(problem)}")
         if total % 1000 == 0:
@@ -341,7 +345,7 @@ def cmd_import(db, args, out):
     lines = _read_lines(args.file)
     done = 0
     while chunk := list(itertools.islice(lines, args.batch)):
-        with db.transaction(now_us(), seqs=len(chunk)) as tx:
+        with session.transaction(now_us(), seqs=len(chunk)) as tx:
             applied = []  # PUTs' outcomes are asked for at the end (see Later)
             for number, line in chunk:
                 kind, value = parse_import_line(line, registered)
@@ -467,9 +471,9 @@ def main(argv=None, out=None):
         print(f"error: cannot open {safe_db_name(args.db)} as an eventstore database: "
               f"{safe_text(exc, args.db)}", file=sys.stderr)
         return 1
-    db = storage.session()
+    session = storage.session()
     try:
-        args.func(db, args, out)
+        args.func(session, args, out)
     except CommandError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -480,7 +484,7 @@ def main(argv=None, out=None):
         print(f"error: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
         return 1
     finally:
-        db.close()
+        session.close()
         storage.close()
     return 0
 

@@ -37,9 +37,9 @@ import psycopg_pool
 from psycopg import errors as pg_errors
 from psycopg import pq
 
-from eventstore_storage import (EVENT_COLUMNS, SCHEMA_VERSION, Failure, Reads, SequencesExhausted, Storage,
-                                StorageOpenError, Transaction, TypeRules, changes_after_last_look, event_row,
-                                safe_db_name)
+from eventstore_storage import (EVENT_COLUMNS, SCHEMA_VERSION, Change, CommitWatch, EventRow, EventState, Failure,
+                                KeyInfo, KeyRow, ProgramRow, Reads, SequencesExhausted, Session, Storage,
+                                StorageOpenError, Transaction, TypeRules, UserRow, event_row, safe_db_name)
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "schema-postgres.sql"
 SCHEMA_LOCK = 7310581      # advisory lock id: one process applies the schema at a time
@@ -67,10 +67,10 @@ def local_file(url, suffix):
 
 class PostgresReads(Reads):
     """Every read of the storage interface: on ``conn`` (a transaction's), or on
-    a connection from ``pool`` that the calling thread keeps while it lives
-    (borrowing one per statement cost a sixth of a read's time); it goes back
-    to the pool when the thread ends, or is replaced if it broke. Outside a
-    transaction, GET by id goes through ``pipeline`` (a ReadPipeline)."""
+    a connection from ``pool`` that the calling thread keeps while it lives; it
+    goes back to the pool when the thread ends, or is replaced if it broke.
+    Outside a transaction, GET by id goes through ``pipeline`` (a ReadPipeline)."""
+    # PERF: a connection kept per thread, not borrowed per statement (docs/DESIGN.md, "Measured choices").
 
     def __init__(self, pool=None, conn=None, pipeline=None):
         self.pool, self.conn, self.pipeline = pool, conn, pipeline
@@ -103,9 +103,10 @@ class PostgresReads(Reads):
     # Users, keys, grants
 
     def key_row(self, key_id):
-        return self._one(
+        row = self._one(
             "SELECT k.user_id, k.key_hash, k.revoked_us, k.last_used_us, u.is_system, u.disabled"
             " FROM api_keys k JOIN users u ON u.user_id = k.user_id WHERE k.key_id = %s", (key_id,))
+        return row and KeyRow._make(row)
 
     def grants_of(self, user_id):
         return dict(self._all("SELECT program_id, access FROM grants WHERE user_id = %s", (user_id,)))
@@ -122,21 +123,23 @@ class PostgresReads(Reads):
         for user_id, program_id, access in self._all(
                 "SELECT user_id, program_id, access FROM grants ORDER BY user_id, program_id"):
             grants.setdefault(user_id, []).append((program_id, access))
-        return [(user_id, is_system, disabled, grants.get(user_id, [])) for user_id, is_system, disabled in
+        return [UserRow(user_id, is_system, disabled, grants.get(user_id, [])) for user_id, is_system, disabled in
                 self._all("SELECT user_id, is_system, disabled FROM users ORDER BY user_id")]
 
     def list_keys(self, user_id):
-        return self._all("SELECT key_id, created_us, last_used_us, revoked_us FROM api_keys"
-                         " WHERE user_id = %s ORDER BY created_us, key_id", (user_id,))
+        return [KeyInfo._make(row) for row in self._all(
+            "SELECT key_id, created_us, last_used_us, revoked_us FROM api_keys"
+            " WHERE user_id = %s ORDER BY created_us, key_id", (user_id,))]
 
     # Programs and event types
 
     def find_program(self, program_id):
         row = self._one("SELECT name, registered_types_only FROM programs WHERE program_id = %s", (program_id,))
-        return row and (row[0], row[1])
+        return row and ProgramRow(program_id, *row)
 
     def list_programs(self):
-        return self._all("SELECT program_id, name, registered_types_only FROM programs ORDER BY program_id")
+        return [ProgramRow._make(row) for row in self._all(
+            "SELECT program_id, name, registered_types_only FROM programs ORDER BY program_id")]
 
     def type_registered(self, event_type):
         return self._one("SELECT 1 FROM event_types WHERE event_type = %s", (event_type,)) is not None
@@ -175,15 +178,17 @@ class PostgresReads(Reads):
     def read_event(self, event_id):
         if self.conn is None:  # GET /events/{id}: the hot path
             return self.pipeline.read_event(event_id)
-        return self._one(f"SELECT {EVENT_COLUMNS} FROM events WHERE event_id = %s", (event_id,))
+        row = self._one(f"SELECT {EVENT_COLUMNS} FROM events WHERE event_id = %s", (event_id,))
+        return row and EventRow._make(row)
 
     def last_sequence(self):
         """The largest Sequence the feed can show now (behind the barrier), 0 for none."""
         return self._one(f"SELECT COALESCE(MAX(seq), 0) FROM events WHERE {BARRIER}")[0]
 
     def changes_since(self, seq, limit):
-        return self._all(f"SELECT seq, program_id, event_type FROM events WHERE seq > %s AND {BARRIER}"
-                         " ORDER BY seq LIMIT %s", (seq, limit))
+        return [Change._make(row) for row in self._all(
+            f"SELECT seq, program_id, event_type FROM events WHERE seq > %s AND {BARRIER} ORDER BY seq LIMIT %s",
+            (seq, limit))]
 
     def read_feed(self, programs, query, strategy=None):
         """One page of the change feed (as SQLiteReads.read_feed): rows behind the
@@ -212,12 +217,13 @@ class PostgresReads(Reads):
             if value is not None:
                 where.append(f"start_us {op} %s")
                 params.append(value)
-        return self._all(f"SELECT {EVENT_COLUMNS} FROM events WHERE {' AND '.join(where)}"
-                         " ORDER BY seq LIMIT %s", (*params, query.limit + 1))
+        return [EventRow._make(row) for row in self._all(
+            f"SELECT {EVENT_COLUMNS} FROM events WHERE {' AND '.join(where)} ORDER BY seq LIMIT %s",
+            (*params, query.limit + 1))]
 
     def export_events(self, programs=()):
-        """Every event (tombstones included) in Sequence order, as rows (EVENT_COLUMNS),
-        from one snapshot, streamed through a server-side cursor."""
+        """Every event (tombstones included) in Sequence order, as EventRows, from one
+        snapshot, streamed through a server-side cursor."""
         where = "WHERE program_id = ANY(%s)" if programs else ""
         conn = self._connection()
         with conn.transaction():
@@ -227,7 +233,7 @@ class PostgresReads(Reads):
                 cursor.execute(f"SELECT {EVENT_COLUMNS} FROM events {where} ORDER BY seq",
                                (list(programs),) if programs else ())
                 for row in cursor:
-                    yield row
+                    yield EventRow._make(row)
 
     def answers(self):
         self._one("SELECT 1 FROM programs LIMIT 1")
@@ -255,9 +261,8 @@ class ReadPipeline:
     """GET /events/{id}, the hottest read, for every request thread of this
     process on one connection of its own: a thread hands its EventId over and
     waits; one thread reads every id waiting in one statement and hands each
-    thread its row. A connection per request thread cost PostgreSQL a wake-up,
-    a statement and a reply per GET, on the cores the servers share
-    (bench/postgres.py P2'). Reads change nothing, so a batch whose connection
+    thread its row (PERF: not a connection per request thread; docs/DESIGN.md,
+    "Measured choices"). Reads change nothing, so a batch whose connection
     broke is read once more on a new one. The pipeline waits at most ``timeout``
     seconds for an answer before it gives its connection up, so a thread waits
     at most about twice that."""
@@ -347,7 +352,7 @@ class ReadPipeline:
             results.append(_succeeded(result))
         (result,) = results
         rows = (_event_of(result, row) for row in range(result.ntuples))
-        return {row[1]: row for row in rows}
+        return {row.event_id: row for row in rows}
 
 
 
@@ -377,13 +382,13 @@ def _text_array(values):
 
 
 def _event_of(result, row):
-    """An EVENT_COLUMNS row, from a libpq result in text format."""
+    """An EventRow, from a libpq result in text format."""
     value = result.get_value
     seq, event_id, program_id, event_type, doc, revision, created_us, updated_us = (
         value(row, 0), value(row, 1), value(row, 2), value(row, 3), value(row, 4), value(row, 5), value(row, 6),
         value(row, 7))
-    return (int(seq), event_id.decode(), program_id.decode(), event_type.decode(), doc and doc.decode(),
-            int(revision), int(created_us), int(updated_us))
+    return EventRow(int(seq), event_id.decode(), program_id.decode(), event_type.decode(), doc and doc.decode(),
+                    int(revision), int(created_us), int(updated_us))
 
 
 def _libpq_parameters(params):
@@ -396,8 +401,8 @@ def _prepare(pgconn, prepared, name, sql):
     """Prepare ``sql`` ($1, $2 ... placeholders) as ``name`` on ``pgconn``
     unless ``prepared`` (the names prepared on it) holds it. The hottest
     write (PUT's upsert) runs through libpq itself, as a statement prepared
-    once per connection: psycopg's cursor spent three times the CPU on it.
-    A statement can go behind our back (psycopg deallocates every prepared
+    once per connection (PERF: psycopg's cursor costs more CPU; docs/DESIGN.md,
+    "Measured choices"). A statement can go behind our back (psycopg deallocates every prepared
     statement of a connection when it rolls back a transaction of its own; so
     may a pooler): whoever sees InvalidSqlStatementName discards its name, and
     the transaction, now aborted, runs again and prepares it anew."""
@@ -471,8 +476,8 @@ class PostgresTransaction(PostgresReads, Transaction):
         if not seqs:
             _succeeded(conn.pgconn.exec_(b"BEGIN"))
             return
-        # One round trip for all a group commit needs first (each one costs the
-        # writer ~1 ms on a busy machine): BEGIN, the Sequences, the NOTIFY (sent with
+        # PERF: one round trip for all a group commit needs first (docs/DESIGN.md,
+        # "Measured choices"): BEGIN, the Sequences, the NOTIFY (sent with
         # the COMMIT; a transaction that then changes nothing wakes the listeners for
         # nothing: they find no new change and wait again), and the programs' rules.
         # The SQL holds no input: seqs is this module's int, the channel a constant.
@@ -484,7 +489,8 @@ class PostgresTransaction(PostgresReads, Transaction):
         self._end = self._next + seqs
         programs = result.get_value(0, 2)
         if programs is not None:
-            self._programs = {program_id: tuple(rule) for program_id, rule in json.loads(programs).items()}
+            self._programs = {program_id: ProgramRow(program_id, *rule)
+                              for program_id, rule in json.loads(programs).items()}
 
     @property
     def conn(self):
@@ -529,7 +535,8 @@ class PostgresTransaction(PostgresReads, Transaction):
     # Events
 
     def current(self, event_id):
-        return self._one("SELECT revision, deleted FROM events WHERE event_id = %s", (event_id,))
+        row = self._one("SELECT revision, deleted, content_hash FROM events WHERE event_id = %s", (event_id,))
+        return row and EventState._make(row)
 
     def upsert_event(self, event):
         """PUT's statement, prepared through libpq (see _prepare) and sent
@@ -597,7 +604,7 @@ class PostgresTransaction(PostgresReads, Transaction):
             raise
 
     def current_many(self, event_ids):
-        return {row[0]: row[1:] for row in self._all(
+        return {row[0]: EventState._make(row[1:]) for row in self._all(
             "SELECT event_id, revision, deleted, content_hash FROM events WHERE event_id = ANY(%s)",
             (list(event_ids),))}
 
@@ -707,7 +714,7 @@ class PostgresTransaction(PostgresReads, Transaction):
 
 # --- Sessions and the storage ----------------------------------------------------
 
-class PostgresSession(PostgresReads):
+class PostgresSession(PostgresReads, Session):
     """A connection of its own (the writer's, the command line's): reads, and
     write transactions. A connection that broke is replaced before the next one."""
 
@@ -822,9 +829,9 @@ class PostgresStorage(Storage):
 
     def connect_read_only(self):
         """The GET pipeline's connection (``eventstore reads`` in pg_stat_activity).
-        Its one prepared statement is planned once: left to itself, PostgreSQL
-        planned ``event_id = ANY($1)`` again at every execution (a custom plan
-        each time, never the generic one), twice the time of the lookup itself."""
+        Its one prepared statement is planned once (PERF: left to itself,
+        PostgreSQL planned ``event_id = ANY($1)`` anew at every execution;
+        docs/DESIGN.md, "Measured choices")."""
         return self.connect(options=f"{READ_ONLY} -c plan_cache_mode=force_generic_plan",
                             application_name="eventstore reads")
 
@@ -932,7 +939,7 @@ def _durable(settings):
     return settings["fsync"] == "on" and settings["synchronous_commit"] != "off"
 
 
-class PostgresCommitWatch:
+class PostgresCommitWatch(CommitWatch):
     """Other servers' commits: one autocommit connection LISTENs; every writer
     notifies once per group commit. Notifications wake it at once; it also looks
     every RECHECK_SECONDS, because a notification can be lost (a reconnect) and
@@ -958,7 +965,7 @@ class PostgresCommitWatch:
             pass
         if stop.is_set():
             return None
-        return changes_after_last_look(self, limit)
+        return self.changes_after_last_look(limit)
 
     def close(self):
         self.conn.close()

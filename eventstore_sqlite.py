@@ -18,8 +18,9 @@ import threading
 import itertools
 from pathlib import Path
 
-from eventstore_storage import (EVENT_COLUMNS, SCHEMA_VERSION, Backups, Failure, Reads, Storage, StorageOpenError,
-                                Transaction, TypeRules, changes_after_last_look, event_row)
+from eventstore_storage import (EVENT_COLUMNS, SCHEMA_VERSION, Backups, Change, CommitWatch, EventRow, EventState,
+                                Failure, KeyInfo, KeyRow, ProgramRow, Reads, Session, Storage, StorageOpenError,
+                                Transaction, TypeRules, UserRow, event_row)
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "schema.sql"
 
@@ -229,6 +230,15 @@ def _statements(script):
 
 # --- SQLite: reads ---------------------------------------------------------------
 
+def _event_rows(cursor):
+    """``cursor`` (of a SELECT of EVENT_COLUMNS), its rows given as EventRows."""
+    cursor.row_factory = _event_row
+    return cursor
+
+
+def _event_row(cursor, row):
+    return EventRow._make(row)
+
 
 MERGE_ALWAYS = 4        # this many index ranges or fewer: always merge them
 WINDOW = 4              # the first walk covers WINDOW x (limit + 1) Sequences
@@ -245,10 +255,13 @@ class SQLiteReads(Reads):
     # Users, keys, grants
 
     def key_row(self, key_id):
-        """-> (user_id, key_hash, revoked_us, last_used_us, is_system, disabled) or None."""
-        return self.conn.execute(
+        row = self.conn.execute(
             "SELECT k.user_id, k.key_hash, k.revoked_us, k.last_used_us, u.is_system, u.disabled"
             " FROM api_keys k JOIN users u ON u.user_id = k.user_id WHERE k.key_id = ?", (key_id,)).fetchone()
+        if row is None:
+            return None
+        user_id, key_hash, revoked_us, last_used_us, is_system, disabled = row
+        return KeyRow(user_id, key_hash, revoked_us, last_used_us, bool(is_system), bool(disabled))
 
     def grants_of(self, user_id):
         return dict(self.conn.execute("SELECT program_id, access FROM grants WHERE user_id = ?", (user_id,)))
@@ -257,35 +270,31 @@ class SQLiteReads(Reads):
         return self.conn.execute("SELECT 1 FROM users LIMIT 1").fetchone() is not None
 
     def user_state(self, user_id):
-        """-> None if there is no such user, else "disabled" or "active"."""
         row = self.conn.execute("SELECT disabled FROM users WHERE user_id = ?", (user_id,)).fetchone()
         return None if row is None else "disabled" if row[0] else "active"
 
     def list_users(self):
-        """[(user_id, is_system, disabled, [(program_id, access)])] sorted by id."""
         grants = collections.defaultdict(list)
         for user_id, program_id, access in self.conn.execute(
                 "SELECT user_id, program_id, access FROM grants ORDER BY user_id, program_id"):
             grants[user_id].append((program_id, access))
-        return [(user_id, bool(is_system), bool(disabled), grants[user_id]) for user_id, is_system, disabled in
+        return [UserRow(user_id, bool(is_system), bool(disabled), grants[user_id]) for user_id, is_system, disabled in
                 self.conn.execute("SELECT user_id, is_system, disabled FROM users ORDER BY user_id")]
 
     def list_keys(self, user_id):
-        """[(key_id, created_us, last_used_us, revoked_us)] of a user's keys, oldest first."""
-        return self.conn.execute("SELECT key_id, created_us, last_used_us, revoked_us FROM api_keys"
-                                 " WHERE user_id = ? ORDER BY created_us", (user_id,)).fetchall()
+        return [KeyInfo(*row) for row in self.conn.execute(
+            "SELECT key_id, created_us, last_used_us, revoked_us FROM api_keys WHERE user_id = ? ORDER BY created_us",
+            (user_id,))]
 
     # Programs and event types
 
     def find_program(self, program_id):
-        """-> (name, registered_types_only), or None when the program is not registered."""
         row = self.conn.execute("SELECT name, registered_types_only FROM programs WHERE program_id = ?",
                                 (program_id,)).fetchone()
-        return row and (row[0], bool(row[1]))
+        return row and ProgramRow(program_id, row[0], bool(row[1]))
 
     def list_programs(self):
-        """[(program_id, name, registered_types_only)] sorted by id."""
-        return [(program_id, name, bool(strict)) for program_id, name, strict in self.conn.execute(
+        return [ProgramRow(program_id, name, bool(strict)) for program_id, name, strict in self.conn.execute(
             "SELECT program_id, name, registered_types_only FROM programs ORDER BY program_id")]
 
     def type_registered(self, event_type):
@@ -293,7 +302,6 @@ class SQLiteReads(Reads):
                                  (event_type,)).fetchone() is not None
 
     def registered_types(self, limit):
-        """-> (the first ``limit`` registered types by name, how many there are)."""
         names = [row[0] for row in self.conn.execute(
             "SELECT event_type FROM event_types ORDER BY event_type LIMIT ?", (limit,))]
         if len(names) < limit:
@@ -306,9 +314,9 @@ class SQLiteReads(Reads):
         type and every type with live events in those programs (or only
         ``event_type``), sorted by name, each with its live counts per program.
 
-        SQLite renders it in one statement and one step: reading it row by row
-        releases and retakes the GIL at every row, which under concurrent requests
-        cost more than the rows themselves. It reads count rows, never events."""
+        SQLite renders it in one statement and one step (PERF: read row by row, it
+        releases and retakes the GIL at every row; docs/DESIGN.md, "Measured
+        choices"). It reads count rows, never events."""
         params = {"type": event_type, **{f"p{n}": program for n, program in enumerate(programs or ())}}
         one = "" if event_type is None else " AND event_type = :type"
         in_programs = ("" if programs is None else
@@ -331,22 +339,19 @@ class SQLiteReads(Reads):
     # Events and the feed
 
     def read_event(self, event_id):
-        """-> the row (EVENT_COLUMNS) of an event or tombstone, or None."""
-        return self.conn.execute(f"SELECT {EVENT_COLUMNS} FROM events WHERE event_id = ?", (event_id,)).fetchone()
+        row = self.conn.execute(f"SELECT {EVENT_COLUMNS} FROM events WHERE event_id = ?", (event_id,)).fetchone()
+        return row and EventRow._make(row)
 
     def last_sequence(self):
         """The largest Sequence ever assigned (rows are never removed), 0 for none."""
         return self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
 
     def changes_since(self, seq, limit):
-        """[(seq, program_id, event_type)] of the changes after Sequence ``seq``, at most ``limit``."""
-        return self.conn.execute("SELECT seq, program_id, event_type FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
-                                 (seq, limit)).fetchall()
+        return [Change._make(row) for row in self.conn.execute(
+            "SELECT seq, program_id, event_type FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit))]
 
     def read_feed(self, programs, query, strategy=None):
-        """One page of the change feed: up to ``query.limit + 1`` rows (the extra one
-        tells HasMore) with seq > query.after, in seq order, for ``programs`` (a
-        list, or None for every program).
+        """One page of the change feed (see Reads.read_feed).
 
         Two ways to read it, chosen by which reads fewer rows:
         - **merge**: each (program, event type) pair is one index range walked in seq
@@ -404,7 +409,7 @@ class SQLiteReads(Reads):
                " AND seq > ? ORDER BY seq LIMIT ?")
         tail = (*params, after, want)
         ranges = itertools.product(programs, query.event_types or [None])
-        cursors = [self.conn.execute(sql, (program, *([] if event_type is None else [event_type]), *tail))
+        cursors = [_event_rows(self.conn.execute(sql, (program, *([] if event_type is None else [event_type]), *tail)))
                    for program, event_type in ranges]
         try:
             return list(itertools.islice(heapq.merge(*cursors), want))
@@ -427,16 +432,17 @@ class SQLiteReads(Reads):
             params.append(upto)
         sql = (f"SELECT {EVENT_COLUMNS} FROM events WHERE seq > ? {''.join(' AND ' + w for w in where)}"
                " ORDER BY seq LIMIT ?")
-        return self.conn.execute(sql, (after, *params, want)).fetchall()
+        return _event_rows(self.conn.execute(sql, (after, *params, want))).fetchall()
 
     def export_events(self, programs=()):
-        """Every event (tombstones included) in Sequence order, as rows (EVENT_COLUMNS),
-        from one read snapshot, streamed: memory stays flat whatever the size."""
+        """Every event (tombstones included) in Sequence order, as EventRows, from one
+        read snapshot, streamed: memory stays flat whatever the size."""
         # "+program_id" keeps SQLite off the program index, so it walks the table in
         # rowid (= seq) order instead of collecting and sorting the matches.
         where = f"WHERE +program_id IN ({', '.join('?' * len(programs))})" if programs else ""
         with read_snapshot(self.conn):
-            cursor = self.conn.execute(f"SELECT {EVENT_COLUMNS} FROM events {where} ORDER BY seq", tuple(programs))
+            cursor = _event_rows(self.conn.execute(f"SELECT {EVENT_COLUMNS} FROM events {where} ORDER BY seq",
+                                                   tuple(programs)))
             while rows := cursor.fetchmany(1000):
                 for row in rows:
                     yield row
@@ -505,9 +511,9 @@ class SQLiteTransaction(SQLiteReads, Transaction):
     # Events
 
     def current(self, event_id):
-        """-> (revision, deleted) of a stored event, or None."""
-        row = self.conn.execute("SELECT revision, deleted FROM events WHERE event_id = ?", (event_id,)).fetchone()
-        return row and (row[0], bool(row[1]))
+        row = self.conn.execute("SELECT revision, deleted, content_hash FROM events WHERE event_id = ?",
+                                (event_id,)).fetchone()
+        return row and EventState(row[0], bool(row[1]), row[2])
 
     def upsert_event(self, event):
         """Create or change ``event`` unless it is a replay -> a function that
@@ -520,21 +526,18 @@ class SQLiteTransaction(SQLiteReads, Transaction):
         return lambda: revision
 
     def current_many(self, event_ids):
-        """-> {event_id: (revision, deleted, content_hash)} of those stored."""
         found = {}
         for start in range(0, len(event_ids), 500):
             ids = event_ids[start:start + 500]
-            found.update((row[0], (row[1], bool(row[2]), row[3])) for row in self.conn.execute(
+            found.update((row[0], EventState(row[1], bool(row[2]), row[3])) for row in self.conn.execute(
                 f"SELECT event_id, revision, deleted, content_hash FROM events WHERE event_id IN"
                 f" ({', '.join('?' * len(ids))})", ids))
         return found
 
     def insert_events(self, events):
-        """[(EventInput, seq)] of new events, in one executemany."""
         self.conn.executemany(INSERT_EVENT, [event_row(event, seq, self.now) for event, seq in events])
 
     def update_events(self, events):
-        """[(EventInput, seq)] of stored events, each a new revision."""
         self.conn.executemany(UPDATE_EVENT, [event_row(event, seq, self.now) for event, seq in events])
 
     def live_revision(self, event_id):
@@ -543,7 +546,6 @@ class SQLiteTransaction(SQLiteReads, Transaction):
         return row and row[0]
 
     def tombstone(self, event_id):
-        """Turn a stored event into a tombstone with a new revision and Sequence -> the revision."""
         # secure_delete (see connect) zeroes the old row's bytes in the file: the
         # member id, times, data and reference are erased, not just unlinked.
         return self.conn.execute(
@@ -553,7 +555,6 @@ class SQLiteTransaction(SQLiteReads, Transaction):
             (self.now, self.take_seq(), event_id)).fetchall()[0][0]
 
     def member_event_ids(self, program_id, member_id):
-        """The live events of one member of a program, in Sequence order."""
         return [row[0] for row in self.conn.execute(
             "SELECT event_id FROM events WHERE program_id = ? AND member_id = ? ORDER BY seq",
             (program_id, member_id))]
@@ -567,8 +568,6 @@ class SQLiteTransaction(SQLiteReads, Transaction):
     # Programs and event types
 
     def put_program(self, program_id, name, registered_types_only=None):
-        """Register or rename a program; ``registered_types_only`` None keeps the
-        setting (false for a new program). Returns the setting now in force."""
         return bool(self.conn.execute(
             "INSERT INTO programs (program_id, name, created_us, registered_types_only)"
             " VALUES (?, ?, ?, COALESCE(?, 0)) ON CONFLICT (program_id) DO UPDATE SET name = excluded.name,"
@@ -586,8 +585,6 @@ class SQLiteTransaction(SQLiteReads, Transaction):
         return self.type_registered(event_type)
 
     def strict_users_of_type(self, event_type):
-        """[(program_id, live events)] of the programs that take registered types
-        only and have live events of ``event_type``."""
         return self.conn.execute(
             "SELECT c.program_id, c.events FROM event_type_counts AS c JOIN programs AS p USING (program_id)"
             " WHERE c.event_type = ? AND c.events > 0 AND p.registered_types_only ORDER BY c.program_id",
@@ -613,28 +610,24 @@ class SQLiteTransaction(SQLiteReads, Transaction):
             [(user_id, program_id, access) for program_id, access in grants.items()])
 
     def revoke_grant(self, user_id, program_id):
-        """-> whether the user held a grant on the program (now removed)."""
         return bool(self.conn.execute("DELETE FROM grants WHERE user_id = ? AND program_id = ?",
                                       (user_id, program_id)).rowcount)
 
     def set_user_disabled(self, user_id, disabled):
-        """-> whether the user exists (disabled: none of its keys work)."""
         return bool(self.conn.execute("UPDATE users SET disabled = ? WHERE user_id = ?",
                                       (int(disabled), user_id)).rowcount)
 
     def revoke_key(self, user_id, key_id):
-        """-> whether the user has that key (now revoked; revoking twice keeps the first time)."""
         return bool(self.conn.execute("UPDATE api_keys SET revoked_us = COALESCE(revoked_us, ?)"
                                       " WHERE user_id = ? AND key_id = ?", (self.now, user_id, key_id)).rowcount)
 
     def touch_key(self, key_id, when):
-        """Record a key's last use."""
         self.conn.execute("UPDATE api_keys SET last_used_us = ? WHERE key_id = ?", (when, key_id))
 
 
 # --- SQLite: the storage ----------------------------------------------------------
 
-class SQLiteSession(SQLiteReads):
+class SQLiteSession(SQLiteReads, Session):
     """One connection of its own: reads, and write transactions that take the
     writer lock every process's writers take."""
 
@@ -643,8 +636,6 @@ class SQLiteSession(SQLiteReads):
         self.storage = storage
 
     def transaction(self, now, seqs=0):
-        """``with session.transaction(now) as tx:`` a write transaction (``seqs``,
-        how many Sequences it may take, matters to PostgreSQL only)."""
         return _SQLiteTransactionScope(self.conn, now)
 
     def close(self):
@@ -789,7 +780,7 @@ class SQLiteStorage(Storage, Backups):
             check.close()
 
 
-class SQLiteCommitWatch:
+class SQLiteCommitWatch(CommitWatch):
     """Other processes' commits, seen by one connection: ``PRAGMA data_version``
     moves when any other connection commits; the rows changed since the last
     look (Sequences only grow, in commit order) say which programs and types."""
@@ -801,16 +792,13 @@ class SQLiteCommitWatch:
         self.last_seq = self.reads.last_sequence()
 
     def changes(self, timeout, stop, limit=10000):
-        """Wait ``timeout`` seconds (less if ``stop`` is set), then -> None when
-        nothing was committed, else [(seq, program_id, event_type)] of the new
-        changes (``limit`` at most)."""
         if stop.wait(timeout):
             return None
         version = self.conn.execute("PRAGMA data_version").fetchone()[0]
         if version == self.version:
             return None
         self.version = version
-        return changes_after_last_look(self, limit)
+        return self.changes_after_last_look(limit)
 
     def close(self):
         self.conn.close()

@@ -1,6 +1,7 @@
 """eventstore's storage interface: what the app asks of a backend, as documented
-base classes, and the names both backends share. The backends are
-eventstore_sqlite.py (the default) and eventstore_pg.py; neither imports the app.
+base classes, the rows that cross the seam (named tuples), and the names both
+backends share. The backends are eventstore_sqlite.py (the default) and
+eventstore_pg.py; neither imports the app.
 
     storage.backend                 "sqlite" or "postgresql"
     storage.reads()                 a Reads for this thread (autocommit reads)
@@ -12,16 +13,18 @@ eventstore_sqlite.py (the default) and eventstore_pg.py; neither imports the app
     storage.failure(exc)            the kind of failure one of them is (Failure), or None
     storage.retryable(exc)          whether a transaction that raised it may run again
 
+What crosses the seam: EventInput and FeedQuery go down (a write, a feed page);
+KeyRow, EventState, EventRow, ProgramRow, UserRow, KeyInfo and Change come up.
 Opening a storage raises StorageOpenError, whatever the backend. A backend that
 can copy itself consistently while in use (SQLite) is also a Backups.
 """
 
 import time
 import urllib.parse
+from dataclasses import dataclass
 from typing import NamedTuple
 
 SCHEMA_VERSION = 2
-EVENT_COLUMNS = "seq, event_id, program_id, event_type, doc, revision, created_us, updated_us"
 
 
 def now_us():
@@ -56,11 +59,116 @@ class SequencesExhausted(Exception):
         self.needed = needed
 
 
+# --- What goes down: a write, a feed query ------------------------------------------
+
+class EventInput(NamedTuple):
+    """A validated, normalized event as a PUT asks it to be. (A named tuple:
+    a batch makes a thousand of them, and a frozen dataclass is slow to build.)"""
+
+    event_id: str
+    program_id: str
+    member_id: str
+    event_type: str
+    start_us: int
+    end_us: int
+    doc: str  # the representation up to "Deleted" (see schema.sql), EventData in the client's key order
+    ref_event_id: str | None
+    content_hash: bytes  # of the canonical content, for the replay rule
+
+
+@dataclass(frozen=True)
+class FeedQuery:
+    """One page of the change feed, as ``GET /events`` asks for it."""
+
+    programs: tuple = ()      # empty: every program the caller may read
+    event_types: tuple = ()   # empty: every type
+    member_id: str | None = None
+    ref_event_id: str | None = None
+    start_from_us: int | None = None
+    start_before_us: int | None = None
+    after: int = 0
+    limit: int = 100
+    wait: int = 0
+
+
+# --- What comes up: the rows ---------------------------------------------------------
+
+class KeyRow(NamedTuple):
+    """An API key as authentication reads it, with its user's state."""
+
+    user_id: str
+    key_hash: bytes
+    revoked_us: int | None
+    last_used_us: int | None
+    is_system: bool
+    disabled: bool
+
+
+class EventState(NamedTuple):
+    """What a write needs to know of a stored event (live or a tombstone)."""
+
+    revision: int
+    deleted: bool
+    content_hash: bytes | None  # of the live content (None for a tombstone): the replay rule
+
+
+EVENT_COLUMNS = "seq, event_id, program_id, event_type, doc, revision, created_us, updated_us"
+
+
+class EventRow(NamedTuple):
+    """An event or tombstone as the reads give it (EVENT_COLUMNS): enough to render
+    its representation. ``doc`` is the stored representation up to "Deleted"
+    (schema.sql); None for a tombstone."""
+
+    seq: int
+    event_id: str
+    program_id: str
+    event_type: str
+    doc: str | None
+    revision: int
+    created_us: int
+    updated_us: int
+
+    @property
+    def deleted(self):
+        return self.doc is None
+
+
+class ProgramRow(NamedTuple):
+    program_id: str
+    name: str
+    registered_types_only: bool
+
+
+class UserRow(NamedTuple):
+    user_id: str
+    is_system: bool
+    disabled: bool
+    grants: list  # [(program_id, access)] sorted by program
+
+
+class KeyInfo(NamedTuple):
+    """A key as the command line lists it (never the key itself)."""
+
+    key_id: str
+    created_us: int
+    last_used_us: int | None
+    revoked_us: int | None
+
+
+class Change(NamedTuple):
+    """One committed change, as a commit watch reports it."""
+
+    seq: int
+    program_id: str
+    event_type: str
+
+
 class Reads:
     """What the app reads; a backend's reads implement every method."""
 
     def key_row(self, key_id):
-        """-> (user_id, key_hash, revoked_us, last_used_us, is_system, disabled) or None."""
+        """-> the KeyRow of a key (by its public id), or None."""
         raise NotImplementedError
 
     def grants_of(self, user_id):
@@ -76,19 +184,19 @@ class Reads:
         raise NotImplementedError
 
     def list_users(self):
-        """[(user_id, is_system, disabled, [(program_id, access)])] sorted by id."""
+        """[UserRow] sorted by id."""
         raise NotImplementedError
 
     def list_keys(self, user_id):
-        """[(key_id, created_us, last_used_us, revoked_us)] of a user's keys, oldest first."""
+        """[KeyInfo] of a user's keys, oldest first."""
         raise NotImplementedError
 
     def find_program(self, program_id):
-        """-> (name, registered_types_only), or None when the program is not registered."""
+        """-> the ProgramRow, or None when the program is not registered."""
         raise NotImplementedError
 
     def list_programs(self):
-        """[(program_id, name, registered_types_only)] sorted by id."""
+        """[ProgramRow] sorted by id."""
         raise NotImplementedError
 
     def type_registered(self, event_type):
@@ -101,11 +209,16 @@ class Reads:
         raise NotImplementedError
 
     def event_types_json(self, programs, event_type=None):
-        """The catalogue (docs/API."""
+        """The catalogue (docs/API.md §5a) as seen through ``programs`` (a list, or None
+        for every program), as the JSON text of its list of entries: every registered
+        type and every type with live events in those programs (or only
+        ``event_type``), sorted by name, each with its live counts per program.
+        Rendered by the database from the count rows: it costs per type and
+        program, never per event."""
         raise NotImplementedError
 
     def read_event(self, event_id):
-        """-> the row (EVENT_COLUMNS) of an event or tombstone, or None."""
+        """-> the EventRow of an event or tombstone, or None."""
         raise NotImplementedError
 
     def last_sequence(self):
@@ -113,19 +226,18 @@ class Reads:
         raise NotImplementedError
 
     def changes_since(self, seq, limit):
-        """[(seq, program_id, event_type)] of the changes after Sequence ``seq``, at most
-        ``limit``."""
+        """[Change] after Sequence ``seq``, at most ``limit``."""
         raise NotImplementedError
 
     def read_feed(self, programs, query, strategy=None):
-        """One page of the change feed: up to ``query.limit + 1`` rows (the extra one tells
-        HasMore) with seq > query.after, in seq order, for ``programs`` (a list, or None
-        for every program)."""
+        """One page of the change feed (a FeedQuery): up to ``query.limit + 1`` EventRows
+        (the extra one tells HasMore) with seq > query.after, in seq order, for
+        ``programs`` (a list, or None for every program)."""
         raise NotImplementedError
 
     def export_events(self, programs=()):
-        """Every event (tombstones included) in Sequence order, as rows (EVENT_COLUMNS),
-        from one snapshot, streamed."""
+        """Every event (tombstones included) in Sequence order, as EventRows, from one
+        snapshot, streamed."""
         raise NotImplementedError
 
     def answers(self):
@@ -152,7 +264,7 @@ class Transaction(Reads):
         raise NotImplementedError
 
     def current(self, event_id):
-        """-> (revision, deleted) of a stored event, or None."""
+        """-> the EventState of a stored event, or None."""
         raise NotImplementedError
 
     def upsert_event(self, event):
@@ -161,7 +273,7 @@ class Transaction(Reads):
         raise NotImplementedError
 
     def current_many(self, event_ids):
-        """-> {event_id: (revision, deleted, content_hash)} of those stored."""
+        """-> {event_id: EventState} of those stored."""
         raise NotImplementedError
 
     def insert_events(self, events):
@@ -242,6 +354,48 @@ class Transaction(Reads):
         raise NotImplementedError
 
 
+class Session(Reads):
+    """A connection of its own (the writer thread's, the command line's): its
+    reads, and durable write transactions on it, one at a time."""
+
+    storage = None  # the Storage it belongs to
+
+    def transaction(self, now, seqs=0):
+        """``with session.transaction(now, seqs) as tx:`` a Transaction, committed
+        (durably) when the block ends, rolled back if it raises. ``now`` is its time
+        in microseconds; ``seqs`` how many Sequences it will probably take (PostgreSQL
+        takes them at BEGIN; SQLite ignores it)."""
+        raise NotImplementedError
+
+    def close(self):
+        raise NotImplementedError
+
+
+class CommitWatch:
+    """Other processes' (and servers') commits, seen from one connection of its
+    own: ``changes`` waits a little and reports what was committed since the
+    last look; ``last_seq`` is the last Sequence reported."""
+
+    reads = None    # a Reads on the watch's own connection
+    last_seq = 0
+
+    def changes(self, timeout, stop, limit=10000):
+        """Wait up to ``timeout`` seconds (less once ``stop``, a threading.Event, is
+        set) -> None when nothing was committed, else the [Change] since the last
+        look (at most ``limit``)."""
+        raise NotImplementedError
+
+    def changes_after_last_look(self, limit):
+        """The Changes since ``last_seq``, which moves to the last of them."""
+        changed = self.reads.changes_since(self.last_seq, limit)
+        if changed:
+            self.last_seq = changed[-1].seq
+        return changed
+
+    def close(self):
+        raise NotImplementedError
+
+
 class Storage:
     """A database, open: see the module's docstring for what it offers."""
 
@@ -253,12 +407,11 @@ class Storage:
         raise NotImplementedError
 
     def session(self):
-        """A Session of its own (``transaction(now, seqs)``, ``close()``)."""
+        """A Session of its own."""
         raise NotImplementedError
 
     def watch_commits(self):
-        """A CommitWatch: ``changes(timeout, stop, limit)`` -> None or
-        [(seq, program_id, event_type)] committed by any process since the last look."""
+        """A CommitWatch on a connection of its own."""
         raise NotImplementedError
 
     def local_file(self, suffix):
@@ -325,7 +478,7 @@ class TypeRules:
     def _program_rule(self, program_id):
         if program_id not in self._strict:
             found = self.reads.find_program(program_id)
-            self._strict[program_id] = found and found[1]
+            self._strict[program_id] = found and found.registered_types_only
         return self._strict[program_id]
 
     def type_allowed(self, program_id, event_type):
@@ -343,15 +496,6 @@ def event_row(event, seq, now):
             "event_type": event.event_type, "member_id": event.member_id, "start_us": event.start_us,
             "end_us": event.end_us, "doc": event.doc, "ref_event_id": event.ref_event_id,
             "content_hash": event.content_hash, "now": now}
-
-
-def changes_after_last_look(watch, limit):
-    """A commit watch's changes since its last look (``watch.last_seq``), which
-    moves to the last of them."""
-    changed = watch.reads.changes_since(watch.last_seq, limit)
-    if changed:
-        watch.last_seq = changed[-1][0]
-    return changed
 
 
 # --- Database names ----------------------------------------------------------------

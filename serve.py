@@ -177,8 +177,8 @@ def serve_one(args, announce_it):
     try:
         max_waiting = args.max_waiting if args.max_waiting is not None else args.threads // 2
         storage = eventstore.open_storage(args.db, threads=args.threads)
-        throttle = eventstore.shared_throttle(storage.local_file("throttle"), threshold=args.max_auth_failures)
-        app = eventstore.make_app(storage, max_body_bytes=args.max_body, max_waiting=max_waiting, throttle=throttle)
+        app = eventstore.make_app(storage, max_body_bytes=args.max_body, max_waiting=max_waiting,
+                                  max_auth_failures=args.max_auth_failures)
     except (StorageOpenError, OSError) as exc:
         return cannot_open(args.db, exc)
     access_log = AccessLog(app) if args.access_log else None

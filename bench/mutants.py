@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # (name, file, [(old, new), ...], test files that should kill it)
 MUTANTS = [
     ("shared 401 exception re-raised", "eventstore.py", [
-        ("def service_unavailable(", "_SHARED_401 = None\n\n\ndef service_unavailable("),
+        ("def unauthorized():", "_SHARED_401 = None\n\n\ndef unauthorized():"),
         ("    return Problem(401, ", "    global _SHARED_401\n    _SHARED_401 = _SHARED_401 or Problem(401, "),
         ('               headers=[("WWW-Authenticate", REALM)])\n',
          '               headers=[("WWW-Authenticate", REALM)])\n    return _SHARED_401\n'),
@@ -37,14 +37,14 @@ MUTANTS = [
         ('    event_id, program_id = _event_id_param(req)\n    req.require("write", program_id)\n'
          '    if not EVENT_ID_RE',
          '    event_id, program_id = _event_id_param(req)\n'
-         '    if read_event(req.db, event_id) is None:\n'
+         '    if req.reads.read_event(event_id) is None:\n'
          '        raise Problem(404, f"Event {event_id!r} does not exist.")\n'
          '    req.require("write", program_id)\n    if not EVENT_ID_RE'),
     ], ["tests/test_auth.py", "tests/test_events.py"]),
     ("member erasure answers 404 before 403", "eventstore.py", [
         ('    program_id, member_id = req.params["program_id"], req.params["member_id"]\n',
          '    program_id, member_id = req.params["program_id"], req.params["member_id"]\n'
-         '    if not program_exists(req.db, program_id):\n'
+         '    if req.reads.find_program(program_id) is None:\n'
          '        raise Problem(404, f"Program {program_id!r} is not registered.")\n'),
     ], ["tests/test_lifecycle.py"]),
     ("replay treats 1, 1.0 and true alike below the top level", "eventstore.py", [
@@ -58,22 +58,22 @@ MUTANTS = [
          '        cache_key = (parse_basic_auth(header) or (None,))[0]'),
     ], ["tests/test_auth.py"]),
     ("no in-process wake-up of long polls on commit", "eventstore.py", [
-        ("GroupCommitWriter(self.storage.session, self.clock, on_commit=self._committed,",
+        ("GroupCommitWriter(self.storage.session, self.clock, on_commit=self.news.committed,",
          "GroupCommitWriter(self.storage.session, self.clock, on_commit=lambda touched: None,"),
     ], ["tests/test_feed.py"]),
     ("synchronous=NORMAL", "eventstore_sqlite.py", [
         ('conn.execute("PRAGMA synchronous = FULL")', 'conn.execute("PRAGMA synchronous = NORMAL")'),
     ], ["tests/test_durability.py"]),
-    ("a failed COMMIT acknowledged", "eventstore.py", [
+    ("a failed COMMIT acknowledged", "eventstore_writer.py", [
         ("                item.error, item.result = copy.copy(exc).with_traceback(None), None",
          "                pass"),
     ], ["tests/test_group_commit.py"]),
-    ("writer connection opened outside error handling", "eventstore.py", [
+    ("writer connection opened outside error handling", "eventstore_writer.py", [
         ("        try:\n            session = self.open_session()\n        except Exception as exc:\n"
          "            return self._died(exc, batch)\n",
          "        session = self.open_session()\n"),
     ], ["tests/test_group_commit.py"]),
-    ("a dead writer's changes never answered", "eventstore.py", [
+    ("a dead writer's changes never answered", "eventstore_writer.py", [
         ("            if not item.done.is_set():\n                item.error, item.result = self.unavailable(), None\n"
          "                item.done.set()",
          "            pass"),
@@ -107,11 +107,12 @@ MUTANTS = [
         ('        "UPDATE events SET member_id = NULL, start_us = NULL',
          '        "UPDATE events SET member_id = member_id, start_us = NULL'),
     ], ["tests/test_events.py", "tests/test_lifecycle.py"]),
-    ("failed authentications counted per process", "eventstore.py", [
+    ("failed authentications counted per process", "eventstore_throttle.py", [
         ("        return AuthThrottle(path=path, **options)", "        return AuthThrottle(**options)"),
     ], ["tests/test_processes.py"]),
-    ("other processes' commits never wake a long poll", "eventstore.py", [
-        ("                    self._committed(None if len(changed) == 10000 else {row[1:] for row in changed})",
+    ("other processes' commits never wake a long poll", "eventstore_news.py", [
+        ("                    self.committed(None if len(changed) == WATCH_LIMIT else\n"
+         "                                   {(change.program_id, change.event_type) for change in changed})",
          "                    pass"),
     ], ["tests/test_processes.py"]),
     ("a stopping server does not answer waiting long polls", "serve.py", [
@@ -121,14 +122,14 @@ MUTANTS = [
         ("        if programs is not None:\n            where.insert(0, f\"+program_id IN",
          "        if False:\n            where.insert(0, f\"+program_id IN"),
     ], ["tests/test_properties.py"]),
-    ("a long poll re-reads for commits it cannot match", "eventstore.py", [
-        ("                if touched is None or waiter.may_match(touched):", "                if True:"),
+    ("a long poll re-reads for commits it cannot match", "eventstore_news.py", [
+        ("                if touched is None or listener.may_match(touched):", "                if True:"),
     ], ["tests/test_feed.py"]),
     ("batch is not all or nothing", "eventstore.py", [
         ("    if errors:\n        errors += _type_errors(req, batch)",
          "    if errors and not events:\n        errors += _type_errors(req, batch)"),
     ], ["tests/test_batch.py"]),
-    ("the throttle's latest failure not recorded: a quiet table hides guessers", "eventstore.py", [
+    ("the throttle's latest failure not recorded: a quiet table hides guessers", "eventstore_throttle.py", [
         ("            self.LATEST.pack_into(self._map, self._latest_at, now)\n        finally:",
          "        finally:"),
     ], ["tests/test_throttle.py"]),
@@ -142,8 +143,8 @@ MUTANTS = [
         ("    if version < 2:  # counts", "    if False:  # counts"),
     ], ["tests/test_event_types.py"]),
     ("the catalogue shows counts of programs the caller cannot read", "eventstore.py", [
-        ("    entries = req.db.event_types_json(readable_programs(req.user), event_type)",
-         "    entries = req.db.event_types_json(None, event_type)"),
+        ("    entries = req.reads.event_types_json(readable_programs(req.user), event_type)",
+         "    entries = req.reads.event_types_json(None, event_type)"),
     ], ["tests/test_event_types.py"]),
     ("a strict program's batch items not checked", "eventstore.py", [
         ("    if wrong_types:\n", "    if False:\n"),
@@ -197,8 +198,8 @@ MUTANTS = [
         ("            if not self.conn.closed and pgconn.transaction_status in (",
          "            if False and pgconn.transaction_status in ("),
     ], ["tests/test_postgres.py"]),
-    ("PostgreSQL: the commit watcher gives up on a lost connection", "eventstore.py", [
-        ("                    watch = None\n                    self._closing.wait(1.0)\n                    continue\n",
+    ("PostgreSQL: the commit watcher gives up on a lost connection", "eventstore_news.py", [
+        ("                    watch = None\n                    self._closed.wait(1.0)\n                    continue\n",
          "                    return\n"),
     ], ["tests/test_postgres.py"]),
     ("a forked child goes on with its parent's connections and threads", "eventstore.py", [
@@ -218,8 +219,8 @@ MUTANTS = [
         ("        query = replace(query, wait=0)", "        pass"),
     ], ["tests/test_feed.py"]),
     ("a query parameter where none is taken is ignored", "eventstore.py", [
-        ('        if query and not getattr(handler, "takes_query", False):',
-         '        if False and not getattr(handler, "takes_query", False):'),
+        ('        if query and not route.takes_query:',
+         '        if False and not route.takes_query:'),
     ], ["tests/test_events.py"]),
     ("the command line makes a database on a mistyped name", "eventstore_admin.py", [
         ("and not os.path.exists(args.db) and not args.create:", "and False:"),

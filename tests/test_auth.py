@@ -9,7 +9,7 @@ import pytest
 
 import eventstore
 import eventstore_sqlite
-from conftest import Registry, eventually, run_in_thread, basic, event_body
+from helpers import Registry, eventually, run_in_thread, basic, event_body
 from eventstore import parse_basic_auth
 
 
@@ -44,9 +44,9 @@ def test_parser_rejects_malformed_headers(header):
 
 def bad_credentials(registry):
     registry.add_user("disabled")
-    registry.db.execute("UPDATE users SET disabled = TRUE WHERE user_id = 'disabled'")
+    registry.sql.execute("UPDATE users SET disabled = TRUE WHERE user_id = 'disabled'")
     registry.add_user("revoked")
-    registry.db.execute("UPDATE api_keys SET revoked_us = 1 WHERE user_id = 'revoked'")
+    registry.sql.execute("UPDATE api_keys SET revoked_us = 1 WHERE user_id = 'revoked'")
     good = registry.keys["writer"]
     return {
         "missing": {},
@@ -82,7 +82,7 @@ def test_a_good_key_authenticates(writer):
 
 def test_only_a_hash_of_the_key_is_stored(registry):
     key = registry.keys["writer"]
-    stored = registry.db.execute("SELECT key_id, key_hash FROM api_keys WHERE user_id = 'writer'").fetchone()
+    stored = registry.sql.execute("SELECT key_id, key_hash FROM api_keys WHERE user_id = 'writer'").fetchone()
     assert stored == (key[:12], hashlib.sha256(key.encode()).digest())
     assert key not in registry.dump() and key[12:] not in registry.dump()
 
@@ -100,7 +100,7 @@ def test_a_user_may_hold_several_keys_and_a_revoked_one_stops_within_a_second(re
     app = registry.anonymous
     app.get("/events", headers=basic("writer", first), status=200)
     app.get("/events", headers=basic("writer", second), status=200)
-    registry.db.execute("UPDATE api_keys SET revoked_us = 1 WHERE key_id = ?", (first[:12],))
+    registry.sql.execute("UPDATE api_keys SET revoked_us = 1 WHERE key_id = ?", (first[:12],))
     time.sleep(eventstore.AUTH_CACHE_SECONDS)
     app.get("/events", headers=basic("writer", first), status=401)
     app.get("/events", headers=basic("writer", second), status=200)
@@ -108,9 +108,9 @@ def test_a_user_may_hold_several_keys_and_a_revoked_one_stops_within_a_second(re
 
 def test_a_key_records_its_last_use(registry, writer):
     query = "SELECT last_used_us FROM api_keys WHERE user_id = 'writer'"
-    assert registry.db.execute(query).fetchone()[0] is None
+    assert registry.sql.execute(query).fetchone()[0] is None
     writer.get("/events")
-    eventually(lambda: registry.db.execute(query).fetchone()[0] is not None, "the last use is recorded")
+    eventually(lambda: registry.sql.execute(query).fetchone()[0] is not None, "the last use is recorded")
 
 
 def test_a_read_never_waits_for_the_write_lock_to_record_a_key_s_last_use(tmp_path):
@@ -123,7 +123,7 @@ def test_a_read_never_waits_for_the_write_lock_to_record_a_key_s_last_use(tmp_pa
         answered = run_in_thread(lambda: registry.client("reader").get("/events?ProgramId=FOO").status_int)
         assert answered(timeout=10) == 200  # well before the 60 s busy timeout
         blocker.execute("ROLLBACK")
-        eventually(lambda: registry.db.execute(
+        eventually(lambda: registry.sql.execute(
             "SELECT last_used_us FROM api_keys WHERE user_id = 'reader'").fetchone()[0], "last use recorded")
     finally:
         registry.close()
@@ -209,7 +209,7 @@ def test_grants_and_disabling_take_effect_within_a_second(registry):
         tx.set_grants("nobody", {"BAR": "read"})
     time.sleep(eventstore.AUTH_CACHE_SECONDS)
     nobody.get("/events?ProgramId=BAR", status=200)
-    registry.db.execute("UPDATE users SET disabled = TRUE WHERE user_id = 'nobody'")
+    registry.sql.execute("UPDATE users SET disabled = TRUE WHERE user_id = 'nobody'")
     time.sleep(eventstore.AUTH_CACHE_SECONDS)
     nobody.get("/events?ProgramId=BAR", status=401)
 
@@ -249,6 +249,6 @@ def test_a_key_s_last_use_is_written_by_the_writer_not_by_a_read_connection(regi
             conn.execute("UPDATE api_keys SET last_used_us = 0")
     commits = registry.record_commits()
     writer.get("/events")
-    eventually(lambda: registry.db.execute("SELECT last_used_us FROM api_keys WHERE user_id = 'writer'")
+    eventually(lambda: registry.sql.execute("SELECT last_used_us FROM api_keys WHERE user_id = 'writer'")
                .fetchone()[0], "the last use recorded")
     assert commits == [1]  # by the writer, in one commit

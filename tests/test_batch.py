@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import event_body
+from helpers import event_body
 
 
 def item(event_id, **fields):

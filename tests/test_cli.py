@@ -7,7 +7,7 @@ import pytest
 
 import eventstore
 import eventstore_admin
-from conftest import ROOT
+from helpers import ROOT
 
 
 def test_program_add_and_list(cli):

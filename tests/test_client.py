@@ -14,7 +14,7 @@ import pytest
 
 import eventstore_client
 from eventstore_client import Client, ClientError, NoAnswer
-from conftest import eventually, run_in_thread
+from helpers import eventually, run_in_thread
 from server import ROOT, Server, free_port, event
 
 CLIENT = [sys.executable, str(ROOT / "eventstore_client.py")]
@@ -46,7 +46,7 @@ def requests_logged(server, method, path_prefix, at_least=0, timeout=5):
 
 
 def add_user(server, user_id, grants):
-    from conftest import create_user
+    from helpers import create_user
     return create_user(server.db_path, user_id, grants)
 
 

@@ -40,7 +40,7 @@ def test_the_readme_reads_in_five_minutes():
 def test_the_api_reference_has_every_route():
     import eventstore
     text = (ROOT / "docs/API.md").read_text(encoding="utf-8")
-    for method, pattern, _, _ in eventstore.ROUTES:
+    for method, pattern, *_ in eventstore.ROUTES:
         path = re.sub(r"\(\?P<(\w+)>[^)]*\)", lambda m: "{" + {
             "event_id": "eventId", "program_id": "ProgramId", "member_id": "ProgramMemberId", "event_type": "EventType"}[m.group(1)] + "}",
             pattern).replace("\\.", ".")
@@ -51,7 +51,7 @@ def test_the_readme_curl_session_works_as_pasted_on_another_port_and_database(tm
     """The README's session, as a reader runs it against `make run PORT=... DB=...`:
     the key pasted into its first line, the port and database into its second."""
     import subprocess
-    from conftest import require_tool
+    from helpers import require_tool
     from server import Server
     require_tool("curl")
     text = (ROOT / "README.md").read_text(encoding="utf-8")

@@ -9,7 +9,7 @@ import threading
 import time
 
 
-from conftest import require_tool
+from helpers import require_tool
 from server import PutLoad, Server, assert_seen_every_change_once_in_order, missing_from, publish_while_following, event
 
 

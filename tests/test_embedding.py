@@ -13,7 +13,7 @@ from pathlib import Path
 import webtest
 
 import eventstore
-from conftest import Registry, event_body, eventually
+from helpers import Registry, event_body, eventually
 
 TESTS = Path(__file__).resolve().parent
 

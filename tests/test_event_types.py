@@ -13,7 +13,7 @@ import webtest
 import eventstore
 import eventstore_sqlite
 import eventstore_admin
-from conftest import basic, create_user, event_body, open_sqlite, opened, run_in_thread
+from helpers import basic, create_user, event_body, open_sqlite, opened, run_in_thread
 
 DATA = Path(__file__).resolve().parent / "data"
 DESCRIPTION = "A learner completed every module of a course."
@@ -154,7 +154,7 @@ def test_only_system_registers_and_unregisters(admin, writer, reader, registry):
         client.put_json("/event-types/X", {"Description": "x"}, status=403)
         client.put_json("/event-types/%07", {}, status=403)  # 403 before validation
         client.delete("/event-types/X", status=403)
-    assert registry.db.execute("SELECT COUNT(*) FROM event_types").fetchone() == (0,)
+    assert registry.sql.execute("SELECT COUNT(*) FROM event_types").fetchone() == (0,)
     admin.put_json("/event-types/X", {"Description": "x"})
     writer.delete("/event-types/X", status=403)
     assert admin.get("/event-types/X").json["Registered"] is True
@@ -208,7 +208,7 @@ def test_names_breaking_the_event_type_rule_are_400_on_every_method(admin, name)
 def test_bad_descriptions_are_400_and_register_nothing(admin, registry, body, field):
     problem = admin.put_json("/event-types/X", body, status=400).json
     assert field in [e["field"] for e in problem["errors"]]
-    assert registry.db.execute("SELECT COUNT(*) FROM event_types").fetchone() == (0,)
+    assert registry.sql.execute("SELECT COUNT(*) FROM event_types").fetchone() == (0,)
 
 
 def test_descriptions_may_hold_line_feeds_and_tabs_up_to_2000_characters(admin):
@@ -226,7 +226,7 @@ def test_registering_is_not_a_feed_change(admin):
 # --- Counts after every kind of change -------------------------------------------------
 
 def test_counts_follow_every_kind_of_change(admin, writer, registry, tmp_path, capsys):
-    db = registry.db
+    db = registry.sql
     expect = {}
 
     def check(**changes):
@@ -297,8 +297,8 @@ def test_counts_are_exact_under_concurrent_publishers(registry, admin):
     for wait in waits:
         wait(timeout=120)
     assert failures == []
-    kept = counts(registry.db)
-    assert kept == recount(registry.db) and sum(kept.values()) > 0
+    kept = counts(registry.sql)
+    assert kept == recount(registry.sql) and sum(kept.values()) > 0
     listed = {(e["EventType"], p["ProgramId"]): p["Events"] for e in catalogue(admin) for p in e["Programs"]}
     assert listed == kept
 

@@ -6,7 +6,7 @@ from datetime import datetime
 
 import pytest
 
-from conftest import basic, event_body
+from helpers import basic, event_body
 
 
 def utc(text):
@@ -125,14 +125,14 @@ def test_a_query_parameter_where_the_resource_takes_none_is_a_400_naming_it(admi
     """`PUT /events/FOO-1?dryRun=1` wrote, silently: a client's misunderstanding
     must not go unnoticed, least of all on a write."""
     admin.put_json("/events/FOO-1", event_body())
-    changes = registry.db.execute("SELECT MAX(seq) FROM events").fetchone()
+    changes = registry.sql.execute("SELECT MAX(seq) FROM events").fetchone()
     bodies = {"/events/FOO-1": event_body(EventData={"n": 2}), "/events": {"Events": []},
               "/programs/FOO": {"Name": "Renamed"}, "/event-types/T": {"Description": "t"}}
     problem = admin.request(f"{path}?dryRun=1&dryRun=2&verbose", method=method, status=400,
                             **({"json": bodies[path]} if method in ("PUT", "POST") else {})).json
     assert [e["field"] for e in problem["errors"]] == ["dryRun", "verbose"]
     assert "takes none" in problem["errors"][0]["message"]
-    assert registry.db.execute("SELECT MAX(seq) FROM events").fetchone() == changes
+    assert registry.sql.execute("SELECT MAX(seq) FROM events").fetchone() == changes
     assert admin.get("/events/FOO-1").json["EventData"] == event_body()["EventData"]
 
 
@@ -280,7 +280,7 @@ def test_413_is_decided_from_content_length_before_reading(registry):
         def read(self, *args):
             raise AssertionError("the body must not be read")
 
-    from conftest import basic
+    from helpers import basic
     environ = {"REQUEST_METHOD": "PUT", "PATH_INFO": "/events/FOO-1", "CONTENT_TYPE": "application/json",
                "CONTENT_LENGTH": str(2 << 20), "wsgi.input": Unreadable(),
                "HTTP_AUTHORIZATION": basic("writer", registry.keys["writer"])["Authorization"]}
@@ -290,7 +290,7 @@ def test_413_is_decided_from_content_length_before_reading(registry):
 
 
 def test_the_body_limit_is_configurable(tmp_path):
-    from conftest import Registry
+    from helpers import Registry
     registry = Registry(tmp_path / "small.db", max_body_bytes=200)
     client = registry.client("writer")
     client.put_json("/events/FOO-1", event_body(EventData={"x": "y" * 300}), status=413)

@@ -5,7 +5,7 @@ import urllib.parse
 
 import pytest
 
-from conftest import Registry, event_body, eventually, opened, run_in_thread
+from helpers import Registry, event_body, eventually, opened, run_in_thread
 
 
 def publish(client, event_id, **fields):
@@ -174,7 +174,7 @@ def test_feed_queries_walk_an_index_in_sequence_order(registry):
     for extra, column in plans.items():
         sql = (f"EXPLAIN QUERY PLAN SELECT {EVENT_COLUMNS} FROM events WHERE program_id = ?{extra}"
                " AND seq > ? ORDER BY seq LIMIT ?")
-        plan = " ".join(row[3] for row in registry.db.execute(sql, (1,) * sql.count("?")))
+        plan = " ".join(row[3] for row in registry.sql.execute(sql, (1,) * sql.count("?")))
         assert "USING" in plan and column in plan and "rowid>?" in plan, plan
         assert "TEMP B-TREE" not in plan, plan
 
@@ -242,7 +242,7 @@ def test_a_host_serving_one_request_at_a_time_answers_a_long_poll_at_once(regist
     import json
     import urllib.request
     import wsgiref.simple_server
-    from conftest import basic
+    from helpers import basic
 
     class Quiet(wsgiref.simple_server.WSGIRequestHandler):
         def log_message(self, *args):
@@ -285,14 +285,13 @@ def test_a_repeatable_parameter_takes_at_most_100_values(admin, name):
 def test_a_long_poll_does_not_re_read_for_commits_it_cannot_match(registry, monkeypatch):
     """Commits to BAR wake nothing that waits on FOO: the waiter looks at what
     each commit touched before it re-reads the feed."""
-    import eventstore
     reader_class = type(registry.storage.reads())
     reads, real_read_feed = [], reader_class.read_feed
     monkeypatch.setattr(reader_class, "read_feed", lambda *args, **kw: reads.append(1) or real_read_feed(*args, **kw))
     admin = registry.client("admin")
     answer = run_in_thread(lambda: admin.get("/events?ProgramId=FOO&wait=20").json)
     wait_until_polling(registry)
-    eventually(lambda: registry.app._watcher is not None and len(reads) >= 1, "the watcher started")
+    eventually(lambda: registry.app.news._watcher is not None and len(reads) >= 1, "the watcher started")
     time.sleep(0.1)  # the watcher's first look (a re-read, to be sure) is over
     before = len(reads)
     for n in range(5):

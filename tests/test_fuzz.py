@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-import eventstore
-from conftest import create_user
+from helpers import create_user
 from server import ROOT, Server
 
 SECONDS = int(os.environ.get("FUZZ_SECONDS", "20"))

@@ -7,14 +7,14 @@ import time
 
 import pytest
 
-import eventstore
+import eventstore_writer
 import eventstore_sqlite
-from conftest import event_body, eventually, open_sqlite, run_in_thread
+from helpers import event_body, eventually, open_sqlite, run_in_thread
 
 
 def test_concurrent_writes_share_commits_and_all_succeed(registry):
     registry.client("writer").get("/events")  # the key's last use is recorded now, not among the PUTs
-    eventually(lambda: registry.db.execute("SELECT last_used_us FROM api_keys WHERE user_id = 'writer'")
+    eventually(lambda: registry.sql.execute("SELECT last_used_us FROM api_keys WHERE user_id = 'writer'")
                .fetchone()[0], "the key's last use recorded")
     commits = registry.record_commits()
     barrier = threading.Barrier(16)
@@ -34,7 +34,7 @@ def test_concurrent_writes_share_commits_and_all_succeed(registry):
     assert registry.count_events() == 160
     assert sum(commits) == 160
     assert len(commits) < 160  # some commits carried several writes
-    sequences = [row[0] for row in registry.db.execute("SELECT seq FROM events ORDER BY seq")]
+    sequences = [row[0] for row in registry.sql.execute("SELECT seq FROM events ORDER BY seq")]
     assert sequences == list(range(1, 161))
 
 
@@ -62,13 +62,12 @@ def test_a_failing_change_fails_alone(registry):
         assert time.monotonic() < deadline, "the writes did not queue"
         time.sleep(0.01)
     commits = []
-    original = writer._transaction
-    writer._transaction = lambda conn, batch: (commits.append(len(batch)), original(conn, batch))
+    writer.observers.append(lambda changes, seconds: commits.append(changes))
     gate.set()
     for thread in threads + [blocker]:
         thread.join(30)
         assert not thread.is_alive(), 'a thread did not finish in 30 s'
-    assert commits == [6]
+    assert commits == [1, 6]  # the blocker, then the six in one group
     assert outcomes.pop("FOO-cond") == 412
     assert set(outcomes.values()) == {200}
     assert registry.row("FOO-cond")["event_type"] == "CourseCompleted"
@@ -76,7 +75,7 @@ def test_a_failing_change_fails_alone(registry):
 
 
 def test_an_exception_inside_a_change_rolls_back_only_that_change(tmp_path):
-    writer = eventstore.GroupCommitWriter(lambda: eventstore_sqlite.SQLiteStorage(tmp_path / "w.db").session(), lambda: 1)
+    writer = eventstore_writer.GroupCommitWriter(lambda: eventstore_sqlite.SQLiteStorage(tmp_path / "w.db").session(), lambda: 1)
 
     def good(n):
         return lambda tx: tx.conn.execute("INSERT INTO programs (program_id, name, created_us) VALUES (?, 'x', ?)", (f"P{n}", tx.now)).rowcount
@@ -110,7 +109,7 @@ def test_a_failed_commit_fails_every_change_in_it(tmp_path):
     """When the COMMIT itself fails (here: the database is locked by another
     connection), no change of the batch is acknowledged and nothing is written."""
     db = tmp_path / "locked.db"
-    writer = eventstore.GroupCommitWriter(eventstore_sqlite.SQLiteStorage(db, busy_timeout_ms=100).session, lambda: 1)
+    writer = eventstore_writer.GroupCommitWriter(eventstore_sqlite.SQLiteStorage(db, busy_timeout_ms=100).session, lambda: 1)
     blocker = eventstore_sqlite.connect(db)
     blocker.execute("BEGIN IMMEDIATE")
     with pytest.raises(Exception) as caught:
@@ -122,7 +121,7 @@ def test_a_failed_commit_fails_every_change_in_it(tmp_path):
 
 
 def test_a_busy_database_is_503_with_retry_after(tmp_path):
-    from conftest import Registry
+    from helpers import Registry
     registry = Registry(tmp_path / "busy.db", busy_timeout_ms=100)
     blocker = eventstore_sqlite.connect(registry.db_path)
     blocker.execute("BEGIN IMMEDIATE")
@@ -198,9 +197,9 @@ def fail_at_commit(registry):
     if registry.storage.backend == "sqlite":
         return sqlite3.IntegrityError
     import psycopg
-    registry.db.execute("CREATE FUNCTION fail_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$"
+    registry.sql.execute("CREATE FUNCTION fail_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$"
                         " BEGIN RAISE EXCEPTION 'refused at COMMIT'; END $$")
-    registry.db.execute("CREATE CONSTRAINT TRIGGER fail_at_commit AFTER INSERT ON grants"
+    registry.sql.execute("CREATE CONSTRAINT TRIGGER fail_at_commit AFTER INSERT ON grants"
                         " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (NEW.user_id = 'nobody')"
                         " EXECUTE FUNCTION fail_at_commit()")
     return psycopg.errors.RaiseException
@@ -227,5 +226,5 @@ def test_a_commit_that_fails_is_never_acknowledged(registry):
         bad()
     assert put().status_int >= 500
     assert registry.row("FOO-1") is None
-    assert registry.db.execute("SELECT COUNT(*) FROM grants WHERE user_id IN ('ghost', 'nobody')").fetchone()[0] == 0
+    assert registry.sql.execute("SELECT COUNT(*) FROM grants WHERE user_id IN ('ghost', 'nobody')").fetchone()[0] == 0
     registry.client("writer").put_json("/events/FOO-1", event_body(), status=200)

@@ -9,7 +9,7 @@ import urllib.parse
 import pytest
 
 import eventstore_admin
-from conftest import Registry, event_body, eventually
+from helpers import Registry, event_body, eventually
 
 
 def erase(client, program_id, member_id, **kwargs):
@@ -92,9 +92,9 @@ def test_erased_data_is_gone_from_the_database_file(tmp_path):
             EventData={"secret": f"{marker} payload {n}", "pad": "x" * 500}))
     writer.put_json("/events/FOO-keep", event_body(ProgramMemberId="keeper"))
     assert erase(writer, "FOO", marker).json == {"Deleted": 20}
-    registry.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    registry.sql.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     registry.app.storage.reads().conn.close()
-    registry.db.close()
+    registry.sql.close()
     for suffix in ("", "-wal"):
         path = tmp_path / f"erase.db{suffix}"
         if path.exists():
@@ -126,7 +126,7 @@ def test_erasure_under_concurrent_publishing_leaves_nothing_committed_before_it(
     with lock:
         before = dict(acknowledged)
     erased = erase(registry.client("writer"), "FOO", "ann").json["Deleted"]
-    after = {row[0]: row[1:] for row in registry.db.execute("SELECT event_id, revision, deleted FROM events")}
+    after = {row[0]: row[1:] for row in registry.sql.execute("SELECT event_id, revision, deleted FROM events")}
     stop.set()
     for thread in threads:
         thread.join(30)
@@ -169,7 +169,7 @@ def test_backup_copies_and_verifies(registry, tmp_path, capsys):
     assert "ok" in err and "integrity_check ok" in err
     copy = sqlite3.connect(dest)
     assert copy.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-    original = registry.db.execute("SELECT * FROM events ORDER BY seq").fetchall()
+    original = registry.sql.execute("SELECT * FROM events ORDER BY seq").fetchall()
     assert copy.execute("SELECT * FROM events ORDER BY seq").fetchall() == original
 
 
@@ -267,9 +267,9 @@ def test_importing_the_same_file_twice_changes_nothing(registry, tmp_path, capsy
     dump.write_text(run(registry.db_path, "export", capsys=capsys)[0])
     target = Registry(tmp_path / "target.db")
     run(target.db_path, "import", str(dump), capsys=capsys)
-    before = target.db.execute("SELECT * FROM events ORDER BY seq").fetchall()
+    before = target.sql.execute("SELECT * FROM events ORDER BY seq").fetchall()
     _, err = run(target.db_path, "import", str(dump), capsys=capsys)
-    assert target.db.execute("SELECT * FROM events ORDER BY seq").fetchall() == before
+    assert target.sql.execute("SELECT * FROM events ORDER BY seq").fetchall() == before
     assert " 0 created, 0 updated" in err and "0 deleted" in err
 
 

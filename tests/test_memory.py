@@ -7,7 +7,7 @@ import tracemalloc
 
 import pytest
 
-from conftest import basic
+from helpers import basic
 
 
 def grown_bytes(send, warm_up=300, count=3000):

@@ -16,7 +16,10 @@ import time
 import pytest
 
 import eventstore
-from conftest import eventually, postgres_url
+import eventstore_errors
+import eventstore_storage
+import eventstore_writer
+from helpers import eventually, postgres_url
 from server import ROOT, PutLoad, Server, assert_seen_every_change_once_in_order, missing_from, publish_while_following, event
 
 
@@ -96,12 +99,12 @@ def test_a_long_poll_wakes_on_a_commit_made_by_another_server_or_the_command_lin
 def test_a_commit_elsewhere_wakes_a_long_poll_through_its_notification(url):
     """With the periodic re-check a minute apart, only the NOTIFY sent with the
     other session's commit can wake the poll within its 20 s."""
-    from conftest import Registry, opened, run_in_thread
+    from helpers import Registry, opened, run_in_thread
     registry = Registry(url, poll_interval=60)
     try:
         admin = registry.client("admin")
         answer = run_in_thread(lambda: admin.get("/events?wait=20").json)
-        eventually(lambda: registry.app.long_polls == 1 and registry.app._watcher is not None, "the poll waits")
+        eventually(lambda: registry.app.long_polls == 1 and registry.app.news._watcher is not None, "the poll waits")
         time.sleep(0.3)  # the watcher is listening
         with opened(url) as other, other.transaction(eventstore.now_us(), seqs=1) as tx:
             eventstore.put_event(tx, eventstore.validate_event("FOO-x", event()))
@@ -116,7 +119,7 @@ def test_an_open_transaction_holds_the_feed_back_until_it_ends(url):
     it is, and /health reports how long the feed was held back."""
     import psycopg
     import webtest
-    from conftest import Registry
+    from helpers import Registry
     registry = Registry(url)
     try:
         admin = registry.client("admin")
@@ -141,7 +144,7 @@ def test_a_transaction_that_took_smaller_sequences_holds_back_a_later_one_that_c
     serve B's change (a follower would move past A's smaller Sequence); once A
     commits, both come, A's first. This holds only because A's xid was assigned
     with its Sequences, under the lock, before B's."""
-    from conftest import Registry, opened
+    from helpers import Registry, opened
     registry = Registry(url)
     reads = registry.storage.reads()
     try:
@@ -155,8 +158,8 @@ def test_a_transaction_that_took_smaller_sequences_holds_back_a_later_one_that_c
                 with b.transaction(eventstore.now_us(), seqs=1) as tx_b:
                     eventstore.put_event(tx_b, eventstore.validate_event("FOO-b", event(2)))
                 eventstore.put_event(tx_a, eventstore.validate_event("FOO-a", event(1)))
-                assert reads.read_feed(None, eventstore.FeedQuery()) == []
-            rows = reads.read_feed(None, eventstore.FeedQuery())
+                assert reads.read_feed(None, eventstore_storage.FeedQuery()) == []
+            rows = reads.read_feed(None, eventstore_storage.FeedQuery())
         assert [row[1] for row in rows] == ["FOO-a", "FOO-b"] and rows[0][0] < rows[1][0]
     finally:
         registry.close()
@@ -165,7 +168,7 @@ def test_a_transaction_that_took_smaller_sequences_holds_back_a_later_one_that_c
 def test_sequences_follow_commit_order_across_concurrent_writers(url):
     """Many sessions writing at once (as many servers would): a follower reading
     all the while sees Sequences only increase, and in the end every change."""
-    from conftest import Registry
+    from helpers import Registry
     registry = Registry(url)
     storages = [eventstore.open_storage(url) for _ in range(4)]
     stop, seen, errors = threading.Event(), [], []
@@ -188,7 +191,7 @@ def test_sequences_follow_commit_order_across_concurrent_writers(url):
         reads = registry.storage.reads()
         while True:
             done = stop.is_set()
-            rows = reads.read_feed(None, eventstore.FeedQuery(after=after, limit=50))
+            rows = reads.read_feed(None, eventstore_storage.FeedQuery(after=after, limit=50))
             seen.extend((row[0], row[1], row[5]) for row in rows)
             if rows:
                 after = rows[-1][0]
@@ -208,7 +211,7 @@ def test_sequences_follow_commit_order_across_concurrent_writers(url):
     assert not follower.is_alive() and errors == []
     for storage in storages:
         storage.close()
-    final = dict(registry.db.execute("SELECT event_id, revision FROM events").fetchall())
+    final = dict(registry.sql.execute("SELECT event_id, revision FROM events").fetchall())
     registry.close()
     sequences = [s for s, _, _ in seen]
     assert sequences == sorted(set(sequences))
@@ -226,7 +229,7 @@ def cli(db, *argv):
 
 
 def test_export_from_sqlite_import_into_postgresql_and_back(tmp_path, url):
-    from conftest import Registry
+    from helpers import Registry
     source = Registry(tmp_path / "source.db")
     try:
         writer = source.client("writer")
@@ -286,12 +289,12 @@ def test_statements_deallocated_behind_its_back_are_prepared_again(url):
     """PUT's upsert runs as a statement prepared through libpq; psycopg
     deallocates every prepared statement of a connection when it rolls back a
     transaction of its own (so may a pooler). A write may not fail for that."""
-    from conftest import Registry
+    from helpers import Registry
     registry = Registry(url)
     try:
         admin = registry.client("admin")
         admin.put_json("/events/FOO-1", event(1))
-        registry.app.write(lambda tx: tx.conn.execute("DEALLOCATE ALL"), changed=lambda _: False, seqs=0)
+        registry.app.write(lambda tx: tx.conn.execute("DEALLOCATE ALL"), touched=lambda _: False, seqs=0)
         admin.put_json("/events/FOO-1", event(2), status=200)
         assert admin.get("/events/FOO-1").json["EventData"] == {"n": 2}
     finally:
@@ -301,7 +304,7 @@ def test_statements_deallocated_behind_its_back_are_prepared_again(url):
 def test_a_transaction_whose_statement_failed_is_not_reported_committed(url):
     """COMMIT after a failed statement is a ROLLBACK: the writer must say the
     change failed, not answer 200 for what was not written."""
-    from conftest import Registry
+    from helpers import Registry
 
     def swallow_a_failure(tx):
         tx.put_program("NEW", "New")
@@ -312,7 +315,7 @@ def test_a_transaction_whose_statement_failed_is_not_reported_committed(url):
     registry = Registry(url)
     try:
         with pytest.raises(Exception, match="rolled back"):
-            registry.app.write(swallow_a_failure, changed=lambda _: False, seqs=1)
+            registry.app.write(swallow_a_failure, touched=lambda _: False, seqs=1)
         assert registry.storage.reads().find_program("NEW") is None
     finally:
         registry.close()
@@ -326,13 +329,13 @@ def eventstore_pg():
 def test_a_program_registered_earlier_in_the_same_transaction_takes_events(url):
     """A write transaction reads the programs at BEGIN; one it registers itself
     must then be seen, as on SQLite (a batch can hold both changes)."""
-    from conftest import opened
+    from helpers import opened
     with opened(url) as session, session.transaction(eventstore.now_us(), seqs=2) as tx:
         assert tx._programs == {}  # read at BEGIN (none yet)
         tx.put_program("NEW", "New")
         assert eventstore.put_event(tx, eventstore.validate_event("NEW-1", {**event(), "ProgramId": "NEW"}))[0] == \
             "created"
-        with pytest.raises(eventstore.Problem, match="not registered"):
+        with pytest.raises(eventstore_errors.Problem, match="not registered"):
             eventstore.put_event(tx, eventstore.validate_event("NOPE-1", {**event(), "ProgramId": "NOPE"}))
 
 
@@ -340,7 +343,7 @@ def test_with_more_programs_than_read_at_begin_each_is_looked_up(url):
     """Past PROGRAMS_READ_AT_BEGIN programs a transaction looks each one up: the
     rules still hold (a registered program takes events, an unknown one is a 404,
     a strict one refuses an unregistered type)."""
-    from conftest import opened
+    from helpers import opened
     count = eventstore_pg().PROGRAMS_READ_AT_BEGIN + 1
     with opened(url) as session:
         with session.transaction(eventstore.now_us()) as tx:
@@ -350,9 +353,9 @@ def test_with_more_programs_than_read_at_begin_each_is_looked_up(url):
             assert tx._programs is None  # the branch under test
             assert eventstore.put_event(tx, eventstore.validate_event("P2-1", {**event(), "ProgramId": "P2"}))[0] == \
                 "created"
-            with pytest.raises(eventstore.Problem, match="not registered"):
+            with pytest.raises(eventstore_errors.Problem, match="not registered"):
                 eventstore.put_event(tx, eventstore.validate_event("NOPE-1", {**event(), "ProgramId": "NOPE"}))
-            with pytest.raises(eventstore.Problem) as refused:
+            with pytest.raises(eventstore_errors.Problem) as refused:
                 eventstore.put_event(tx, eventstore.validate_event("P1-1", {**event(), "ProgramId": "P1"}))
             assert "takes registered types only" in str(refused.value.errors)
 
@@ -366,7 +369,7 @@ def test_a_transactions_upserts_reach_postgresql_together_and_each_gets_its_own_
     sent before the first answer comes back (libpq's own trace of the protocol
     shows it), and each still gets its own outcome."""
     from psycopg import pq
-    from conftest import opened
+    from helpers import opened
     with opened(url) as session:
         with session.transaction(eventstore.now_us(), seqs=2) as tx:
             tx.put_program("FOO", "Foo")
@@ -392,7 +395,7 @@ def test_a_transactions_upserts_reach_postgresql_together_and_each_gets_its_own_
 
 
 def test_more_upserts_than_one_pipeline_holds_are_each_answered_in_order(url):
-    from conftest import opened
+    from helpers import opened
     count = 2 * eventstore_pg().PostgresTransaction.PIPELINE_MAX + 7
     with opened(url) as session:
         with session.transaction(eventstore.now_us(), seqs=count + 1) as tx:
@@ -413,7 +416,7 @@ def test_an_upsert_held_by_a_row_lock_leaves_the_other_threads_running(url):
     still say it is alive while the write waits."""
     import select
     import psycopg
-    from conftest import opened
+    from helpers import opened
     with opened(url) as session, session.transaction(eventstore.now_us(), seqs=1) as tx:
         tx.put_program("FOO", "Foo")
         eventstore.put_event(tx, _event("FOO-1"))
@@ -447,7 +450,7 @@ def test_an_upsert_that_fails_in_a_group_fails_alone_and_the_connection_goes_on(
     failing one fails; a change that fails after sending its upsert rolls back
     with it. The writer's connection takes the next writes either way."""
     import psycopg
-    from conftest import opened
+    from helpers import opened
     with opened(url) as session, session.transaction(eventstore.now_us()) as tx:
         tx.put_program("FOO", "Foo")
         tx.conn.execute("CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
@@ -455,7 +458,7 @@ def test_an_upsert_that_fails_in_a_group_fails_alone_and_the_connection_goes_on(
                         " END $$")
         tx.conn.execute("CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON events FOR EACH ROW EXECUTE FUNCTION refuse()")
     storage = eventstore.open_storage(url)
-    writer = eventstore.GroupCommitWriter(storage.session, eventstore.now_us)
+    writer = eventstore_writer.GroupCommitWriter(storage.session, eventstore.now_us)
     try:
         gate, blocking = threading.Event(), threading.Event()
         blocker = threading.Thread(target=writer.submit, args=(lambda tx: (blocking.set(), gate.wait(10)),))
@@ -507,7 +510,7 @@ def _reads_backend_pid(conn, name):
 def test_concurrent_gets_each_get_their_own_event(url):
     """GETs of many threads go to PostgreSQL together (ReadPipeline): each
     thread must get its own event, or a 404 for one that does not exist."""
-    from conftest import Registry, run_in_thread
+    from helpers import Registry, run_in_thread
     registry = Registry(url)
     try:
         admin = registry.client("admin")
@@ -536,7 +539,7 @@ def test_gets_survive_a_lost_connection_a_hung_one_and_an_unreachable_database(u
     GET is answered on a new one. The database refusing connections: a 503
     problem, and GETs answer again once it takes them."""
     import psycopg
-    from conftest import Registry
+    from helpers import Registry
     registry = Registry(url, busy_timeout_ms=1000)
     server, name = url.rsplit("/", 1)
     try:
@@ -573,7 +576,7 @@ def test_closing_the_storage_closes_every_connection_it_opened(url):
     """Its GET pipeline stops, and the pool connections threads still hold
     (the pool itself closes only those it has) are closed too."""
     import psycopg
-    from conftest import run_in_thread
+    from helpers import run_in_thread
     storage = eventstore.open_storage(url)
     assert storage.reads().read_event("FOO-1") is None
     assert storage.reads().find_program("FOO") is None  # this thread now holds a connection
@@ -655,7 +658,7 @@ def test_without_postgresql_the_summary_says_so_or_ci_fails(tmp_path, required):
 
 def _writer_pid(registry):
     """The backend of the app's writer, asked through the writer itself."""
-    return registry.app.write(lambda tx: tx.conn.info.backend_pid, changed=lambda result: False, seqs=0)
+    return registry.app.write(lambda tx: tx.conn.info.backend_pid, touched=lambda result: False, seqs=0)
 
 
 def test_a_cancelled_begin_rolls_back_and_the_next_write_commits(url):
@@ -664,7 +667,7 @@ def test_a_cancelled_begin_rolls_back_and_the_next_write_commits(url):
     transaction: /health and the next writes succeed (they got 500 for good)."""
     import psycopg
     import webtest
-    from conftest import Registry, run_in_thread
+    from helpers import Registry, run_in_thread
     registry = Registry(url)
     try:
         admin, anonymous = registry.client("admin"), webtest.TestApp(registry.app)
@@ -694,7 +697,7 @@ def test_a_write_waits_a_bounded_time_and_reads_and_health_go_on(url):
     served; once the writer is free, writes commit again."""
     import psycopg
     import webtest
-    from conftest import Registry, run_in_thread
+    from helpers import Registry, run_in_thread
     registry = Registry(url, write_timeout=1)
     try:
         admin, anonymous = registry.client("admin"), webtest.TestApp(registry.app)
@@ -732,7 +735,7 @@ def test_a_lost_writer_connection_is_503_while_it_lasts_and_nothing_lingers(url)
     database takes connections again, /health and writes succeed at once."""
     import psycopg
     import webtest
-    from conftest import Registry
+    from helpers import Registry
     registry = Registry(url, busy_timeout_ms=1000)
     server, name = url.rsplit("/", 1)
     try:
@@ -760,12 +763,12 @@ def test_long_polls_waiting_when_the_watchers_connection_drops_still_wake_on_oth
     connects and LISTENs again, and the poll wakes on another session's commit
     (with the re-check a minute apart, only that can wake it in time)."""
     import psycopg
-    from conftest import Registry, opened, run_in_thread
+    from helpers import Registry, opened, run_in_thread
     registry = Registry(url, poll_interval=60)
     try:
         admin = registry.client("admin")
         answer = run_in_thread(lambda: admin.get("/events?wait=20").json)
-        eventually(lambda: registry.app.long_polls == 1 and registry.app._watcher is not None, "the poll waits")
+        eventually(lambda: registry.app.long_polls == 1 and registry.app.news._watcher is not None, "the poll waits")
         with psycopg.connect(url, autocommit=True) as conn:
             def watchers():
                 return [pid for pid, in conn.execute(
@@ -790,7 +793,7 @@ def test_removing_a_type_waits_for_a_write_of_it_in_progress_and_then_refuses(ur
     answers 409, as SQLite's write lock makes it; both committing left an event of
     an unregistered type in that program. A removal first, then the write: the
     write sees T gone."""
-    from conftest import opened, run_in_thread
+    from helpers import opened, run_in_thread
     with opened(url) as setup, setup.transaction(eventstore.now_us()) as tx:
         tx.register_event_type("T", "a type")
         tx.put_program("STRICT", "Strict", registered_types_only=True)
@@ -800,7 +803,7 @@ def test_removing_a_type_waits_for_a_write_of_it_in_progress_and_then_refuses(ur
             eventstore.put_event(tx, eventstore.validate_event("STRICT-1", strict))
             removal = run_in_thread(lambda: _remove_type(removing, "T"))
             time.sleep(0.5)  # the removal waits for this transaction now
-        with pytest.raises(eventstore.Problem) as refused:
+        with pytest.raises(eventstore_errors.Problem) as refused:
             removal()
         assert refused.value.status == 409
         assert writing.type_registered("T") and writing.read_event("STRICT-1") is not None
@@ -808,7 +811,7 @@ def test_removing_a_type_waits_for_a_write_of_it_in_progress_and_then_refuses(ur
         with writing.transaction(eventstore.now_us(), seqs=1) as tx:
             eventstore.delete_event(tx, "STRICT-1")
         _remove_type(removing, "T")
-        with pytest.raises(eventstore.Problem) as unregistered:
+        with pytest.raises(eventstore_errors.Problem) as unregistered:
             with writing.transaction(eventstore.now_us(), seqs=1) as tx:
                 eventstore.put_event(tx, eventstore.validate_event("STRICT-2", strict))
         assert unregistered.value.status == 400

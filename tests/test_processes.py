@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import eventually
+from helpers import eventually
 from server import ROOT, PutLoad, Server, assert_seen_every_change_once_in_order, missing_from, publish_while_following, event
 
 

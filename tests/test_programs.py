@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import event_body
+from helpers import event_body
 
 
 def test_system_sees_every_program_with_write(admin):
@@ -32,7 +32,7 @@ def test_system_registers_and_renames_a_program(admin):
 def test_only_system_registers_programs(writer, registry):
     writer.put_json("/programs/FOO", {"Name": "Mine now"}, status=403)
     writer.put_json("/programs/NEW", {"Name": "x"}, status=403)
-    assert registry.db.execute("SELECT name FROM programs WHERE program_id = 'FOO'").fetchone() == ("Program FOO",)
+    assert registry.sql.execute("SELECT name FROM programs WHERE program_id = 'FOO'").fetchone() == ("Program FOO",)
 
 
 @pytest.mark.parametrize("path, body, field", [
@@ -159,7 +159,7 @@ def test_an_unexpected_error_is_a_bare_500_and_logged(tmp_path, caplog):
     def explode(req):
         raise RuntimeError("secret internals /var/db/path")
 
-    app = eventstore.make_app(tmp_path / "boom.db", routes=[("GET", "/boom", explode, False)])
+    app = eventstore.make_app(tmp_path / "boom.db", routes=[("GET", "/boom", explode, eventstore.OPEN, eventstore.NO_QUERY)])
     response = webtest.TestApp(app).get("/boom", status=500)
     assert response.json == {"type": "about:blank", "title": "Internal Server Error", "status": 500,
                              "detail": "Internal error."}

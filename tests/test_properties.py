@@ -11,8 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import eventstore
+import eventstore_storage
 from eventstore import Problem
-from conftest import opened
+from helpers import opened
 
 SETTINGS = settings(max_examples=300, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -156,7 +157,7 @@ operations = st.lists(st.tuples(st.sampled_from(["put", "delete", "erase"]), st.
 @given(operations)
 def test_following_next_from_zero_yields_exactly_the_final_state(history):
     with tempfile.TemporaryDirectory() as folder:
-        from conftest import Registry
+        from helpers import Registry
         registry = Registry(Path(folder) / "h.db", auth_cache_seconds=0)
         client = registry.client("writer")
         try:
@@ -176,7 +177,7 @@ def test_following_next_from_zero_yields_exactly_the_final_state(history):
                 url = page["Next"]
                 if not page["HasMore"]:
                     break
-            final = {row[0]: row[1:] for row in registry.db.execute(
+            final = {row[0]: row[1:] for row in registry.sql.execute(
                 "SELECT event_id, seq, revision, deleted FROM events")}
             assert [e["Sequence"] for e in served] == sorted(e["Sequence"] for e in served)
             assert {e["EventId"]: (e["Sequence"], e["Revision"], int(e["Deleted"])) for e in served} == final
@@ -253,7 +254,7 @@ def test_the_walk_and_the_merge_read_exactly_the_same_pages():
         with tempfile.TemporaryDirectory() as folder:
             with opened(Path(folder) / "f.db") as session:
                 apply_history(session, steps)
-                query = eventstore.FeedQuery(**{k: v for k, v in spec.items() if k != "programs"})
+                query = eventstore_storage.FeedQuery(**{k: v for k, v in spec.items() if k != "programs"})
                 programs = spec["programs"]
                 pages = {strategy: session.read_feed(programs, query, strategy)
                          for strategy in ("walk", None)}
@@ -289,5 +290,5 @@ def test_a_page_that_ends_exactly_at_the_last_event_says_no_more():
             apply_history(session, [("put", program, 1, "A", "ann") for program in PROGRAMS])
             for strategy in ("walk", "merge", None):
                 rows = session.read_feed(PROGRAMS if strategy == "merge" else None,
-                                         eventstore.FeedQuery(limit=8), strategy)
+                                         eventstore_storage.FeedQuery(limit=8), strategy)
                 assert [row[0] for row in rows] == list(range(1, 9))  # 8 rows: no ninth, so HasMore is false

@@ -9,7 +9,7 @@ import time
 import pytest
 
 import eventstore
-from conftest import run_in_thread
+from helpers import run_in_thread
 from server import Server, assert_seen_every_change_once_in_order, publish_while_following
 
 

@@ -8,7 +8,7 @@ import pytest
 import eventstore
 import eventstore_sqlite
 import eventstore_storage
-from conftest import open_sqlite
+from helpers import open_sqlite
 
 
 def test_schema_applies_idempotently_and_records_its_version(tmp_path):
@@ -73,7 +73,7 @@ def test_a_failed_write_leaves_nothing_behind(registry):
             eventstore.put_event(tx, event)
             raise RuntimeError("crash in the middle")
     assert registry.count_events() == 0 and not registry.session.conn.info.transaction_status \
-        if registry.storage.backend == "postgresql" else not registry.db.in_transaction
+        if registry.storage.backend == "postgresql" else not registry.sql.in_transaction
 
 
 def test_sql_sees_input_only_as_parameters(registry):

@@ -4,8 +4,8 @@ client address (429 with Retry-After), without locking out the real owner."""
 import pytest
 import webtest
 
-import eventstore
-from conftest import Registry, basic
+import eventstore_throttle
+from helpers import Registry, basic
 
 
 class FakeClock:
@@ -26,7 +26,7 @@ def throttle(clock, request, tmp_path):
     """The same rules whether the counts live in this process or in the file
     that every process of a server shares."""
     path = tmp_path / "db-throttle" if request.param == "shared file" else None
-    return eventstore.AuthThrottle(threshold=3, window=60, base_delay=2, max_delay=30, clock=clock, path=path)
+    return eventstore_throttle.AuthThrottle(threshold=3, window=60, base_delay=2, max_delay=30, clock=clock, path=path)
 
 
 def fail(throttle, user="writer", address="10.0.0.1", times=1):
@@ -72,7 +72,7 @@ def test_a_guessed_user_is_refused_only_to_failing_addresses(throttle):
 
 
 def test_memory_is_bounded(clock):
-    throttle = eventstore.AuthThrottle(max_sources=100, clock=clock)
+    throttle = eventstore_throttle.AuthThrottle(max_sources=100, clock=clock)
     for n in range(1000):
         throttle.failed(f"user{n}", f"10.1.{n // 256}.{n % 256}")
     assert len(throttle._failures) <= 100
@@ -83,7 +83,7 @@ def client_from(registry, address):
 
 
 def test_over_http_guessing_gets_429_and_the_owner_elsewhere_still_gets_in(tmp_path, clock):
-    registry = Registry(tmp_path / "t.db", throttle=eventstore.AuthThrottle(threshold=5, clock=clock))
+    registry = Registry(tmp_path / "t.db", throttle=eventstore_throttle.AuthThrottle(threshold=5, clock=clock))
     try:
         attacker = client_from(registry, "203.0.113.9")
         for n in range(5):
@@ -104,7 +104,7 @@ def test_over_http_guessing_gets_429_and_the_owner_elsewhere_still_gets_in(tmp_p
 
 def test_a_key_authenticated_a_moment_ago_is_refused_too_once_its_address_guesses(tmp_path, clock):
     """The one-second cache of good credentials does not bypass the throttle."""
-    registry = Registry(tmp_path / "t.db", throttle=eventstore.AuthThrottle(threshold=5, clock=clock))
+    registry = Registry(tmp_path / "t.db", throttle=eventstore_throttle.AuthThrottle(threshold=5, clock=clock))
     try:
         client = client_from(registry, "203.0.113.9")
         right = basic("writer", registry.keys["writer"])
@@ -117,7 +117,7 @@ def test_a_key_authenticated_a_moment_ago_is_refused_too_once_its_address_guesse
 
 
 def test_requests_without_credentials_are_401_and_count_nothing(tmp_path, clock):
-    registry = Registry(tmp_path / "t.db", throttle=eventstore.AuthThrottle(threshold=2, clock=clock))
+    registry = Registry(tmp_path / "t.db", throttle=eventstore_throttle.AuthThrottle(threshold=2, clock=clock))
     try:
         client = client_from(registry, "203.0.113.9")
         for header in ({}, {"Authorization": "Bearer x"}, {"Authorization": "Basic %%%"}) * 3:
@@ -128,7 +128,7 @@ def test_requests_without_credentials_are_401_and_count_nothing(tmp_path, clock)
 
 
 def test_a_threshold_of_zero_switches_throttling_off(clock):
-    throttle = eventstore.AuthThrottle(threshold=0, clock=clock)
+    throttle = eventstore_throttle.AuthThrottle(threshold=0, clock=clock)
     fail(throttle, times=100)
     assert throttle.retry_after("writer", "10.0.0.1") == 0 and not throttle._failures
 
@@ -136,7 +136,7 @@ def test_a_threshold_of_zero_switches_throttling_off(clock):
 def test_processes_sharing_the_file_share_the_count(clock, tmp_path):
     """Two throttles on one file, as two worker processes of one server: the
     guesses made against either count for both."""
-    first, second = (eventstore.AuthThrottle(threshold=4, clock=clock, path=tmp_path / "t") for _ in range(2))
+    first, second = (eventstore_throttle.AuthThrottle(threshold=4, clock=clock, path=tmp_path / "t") for _ in range(2))
     for throttle in (first, second, first, second):
         assert throttle.retry_after("writer", "10.0.0.9") == 0
         throttle.failed("writer", "10.0.0.9")
@@ -145,7 +145,7 @@ def test_processes_sharing_the_file_share_the_count(clock, tmp_path):
 
 
 def test_the_shared_table_keeps_its_size_and_forgets_the_stalest(clock, tmp_path):
-    throttle = eventstore.AuthThrottle(threshold=2, clock=clock, path=tmp_path / "t")
+    throttle = eventstore_throttle.AuthThrottle(threshold=2, clock=clock, path=tmp_path / "t")
     size = (tmp_path / "t").stat().st_size
     for n in range(40_000):
         clock.now += 0.001
@@ -160,13 +160,13 @@ def test_a_table_made_before_the_latest_failure_was_kept_still_throttles(clock, 
     quiet server checks one number per request; a file made without it (by the
     previous version) is extended, and what it counted still holds."""
     path = tmp_path / "t"
-    throttle = eventstore.AuthThrottle(threshold=2, clock=clock, path=path)
+    throttle = eventstore_throttle.AuthThrottle(threshold=2, clock=clock, path=path)
     fail(throttle, times=2)
     assert throttle.retry_after("writer", "10.0.0.1") > 0
-    table = eventstore.SharedFailureTable
+    table = eventstore_throttle.SharedFailureTable
     with open(path, "r+b") as old:
         old.truncate(table.SLOT.size * table.SLOTS)  # as the previous version made it
-    reopened = eventstore.AuthThrottle(threshold=2, clock=clock, path=path)
+    reopened = eventstore_throttle.AuthThrottle(threshold=2, clock=clock, path=path)
     assert path.stat().st_size == table.SLOT.size * table.SLOTS + table.LATEST.size
     assert reopened.retry_after("writer", "10.0.0.1") > 0
     clock.now += 61

@@ -6,7 +6,7 @@ import json
 import pytest
 
 import eventstore
-from conftest import event_body
+from helpers import event_body
 from eventstore import Problem, parse_datetime, parse_json, validate_event
 
 
@@ -198,7 +198,7 @@ def test_odd_headers_get_a_4xx_or_work(writer, headers):
 
 
 def test_a_non_numeric_content_length_is_400(registry):
-    from conftest import basic
+    from helpers import basic
     import io
     environ = {"REQUEST_METHOD": "PUT", "PATH_INFO": "/events/FOO-1", "CONTENT_TYPE": "application/json",
                "CONTENT_LENGTH": "12abc", "wsgi.input": io.BytesIO(b"{}"),
