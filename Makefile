@@ -8,9 +8,14 @@ DB     ?= $(or $(EVENTSTORE_DB),eventstore.db)
 
 .PHONY: run test tools bench fuzz mutants clean pg pg-stop
 
-# A postgresql:// database needs psycopg too (requirements-postgres.txt).
+# A postgresql:// database needs psycopg too (requirements-postgres.txt). The
+# first start makes the default database (the README's first run); another DB=
+# that does not exist is refused (a mistyped name would make an empty registry)
+# unless CREATE=1 is given too. The command is not echoed: a postgresql:// DB
+# may hold a password (serve.py's banner shows it masked).
+CREATE ?= $(if $(filter eventstore.db,$(DB)),1)
 run: $(VENV)/.runtime $(if $(filter postgres%,$(DB)),$(VENV)/.postgres)
-	$(PY) serve.py --host $(HOST) --port $(PORT) --db $(DB)
+	@$(PY) serve.py --host $(HOST) --port $(PORT) --db '$(DB)'$(if $(CREATE), --create)
 
 test: $(VENV)/.dev tools
 	$(PY) -m pytest -q

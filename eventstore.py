@@ -30,6 +30,7 @@ import math
 import os
 import re
 import secrets
+import shlex
 import sys
 import threading
 import time
@@ -44,7 +45,7 @@ from eventstore_errors import Problem, bad_request, field_error, service_unavail
 from eventstore_news import CommitNews
 from eventstore_sqlite import SQLiteStorage
 from eventstore_storage import (POSTGRES_SCHEMES, SCHEMA_VERSION, EventInput, FeedQuery, StorageOpenError, TypeRules,
-                                now_us)
+                                now_us, safe_db_name)
 from eventstore_throttle import shared_throttle
 from eventstore_writer import GroupCommitWriter, Later
 
@@ -920,6 +921,32 @@ def bootstrap_admin(session, now):
         return add_user(tx, "admin", True, {})
 
 
+def admin_command(db):
+    """The command line that administers ``db``, as this process would run it:
+    this interpreter and eventstore.py, each shown relative to the current
+    folder where it is inside it (``.venv/bin/python eventstore.py --db events.db``)."""
+    def shown(path):
+        relative = os.path.relpath(path)
+        return path if relative.startswith(os.pardir) else relative
+    return shlex.join([shown(sys.executable), shown(str(HERE / "eventstore.py")), "--db", safe_db_name(db)])
+
+
+def warn_if_no_users(storage):
+    """Every request to a database without users is a 401: say how to make the
+    first (serve.py makes it itself before it makes the app)."""
+    try:
+        session = storage.session()
+        try:
+            empty = not session.any_user()
+        finally:
+            session.close()
+    except storage.errors:
+        return  # the app answers what is wrong with the database
+    if empty:
+        log.warning("%s has no users: every request is a 401 until one is made: %s user add admin --system",
+                    safe_db_name(storage), admin_command(storage))
+
+
 def readable_programs(principal):
     """Every program the principal may read: None (all) for SYSTEM."""
     return None if principal.is_system else sorted(principal.grants)
@@ -1352,6 +1379,7 @@ class EventStore:
                  busy_timeout_ms=5000, auth_cache_seconds=AUTH_CACHE_SECONDS, max_auth_failures=10,
                  poll_interval=0.025, clock=now_us, throttle=None, openapi=None, routes=ROUTES):
         self.storage = open_storage(db, busy_timeout_ms)
+        warn_if_no_users(self.storage)
         self.throttle = throttle if throttle is not None else shared_throttle(
             self.storage.local_file("throttle"), threshold=max_auth_failures)
         self.auth_cache_seconds = auth_cache_seconds

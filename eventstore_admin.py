@@ -462,8 +462,7 @@ def main(argv=None, out=None):
     args = build_parser().parse_args(argv)
     out = out or sys.stdout
     if not str(args.db).startswith(POSTGRES_SCHEMES) and not os.path.exists(args.db) and not args.create:
-        print(f"error: there is no database at {args.db} (serve.py makes one on its first start; "
-              "--create makes one here)", file=sys.stderr)
+        print(f"error: there is no database at {args.db} (--create makes one there)", file=sys.stderr)
         return 1
     try:
         storage = open_storage(args.db)

@@ -663,6 +663,9 @@ class SQLiteStorage(Storage, Backups):
 
     def __init__(self, path, busy_timeout_ms=5000):
         self.path, self.busy_timeout_ms = str(path), busy_timeout_ms
+        folder = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(folder):  # SQLite says only "unable to open database file"
+            raise StorageOpenError(f"{self.path}: there is no folder {folder}")
         self.writer_lock = WriterLock.beside(self.path)
         self._local = threading.local()
         try:

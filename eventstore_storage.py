@@ -513,7 +513,7 @@ def safe_db_name(db):
     if url.password is not None:
         userinfo, host = url.netloc.rsplit("@", 1)
         url = url._replace(netloc=f"{userinfo.split(':', 1)[0]}:***@{host}")
-    query = [(name, "***" if name in PASSWORD_PARAMETERS else value)
+    query = [(name, "***" if name.lower() in PASSWORD_PARAMETERS else value)
              for name, value in urllib.parse.parse_qsl(url.query, keep_blank_values=True)]
     return url._replace(query=urllib.parse.urlencode(query, safe="*")).geturl()
 
@@ -521,10 +521,11 @@ def safe_db_name(db):
 def _url_passwords(db):
     url = urllib.parse.urlsplit(db)
     found = [url.password] if url.password else []
-    return found + [value for name, value in urllib.parse.parse_qsl(url.query) if name in PASSWORD_PARAMETERS and value]
+    return found + [value for name, value in urllib.parse.parse_qsl(url.query)
+                    if name.lower() in PASSWORD_PARAMETERS and value]
 
 
-PASSWORD_PARAMETERS = ("password", "sslpassword")
+PASSWORD_PARAMETERS = ("password", "sslpassword")  # in any case: libpq refuses PASSWORD, naming it
 
 
 def safe_text(text, db):

@@ -5,11 +5,15 @@ database that has none (printing its key once to standard error), and serves
 ``eventstore.make_app`` until SIGTERM or SIGINT: in one process, or in N worker
 processes on one port (each its own SO_REUSEPORT socket, so the kernel spreads
 connections over them) supervised by the first, which restarts any that dies.
+
+Sections: the command line; one process (waitress and its connections); several
+processes; the access log.
 """
 
 import argparse
 import collections
-import fcntl
+import errno
+import json
 import logging
 import os
 import re
@@ -17,7 +21,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -27,44 +30,75 @@ try:
     import waitress.channel
     import waitress.server
     import waitress.task
+    import waitress.utilities
     import waitress.wasyncore
 except ImportError:
     sys.exit(f"serve.py needs waitress, which this Python ({sys.executable}) does not have. `make run` "
              "installs it in .venv and serves; or run .venv/bin/python serve.py, or first: "
              "pip install -r requirements.txt")
+# What of waitress (3.0) this module leans on beyond create_server, to check on an upgrade:
+# - the server (waitress.server.BaseWSGIServer): _map (its socket map), task_dispatcher
+#   (.queue, .shutdown(cancel_pending, timeout)), pull_trigger(), effective_port, add_task(),
+#   and per listener accepting, socket, del_channel(), channel_class (replaced by ours);
+# - waitress.wasyncore.loop(timeout, map, use_poll, count), run here instead of server.run();
+# - the connection (waitress.channel.HTTPChannel), subclassed by Channel: __init__(server,
+#   sock, addr, adj, map), received(), readable() (asked once per turn of the loop),
+#   del_channel(), handle_close(), request (the one being received), requests and
+#   requests_lock, will_close, total_outbufs_len, task_class;
+# - the response (waitress.task.WSGITask), subclassed by OneWriteTask: write(), complete,
+#   wrote_header, has_body, chunked_response, content_length, content_bytes_written,
+#   build_response_header(), channel.write_soon(); and ErrorTask, which answers a request
+#   whose .error (a waitress.utilities.Error: code, reason, to_response()) is set;
+# - Adjustments: channel_request_lookahead (waitress.client_disconnected), cleanup_interval;
+#   the logger "waitress.queue".
 
 import eventstore
-from eventstore_storage import StorageOpenError, safe_db_name, safe_text
+from eventstore_storage import POSTGRES_SCHEMES, StorageOpenError, safe_db_name, safe_text
 
+
+# ============================================================================
+# The command line
+# ============================================================================
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Serve the eventstore registry with waitress.")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on, or a name: every address it resolves to (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8080,
                         help="port to listen on; 0 picks a free one, which the banner names (default: %(default)s)")
     parser.add_argument("--db", default=os.environ.get("EVENTSTORE_DB", eventstore.DEFAULT_DB),
                         help="a SQLite database file, or a postgresql://user@host:port/dbname URL "
                              "(default: $EVENTSTORE_DB or %(default)s)")
-    parser.add_argument("--threads", type=int, default=16,
+    parser.add_argument("--create", action="store_true",
+                        help="make a new SQLite database if there is none at --db (otherwise a missing file is "
+                             "an error: a mistyped name would make an empty registry)")
+    parser.add_argument("--threads", type=at_least(1, int), default=16,
                         help="waitress worker threads (default: %(default)s)")
-    parser.add_argument("--max-waiting", type=int, default=None, metavar="N",
+    parser.add_argument("--max-waiting", type=at_least(0, int), default=None, metavar="N",
                         help="long polls (wait=N) allowed to wait at once; more answer at once "
                              "(default: half the threads)")
-    parser.add_argument("--connection-limit", type=int, default=200, metavar="N",
-                        help="open connections accepted at once (default: %(default)s)")
-    parser.add_argument("--channel-timeout", type=int, default=60, metavar="SECONDS",
+    parser.add_argument("--connection-limit", type=at_least(1, int), default=200, metavar="N",
+                        help="open connections accepted at once, per process (default: %(default)s)")
+    parser.add_argument("--max-connections-per-address", type=at_least(1, int), default=50, metavar="N",
+                        help="open connections one client address may hold, per process; more are answered "
+                             "503 and closed. Behind a reverse proxy every client has the proxy's address: "
+                             "raise it to --connection-limit there (default: %(default)s)")
+    parser.add_argument("--first-byte-timeout", type=at_least(1, float), default=5, metavar="SECONDS",
+                        help="close a new connection that has sent nothing this long (default: %(default)s)")
+    parser.add_argument("--channel-timeout", type=at_least(1, int), default=60, metavar="SECONDS",
                         help="close a connection idle this long, between requests (default: %(default)s)")
-    parser.add_argument("--request-timeout", type=float, default=30, metavar="SECONDS",
-                        help="close a connection whose request (headers and body) has not all arrived this "
-                             "long after its first byte (default: %(default)s)")
-    parser.add_argument("--max-auth-failures", type=int, default=10, metavar="N",
+    parser.add_argument("--request-timeout", type=at_least(1, float), default=30, metavar="SECONDS",
+                        help="answer 408 and close when a request (headers and body) has not all arrived this "
+                             "long after its first byte, or after the answers before it on the connection went "
+                             "out (those are sent first); at least 1 (default: %(default)s)")
+    parser.add_argument("--max-auth-failures", type=at_least(0, int), default=10, metavar="N",
                         help="failed authentications per address or user id in 60 s before 429s "
                              "(default: %(default)s; 0 switches throttling off, for fuzzing)")
-    parser.add_argument("--max-body", type=int, default=eventstore.DEFAULT_MAX_BODY, metavar="BYTES",
+    parser.add_argument("--max-body", type=at_least(1, int), default=eventstore.DEFAULT_MAX_BODY, metavar="BYTES",
                         help="largest request body accepted (default: %(default)s)")
     parser.add_argument("--no-access-log", dest="access_log", action="store_false",
                         help="do not write a line per request to standard error")
-    parser.add_argument("--processes", type=int, default=None, metavar="N",
+    parser.add_argument("--processes", type=at_least(1, int), default=None, metavar="N",
                         help="worker processes on the one port (default: one per available CPU, "
                              f"here {default_processes()})")
     parser.add_argument("--no-cpu-pinning", dest="cpu_pinning", action="store_false",
@@ -73,10 +107,21 @@ def parse_args(argv=None):
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by the supervisor
     parser.add_argument("--worker-slot", type=int, default=0, help=argparse.SUPPRESS)  # which worker it is
     parser.add_argument("--lifeline-fd", type=int, default=None, help=argparse.SUPPRESS)  # see stop_with_supervisor
-    args = parser.parse_args(argv)
-    if args.processes is not None and args.processes < 1:
-        parser.error("--processes must be at least 1")
-    return args
+    return parser.parse_args(argv)
+
+
+def at_least(lowest, kind):
+    """An argparse type: a number of ``kind`` no smaller than ``lowest``."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not value >= lowest:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be at least {lowest}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its errors
+    return parse
 
 
 def default_processes():
@@ -86,47 +131,14 @@ def default_processes():
         return os.cpu_count() or 1
 
 
-def cannot_open(db, exc):
-    """The one line for a database that cannot be opened -> exit status 1."""
-    print(f"error: cannot open {safe_db_name(db)} as an eventstore database: "
-          f"{safe_text(exc, db)}", file=sys.stderr)
-    return 1
-
-
-def announce(storage, host, port, processes=1):
-    """Create the first admin on an empty database and tell the operator how to
-    authenticate. The key is printed once, to standard error."""
-    try:
-        session = storage.session()
-        try:
-            admin_key = eventstore.bootstrap_admin(session, eventstore.now_us())
-        finally:
-            session.close()
-    except storage.errors as exc:  # a database that opens but takes no write (read-only, say)
-        raise StorageOpenError(str(exc)) from None
-    base = f"http://{host}:{port}"
-    say = lambda text="": print(text, file=sys.stderr)  # noqa: E731
-    workers = f" with {processes} worker processes" if processes > 1 else ""
-    db_path = safe_db_name(storage)  # a URL without its password
-    name = os.path.abspath(db_path) if storage.backend == "sqlite" else db_path
-    say(f"eventstore serving {name}{workers} on {base}")
-    say(storage.durability())
-    if admin_key:
-        say()
-        say("Created the SYSTEM user 'admin'. Its API key is shown only this once:")
-        say()
-        say(f"    {admin_key}")
-        say()
-        say(f"Try:  curl -u 'admin:{admin_key}' {base}/programs")
-        say(f"More users: python eventstore.py --db {db_path} user add USER_ID --write PROGRAM_ID")
-    else:
-        say("Authenticate with HTTP Basic: your user id and API key (curl -u USER_ID:API_KEY ...).")
-        say(f"New key for admin: python eventstore.py --db {db_path} key add admin")
-    sys.stderr.flush()
-
-
 def main(argv=None):
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # waitress warns of queued requests on every request past the thread count;
+    # under load and with long polls that is the normal state, not news.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    if not args.worker and not missing_database_allowed(args):
+        return 1
     processes = args.processes or default_processes()
     if args.worker or processes == 1:
         return serve_one(args, announce_it=not args.worker)
@@ -136,14 +148,105 @@ def main(argv=None):
     return supervise(args, sys.argv[1:] if argv is None else list(argv), processes, prepare=prepare_database)
 
 
-def prepare_database(args, port, processes):
-    """The supervisor's part before any worker starts: check the database and its
-    schema once, create the first admin, say how to authenticate."""
-    storage = eventstore.open_storage(args.db, threads=1)
+def missing_database_allowed(args):
+    """A SQLite file that does not exist is made only with --create, as the
+    command line does: a mistyped --db quietly made a new registry with a new
+    admin key."""
+    if str(args.db).startswith(POSTGRES_SCHEMES) or os.path.exists(args.db) or args.create:
+        return True
+    print(f"error: there is no database at {args.db} (--create makes one there)", file=sys.stderr)
+    return False
+
+
+def cannot_open(db, exc):
+    """The one line for a database that cannot be opened -> exit status 1."""
+    print(f"error: cannot open {safe_db_name(db)} as an eventstore database: "
+          f"{safe_text(exc, db)}", file=sys.stderr)
+    return 1
+
+
+def cannot_listen(host, port, exc):
+    """The one line for an address that cannot be listened on -> exit status 1."""
+    why = exc.strerror or str(exc)
+    if exc.errno == errno.EADDRINUSE:
+        why = f"another server is bound to it, or to the any-address on that port ({why})"
+    print(f"error: cannot listen on {host}:{port}: {why}", file=sys.stderr)
+    return 1
+
+
+def create_first_admin(storage):
+    """On a database with no users, create the SYSTEM user ``admin`` -> its
+    key (None where there are users)."""
     try:
-        announce(storage, args.host, port, processes)
+        session = storage.session()
+        try:
+            return eventstore.bootstrap_admin(session, eventstore.now_us())
+        finally:
+            session.close()
+    except storage.errors as exc:  # a database that opens but takes no write (read-only, say)
+        raise StorageOpenError(str(exc)) from None
+
+
+def announce(storage, host, port, admin_key, processes=1):
+    """Tell the operator what is served and how to authenticate: the key of a
+    first admin just made is printed once, to standard error."""
+    base = f"http://{host}:{port}"
+    say = lambda text="": print(text, file=sys.stderr)  # noqa: E731
+    workers = f" with {processes} worker processes" if processes > 1 else ""
+    db_path = safe_db_name(storage)  # a URL without its password
+    name = os.path.abspath(db_path) if storage.backend == "sqlite" else db_path
+    command = eventstore.admin_command(storage)
+    say(f"eventstore serving {name}{workers} on {base}")
+    say(storage.durability())
+    if admin_key:
+        say()
+        say("Created the SYSTEM user 'admin'. Its API key is shown only this once:")
+        say()
+        say(f"    {admin_key}")
+        say()
+        say(f"Try:  curl -u 'admin:{admin_key}' {base}/programs")
+        say(f"More users: {command} user add USER_ID --write PROGRAM_ID")
+    else:
+        say("Authenticate with HTTP Basic: your user id and API key (curl -u USER_ID:API_KEY ...).")
+        say(f"New key for admin: {command} key add admin")
+    sys.stderr.flush()
+
+
+# ============================================================================
+# One process
+# ============================================================================
+#
+# serve_one serves in this process (alone, or as one worker of several): the
+# app, waitress with its connections (Channel) and answers (OneWriteTask), and a
+# clean stop on SIGTERM or SIGINT.
+
+def serve_one(args, announce_it):
+    """Serve in this process until SIGTERM or SIGINT; -> exit status."""
+    pin_to_cpu(args)
+    if args.lifeline_fd is not None:
+        stop_with_supervisor(args.lifeline_fd)
+    try:
+        max_waiting = args.max_waiting if args.max_waiting is not None else args.threads // 2
+        storage = eventstore.open_storage(args.db, threads=args.threads)
+        admin_key = create_first_admin(storage) if announce_it else None  # before make_app, which warns of none
+        app = eventstore.make_app(storage, max_body_bytes=args.max_body, max_waiting=max_waiting,
+                                  max_auth_failures=args.max_auth_failures)
+    except (StorageOpenError, OSError) as exc:
+        return cannot_open(args.db, exc)
+    access_log = AccessLog(app) if args.access_log else None
+    try:
+        server = create_waitress(access_log or app, args, reuse_port=args.worker)
+    except OSError as exc:
+        app.close()
+        return cannot_listen(args.host, args.port, exc)
+    if announce_it:
+        announce(app.storage, args.host, server.effective_port, admin_key)
+    try:
+        run_until_stopped(server, app)
     finally:
-        storage.close()
+        if access_log is not None:
+            access_log.close()
+    return 0
 
 
 def pin_to_cpu(args):
@@ -158,46 +261,33 @@ def pin_to_cpu(args):
         os.sched_setaffinity(0, {cpus[args.worker_slot % len(cpus)]})
 
 
-def stop_with_supervisor(lifeline_fd):
-    """A worker stops as on SIGTERM when its supervisor is gone, however it died
-    (SIGKILL too): the supervisor alone holds the pipe's other end, so a read
-    here ends (EOF) only then. Orphaned workers served on for good."""
-    def watch():
-        while os.read(lifeline_fd, 1):
-            pass
-        os.kill(os.getpid(), signal.SIGTERM)
-    threading.Thread(target=watch, name="eventstore-lifeline", daemon=True).start()
-
-
-def serve_one(args, announce_it):
-    """Serve in this process until SIGTERM or SIGINT; -> exit status."""
-    pin_to_cpu(args)
-    if args.lifeline_fd is not None:
-        stop_with_supervisor(args.lifeline_fd)
-    try:
-        max_waiting = args.max_waiting if args.max_waiting is not None else args.threads // 2
-        storage = eventstore.open_storage(args.db, threads=args.threads)
-        app = eventstore.make_app(storage, max_body_bytes=args.max_body, max_waiting=max_waiting,
-                                  max_auth_failures=args.max_auth_failures)
-    except (StorageOpenError, OSError) as exc:
-        return cannot_open(args.db, exc)
-    access_log = AccessLog(app) if args.access_log else None
-    try:
-        server = create_waitress(access_log or app, args, reuse_port=args.worker)
-    except OSError as exc:
-        print(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr)
-        return 1
-    if announce_it:
-        try:
-            announce(app.storage, args.host, server.effective_port)
-        except (StorageOpenError, OSError) as exc:
-            return cannot_open(args.db, exc)
-    try:
-        run_until_stopped(server, app)
-    finally:
-        if access_log is not None:
-            access_log.close()
-    return 0
+def create_waitress(app, args, reuse_port=False):
+    """A waitress server for ``app``, listening (so the port is known), not yet
+    serving; with ``reuse_port``, on SO_REUSEPORT sockets of its own (a worker)."""
+    listeners = {}
+    if reuse_port:
+        sockets = {"sockets": [reuse_port_socket(family, address, listen=True)
+                               for family, address in resolve(args.host, args.port)]}
+    else:
+        sockets = {"host": args.host, "port": args.port}
+    # waitress reads a whole body before the app sees the request; up to 8x the
+    # app's limit it lets the app answer 413 as problem+json, beyond that it
+    # answers its own plain 413 and closes the connection without buffering more.
+    server = waitress.create_server(
+        app, map=listeners, **sockets, threads=args.threads,
+        connection_limit=args.connection_limit, channel_timeout=args.channel_timeout,
+        cleanup_interval=max(1, min(30, args.channel_timeout // 2)),
+        max_request_header_size=64 * 1024, max_request_body_size=8 * args.max_body,
+        # Reading on while a request runs is how waitress notices a client that
+        # left (waitress.client_disconnected): a long poll it waited for ends then.
+        channel_request_lookahead=1, ident="eventstore")
+    channel_class = type("Channel", (Channel,), {
+        "request_timeout": args.request_timeout, "first_byte_timeout": args.first_byte_timeout,
+        "max_per_address": args.max_connections_per_address, "per_address": collections.Counter()})
+    for listener in listeners.values():  # one per listening socket (and waitress's trigger)
+        if isinstance(listener, waitress.server.BaseWSGIServer):
+            listener.channel_class = channel_class
+    return server
 
 
 def run_until_stopped(server, app=None, grace=10.0):
@@ -213,6 +303,7 @@ def run_until_stopped(server, app=None, grace=10.0):
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     loop = waitress.wasyncore.loop
+    # At least once a second, so that every connection's limits are checked (Channel.readable).
     while not stopping.is_set():
         loop(timeout=1.0, map=server._map, use_poll=True, count=1)
     for listener in list(server._map.values()):
@@ -237,6 +328,153 @@ def idle(server):
     return not dispatcher.queue and all(not c.requests and not c.total_outbufs_len for c in channels)
 
 
+class OneWriteTask(waitress.task.WSGITask):
+    """waitress writes a response's status line and headers, then its body, as
+    two socket sends: two TCP segments and two wake-ups of the client for even
+    the smallest JSON answer, which halved GET throughput on loopback. When the
+    app hands over the whole body in one piece with its Content-Length (every
+    eventstore response does), send the head and the body together."""
+
+    def write(self, data):
+        if self.wrote_header or not data or not self.complete:
+            return super().write(data)
+        head = self.build_response_header()
+        self.wrote_header = True
+        if self.has_body and not self.chunked_response and self.content_length == len(data):
+            self.content_bytes_written += len(data)
+            self.channel.write_soon(head + data)
+            return None
+        self.channel.write_soon(head)
+        return super().write(data)
+
+
+class RequestTimeout(waitress.utilities.Error):
+    """The 408 of a request that did not all arrive within --request-timeout."""
+
+    code, reason = 408, "Request Timeout"
+
+    def to_response(self, ident=None):
+        body = json.dumps({"type": "about:blank", "title": self.reason, "status": self.code,
+                           "detail": self.body}).encode()
+        return f"{self.code} {self.reason}", [("Content-Type", "application/problem+json")], body
+
+
+class Channel(waitress.channel.HTTPChannel):
+    """One client connection, with the limits waitress lacks, so that slow and
+    silent clients cannot hold every connection slot (waitress closes only
+    connections idle for channel_timeout, checked every cleanup_interval: 210
+    clients trickling a byte now and then stopped the server answering):
+
+    - a new connection that sends nothing within ``first_byte_timeout`` is closed;
+    - a request must arrive whole within ``request_timeout`` of its first byte,
+      or of being read again: while the answers of requests before it on the
+      connection go out, waitress reads no further; past it the client gets a
+      408, after those answers, and the connection closes;
+    - one client address holds at most ``max_per_address`` connections (of the
+      process); more are answered 503 and closed at once.
+
+    The limits are checked in readable(), which the serving loop asks of every
+    connection at least once a second. Its answers go out in one write (OneWriteTask)."""
+
+    task_class = OneWriteTask
+    # Set for each server by create_waitress:
+    request_timeout = 30.0
+    first_byte_timeout = 5.0
+    max_per_address = 50
+    per_address = collections.Counter()  # open connections by client address; the serving loop's thread only
+
+    def __init__(self, server, sock, addr, adj, map=None):
+        self.opened = self.receiving_since = time.monotonic()
+        self.heard_from, self.paused, self.timed_out, self.address = False, False, False, None
+        super().__init__(server, sock, addr, adj, map)
+        address = addr[0] if isinstance(addr, tuple) else str(addr)
+        if self.per_address[address] >= self.max_per_address:
+            too_many_connections(address, self.max_per_address)
+            try:
+                sock.send(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n"
+                          b"Connection: close\r\n\r\n")
+            except OSError:
+                pass
+            self.handle_close()
+            return
+        self.per_address[address] += 1
+        self.address = address
+
+    def del_channel(self, map=None):
+        if self.address is not None:
+            self.per_address[self.address] -= 1
+            if not self.per_address[self.address]:
+                del self.per_address[self.address]
+            self.address = None
+        super().del_channel(map)
+
+    def received(self, data):
+        if self.timed_out:
+            return False
+        if data and self.request is None:  # the first bytes of a request
+            self.receiving_since, self.paused = time.monotonic(), False
+            self.heard_from = True
+        return super().received(data)
+
+    def readable(self):
+        reading = super().readable() and not self.timed_out
+        if self.request is None:
+            if not self.heard_from and reading and time.monotonic() - self.opened > self.first_byte_timeout:
+                self.will_close = True
+                return False
+        elif not reading:
+            self.paused = True  # while earlier answers go out: the request is not being read
+        elif self.paused:
+            self.receiving_since, self.paused = time.monotonic(), False  # read again: its clock starts again
+        elif time.monotonic() - self.receiving_since > self.request_timeout:
+            self.time_out()
+            return False
+        return reading
+
+    def time_out(self):
+        """The request being received took too long: it is answered 408 in its
+        turn, after the requests before it, and the connection closes then."""
+        with self.requests_lock:
+            request, self.request = self.request, None
+            request.error = RequestTimeout(f"The request did not all arrive within {self.request_timeout:g} s.")
+            request.completed = True
+            self.timed_out = True
+            self.requests.append(request)
+            if len(self.requests) == 1:  # nothing running: answer it now
+                self.server.add_task(self)
+
+
+_last_warned = {}
+
+
+def too_many_connections(address, limit, every=60.0):
+    """Log a refused connection, at most once a minute per address."""
+    now = time.monotonic()
+    if now - _last_warned.get(address, -every) >= every:
+        _last_warned[address] = now
+        if len(_last_warned) > 10000:
+            _last_warned.clear()
+        logging.getLogger("eventstore.serve").warning(
+            "refusing connections from %s: it holds %d already (--max-connections-per-address)", address, limit)
+
+
+# ============================================================================
+# Several processes
+# ============================================================================
+#
+# The supervisor reserves the port, prepares the database once and starts the
+# workers, each serve_one with a listening SO_REUSEPORT socket of its own on the
+# same address and port, so the kernel spreads connections over them.
+#
+# SO_REUSEPORT lets any process of the same user bind that port too, and a
+# second server would then share the connections, unseen. So every server
+# first binds each address it will serve without SO_REUSEPORT: that fails beside
+# any socket bound to the same port on that address or the any-address, however
+# it was spelled and whoever holds it (connections of a stopped server waiting
+# in TIME_WAIT do not count). The supervisor then reserves the port with
+# SO_REUSEPORT and without SO_REUSEADDR, so that such a check by a later server
+# fails beside it even before a worker listens.
+
 def supervise(args, argv, processes, prepare, script=__file__, restart_limit=5, restart_window=30.0):
     """The first process: reserve the port, ``prepare(args, port, processes)``
     (create the first admin), start ``processes`` workers (``script`` with
@@ -244,16 +482,13 @@ def supervise(args, argv, processes, prepare, script=__file__, restart_limit=5, 
     SIGTERM/SIGINT stop them all cleanly; a worker that dies is restarted and
     logged; if workers die ``restart_limit`` times within ``restart_window``
     seconds of starting, the server gives up with exit status 1."""
-    # A bound but not listening SO_REUSEPORT socket: it reserves the port (and
-    # resolves --port 0) for the workers' own sockets, and takes no connections.
     try:
-        reserved = reuse_port_socket(args.host, args.port)
-        port = reserved.getsockname()[1]
-        port_claim = claim_port(args.host, port)
-        prepare(args, port, processes)
+        reserved = reserve_port(args.host, args.port)
     except OSError as exc:
-        print(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+        return cannot_listen(args.host, args.port, exc)
+    port = reserved[0].getsockname()[1]
+    try:
+        prepare(args, port, processes)
     except StorageOpenError as exc:
         return cannot_open(args.db, exc)
     lifeline, lifeline_end = os.pipe()  # see stop_with_supervisor; only this process holds lifeline_end
@@ -294,41 +529,83 @@ def supervise(args, argv, processes, prepare, script=__file__, restart_limit=5, 
         except subprocess.TimeoutExpired:
             worker.kill()
             worker.wait()
-    reserved.close()
-    port_claim.close()
+    for sock in reserved:
+        sock.close()
     os.close(lifeline_end)
     os.close(lifeline)
     return status
 
 
-def reuse_port_socket(host, port):
-    """A TCP socket bound with SO_REUSEPORT: several of them share one port. And
-    SO_REUSEADDR: a restart binds at once, beside the last run's connections in
-    TIME_WAIT (without it, "Address already in use" for up to a minute)."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
+def prepare_database(args, port, processes):
+    """The supervisor's part before any worker starts: check the database and its
+    schema once, create the first admin, say how to authenticate."""
+    storage = eventstore.open_storage(args.db, threads=1)
+    try:
+        announce(storage, args.host, port, create_first_admin(storage), processes)
+    finally:
+        storage.close()
+
+
+def resolve(host, port):
+    """-> [(family, address)]: every address ``host`` names, with ``port``."""
+    found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    return list(dict.fromkeys((family, address[:2]) for family, _, _, _, address in found
+                              if family in (socket.AF_INET, socket.AF_INET6)))
+
+
+def reserve_port(host, port):
+    """-> the supervisor's bound, not listening SO_REUSEPORT sockets, one per
+    address ``host`` names, which hold ``port`` (or the one ``port`` 0 picked)
+    for the workers. OSError (EADDRINUSE) if another server is bound there."""
+    addresses = resolve(host, port)
+    if port:
+        for family, address in addresses:  # see the section's comment
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
+    reserved = []
+    try:
+        for family, address in addresses:
+            reserved.append(reuse_port_socket(family, (address[0], port), reuse_address=False))
+            port = reserved[-1].getsockname()[1]  # --port 0: the one picked, for every address
+    except OSError:
+        for sock in reserved:
+            sock.close()
+        raise
+    return reserved
+
+
+def reuse_port_socket(family, address, listen=False, reuse_address=True):
+    """A TCP socket bound with SO_REUSEPORT: several of them share one port. A
+    listening one also with SO_REUSEADDR, so that a restart binds at once beside
+    the last run's connections in TIME_WAIT (without it, "Address already in
+    use" for up to a minute)."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, int(reuse_address))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+        if listen:
+            sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
     return sock
 
 
-def claim_port(host, port):
-    """-> an open file whose lock says this server holds ``host:port``: every
-    process of the same user may bind an SO_REUSEPORT port, and a second server
-    started on it would share its connections, unseen. OSError if one holds it."""
-    path = os.path.join(tempfile.gettempdir(), f"eventstore-port-{host.replace(':', '_')}-{port}.lock")
-    claim = open(path, "a+")
-    try:
-        fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        claim.seek(0)
-        holder = claim.read().strip() or "another process"
-        claim.close()
-        raise OSError(f"another eventstore server ({holder}) serves this port") from None
-    claim.truncate(0)
-    claim.write(f"pid {os.getpid()}")
-    claim.flush()
-    return claim
+def stop_with_supervisor(lifeline_fd):
+    """A worker stops as on SIGTERM when its supervisor is gone, however it died
+    (SIGKILL too): the supervisor alone holds the pipe's other end, so a read
+    here ends (EOF) only then. Orphaned workers served on for good."""
+    def watch():
+        while os.read(lifeline_fd, 1):
+            pass
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=watch, name="eventstore-lifeline", daemon=True).start()
 
 
 def without_port(argv):
@@ -344,6 +621,10 @@ def without_port(argv):
     return kept
 
 
+# ============================================================================
+# The access log
+# ============================================================================
+
 class AccessLog:
     """WSGI middleware: one line per request on standard error, once the response
     has been sent: time (UTC), client address, authenticated user id (or -),
@@ -353,8 +634,8 @@ class AccessLog:
     Lines are written by a thread of their own every ``flush_interval`` seconds,
     many in one write: a write (and its flush) per request, from the request's
     thread, let go of the GIL and cost a quarter of GET throughput under 16
-    connections. close() writes what is left; a process killed outright loses
-    at most the last ``flush_interval`` of lines."""
+    connections. close() writes what is left; a process killed outright loses at most the
+    last ``flush_interval`` of lines."""
 
     def __init__(self, app, stream=None, clock=time.monotonic, flush_interval=0.2):
         self.app, self.stream, self.clock = app, stream or sys.stderr, clock
@@ -452,83 +733,6 @@ class _LoggedBody:
                 self.body.close()
         finally:
             self.log.write(self.environ, self.answer, self.sent, self.started)
-
-
-class OneWriteTask(waitress.task.WSGITask):
-    """waitress writes a response's status line and headers, then its body, as
-    two socket sends: two TCP segments and two wake-ups of the client for even
-    the smallest JSON answer, which halved GET throughput on loopback. When the
-    app hands over the whole body in one piece with its Content-Length (every
-    eventstore response does), send the head and the body together."""
-
-    def write(self, data):
-        if self.wrote_header or not data or not self.complete:
-            return super().write(data)
-        head = self.build_response_header()
-        self.wrote_header = True
-        if self.has_body and not self.chunked_response and self.content_length == len(data):
-            self.content_bytes_written += len(data)
-            self.channel.write_soon(head + data)
-            return None
-        self.channel.write_soon(head)
-        return super().write(data)
-
-
-class OneWriteChannel(waitress.channel.HTTPChannel):
-    """A connection whose answers go out in one write (OneWriteTask), and whose
-    requests must arrive whole within ``request_timeout`` seconds of their first
-    byte: waitress closes only connections idle for channel_timeout, so clients
-    trickling a byte now and then held every connection slot for as long as
-    they liked (210 of them stopped the server answering)."""
-
-    task_class = OneWriteTask
-    request_timeout = 30.0  # set for each server by create_waitress
-    request_started = 0.0
-
-    def received(self, data):
-        if data and self.request is None:  # the first bytes of a request
-            self.request_started = time.monotonic()
-        return super().received(data)
-
-    def readable(self):
-        # Asked by the serving loop about every connection at least once a second.
-        if self.request is not None and time.monotonic() - self.request_started > self.request_timeout:
-            self.will_close = True
-        return super().readable()
-
-
-def create_waitress(app, args, reuse_port=False):
-    """A waitress server for ``app``, listening (so the port is known), not yet
-    serving; with ``reuse_port``, on its own SO_REUSEPORT socket."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # waitress warns of queued requests on every request past the thread count;
-    # under load and with long polls that is the normal state, not news.
-    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
-
-    # waitress reads a whole body before the app sees the request; up to 8x the
-    # app's limit it lets the app answer 413 as problem+json, beyond that it
-    # answers its own plain 413 and closes the connection without buffering more.
-    listeners = {}
-    sockets = {}
-    if reuse_port:
-        sock = reuse_port_socket(args.host, args.port)
-        sock.listen(1024)
-        sockets = {"sockets": [sock]}
-    else:
-        sockets = {"host": args.host, "port": args.port}
-    server = waitress.create_server(
-        app, map=listeners, **sockets, threads=args.threads,
-        connection_limit=args.connection_limit, channel_timeout=args.channel_timeout,
-        cleanup_interval=max(1, min(30, args.channel_timeout // 2)),
-        max_request_header_size=64 * 1024, max_request_body_size=8 * args.max_body,
-        # Reading on while a request runs is how waitress notices a client that
-        # left (waitress.client_disconnected): a long poll it waited for ends then.
-        channel_request_lookahead=1, ident="eventstore")
-    channel_class = type("OneWriteChannel", (OneWriteChannel,), {"request_timeout": args.request_timeout})
-    for listener in listeners.values():  # one per listening socket
-        if isinstance(listener, waitress.server.BaseWSGIServer):
-            listener.channel_class = channel_class
-    return server
 
 
 if __name__ == "__main__":

@@ -238,6 +238,29 @@ MUTANTS = [
     ("serve.py: a long poll whose client left waits on", "serve.py", [
         ("channel_request_lookahead=1, ", ""),
     ], ["tests/test_client.py"]),
+    # Issue 29's fixes, each broken again.
+    ("serve.py: a second server on another spelling of the address is let in", "serve.py", [
+        ("    if port:\n        for family, address in addresses:", "    if False:\n        for family, address in addresses:"),
+    ], ["tests/test_processes.py"]),
+    ("serve.py: a silent connection holds its slot until the channel timeout", "serve.py", [
+        ("            if not self.heard_from and reading and", "            if False and"),
+    ], ["tests/test_server.py"]),
+    ("serve.py: one address may hold every connection", "serve.py", [
+        ("        if self.per_address[address] >= self.max_per_address:", "        if False:"),
+    ], ["tests/test_server.py"]),
+    ("serve.py: a request past its time closes the connection under the answers before it", "serve.py", [
+        ("            self.time_out()\n            return False", "            self.will_close = True\n            return False"),
+    ], ["tests/test_server.py"]),
+    ("serve.py: a request's clock runs while waitress does not read it", "serve.py", [
+        ("            self.receiving_since, self.paused = time.monotonic(), False  # read again",
+         "            self.paused = False  # read again"),
+    ], ["tests/test_server.py"]),
+    ("serve.py: a missing database is made without --create", "serve.py", [
+        ("or os.path.exists(args.db) or args.create:", "or True:"),
+    ], ["tests/test_server.py"]),
+    ("make_app says nothing on a database without users", "eventstore.py", [
+        ("        warn_if_no_users(self.storage)\n", ""),
+    ], ["tests/test_server.py"]),
     ("client: a connection failure escapes ClientError", "eventstore_client.py", [
         ("class NoAnswer(ClientError, ConnectionError):", "class NoAnswer(ConnectionError):\n    status = None\n"),
         ("        super().__init__(None, None, message)", "        super().__init__(message)"),

@@ -53,7 +53,7 @@ class Server:
     """``python serve.py`` on a temporary database, on a port it picks itself
     (named in its banner) unless ``port`` is given, in one process unless
     ``processes`` says more; stopped by stop(). ``prefix`` runs it under another
-    command (strace)."""
+    command (strace). The database is made if missing (--create)."""
 
     def __init__(self, db_path, *args, env=None, port=0, prefix=(), startup_seconds=30, processes=1,
                  errors_expected=False):
@@ -62,7 +62,7 @@ class Server:
         self.db_path, self.errors_expected, self._checked = str(db_path), errors_expected, False
         self.process = subprocess.Popen(
             [*prefix, sys.executable, "-u", str(ROOT / "serve.py"), "--port", str(port), "--db", self.db_path,
-             "--processes", str(processes), *args],
+             "--processes", str(processes), "--create", *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
             env={**os.environ, **(env or {})}, start_new_session=True)
         # Read the server's log from the start, in a thread, so that it never

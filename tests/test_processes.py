@@ -267,6 +267,33 @@ def test_workers_stop_when_their_supervisor_is_killed(tmp_path):
         server.stop()
 
 
+@pytest.mark.parametrize("first_processes", [1, 2])
+def test_a_second_server_is_refused_by_what_is_bound_however_its_host_is_spelled(tmp_path, first_processes):
+    """The guard was a lock file named after --host as spelled, in $TMPDIR:
+    `--host localhost`, another TMPDIR (systemd's PrivateTmp) or `--host 0.0.0.0`
+    started beside a server on 127.0.0.1 and took about half of its connections.
+    No file is left in the temporary folder."""
+    tmp, other_tmp = tmp_path / "tmp", tmp_path / "other-tmp"
+    tmp.mkdir()
+    other_tmp.mkdir()
+    first = Server(tmp_path / "a.db", processes=first_processes, env={"TMPDIR": str(tmp)})
+    try:
+        for host in ("127.0.0.1", "localhost", "0.0.0.0"):
+            for processes in ("1", "2"):
+                command = [sys.executable, "serve.py", "--host", host, "--port", str(first.port), "--db",
+                           str(tmp_path / "b.db"), "--create", "--processes", processes]
+                try:
+                    second = subprocess.run(command, capture_output=True, text=True, timeout=30, cwd=ROOT,
+                                            env={**os.environ, "TMPDIR": str(other_tmp)})
+                except subprocess.TimeoutExpired:
+                    pytest.fail(f"a server on {host} with {processes} processes started beside the first")
+                assert second.returncode == 1 and "another server is bound to it" in second.stderr, second.stderr
+        assert first.request("GET", "/health")[0] == 200
+    finally:
+        first.stop()
+    assert list(tmp.iterdir()) == [] and list(other_tmp.iterdir()) == []
+
+
 def test_a_second_server_on_the_same_port_is_refused_and_a_restart_binds_at_once(tmp_path):
     """Two multi-process servers on one port would share its connections
     (SO_REUSEPORT lets every process of the user bind it): the second is refused,
@@ -279,8 +306,8 @@ def test_a_second_server_on_the_same_port_is_refused_and_a_restart_binds_at_once
         for _ in range(3):
             assert first.request("GET", "/health")[0] == 200
         second = subprocess.run([sys.executable, "serve.py", "--port", str(port), "--db", str(tmp_path / "b.db"),
-                                 "--processes", "2"], capture_output=True, text=True, timeout=60, cwd=ROOT)
-        assert second.returncode == 1 and "another eventstore server (pid" in second.stderr, second.stderr
+                                 "--processes", "2", "--create"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert second.returncode == 1 and "another server is bound to it" in second.stderr, second.stderr
         # Connections the server closes first, so that they wait in TIME_WAIT on its side.
         kept = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(4)]
         for conn in kept:

@@ -2,9 +2,11 @@
 
 import base64
 import datetime
+import json
 import re
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -313,3 +315,219 @@ def test_a_chunked_put_over_waitress_is_written(server):
     assert response.status == 200, response.read()
     connection.close()
     assert server.request("GET", "/events/FOO-1", **admin)[0] == 200
+
+
+# --- slow and silent clients ----------------------------------------------------------
+
+def read_answers(sock, count=None, timeout=20):
+    """The answers the server sends on ``sock`` until it closes it, or until it
+    has sent ``count`` -> [(status, headers, body)]. Fails the test if that does
+    not happen within ``timeout`` seconds."""
+    import socket
+    sock.settimeout(timeout)
+    data, answers = b"", []
+    try:
+        while count is None or len(answers) < count:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+            while b"\r\n\r\n" in data:
+                head, _, rest = data.partition(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+                length = int(headers.get("content-length", 0))
+                if len(rest) < length:
+                    break
+                answers.append((int(lines[0].split()[1]), headers, rest[:length]))
+                data = rest[length:]
+    except socket.timeout:
+        pytest.fail(f"not within {timeout} s: {count or 'the connection closed'}; received {answers}, {data[:200]!r}")
+    assert not data, data
+    return answers
+
+
+def basic_header(key):
+    return "Authorization: Basic " + base64.b64encode(f"admin:{key}".encode()).decode()
+
+
+def test_a_connection_that_sends_nothing_is_closed_after_the_first_byte_timeout(tmp_path):
+    """A silent connection held its slot for --channel-timeout (60 s): clients
+    that open connections and say nothing could hold every slot. One that has
+    spoken may stay idle between requests up to --channel-timeout."""
+    import socket
+    quick = Server(tmp_path / "silent.db", "--first-byte-timeout", "1")
+    try:
+        with socket.create_connection(("127.0.0.1", quick.port), timeout=10) as silent, \
+                socket.create_connection(("127.0.0.1", quick.port), timeout=10) as spoken:
+            spoken.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert spoken.recv(65536).startswith(b"HTTP/1.1 200")
+            assert read_answers(silent, timeout=20) == []  # closed, long before the 60 s
+            spoken.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert [status for status, _, _ in read_answers(spoken)] == [200]
+    finally:
+        quick.stop()
+
+
+def test_one_address_cannot_hold_every_connection(tmp_path):
+    """Past --max-connections-per-address, a client address's new connections are
+    answered 503 and closed at once, so that slots stay for other clients: with
+    every slot held by silent connections from one address, /health from another
+    waited for those to time out."""
+    import select
+    import socket
+    held = Server(tmp_path / "held.db", "--connection-limit", "10", "--max-connections-per-address", "4",
+                  "--first-byte-timeout", "120", "--channel-timeout", "120")
+    attackers = []
+    try:
+        for _ in range(14):  # from 127.0.0.2: the server sees another client address than the test's
+            attackers.append(socket.create_connection(("127.0.0.1", held.port), timeout=10,
+                                                      source_address=("127.0.0.2", 0)))
+        refused, deadline = [], time.monotonic() + 20
+        while len(refused) < 10 and time.monotonic() < deadline:
+            ready, _, _ = select.select([s for s in attackers if s not in refused], [], [], 0.5)
+            refused += ready
+        assert len(refused) == 10, f"{len(refused)} of the 10 connections past the limit were refused"
+        for sock in refused:
+            assert [status for status, _, _ in read_answers(sock)] == [503]
+        assert held.request("GET", "/health", timeout=10)[0] == 200  # waited 120 s without the limit
+        kept = [sock for sock in attackers if sock not in refused]
+        kept[0].sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert [status for status, _, _ in read_answers(kept[0])] == [200]  # the first four are served
+        assert "refusing connections from 127.0.0.2" in "".join(held.log)
+    finally:
+        for sock in attackers:
+            sock.close()
+        held.stop()
+
+
+def test_a_request_that_does_not_all_arrive_gets_a_408_after_the_answers_before_it(tmp_path):
+    """--request-timeout closed the whole connection, under a running long poll
+    too (whose answer was lost), and sent no 408 to a slow upload."""
+    import socket
+    slow = Server(tmp_path / "slow.db", "--request-timeout", "1").register("FOO")
+    poll = (f"GET /events?wait=3&after=0 HTTP/1.1\r\nHost: x\r\n{basic_header(slow.admin_key)}\r\n\r\n").encode()
+    partial = b"PUT /events/FOO-1 HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+    try:
+        with socket.create_connection(("127.0.0.1", slow.port), timeout=10) as sock:
+            sock.sendall(poll + partial)  # a long poll, then a request whose body never all comes
+            answers = read_answers(sock)
+        assert [status for status, _, _ in answers] == [200, 408]
+        assert json.loads(answers[0][2])["Events"] == []
+        assert answers[1][1]["content-type"] == "application/problem+json"
+        assert json.loads(answers[1][2])["status"] == 408
+        with socket.create_connection(("127.0.0.1", slow.port), timeout=10) as sock:
+            sock.sendall(partial)  # a slow upload alone
+            assert [status for status, _, _ in read_answers(sock)] == [408]
+    finally:
+        slow.stop()
+
+
+def test_the_request_timeout_counts_only_while_the_request_is_read(tmp_path):
+    """A request whose first bytes came behind a long poll is not read on while
+    the answers before it are made (waitress reads one request ahead): its time
+    starts again once it is read."""
+    import socket
+    slow = Server(tmp_path / "ahead.db", "--request-timeout", "2").register("FOO")
+    auth = basic_header(slow.admin_key)
+    poll = f"GET /events?wait=4&after=0 HTTP/1.1\r\nHost: x\r\n{auth}\r\n\r\n".encode()
+    health = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    last = f"GET /programs HTTP/1.1\r\nHost: x\r\n{auth}\r\nConnection: close\r\n\r\n".encode()
+    try:
+        with socket.create_connection(("127.0.0.1", slow.port), timeout=10) as sock:
+            sock.sendall(poll + health + last[:20])  # the last request's first bytes come with the others
+            assert [status for status, _, _ in read_answers(sock, count=2)] == [200, 200]  # 4 s later
+            time.sleep(0.3)
+            sock.sendall(last[20:])
+            assert [status for status, _, _ in read_answers(sock)] == [200]
+    finally:
+        slow.stop()
+
+
+@pytest.mark.parametrize("flag", ["--request-timeout", "--first-byte-timeout", "--max-connections-per-address",
+                                  "--connection-limit", "--threads"])
+@pytest.mark.parametrize("value", ["0", "-1", "0.5", "nan"])
+def test_limits_below_their_least_are_refused(flag, value):
+    """--request-timeout 0 closed a request whose body came in a later segment."""
+    import subprocess
+    from server import ROOT
+    result = subprocess.run([sys.executable, str(ROOT / "serve.py"), flag, value, "--port", "1"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and flag in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+# --- first contact -------------------------------------------------------------------
+
+def test_a_missing_database_is_refused_unless_created(tmp_path):
+    """`serve.py --db eventstor.db` (a typo) quietly made a new registry with a new
+    admin key, where the command line refuses the same typo."""
+    import subprocess
+    from server import ROOT
+    typo = tmp_path / "eventstor.db"
+    for processes in ("1", "2"):
+        result = subprocess.run([sys.executable, str(ROOT / "serve.py"), "--db", str(typo), "--port", "0",
+                                 "--processes", processes], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+        assert str(typo) in result.stderr and "--create" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+    made = Server(typo)  # Server passes --create
+    made.stop()
+    assert made.admin_key and typo.exists()
+
+
+def test_a_database_in_a_missing_folder_is_named_with_its_folder(tmp_path):
+    missing = tmp_path / "no" / "such" / "events.db"
+    with pytest.raises(eventstore.StorageOpenError) as raised:
+        eventstore.make_app(str(missing))
+    assert str(missing) in str(raised.value) and f"no folder {missing.parent}" in str(raised.value)
+
+
+def test_the_banner_names_this_interpreter(tmp_path):
+    """The banner's commands are run as they are printed: with the interpreter
+    that serves (the project's .venv/bin/python, not a bare python)."""
+    import shlex
+    import subprocess
+    from server import ROOT
+    first = Server(tmp_path / "banner.db")
+    first.stop()
+    again = Server(tmp_path / "banner.db")
+    again.stop()
+    for server, prefix in ((first, "More users: "), (again, "New key for admin: ")):
+        line = next(line for line in server.banner.splitlines() if line.startswith(prefix))
+        argv = shlex.split(line[len(prefix):])
+        assert argv[0] == sys.executable or (ROOT / argv[0]).resolve() == Path(sys.executable).resolve()
+        if prefix.startswith("New key"):
+            result = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=ROOT)
+            assert result.returncode == 0 and eventstore.API_KEY_RE.fullmatch(result.stdout.strip())
+
+
+def test_make_app_on_a_database_without_users_says_how_to_make_one(tmp_path, caplog):
+    """Every request is a 401 there, and `key add admin` answers no such user."""
+    import shlex
+    import subprocess
+    from server import ROOT
+    path = str(tmp_path / "empty.db")
+    with caplog.at_level("WARNING", logger="eventstore"):
+        eventstore.make_app(path).close()
+    [record] = [r for r in caplog.records if "no users" in r.getMessage()]
+    command = record.getMessage().split(": ", 2)[2]
+    assert command.endswith(" user add admin --system")
+    result = subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 0 and eventstore.API_KEY_RE.fullmatch(result.stdout.strip()), result.stderr
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="eventstore"):
+        eventstore.make_app(path).close()
+    assert not [r for r in caplog.records if "no users" in r.getMessage()]
+
+
+def test_make_run_and_serve_never_show_a_password(tmp_path):
+    """make echoed the command with the URL's password; an upper-case ?PASSWORD=
+    (which libpq refuses) was printed in serve.py's error."""
+    import subprocess
+    from server import ROOT
+    url = "postgresql://u:userinfo-secret@127.0.0.1:1/x?PASSWORD=query-secret&sslPassword=ssl-secret"
+    # -o: take the venv as it is (no pip install from here)
+    result = subprocess.run(["make", "-C", str(ROOT), "-o", ".venv/.runtime", "-o", ".venv/.postgres", "run",
+                             f"DB={url}", "PORT=0"], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "error: cannot open postgresql://u:***@127.0.0.1:1/x?" in result.stderr
+    assert "secret" not in result.stdout + result.stderr, result.stdout + result.stderr
