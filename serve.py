@@ -251,11 +251,9 @@ def serve_one(args, announce_it):
 
 def pin_to_cpu(args):
     """Keep this serving process on one CPU (worker slot i on the i-th CPU it may
-    use), unless --no-cpu-pinning. Its threads take turns on one GIL; spread
-    over several cores, every hand-over of the GIL went through the kernel and
-    cost more than the work (GET at one process: 2,600 -> 4,600-5,100 req/s
-    pinned; at two processes 3,900-5,200 -> 7,900). Not on platforms without
-    sched_setaffinity."""
+    use), unless --no-cpu-pinning. PERF: its threads take turns on one GIL, and
+    spread over several cores every hand-over went through the kernel
+    (docs/DESIGN.md, "Measured choices"). Not on platforms without sched_setaffinity."""
     if args.cpu_pinning and hasattr(os, "sched_setaffinity"):
         cpus = sorted(os.sched_getaffinity(0))
         os.sched_setaffinity(0, {cpus[args.worker_slot % len(cpus)]})
@@ -331,9 +329,9 @@ def idle(server):
 class OneWriteTask(waitress.task.WSGITask):
     """waitress writes a response's status line and headers, then its body, as
     two socket sends: two TCP segments and two wake-ups of the client for even
-    the smallest JSON answer, which halved GET throughput on loopback. When the
-    app hands over the whole body in one piece with its Content-Length (every
-    eventstore response does), send the head and the body together."""
+    the smallest JSON answer (PERF: docs/DESIGN.md, "Measured choices"). When
+    the app hands over the whole body in one piece with its Content-Length
+    (every eventstore response does), send the head and the body together."""
 
     def write(self, data):
         if self.wrote_header or not data or not self.complete:
@@ -632,9 +630,8 @@ class AccessLog:
     header's value: the Authorization header and keys stay out of it.
 
     Lines are written by a thread of their own every ``flush_interval`` seconds,
-    many in one write: a write (and its flush) per request, from the request's
-    thread, let go of the GIL and cost a quarter of GET throughput under 16
-    connections. close() writes what is left; a process killed outright loses at most the
+    many in one write (PERF: not a write and a flush per request from its thread;
+    docs/DESIGN.md, "Measured choices"). close() writes what is left; a process killed outright loses at most the
     last ``flush_interval`` of lines."""
 
     def __init__(self, app, stream=None, clock=time.monotonic, flush_interval=0.2):
@@ -656,9 +653,8 @@ class AccessLog:
         return _LoggedBody(self.app(environ, recording_start_response), self, environ, answer, started)
 
     def write(self, environ, answer, sent, started):
-        """Add the line of one answered request. It runs on every request's path,
-        so it is kept cheap (formatting the time with datetime and quoting every
-        target cost a fifth of GET throughput): the time's seconds are formatted
+        """Add the line of one answered request. PERF: it runs on every request's
+        path (docs/DESIGN.md, "Measured choices"): the time's seconds are formatted
         once a second, and a target is quoted only if it has a character to quote."""
         elapsed_ms = (self.clock() - started) * 1000
         now = time.time()
