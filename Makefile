@@ -35,27 +35,41 @@ tools:
 
 # A throwaway PostgreSQL cluster to try the PostgreSQL backend with, from Debian's
 # server binaries (`make tools` installs them where we are root; as root the server
-# runs as the user postgres, since it refuses root). Then:
-#   make run DB=postgresql://eventstore@127.0.0.1:5433/eventstore
+# runs as the user postgres, since it refuses root), on port PGPORT. It listens on no
+# TCP port, only on a Unix socket in its private folder PGDIR (mode 0700), so no
+# other local user can reach it; the app's role `eventstore` is no superuser (it
+# owns the database eventstore and may read pg_stat_activity). Then:
+#   make run DB=$(PGURL)
 # `make pg-stop` stops it; its files stay in PGDIR until removed.
 PGPORT ?= 5433
 PGDIR  ?= /tmp/eventstore-trial-pg-$(PGPORT)
 PGBIN  := $(lastword $(sort $(wildcard /usr/lib/postgresql/*/bin)))
 AS_PG  := $(if $(filter 0,$(shell id -u)),runuser -u postgres --)
+PGUSER_OWNER := $(if $(AS_PG),postgres,$(shell id -un))
+PGURL   = postgresql://eventstore@$(subst /,%2F,$(PGDIR)):$(PGPORT)/eventstore
+PSQL    = $(AS_PG) $(PGBIN)/psql -h $(PGDIR) -p $(PGPORT) -U $(PGUSER_OWNER) -d postgres -v ON_ERROR_STOP=1 -qtA
 pg: $(VENV)/.postgres
 	@test -x "$(PGBIN)/initdb" || { echo "error: PostgreSQL's server binaries are not installed (make tools installs them as root)"; exit 1; }
-	@test -d $(PGDIR)/data || { mkdir -p $(PGDIR) && $(if $(AS_PG),chown postgres $(PGDIR) &&) \
-	  $(AS_PG) $(PGBIN)/initdb -D $(PGDIR)/data -U eventstore --auth=trust --encoding=UTF8 --locale=C >/dev/null; }
+	@test -d $(PGDIR)/data || { mkdir -m 700 $(PGDIR) || \
+	    { echo "error: cannot make $(PGDIR), which must not exist yet (make pg makes it private); remove it or give another PGDIR"; exit 1; }; \
+	  $(if $(AS_PG),chown postgres $(PGDIR) &&) $(AS_PG) $(PGBIN)/initdb -D $(PGDIR)/data --auth-local=trust \
+	    --auth-host=reject --encoding=UTF8 --locale=C >$(PGDIR)/initdb.log 2>&1 || \
+	    { echo "error: initdb failed; its log: $(PGDIR)/initdb.log"; exit 1; }; }
+	@test ! -L $(PGDIR) && test "$$(stat -c '%U %a' $(PGDIR))" = "$(PGUSER_OWNER) 700" || \
+	  { echo "error: $(PGDIR) is not a private folder of $(PGUSER_OWNER) (mode 700); remove it or give another PGDIR"; exit 1; }
 	@$(AS_PG) $(PGBIN)/pg_ctl -D $(PGDIR)/data -l $(PGDIR)/log -w -t 60 status >/dev/null || \
 	  $(AS_PG) $(PGBIN)/pg_ctl -D $(PGDIR)/data -l $(PGDIR)/log -w -t 60 start \
-	    -o "-p $(PGPORT) -k $(PGDIR) -c listen_addresses=127.0.0.1" >/dev/null
-	@$(PGBIN)/psql -h 127.0.0.1 -p $(PGPORT) -U eventstore -d postgres -tAc \
-	  "SELECT 1 FROM pg_database WHERE datname = 'eventstore'" | grep -q 1 || \
-	  $(PGBIN)/createdb -h 127.0.0.1 -p $(PGPORT) -U eventstore eventstore
-	@echo "PostgreSQL is up: make run DB=postgresql://eventstore@127.0.0.1:$(PGPORT)/eventstore  (make pg-stop stops it)"
+	    -o "-p $(PGPORT) -k $(PGDIR) -c listen_addresses='' -c unix_socket_permissions=0700" >/dev/null || \
+	  { echo "error: PostgreSQL did not start on port $(PGPORT); its log: $(PGDIR)/log"; tail -n 3 $(PGDIR)/log 2>/dev/null; exit 1; }
+	@$(PSQL) -c "SELECT 1 FROM pg_roles WHERE rolname = 'eventstore'" | grep -q 1 || \
+	  $(PSQL) -c "CREATE ROLE eventstore LOGIN" -c "GRANT pg_read_all_stats TO eventstore"
+	@$(PSQL) -c "SELECT 1 FROM pg_database WHERE datname = 'eventstore'" | grep -q 1 || \
+	  $(PSQL) -c "CREATE DATABASE eventstore OWNER eventstore"
+	@echo "PostgreSQL is up: make run DB=$(PGURL)  (make pg-stop stops it)"
 
 pg-stop:
-	@test ! -d $(PGDIR)/data || $(AS_PG) $(PGBIN)/pg_ctl -D $(PGDIR)/data -w -t 60 stop -m fast
+	@test ! -d $(PGDIR)/data || ! $(AS_PG) $(PGBIN)/pg_ctl -D $(PGDIR)/data status >/dev/null || \
+	  $(AS_PG) $(PGBIN)/pg_ctl -D $(PGDIR)/data -w -t 60 stop -m fast
 
 # Longer schemathesis runs than make test's: FUZZ_SECONDS per user and seed
 # (default 120), over FUZZ_SEEDS (default 2 3 4 5; make test uses seed 1).

@@ -258,6 +258,15 @@ MUTANTS = [
     ("serve.py: a missing database is made without --create", "serve.py", [
         ("or os.path.exists(args.db) or args.create:", "or True:"),
     ], ["tests/test_server.py"]),
+    ("make pg listens on a TCP port", "Makefile", [
+        ("-c listen_addresses=''", "-c listen_addresses=127.0.0.1"),
+    ], ["tests/test_postgres.py::test_make_pg_starts_a_throwaway_cluster_that_make_run_can_use_and_no_one_else"]),
+    ("make pg makes the app's role a superuser", "Makefile", [
+        ('-c "CREATE ROLE eventstore LOGIN"', '-c "CREATE ROLE eventstore LOGIN SUPERUSER"'),
+    ], ["tests/test_postgres.py::test_make_pg_starts_a_throwaway_cluster_that_make_run_can_use_and_no_one_else"]),
+    ("the tests' cluster listens on a TCP port", "tests/pg_cluster.py", [
+        ('"-c listen_addresses=\'\'"', '"-c listen_addresses=127.0.0.1"'),
+    ], ["tests/test_postgres.py::test_the_tests_cluster_takes_no_one_else"]),
     ("make_app says nothing on a database without users", "eventstore.py", [
         ("        warn_if_no_users(self.storage)\n", ""),
     ], ["tests/test_server.py"]),

@@ -1,10 +1,14 @@
 """A throwaway PostgreSQL cluster for the tests, from the server binaries of
 Debian's postgresql package (/usr/lib/postgresql/<version>/bin, or
-$EVENTSTORE_PG_BIN): initdb in a temporary folder, listening on a free
-loopback port and a Unix socket in that folder, trust authentication, fsync
-off (tests only: never for a benchmark). initdb and postgres refuse to run as
-root, so as root they run as the unprivileged user ``postgres``, which the
-package creates.
+$EVENTSTORE_PG_BIN): initdb in a private temporary folder (mode 0700), fsync
+off (tests only: never for a benchmark). It listens on no TCP port, only on a
+Unix socket in that folder, so that no other local user can reach it: trust
+authentication there would have let any of them in as a superuser (and run
+programs as the cluster's owner with COPY ... TO PROGRAM). Its port number
+names the socket. initdb and postgres refuse to run as root, so as root they
+run as the unprivileged user ``postgres``, which the package creates (root
+reaches the folder all the same). The tests' role ``eventstore`` is a
+superuser: the suite creates and drops databases and roles with it.
 
     cluster = Cluster.start()       # None when no binaries are found
     url = cluster.new_database()    # a fresh database with the schema applied
@@ -20,6 +24,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 
 
@@ -58,9 +63,9 @@ class Cluster:
             entry = pwd.getpwnam(user)
             os.chown(folder, entry.pw_uid, entry.pw_gid)
         cluster = cls(binaries, folder, _free_port(), user)
-        cluster._run("initdb", "-D", str(folder / "data"), "-U", "eventstore", "--auth=trust",
-                     "--encoding=UTF8", "--locale=C")
-        options = [f"-p {cluster.port}", f"-k {folder}", "-c listen_addresses=127.0.0.1",
+        cluster._run("initdb", "-D", str(folder / "data"), "-U", "eventstore", "--auth-local=trust",
+                     "--auth-host=reject", "--encoding=UTF8", "--locale=C")
+        options = [f"-p {cluster.port}", f"-k {folder}", "-c listen_addresses=''", "-c unix_socket_permissions=0700",
                    "-c max_connections=400", "-c shared_buffers=64MB"]
         if not fsync:
             options += ["-c fsync=off", "-c synchronous_commit=on", "-c full_page_writes=off"]
@@ -74,7 +79,8 @@ class Cluster:
                        user=self.user, cwd=self.folder, timeout=120)
 
     def url(self, dbname="postgres"):
-        return f"postgresql://eventstore@127.0.0.1:{self.port}/{dbname}"
+        """The database's URL: the socket's folder as the host, percent-encoded."""
+        return f"postgresql://eventstore@{urllib.parse.quote(str(self.folder), safe='')}:{self.port}/{dbname}"
 
     def new_database(self):
         """A new, empty database -> its URL. The first one gets the schema and

@@ -886,28 +886,74 @@ def test_a_password_in_the_url_is_never_printed(url, tmp_path):
         assert "secret" not in result.stdout + result.stderr
 
 
-def test_make_pg_starts_a_throwaway_cluster_that_make_run_can_use(url, tmp_path):
-    """The README's PostgreSQL recipe: `make pg`, then `make run DB=...`. (``url``
-    only makes this test need PostgreSQL's binaries as the others do.)"""
+def test_make_pg_starts_a_throwaway_cluster_that_make_run_can_use_and_no_one_else(url, tmp_path):
+    """The README's PostgreSQL recipe: `make pg`, then `make run DB=...`. It once
+    trusted every local user over TCP with a superuser role: `runuser -u nobody --
+    psql -h 127.0.0.1 ...` could run programs as postgres (COPY ... TO PROGRAM).
+    Now it has no TCP port, its socket is in a private folder, and the app's role
+    is no superuser. A failed start names its log. (``url`` only makes this test
+    need PostgreSQL's binaries as the others do.)"""
+    import psycopg
     import shutil
+    import socket
     import tempfile
+    import urllib.parse
     from server import free_port
     port = free_port()
     folder = tempfile.mkdtemp(prefix="eventstore-trial-pg-")
     os.chmod(folder, 0o755)  # as root, the server runs as postgres, which must reach its folder
-    make = ["make", "-s", "-C", str(ROOT), f"PGPORT={port}", f"PGDIR={folder}/cluster"]
+    cluster = f"{folder}/cluster"
+    make = ["make", "-s", "-C", str(ROOT), f"PGPORT={port}", f"PGDIR={cluster}"]
+    trial = f"postgresql://eventstore@{urllib.parse.quote(cluster, safe='')}:{port}/eventstore"
     try:
         for _ in range(2):  # a second `make pg` finds it running and says the same
             started = subprocess.run([*make, "pg"], capture_output=True, text=True, timeout=180)
             assert started.returncode == 0, started.stdout + started.stderr
-            trial = f"postgresql://eventstore@127.0.0.1:{port}/eventstore"
             assert f"make run DB={trial}" in started.stdout
+        assert oct(os.stat(cluster).st_mode & 0o777) == "0o700"
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=10).close()
+        with psycopg.connect(trial, autocommit=True) as conn:
+            assert conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone() == (False,)
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("COPY (SELECT 1) TO PROGRAM 'true'")
+        if os.geteuid() == 0:  # another local user cannot even reach the socket
+            psql = os.path.join(_pg_bin(), "psql")
+            other = subprocess.run(["runuser", "-u", "nobody", "--", psql, "-h", cluster, "-p", str(port), "-U",
+                                    "eventstore", "-d", "eventstore", "-c", "SELECT 1"],
+                                   capture_output=True, text=True, timeout=60)
+            assert other.returncode != 0 and "Permission denied" in other.stderr, other.stdout + other.stderr
         server = Server(trial)
         try:
             server.register("FOO")
         finally:
             server.stop()
+        subprocess.run([*make, "pg-stop"], capture_output=True, text=True, timeout=120, check=True)
+        with open(f"{cluster}/data/postgresql.conf", "a") as conf:
+            conf.write("no_such_setting = 1\n")
+        failed = subprocess.run([*make, "pg"], capture_output=True, text=True, timeout=180)
+        assert failed.returncode != 0 and f"its log: {cluster}/log" in failed.stdout, failed.stdout + failed.stderr
+        assert "no_such_setting" in failed.stdout  # the log's last lines say why
     finally:
         stopped = subprocess.run([*make, "pg-stop"], capture_output=True, text=True, timeout=120)
         shutil.rmtree(folder, ignore_errors=True)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+
+
+def test_the_tests_cluster_takes_no_one_else(url, pg_cluster):
+    """The suite's cluster trusted every local user over TCP, as make pg's did: it
+    listens on no TCP port, and its socket is in a private folder."""
+    import socket
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", pg_cluster.port), timeout=10).close()
+    assert oct(os.stat(pg_cluster.folder).st_mode & 0o777) == "0o700"
+    if os.geteuid() == 0:
+        other = subprocess.run(["runuser", "-u", "nobody", "--", os.path.join(_pg_bin(), "psql"), "-h",
+                                str(pg_cluster.folder), "-p", str(pg_cluster.port), "-U", "eventstore", "-d",
+                                "postgres", "-c", "SELECT 1"], capture_output=True, text=True, timeout=60)
+        assert other.returncode != 0 and "Permission denied" in other.stderr, other.stdout + other.stderr
+
+
+def _pg_bin():
+    from pg_cluster import find_binaries
+    return find_binaries()
