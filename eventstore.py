@@ -45,14 +45,14 @@ from eventstore_errors import Problem, bad_request, field_error, service_unavail
 from eventstore_news import CommitNews
 from eventstore_sqlite import SQLiteStorage
 from eventstore_storage import (POSTGRES_SCHEMES, SCHEMA_VERSION, EventInput, FeedQuery, StorageOpenError, TypeRules,
-                                now_us, safe_db_name)
+                                data_path, now_us, safe_db_name)
 from eventstore_throttle import shared_throttle
 from eventstore_writer import GroupCommitWriter, Later
 
 __all__ = ["make_app", "EventStore", "Problem"]
 
 HERE = Path(__file__).resolve().parent
-OPENAPI_PATH = HERE / "openapi.json"
+OPENAPI_PATH = data_path("openapi.json")
 DEFAULT_DB = "eventstore.db"
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB
 REALM = 'Basic realm="eventstore", charset="UTF-8"'

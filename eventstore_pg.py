@@ -30,7 +30,6 @@ import tempfile
 import threading
 import time
 import weakref
-from pathlib import Path
 
 import psycopg
 import psycopg_pool
@@ -39,9 +38,9 @@ from psycopg import pq
 
 from eventstore_storage import (EVENT_COLUMNS, SCHEMA_VERSION, Change, CommitWatch, EventRow, EventState, Failure,
                                 KeyInfo, KeyRow, ProgramRow, Reads, SequencesExhausted, Session, Storage,
-                                StorageOpenError, Transaction, TypeRules, UserRow, event_row, safe_db_name)
+                                StorageOpenError, Transaction, TypeRules, UserRow, data_path, event_row, safe_db_name)
 
-SCHEMA_PATH = Path(__file__).resolve().parent / "schema-postgres.sql"
+SCHEMA_PATH = data_path("schema-postgres.sql")
 SCHEMA_LOCK = 7310581      # advisory lock id: one process applies the schema at a time
 NOTIFY_CHANNEL = "eventstore"
 PROGRAMS_READ_AT_BEGIN = 1000  # up to this many programs, a write transaction reads them all at BEGIN

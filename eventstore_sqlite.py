@@ -16,13 +16,12 @@ import os
 import sqlite3
 import threading
 import itertools
-from pathlib import Path
 
 from eventstore_storage import (EVENT_COLUMNS, SCHEMA_VERSION, Backups, Change, CommitWatch, EventRow, EventState,
                                 Failure, KeyInfo, KeyRow, ProgramRow, Reads, Session, Storage, StorageOpenError,
-                                Transaction, TypeRules, UserRow, event_row)
+                                Transaction, TypeRules, UserRow, data_path, event_row)
 
-SCHEMA_PATH = Path(__file__).resolve().parent / "schema.sql"
+SCHEMA_PATH = data_path("schema.sql")
 
 log = logging.getLogger("eventstore")
 

@@ -22,6 +22,7 @@ can copy itself consistently while in use (SQLite) is also a Backups.
 import time
 import urllib.parse
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 SCHEMA_VERSION = 2
@@ -29,6 +30,15 @@ SCHEMA_VERSION = 2
 
 def now_us():
     return time.time_ns() // 1000
+
+
+def data_path(name):
+    """A file or folder that comes with eventstore (schema.sql, openapi.json, ...):
+    beside the modules in the repository; once installed (pip install .), in
+    eventstore_data beside them (pyproject.toml lists what goes there)."""
+    here = Path(__file__).resolve().parent
+    beside = here / name
+    return beside if beside.exists() else here / "eventstore_data" / name
 
 
 class StorageOpenError(Exception):

@@ -267,6 +267,12 @@ MUTANTS = [
     ("the tests' cluster listens on a TCP port", "tests/pg_cluster.py", [
         ('"-c listen_addresses=\'\'"', '"-c listen_addresses=127.0.0.1"'),
     ], ["tests/test_postgres.py::test_the_tests_cluster_takes_no_one_else"]),
+    ("a database in a missing folder is named without it", "eventstore_sqlite.py", [
+        ('            raise StorageOpenError(f"{self.path}: there is no folder {folder}")', "            pass"),
+    ], ["tests/test_server.py"]),
+    ("pip install: openapi.json not shipped", "pyproject.toml", [
+        ('"openapi.json" = "eventstore_data/openapi.json"\n', ""),
+    ], ["tests/test_install.py"]),
     ("make_app says nothing on a database without users", "eventstore.py", [
         ("        warn_if_no_users(self.storage)\n", ""),
     ], ["tests/test_server.py"]),

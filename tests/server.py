@@ -53,17 +53,18 @@ class Server:
     """``python serve.py`` on a temporary database, on a port it picks itself
     (named in its banner) unless ``port`` is given, in one process unless
     ``processes`` says more; stopped by stop(). ``prefix`` runs it under another
-    command (strace). The database is made if missing (--create)."""
+    command (strace); ``program`` runs another serve.py (an installed one), from
+    the folder ``cwd``. The database is made if missing (--create)."""
 
     def __init__(self, db_path, *args, env=None, port=0, prefix=(), startup_seconds=30, processes=1,
-                 errors_expected=False):
+                 errors_expected=False, program=(sys.executable, "-u", str(ROOT / "serve.py")), cwd=ROOT):
         # Unless ``errors_expected``, stop() fails the test if the server's log
         # shows a traceback or an answer of 500: a client may never see one.
         self.db_path, self.errors_expected, self._checked = str(db_path), errors_expected, False
         self.process = subprocess.Popen(
-            [*prefix, sys.executable, "-u", str(ROOT / "serve.py"), "--port", str(port), "--db", self.db_path,
+            [*prefix, *program, "--port", str(port), "--db", self.db_path,
              "--processes", str(processes), "--create", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
             env={**os.environ, **(env or {})}, start_new_session=True)
         # Read the server's log from the start, in a thread, so that it never
         # blocks on a full pipe and no read here can wait without a bound.
