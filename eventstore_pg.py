@@ -152,25 +152,27 @@ class PostgresReads(Reads):
 
     def event_types_json(self, programs, event_type=None):
         """As SQLiteReads.event_types_json: the catalogue's entries as one JSON
-        text, rendered by PostgreSQL in one statement from the count rows."""
+        text, rendered by PostgreSQL in one statement from the count rows, byte
+        for byte as SQLite renders it: row_to_json is compact where json_build_object
+        writes " : " and json_agg ", ", and names sort by their bytes (COLLATE "C"),
+        as SQLite's BINARY does, whatever the database's collation."""
         params = {"all": programs is None, "programs": list(programs or ()), "type": event_type}
         in_programs = "(%(all)s OR program_id = ANY(%(programs)s))"
         one = "(%(type)s::text IS NULL OR event_type = %(type)s)"
         return self._one(f"""
-            SELECT COALESCE(json_agg(json_build_object(
-                'EventType', listed.event_type,
-                'Description', registered.description,
-                'Registered', registered.event_type IS NOT NULL,
-                'Programs', COALESCE((SELECT json_agg(json_build_object('ProgramId', program_id, 'Events', events)
-                                                      ORDER BY program_id)
-                                      FROM event_type_counts
-                                      WHERE event_type = listed.event_type AND events > 0 AND {in_programs}),
-                                     '[]'::json))
-                ORDER BY listed.event_type), '[]'::json)::text
-            FROM (SELECT event_type FROM event_types WHERE {one}
-                  UNION SELECT event_type FROM event_type_counts WHERE events > 0 AND {one} AND {in_programs})
-                 AS listed
-            LEFT JOIN event_types AS registered USING (event_type)""", params)[0]
+            SELECT '[' || COALESCE(string_agg(row_to_json(entry)::text, ',' ORDER BY entry."EventType" COLLATE "C"),
+                                   '') || ']'
+            FROM (SELECT listed.event_type AS "EventType", registered.description AS "Description",
+                         registered.event_type IS NOT NULL AS "Registered",
+                         (SELECT COALESCE('[' || string_agg(row_to_json(counted)::text, ','
+                                                            ORDER BY counted."ProgramId" COLLATE "C") || ']', '[]')::json
+                          FROM (SELECT program_id AS "ProgramId", events AS "Events" FROM event_type_counts
+                                WHERE event_type = listed.event_type AND events > 0 AND {in_programs}) AS counted)
+                         AS "Programs"
+                  FROM (SELECT event_type FROM event_types WHERE {one}
+                        UNION SELECT event_type FROM event_type_counts WHERE events > 0 AND {one} AND {in_programs})
+                       AS listed
+                  LEFT JOIN event_types AS registered USING (event_type)) AS entry""", params)[0]
 
     # Events and the feed
 

@@ -258,6 +258,12 @@ MUTANTS = [
     ("serve.py: a missing database is made without --create", "serve.py", [
         ("or os.path.exists(args.db) or args.create:", "or True:"),
     ], ["tests/test_server.py"]),
+    ("a database in a missing folder is named without it", "eventstore_sqlite.py", [
+        ('            raise StorageOpenError(f"{self.path}: there is no folder {folder}")', "            pass"),
+    ], ["tests/test_server.py"]),
+    ("PostgreSQL: the catalogue written with spaces", "eventstore_pg.py", [
+        ("string_agg(row_to_json(counted)::text, ','", "string_agg(row_to_json(counted)::text, ', '"),
+    ], ["tests/test_event_types.py"]),
     ("make pg listens on a TCP port", "Makefile", [
         ("-c listen_addresses=''", "-c listen_addresses=127.0.0.1"),
     ], ["tests/test_postgres.py::test_make_pg_starts_a_throwaway_cluster_that_make_run_can_use_and_no_one_else"]),
@@ -267,9 +273,6 @@ MUTANTS = [
     ("the tests' cluster listens on a TCP port", "tests/pg_cluster.py", [
         ('"-c listen_addresses=\'\'"', '"-c listen_addresses=127.0.0.1"'),
     ], ["tests/test_postgres.py::test_the_tests_cluster_takes_no_one_else"]),
-    ("a database in a missing folder is named without it", "eventstore_sqlite.py", [
-        ('            raise StorageOpenError(f"{self.path}: there is no folder {folder}")', "            pass"),
-    ], ["tests/test_server.py"]),
     ("pip install: openapi.json not shipped", "pyproject.toml", [
         ('"openapi.json" = "eventstore_data/openapi.json"\n', ""),
     ], ["tests/test_install.py"]),

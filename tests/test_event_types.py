@@ -83,6 +83,25 @@ def test_the_catalogue_is_sorted_in_code_point_order(admin):
     assert sorted(names) != sorted(names, key=str.lower)  # the order is not case-folded
 
 
+def test_the_catalogue_is_the_same_bytes_on_both_backends(admin):
+    """PostgreSQL wrote its JSON with " : " and ", " where SQLite writes none: an
+    answer is the same bytes whichever backend serves it, compact as every other."""
+    described = "Done.\n\t\"Zoë\" ✓ \\ /"
+    admin.put_json("/event-types/CourseCompleted", {"Description": described})
+    admin.put_json("/event-types/Zeta", {"Description": "z"})
+    for event_id in ("FOO-1", "FOO-2", "BAR-1"):
+        put(admin, event_id)
+    put(admin, "FOO-3", "apple")
+    expected = [entry("CourseCompleted", [("BAR", 1), ("FOO", 2)], described), entry("Zeta", description="z"),
+                entry("apple", [("FOO", 1)])]
+
+    def compact(value):
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    assert admin.get("/event-types").body == compact({"EventTypes": expected})
+    assert admin.get("/event-types/apple").body == compact(expected[2])
+    assert admin.put_json("/event-types/Zeta", {"Description": "z"}).body == compact(expected[1])
+
+
 # --- Scoping -----------------------------------------------------------------------
 
 @pytest.fixture
