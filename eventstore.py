@@ -574,8 +574,12 @@ def _whole_number(name, text, low, high, errors):
     return int(text)
 
 
+AFTER_NOW = "now"  # after=now: the feed's head (feed_cursor() turns it into that Sequence)
+
+
 def parse_feed_query(pairs):
-    """Query string pairs of ``GET /events`` -> FeedQuery, or Problem(400)."""
+    """Query string pairs of ``GET /events`` -> FeedQuery, or Problem(400). Its
+    ``after`` may be AFTER_NOW, until feed_cursor() reads the head."""
     errors = []
     values = {}
     for name, value in pairs:
@@ -599,7 +603,8 @@ def parse_feed_query(pairs):
                 times[name] = parse_datetime(values[name])
             except ValueError as exc:
                 errors.append(field_error(name, str(exc)))
-    after = _whole_number("after", values.get("after", "0"), 0, 2**63 - 1, errors)
+    after = AFTER_NOW if values.get("after") == AFTER_NOW else _whole_number(
+        "after", values.get("after", "0"), 0, 2**63 - 1, errors)
     limit = _whole_number("limit", values.get("limit", "100"), 1, MAX_LIMIT, errors)
     wait = _whole_number("wait", values.get("wait", "0"), 0, MAX_WAIT, errors)
     if errors:
@@ -654,6 +659,41 @@ def open_storage(db, busy_timeout_ms=5000, threads=None):
                                    "pip install -r requirements-postgres.txt") from None
         return eventstore_pg.PostgresStorage(str(db), busy_timeout_ms=busy_timeout_ms, threads=threads)
     return SQLiteStorage(db, busy_timeout_ms)
+
+
+# ============================================================================
+# Cursors
+# ============================================================================
+#
+# A Sequence a client gives (the feed's ``after``, a subscription's StartFrom and
+# Through) is checked against the largest Sequence committed: past it, no change
+# can ever come, and a consumer waiting there would miss every change below it
+# (docs/API.md §4, cursor hygiene). On PostgreSQL that limit may be ahead of the
+# head, the largest Sequence the feed may serve now; a cursor between the two
+# is valid.
+
+def check_cursor(reads, field, sequence):
+    """Problem 400 naming the head (``"Head"`` in the problem, ``field`` in its
+    errors) when ``sequence`` is past the largest Sequence committed."""
+    if not sequence:
+        return
+    limit = reads.last_committed_sequence()
+    if sequence > limit:
+        head = reads.last_sequence()
+        raise Problem(400, f"{field} {sequence} is past the feed's head, {head}: no change has that Sequence. "
+                           f"A mistyped cursor, or one kept from before a restore of an older backup? Go on from "
+                           f"{head} to see what happens from now on, or from an earlier Sequence (0: everything).",
+                      [field_error(field, f"expected a Sequence of at most {limit}, the largest committed")],
+                      Head=head)
+
+
+def feed_cursor(reads, after):
+    """A feed query's ``after`` -> the Sequence to read after: AFTER_NOW is the
+    head; a Sequence past the largest committed one is a 400 (check_cursor)."""
+    if after == AFTER_NOW:
+        return reads.last_sequence()
+    check_cursor(reads, "after", after)
+    return after
 
 
 # ============================================================================
@@ -1148,15 +1188,23 @@ def _require_read_on_requested_programs(req):
             req.require("read", value)
 
 
-def list_events_handler(req):
-    _require_read_on_requested_programs(req)
-    query = parse_feed_query(req.query)
+def _feed_rows(req, programs, query):
+    """A page of the feed (a FeedQuery) for ``programs``: up to ``query.limit + 1``
+    rows, long-polling as ``query.wait`` says (see EventStore.wait_for_feed)."""
     if query.wait and not (req.environ.get("wsgi.multithread") or req.environ.get("wsgi.multiprocess")):
         # A host serving one request at a time (wsgiref) could serve nothing else,
         # not even the commit the poll waits for, until the wait is over.
         query = replace(query, wait=0)
+    return req.app.wait_for_feed(programs, query, client_gone=req.environ.get("waitress.client_disconnected"))
+
+
+def list_events_handler(req):
+    _require_read_on_requested_programs(req)
+    query = parse_feed_query(req.query)
+    now = query.after == AFTER_NOW
+    query = replace(query, after=feed_cursor(req.reads, query.after))
     programs = query.programs or readable_programs(req.user)
-    rows = req.app.wait_for_feed(programs, query, client_gone=req.environ.get("waitress.client_disconnected"))
+    rows = [] if now and not query.wait else _feed_rows(req, programs, query)
     has_more = len(rows) > query.limit
     rows = rows[:query.limit]
     last = rows[-1].seq if rows else query.after

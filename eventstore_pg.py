@@ -186,6 +186,12 @@ class PostgresReads(Reads):
         """The largest Sequence the feed can show now (behind the barrier), 0 for none."""
         return self._one(f"SELECT COALESCE(MAX(seq), 0) FROM events WHERE {BARRIER}")[0]
 
+    def last_committed_sequence(self):
+        """The largest Sequence committed (what this statement's snapshot sees),
+        without the barrier: it may be ahead of the head while an older transaction
+        runs."""
+        return self._one("SELECT COALESCE(MAX(seq), 0) FROM events")[0]
+
     def changes_since(self, seq, limit):
         return [Change._make(row) for row in self._all(
             f"SELECT seq, program_id, event_type FROM events WHERE seq > %s AND {BARRIER} ORDER BY seq LIMIT %s",

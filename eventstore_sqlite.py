@@ -342,8 +342,12 @@ class SQLiteReads(Reads):
         return row and EventRow._make(row)
 
     def last_sequence(self):
-        """The largest Sequence ever assigned (rows are never removed), 0 for none."""
+        """The largest Sequence ever assigned (rows are never removed), 0 for none:
+        the feed's head, since SQLite serves every committed change."""
         return self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+
+    def last_committed_sequence(self):
+        return self.last_sequence()
 
     def changes_since(self, seq, limit):
         return [Change._make(row) for row in self.conn.execute(

@@ -232,7 +232,18 @@ class Reads:
         raise NotImplementedError
 
     def last_sequence(self):
-        """The largest Sequence ever assigned (rows are never removed), 0 for none."""
+        """The feed's head: the largest Sequence the feed may serve now, 0 for none.
+        Rows are never removed, so on SQLite it never goes down; on PostgreSQL
+        (behind the barrier of transactions in progress) it can lag the largest
+        committed Sequence, and dip for a moment when the row at the head moves to a
+        Sequence still held back."""
+        raise NotImplementedError
+
+    def last_committed_sequence(self):
+        """The largest Sequence committed, 0 for none: never below a cursor the
+        registry handed out, and it never goes down (a row only moves up). On SQLite
+        it is the head; on PostgreSQL it may be ahead of it (docs/API.md §4, cursor
+        hygiene: a cursor past it is a 400)."""
         raise NotImplementedError
 
     def changes_since(self, seq, limit):

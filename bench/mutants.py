@@ -283,6 +283,14 @@ MUTANTS = [
         ("class NoAnswer(ClientError, ConnectionError):", "class NoAnswer(ConnectionError):\n    status = None\n"),
         ("        super().__init__(None, None, message)", "        super().__init__(message)"),
     ], ["tests/test_client.py"]),
+    # Issue 31: cursor hygiene and subscriptions.
+    ("the head check: a cursor past the largest committed Sequence is taken", "eventstore.py", [
+        ("    if sequence > limit:\n", "    if False:\n"),
+    ], ["tests/test_feed.py"]),
+    ("PostgreSQL: the limit on cursors is the served head", "eventstore_pg.py", [
+        ('        return self._one("SELECT COALESCE(MAX(seq), 0) FROM events")[0]',
+         "        return self.last_sequence()"),
+    ], ["tests/test_postgres.py"]),
 ]
 
 

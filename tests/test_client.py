@@ -537,6 +537,28 @@ def test_sigterm_stops_a_follower_cleanly(server, tmp_path):
     eventually(lambda: server.request("GET", "/health")[2]["longPolls"] == 0, "its long poll ending", timeout=5)
 
 
+def test_a_cursor_past_the_head_is_a_clear_error_never_a_loop(server, tmp_path):
+    """A cursor kept from a restored older backup (or mistyped) is past the
+    registry's head: follow raises the 400 at once, naming the head, and the
+    command line exits 1 saying so, after one request."""
+    server.request("PUT", "/events/FOO-1", event(), user="admin", key=server.admin_key)
+    with pytest.raises(ClientError) as raised:
+        next(admin_client(server).follow(after=99))
+    assert raised.value.status == 400 and raised.value.problem["Head"] == 1
+    assert "past the feed's head, 1" in str(raised.value)
+    cursor = tmp_path / "cursor"
+    cursor.write_text("99\n")
+    asked = requests_logged(server, "GET", "/events?", at_least=1)
+    for options in (["--after", "99"], ["--cursor-file", str(cursor)]):
+        result = run_cli(server, "follow", *options)
+        assert result.returncode == 1 and result.stdout == "", result.stderr
+        assert "error: HTTP 400" in result.stderr and "head, 1" in result.stderr and "Traceback" not in result.stderr
+        asked += 1
+        time.sleep(0.3)  # room for a repeat to show in the log, had there been one
+        assert requests_logged(server, "GET", "/events?", at_least=asked) == asked
+    assert cursor.read_text() == "99\n"
+
+
 def test_follow_keeps_tricky_strings_whole(server):
     tricky = {"a": '},{"EventId":"x"}]', "b": "line\u2028sep\u2029", "c": ["]", "[", "\\"], "d": "é\n\"q\""}
     server.request("PUT", "/events/FOO-t", {**event(), "EventData": tricky}, user="admin", key=server.admin_key)

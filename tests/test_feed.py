@@ -72,7 +72,10 @@ def test_has_more_and_link_header(admin):
 
 
 def test_next_when_nothing_returned_keeps_the_requests_after(admin):
-    assert admin.get("/events?after=42").json["Next"] == "/events?after=42"
+    for n in range(3):
+        publish(admin, f"FOO-{n}")
+    assert admin.get("/events?after=3&limit=5").json["Next"] == "/events?limit=5&after=3"
+    assert admin.get("/events?ProgramId=BAR&after=2").json["Next"] == "/events?ProgramId=BAR&after=2"
 
 
 def test_tombstones_are_in_the_feed(admin):
@@ -303,8 +306,61 @@ def test_a_long_poll_does_not_re_read_for_commits_it_cannot_match(registry, monk
     assert len(reads) == before + 1
 
 
-@pytest.mark.parametrize("after", [2**63 - 2, 2**63 - 1, 2**63 - 1000])
-def test_after_near_the_largest_sequence_is_an_empty_page_not_a_500(admin, after):
-    admin.put_json("/events/FOO-1", event_body())
-    page = admin.get(f"/events?after={after}").json
-    assert page == {"Events": [], "Next": f"/events?after={after}", "HasMore": False}
+# --- Cursor hygiene: after=now, and no cursor past the largest Sequence committed -----------
+
+@pytest.mark.parametrize("after", [2, 3, 999_999_999, 2**63 - 1000, 2**63 - 1])
+def test_an_after_past_the_largest_committed_sequence_is_a_400_naming_the_head(admin, after):
+    publish(admin, "FOO-1")
+    problem = admin.get(f"/events?after={after}", status=400).json
+    assert problem["Head"] == 1 and "head, 1" in problem["detail"]
+    assert [e["field"] for e in problem["errors"]] == ["after"]
+    admin.get("/events?after=1", status=200)
+
+
+def test_on_an_empty_registry_only_after_0_is_a_cursor(admin, registry):
+    assert admin.get("/events?after=0").json["Events"] == []
+    assert admin.get("/events?after=1", status=400).json["Head"] == 0
+    assert registry.client("nobody").get("/events?after=1", status=400).json["Head"] == 0  # the whole feed's head
+
+
+def test_the_400_past_the_head_comes_at_once_whatever_wait_says(admin, registry):
+    publish(admin, "FOO-1")
+    answer = run_in_thread(lambda: admin.get("/events?after=2&wait=30&ProgramId=FOO", status=400).json)
+    assert answer(timeout=20)["Head"] == 1
+    assert registry.app.long_polls == 0
+
+
+def test_the_400_past_the_head_comes_after_the_403_and_the_other_400s(reader):
+    reader.get("/events?ProgramId=BAR&after=99", status=403)
+    problem = reader.get("/events?after=99&limit=0", status=400).json
+    assert [e["field"] for e in problem["errors"]] == ["limit"] and "Head" not in problem
+
+
+def test_after_now_is_an_empty_page_whose_next_is_at_the_head(admin, reader):
+    for event_id in ("FOO-1", "BAR-1", "FOO-2"):
+        publish(admin, event_id)
+    page = reader.get("/events?ProgramId=FOO&after=now&limit=5").json
+    assert page == {"Events": [], "Next": "/events?ProgramId=FOO&limit=5&after=3", "HasMore": False}
+    assert reader.get("/events?after=now").json["Next"] == "/events?after=3"  # the whole feed's head, not FOO's
+    publish(admin, "FOO-3")
+    assert ids(reader.get(page["Next"])) == ["FOO-3"]
+
+
+@pytest.mark.parametrize("after", ["NOW", "Now", "now ", "latest", "head"])
+def test_now_is_lower_case_and_exact(admin, after):
+    problem = admin.get("/events?" + urllib.parse.urlencode({"after": after}), status=400).json
+    assert [e["field"] for e in problem["errors"]] == ["after"]
+
+
+def test_after_now_with_wait_waits_for_the_first_change_after_the_head(admin, registry):
+    publish(admin, "FOO-old")
+    answer = run_in_thread(lambda: admin.get("/events?ProgramId=FOO&after=now&wait=20").json)
+    wait_until_polling(registry)
+    publish(admin, "FOO-new")
+    page = answer()
+    assert ids_of(page) == ["FOO-new"]
+    assert page["Next"] == "/events?ProgramId=FOO&after=2"
+
+
+def ids_of(page):
+    return [e["EventId"] for e in page["Events"]]

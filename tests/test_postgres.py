@@ -138,6 +138,45 @@ def test_an_open_transaction_holds_the_feed_back_until_it_ends(url):
         registry.close()
 
 
+def test_a_cursor_between_the_head_and_the_largest_committed_sequence_is_valid(url):
+    """While an open transaction holds the feed back, the head (the largest
+    Sequence the feed may serve) lags the largest committed one, and dips when
+    the row at the head moves to a Sequence held back. No cursor the registry
+    handed out is refused: one between the head and the largest committed
+    Sequence is an empty page whose Next keeps it; only one past that limit is
+    the 400, and it names the head served."""
+    import psycopg
+    from helpers import Registry
+    registry = Registry(url)
+    try:
+        admin = registry.client("admin")
+        admin.put_json("/events/FOO-1", event(1))
+        first = admin.get("/events").json
+        handed_out = int(first["Next"].split("after=")[1])
+        assert handed_out == first["Events"][0]["Sequence"]
+        idle = psycopg.connect(url)
+        idle.execute("SELECT pg_current_xact_id()")  # an open transaction with an xid: the feed is held back
+        try:
+            admin.put_json("/events/FOO-1", event(2))  # the row at the head moves up, out of sight
+            admin.put_json("/events/FOO-2", event(3))
+            committed = admin.get("/events/FOO-2").json["Sequence"]
+            assert admin.get("/events?after=now").json["Next"] == "/events?after=0"  # the head dipped
+            for cursor in (handed_out, committed):
+                page = admin.get(f"/events?after={cursor}&limit=5").json
+                assert page == {"Events": [], "Next": f"/events?limit=5&after={cursor}", "HasMore": False}
+            problem = admin.get(f"/events?after={committed + 1}", status=400).json
+            assert problem["Head"] == 0
+        finally:
+            idle.rollback()
+            idle.close()
+        page = admin.get(f"/events?after={handed_out}").json
+        assert [(e["EventId"], e["Revision"]) for e in page["Events"]] == [("FOO-1", 2), ("FOO-2", 1)]
+        assert page["Next"] == f"/events?after={committed}"
+        assert admin.get("/events?after=now").json["Next"] == f"/events?after={committed}"
+    finally:
+        registry.close()
+
+
 def test_a_transaction_that_took_smaller_sequences_holds_back_a_later_one_that_committed_first(url):
     """The ordering itself, step by step: A takes its Sequences, B takes larger
     ones, writes and commits, then A writes. While A is open the feed must not
