@@ -1398,34 +1398,19 @@ def request_path(environ):
 
 STATUS_LINES = {status.value: f"{status.value} {status.phrase}" for status in http.HTTPStatus}
 
-# Forks (see EventStore._after_fork). Where Python forks (os.fork: gunicorn), each
-# app's writer finishes its batch first: a fork in the midst of a SQLite call copies
-# SQLite's own locks held, and the child hung on them for good.
+# Forks (see EventStore._after_fork). A fork waits until no thread the app
+# started is inside a database call (eventstore_forks.FORK_GUARD).
 _APPS = weakref.WeakSet()
 _INHERITED = []      # storages a forked child inherited: kept, so never closed
 _FORK_LOCKS = {}     # pid -> the lock of that process's _after_fork
-
-
-def _pause_writers():
-    for app in list(_APPS):
-        app.writer.pause()
-
-
-def _resume_writers():
-    for app in list(_APPS):
-        app.writer.resume()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_pause_writers, after_in_parent=_resume_writers)
 
 
 class EventStore:
     """The WSGI application. Only ``__call__`` touches environ and start_response."""
 
     def __init__(self, db, *, max_body_bytes=DEFAULT_MAX_BODY, max_waiting=8, write_timeout=10.0,
-                 busy_timeout_ms=5000, auth_cache_seconds=AUTH_CACHE_SECONDS, max_auth_failures=10,
-                 poll_interval=0.025, clock=now_us, throttle=None, openapi=None, routes=ROUTES):
+                 max_waiting_writes=4, busy_timeout_ms=5000, auth_cache_seconds=AUTH_CACHE_SECONDS,
+                 max_auth_failures=10, poll_interval=0.025, clock=now_us, throttle=None, openapi=None, routes=ROUTES):
         self.storage = open_storage(db, busy_timeout_ms)
         warn_if_no_users(self.storage)
         self.throttle = throttle if throttle is not None else shared_throttle(
@@ -1436,6 +1421,7 @@ class EventStore:
         self.clock = clock
         self.openapi = openapi if openapi is not None else OPENAPI_PATH.read_bytes()
         self.poll_interval, self.max_waiting, self.write_timeout = poll_interval, max_waiting, write_timeout
+        self.max_waiting_writes = max_waiting_writes
         self._start_process()
         _APPS.add(self)
 
@@ -1447,7 +1433,7 @@ class EventStore:
         self._waiting = threading.BoundedSemaphore(self.max_waiting) if self.max_waiting else None
         self._auth_cache = {}
         self.writer = GroupCommitWriter(self.storage.session, self.clock, on_commit=self.news.committed,
-                                        timeout=self.write_timeout)
+                                        timeout=self.write_timeout, max_waiting=self.max_waiting_writes)
         self._pid = os.getpid()
 
     def _after_fork(self):
@@ -1607,15 +1593,19 @@ class EventStore:
         return [body]
 
 
-def make_app(db, *, max_body_bytes=DEFAULT_MAX_BODY, max_waiting=8, write_timeout=10.0, busy_timeout_ms=5000,
-             auth_cache_seconds=AUTH_CACHE_SECONDS, max_auth_failures=10, poll_interval=0.025,
-             clock=now_us, throttle=None, openapi=None, routes=ROUTES):
+def make_app(db, *, max_body_bytes=DEFAULT_MAX_BODY, max_waiting=8, write_timeout=10.0, max_waiting_writes=4,
+             busy_timeout_ms=5000, auth_cache_seconds=AUTH_CACHE_SECONDS, max_auth_failures=10,
+             poll_interval=0.025, clock=now_us, throttle=None, openapi=None, routes=ROUTES):
     """The WSGI application over ``db``: a SQLite file (created if missing), a
     ``postgresql://`` URL, or a storage object.
 
     - ``max_body_bytes``: the largest request body (413 past it).
     - ``max_waiting``: long polls allowed to wait at once; more answer at once.
     - ``write_timeout``: seconds a write waits for its commit before a 503.
+    - ``max_waiting_writes``: while one transaction has run longer than a second,
+      at most this many writes wait for the writer; the others are answered 503
+      at once (nothing written), so that waiting writes leave the host's threads
+      to reads and /health.
     - ``busy_timeout_ms``: how long a request waits for the database's locks or
       connections before a 503.
     - ``auth_cache_seconds``: how long a successful authentication is reused
@@ -1630,7 +1620,8 @@ def make_app(db, *, max_body_bytes=DEFAULT_MAX_BODY, max_waiting=8, write_timeou
     ``max_auth_failures``), ``openapi`` (the document's bytes), ``routes``
     (the route table)."""
     return EventStore(db, max_body_bytes=max_body_bytes, max_waiting=max_waiting, write_timeout=write_timeout,
-                      busy_timeout_ms=busy_timeout_ms, auth_cache_seconds=auth_cache_seconds,
+                      max_waiting_writes=max_waiting_writes, busy_timeout_ms=busy_timeout_ms,
+                      auth_cache_seconds=auth_cache_seconds,
                       max_auth_failures=max_auth_failures, poll_interval=poll_interval, clock=clock,
                       throttle=throttle, openapi=openapi, routes=routes)
 

@@ -13,6 +13,8 @@ import contextlib
 import logging
 import threading
 
+from eventstore_forks import FORK_GUARD
+
 log = logging.getLogger("eventstore")
 
 WATCH_LIMIT = 10_000  # changes read per look; past that a look wakes every listener
@@ -83,7 +85,7 @@ class CommitNews:
         """While anyone waits: other processes' commits, from the storage's
         CommitWatch. The rows changed since the last look say which programs and
         types were touched, so only the listeners that can match re-read."""
-        watch = None
+        watch, seen = None, None  # seen: the last Sequence reported, kept across a lost connection
         try:
             while not self._closed.is_set():
                 with self._lock:
@@ -91,16 +93,21 @@ class CommitNews:
                         self._watcher = None
                         return
                 try:
-                    if watch is None:
-                        watch = self.storage.watch_commits()
-                        # Another process may have committed before this first look (or
-                        # while the connection was lost): every listener reads again.
-                        self.committed()
-                    changed = watch.changes(self.poll_interval, self._closed, limit=WATCH_LIMIT)
-                except self.storage.errors as exc:  # the connection was lost: a new one, after a pause
+                    with FORK_GUARD.database_calls():
+                        if watch is None:
+                            watch = self.storage.watch_commits(after=seen)
+                            if seen is None:
+                                # Another process may have committed before this first look:
+                                # every listener reads again.
+                                self.committed()
+                        changed = watch.changes(self.poll_interval, self._closed, limit=WATCH_LIMIT)
+                        seen = watch.last_seq
+                except self.storage.errors as exc:  # the connection was lost: a new one, after a pause,
+                    # which reports what was committed meanwhile
                     log.warning("the commit watcher lost the database (%r); connecting again", exc)
                     if watch is not None:
-                        with contextlib.suppress(Exception):
+                        seen = watch.last_seq
+                        with contextlib.suppress(Exception), FORK_GUARD.database_calls():
                             watch.close()
                     watch = None
                     self._closed.wait(1.0)
@@ -113,7 +120,8 @@ class CommitNews:
                 if self._watcher is threading.current_thread():
                     self._watcher = None
             if watch is not None:
-                watch.close()
+                with FORK_GUARD.database_calls():
+                    watch.close()
 
 
 class Listener:

@@ -93,11 +93,26 @@ class PostgresReads(Reads):
     def _connection(self):
         return self.conn if self.conn is not None else self._held().conn
 
+    def _execute(self, sql, params):
+        """``sql`` on this thread's connection. Outside a transaction, a statement
+        that finds its connection broken (the server restarted, the backend was
+        terminated) runs once more on a fresh one: a read changes nothing, and the
+        first answer after a blip is then the right one, not a 503."""
+        if self.conn is not None:
+            return self.conn.execute(sql, params)
+        held = self._held()
+        try:
+            return held.conn.execute(sql, params)
+        except psycopg.OperationalError:
+            if not (held.conn.broken or held.conn.closed):
+                raise
+            return self._held().conn.execute(sql, params)
+
     def _all(self, sql, params=()):
-        return self._connection().execute(sql, params).fetchall()
+        return self._execute(sql, params).fetchall()
 
     def _one(self, sql, params=()):
-        return self._connection().execute(sql, params).fetchone()
+        return self._execute(sql, params).fetchone()
 
     # Users, keys, grants
 
@@ -800,10 +815,11 @@ class PostgresStorage(Storage):
         size = (threads or 16) + 1
         self.pool = psycopg_pool.ConnectionPool(
             url, min_size=min(2, size), max_size=size, timeout=busy_timeout_ms / 1000, open=True,
-            # Read-only, as SQLite's read connections are. No check on every checkout (it
-            # would cost a round trip per statement): a connection that broke fails its
-            # statement (503) and the pool drops it.
-            kwargs={"autocommit": True, "options": READ_ONLY}, name="eventstore", configure=self._opened.add)
+            # Read-only, as SQLite's read connections are. A thread keeps the connection it
+            # takes (PostgresReads), so the check at checkout costs a round trip once in a
+            # thread's life, or after a break: an idle one a blip killed is not handed out.
+            kwargs={"autocommit": True, "options": READ_ONLY}, name="eventstore", configure=self._opened.add,
+            check=psycopg_pool.ConnectionPool.check_connection)
         self._pipeline = ReadPipeline(self.connect_read_only, busy_timeout_ms / 1000)
         self._reads = PostgresReads(pool=self.pool, pipeline=self._pipeline)
 
@@ -889,8 +905,8 @@ class PostgresStorage(Storage):
     def reads(self):
         return self._reads
 
-    def watch_commits(self):
-        return PostgresCommitWatch(self)
+    def watch_commits(self, after=None):
+        return PostgresCommitWatch(self, after)
 
     def local_file(self, suffix):
         return local_file(self.url, suffix)
@@ -952,15 +968,17 @@ class PostgresCommitWatch(CommitWatch):
     every RECHECK_SECONDS, because a notification can be lost (a reconnect) and
     the barrier can release rows without one (an unrelated transaction ends)."""
 
-    def __init__(self, storage):
-        self.storage = storage
+    def __init__(self, storage, last_seq=None):
+        self.storage, self.last_seq = storage, last_seq
+        self._behind = last_seq is not None  # the first look reads at once what came since last_seq
         self._open()
 
     def _open(self):
         self.conn = self.storage.connect(application_name="eventstore watcher")
         self.conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
         self.reads = PostgresReads(conn=self.conn)
-        self.last_seq = self.reads.last_sequence()
+        if self.last_seq is None:  # reconnected: what was committed meanwhile is reported at the next look
+            self.last_seq = self.reads.last_sequence()
 
     def changes(self, timeout, stop, limit=10000):
         """Wait for a notification (at most the longer of ``timeout``, the app's
@@ -968,8 +986,11 @@ class PostgresCommitWatch(CommitWatch):
         show since the last look, or None when ``stop`` was set meanwhile."""
         if self.conn.broken or self.conn.closed:
             self._open()
-        for _ in self.conn.notifies(timeout=max(timeout, RECHECK_SECONDS), stop_after=1):
-            pass
+            self._behind = True  # notifications sent meanwhile were lost
+        if not self._behind:
+            for _ in self.conn.notifies(timeout=max(timeout, RECHECK_SECONDS), stop_after=1):
+                pass
+        self._behind = False
         if stop.is_set():
             return None
         return self.changes_after_last_look(limit)

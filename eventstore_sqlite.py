@@ -701,8 +701,8 @@ class SQLiteStorage(Storage, Backups):
             reads = self._local.reads = SQLiteReads(conn)
         return reads
 
-    def watch_commits(self):
-        return SQLiteCommitWatch(connect(self.path, self.busy_timeout_ms))
+    def watch_commits(self, after=None):
+        return SQLiteCommitWatch(connect(self.path, self.busy_timeout_ms), after)
 
     def local_file(self, suffix):
         return f"{self.path}-{suffix}"
@@ -791,11 +791,12 @@ class SQLiteCommitWatch(CommitWatch):
     moves when any other connection commits; the rows changed since the last
     look (Sequences only grow, in commit order) say which programs and types."""
 
-    def __init__(self, conn):
+    def __init__(self, conn, after=None):
         self.conn = conn
         self.reads = SQLiteReads(conn)
-        self.version = conn.execute("PRAGMA data_version").fetchone()[0]
-        self.last_seq = self.reads.last_sequence()
+        # Given a Sequence to start after, the first look reads what came since it.
+        self.version = None if after is not None else conn.execute("PRAGMA data_version").fetchone()[0]
+        self.last_seq = after if after is not None else self.reads.last_sequence()
 
     def changes(self, timeout, stop, limit=10000):
         if stop.wait(timeout):

@@ -431,8 +431,9 @@ class Storage:
         """A Session of its own."""
         raise NotImplementedError
 
-    def watch_commits(self):
-        """A CommitWatch on a connection of its own."""
+    def watch_commits(self, after=None):
+        """A CommitWatch on a connection of its own, reporting the changes after
+        Sequence ``after`` (None: from now on)."""
         raise NotImplementedError
 
     def local_file(self, suffix):

@@ -11,6 +11,7 @@ import threading
 import time
 
 from eventstore_errors import Problem, service_unavailable
+from eventstore_forks import FORK_GUARD
 from eventstore_storage import SequencesExhausted
 
 log = logging.getLogger("eventstore")
@@ -41,21 +42,23 @@ class GroupCommitWriter:
 
     A submitter waits at most ``timeout`` seconds: then a change still queued is
     withdrawn (503, nothing written), one being written gets a 503 that says its
-    outcome is unknown. While a transaction has run longer than that, the writer
-    is ``stuck()`` and changes are refused at once, so that waiting writes cannot
-    take every request thread from reads and /health.
+    outcome is unknown. Waiting writes must not take every request thread of the
+    host from reads and /health: while a transaction has run longer than
+    ``slow_after`` seconds, at most ``max_waiting`` changes wait in the queue
+    (the later ones are withdrawn, 503, nothing written), and once it has run
+    longer than ``timeout`` the writer is ``stuck()`` and changes are refused at once.
     """
 
-    def __init__(self, open_session, clock, on_commit=lambda touched: None, max_batch=1000, timeout=10.0):
+    def __init__(self, open_session, clock, on_commit=lambda touched: None, max_batch=1000, timeout=10.0,
+                 max_waiting=4, slow_after=1.0):
         self.open_session, self.clock, self.on_commit = open_session, clock, on_commit
         self.observers = []  # f(changes, seconds) after each group commit
         self.max_batch = max_batch
         self.timeout = timeout
+        self.max_waiting, self.slow_after = max_waiting, min(slow_after, timeout / 2)
         self.failure = None  # why the last writer thread died, until another connects
         self.failing = None  # the database error of the last transaction, until one commits
         self._busy_since = None  # time.monotonic() when the transaction in progress began
-        self._committing = threading.Lock()  # held around each batch; pause() takes it
-        self._paused = False
         self._queue = []
         self._wake = threading.Condition()
         self._thread = None
@@ -65,27 +68,33 @@ class GroupCommitWriter:
         """Queue ``change`` and wait for its outcome: its result, or its error.
         ``seqs``: how many Sequences it will probably take (a hint for PostgreSQL,
         which takes them when the transaction begins)."""
-        if self.stuck():
-            raise self.unavailable()
+        with self._wake:
+            if self.stuck() or (self._slow() and len(self._queue) >= self.max_waiting):
+                raise self.unavailable()
         item = self.post(change, touched, seqs)
         deadline = time.monotonic() + self.timeout
-        # Bounded waits: a writer that died without answering is noticed.
+        # Bounded waits: a writer that died without answering, a deadline, a slow
+        # transaction are all noticed.
         while not item.done.wait(min(0.5, max(deadline - time.monotonic(), 0))):
             with self._wake:
                 if item.done.is_set():
                     break
-                if item.writer is None and time.monotonic() >= deadline:
-                    self._queue.remove(item)
-                    raise self.unavailable()
+                if item.writer is None:
+                    if item not in self._queue:
+                        continue  # a writer that died took it: its answer (503) comes at once
+                    if time.monotonic() >= deadline or (
+                            self._slow() and self._queue.index(item) >= self.max_waiting):
+                        self._queue.remove(item)  # no writer has it: nothing of it is written, ever
+                        raise self.unavailable()
+                    if not self._thread.is_alive():  # still queued: hand it to a new writer
+                        self._start()
+                    continue
                 if time.monotonic() >= deadline:
                     raise service_unavailable(
                         f"The database did not confirm this write within {self.timeout:g} s; it may or may "
                         "not have been written. Read it back, or send it again (PUT and POST /events are "
                         "idempotent).", retry_after=5)
-                if (item.writer or self._thread).is_alive():
-                    continue
-                if item.writer is None:  # still queued: hand it to a new writer
-                    self._start()
+                if item.writer.is_alive():
                     continue
             raise self.unavailable()
         if item.error is not None:
@@ -119,21 +128,18 @@ class GroupCommitWriter:
         return service_unavailable("The database cannot take writes at the moment; nothing was written. "
                                    "Try again shortly.", retry_after=5 if self.stuck() else 1)
 
-    def pause(self):
-        """Let the batch being committed finish, and start no other until resume():
-        a fork must not copy the database library's locks held mid-call."""
-        self._paused = self._committing.acquire(timeout=self.timeout)
-
-    def resume(self):
-        if self._paused:
-            self._paused = False
-            self._committing.release()
-
     def stuck(self):
         """Seconds the transaction in progress has run, when that is past the timeout."""
-        since = self._busy_since
-        running = 0 if since is None else time.monotonic() - since
+        running = self._running()
         return running if running > self.timeout else 0
+
+    def _slow(self):
+        """Whether the transaction in progress has run past ``slow_after``."""
+        return self._running() > self.slow_after
+
+    def _running(self):
+        since = self._busy_since
+        return 0 if since is None else time.monotonic() - since
 
     def stop(self):
         with self._wake:
@@ -145,7 +151,8 @@ class GroupCommitWriter:
     def _run(self):
         batch = []
         try:
-            session = self.open_session()
+            with FORK_GUARD.database_calls():  # a fork waits for the opening too
+                session = self.open_session()
         except Exception as exc:
             return self._died(exc, batch)
         self.failure = None
@@ -159,7 +166,7 @@ class GroupCommitWriter:
                     batch, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
                     for item in batch:
                         item.writer = threading.current_thread()
-                with self._committing:
+                with FORK_GUARD.database_calls():
                     self._busy_since = time.monotonic()
                     try:
                         self._commit(session, batch)
@@ -169,7 +176,8 @@ class GroupCommitWriter:
         except BaseException as exc:
             self._died(exc, batch)
         finally:
-            session.close()
+            with FORK_GUARD.database_calls():
+                session.close()
 
     def _died(self, exc, batch):
         """Fail every change this thread held or that is queued, and say why."""

@@ -69,7 +69,8 @@ MUTANTS = [
          "                pass"),
     ], ["tests/test_group_commit.py"]),
     ("writer connection opened outside error handling", "eventstore_writer.py", [
-        ("        try:\n            session = self.open_session()\n        except Exception as exc:\n"
+        ("        try:\n            with FORK_GUARD.database_calls():  # a fork waits for the opening too\n"
+         "                session = self.open_session()\n        except Exception as exc:\n"
          "            return self._died(exc, batch)\n",
          "        session = self.open_session()\n"),
     ], ["tests/test_group_commit.py"]),
@@ -212,9 +213,36 @@ MUTANTS = [
          "        fresh = SQLiteStorage(self.path, self.busy_timeout_ms)\n"
          "        fresh.writer_lock = self.writer_lock\n        return fresh\n"),
     ], ["tests/test_embedding.py"]),
-    ("os.fork does not wait for the writer's commit", "eventstore.py", [
-        ("    os.register_at_fork(before=_pause_writers, after_in_parent=_resume_writers)", "    pass"),
+    ("os.fork does not wait for the writer's commit", "eventstore_forks.py", [
+        ("    os.register_at_fork(before=FORK_GUARD.before_fork, after_in_parent=FORK_GUARD.after_fork_in_parent,",
+         "    os.register_at_fork(after_in_parent=FORK_GUARD.after_fork_in_parent,"),
     ], ["tests/test_embedding.py"]),
+    ("the writer opens its session outside the fork guard", "eventstore_writer.py", [
+        ("            with FORK_GUARD.database_calls():  # a fork waits for the opening too\n"
+         "                session = self.open_session()",
+         "            if True:\n                session = self.open_session()"),
+    ], ["tests/test_embedding.py"]),
+    ("a write withdrawn at its deadline stays in the queue (and is written later)", "eventstore_writer.py", [
+        ("                        self._queue.remove(item)  # no writer has it: nothing of it is written, ever\n",
+         ""),
+    ], ["tests/test_group_commit.py"]),
+    ("writes waiting on a held transaction keep every thread", "eventstore_writer.py", [
+        ("                            self._slow() and self._queue.index(item) >= self.max_waiting):",
+         "                            False):"),
+        ("            if self.stuck() or (self._slow() and len(self._queue) >= self.max_waiting):",
+         "            if self.stuck():"),
+    ], ["tests/test_group_commit.py"]),
+    ("PostgreSQL: a read on a connection a blip killed is not tried again", "eventstore_pg.py", [
+        ("            if not (held.conn.broken or held.conn.closed):\n                raise\n",
+         "            raise\n"),
+    ], ["tests/test_postgres.py"]),
+    ("the commit watcher forgets its last Sequence when it connects again", "eventstore_news.py", [
+        ("                            watch = self.storage.watch_commits(after=seen)",
+         "                            watch = self.storage.watch_commits()"),
+    ], ["tests/test_postgres.py"]),
+    ("PostgreSQL: the watch waits for a notification after connecting again", "eventstore_pg.py", [
+        ("        if not self._behind:\n", "        if True:\n"),
+    ], ["tests/test_postgres.py"]),
     ("a host serving one request at a time holds long polls", "eventstore.py", [
         ("        query = replace(query, wait=0)", "        pass"),
     ], ["tests/test_feed.py"]),

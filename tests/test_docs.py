@@ -33,8 +33,10 @@ def test_code_and_schema_cite_only_documents_in_the_repository():
             assert (ROOT / name).exists(), f"{path.name} cites {name}, which is not in the repository"
 
 
-def test_the_readme_reads_in_five_minutes():
-    assert len((ROOT / "README.md").read_text(encoding="utf-8").splitlines()) < 200
+def test_the_readme_reads_in_ten_minutes():
+    """The README is the way in, not the reference (docs/API.md is): it stays short
+    as features come (subscriptions, webhooks, schemas, metrics each get a few lines)."""
+    assert len((ROOT / "README.md").read_text(encoding="utf-8").splitlines()) < 300
 
 
 def test_the_api_reference_has_every_route():

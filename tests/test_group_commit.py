@@ -1,15 +1,17 @@
 """Group commit. Writes from many threads share transactions, fail
 alone, and are acknowledged only after the commit."""
 
+import concurrent.futures
 import sqlite3
 import threading
 import time
 
 import pytest
 
-import eventstore_writer
+import eventstore_errors
 import eventstore_sqlite
-from helpers import event_body, eventually, open_sqlite, run_in_thread
+import eventstore_writer
+from helpers import Registry, event_body, eventually, open_sqlite, run_in_thread
 
 
 def test_concurrent_writes_share_commits_and_all_succeed(registry):
@@ -228,3 +230,72 @@ def test_a_commit_that_fails_is_never_acknowledged(registry):
     assert registry.row("FOO-1") is None
     assert registry.sql.execute("SELECT COUNT(*) FROM grants WHERE user_id IN ('ghost', 'nobody')").fetchone()[0] == 0
     registry.client("writer").put_json("/events/FOO-1", event_body(), status=200)
+
+
+def held_writer(registry):
+    """Hold the registry's writer in one transaction until the returned gate is
+    set -> (gate, the held change's outcome: a callable that waits for it)."""
+    for user_id in ("writer", "admin"):  # their keys' last use is recorded now, not behind the held change
+        registry.client(user_id).get("/programs")
+    eventually(lambda: not registry.app.writer._queue, "the last uses recorded")
+    gate, blocking = threading.Event(), threading.Event()
+    outcome = run_in_thread(lambda: registry.app.write(lambda tx: (blocking.set(), gate.wait(60)),
+                                                       touched=lambda result: False, seqs=0))
+    assert blocking.wait(10), "the writer took the holding change"
+    return gate, outcome
+
+
+def test_a_write_answered_nothing_was_written_is_never_written(db):
+    """Writes that waited out their time limit in the queue behind a held
+    transaction get 503 "nothing was written" and are withdrawn: when the
+    transaction ends, not one of them is committed."""
+    registry = Registry(db, write_timeout=2, max_waiting_writes=100)
+    gate, held = held_writer(registry)
+    try:
+        writer = registry.client("writer")
+        puts = [run_in_thread(lambda n=n: writer.put_json(f"/events/FOO-q{n}", event_body(), expect_errors=True))
+                for n in range(5)]
+        eventually(lambda: len(registry.app.writer._queue) == 5, "the five writes queue behind the held one")
+        answers = [put(timeout=30) for put in puts]
+        assert [answer.status_int for answer in answers] == [503] * 5
+        assert all("nothing was written" in answer.json["detail"] for answer in answers)
+        gate.set()
+        with pytest.raises(eventstore_errors.Problem, match="may or may not"):
+            held()
+        eventually(lambda: not registry.app.writer.stuck(), "the held transaction ends")
+        writer.put_json("/events/FOO-after", event_body(), status=200)  # committed after the held one
+        assert [registry.row(f"FOO-q{n}") for n in range(5)] == [None] * 5
+    finally:
+        gate.set()
+        registry.close()
+
+
+def test_writes_waiting_on_a_held_transaction_leave_threads_to_reads_and_health(db):
+    """A host with 8 threads and a transaction held (a long proof, a stalled
+    disk): 12 writes arrive. Once the transaction has run past a second, only
+    max_waiting_writes of them keep waiting; the others are answered 503 at once
+    ("nothing was written"), so /health and GETs find a thread while the
+    transaction is still held (before, every thread waited write_timeout)."""
+    registry = Registry(db, write_timeout=60, max_waiting_writes=2)
+    host = concurrent.futures.ThreadPoolExecutor(max_workers=8)  # the host's threads
+    gate, held = held_writer(registry)
+    try:
+        writer = registry.client("writer")
+        puts = [host.submit(writer.put_json, f"/events/FOO-w{n}", event_body(), expect_errors=True)
+                for n in range(12)]
+        health = host.submit(registry.anonymous.get, "/health")
+        read = host.submit(writer.get, "/events?ProgramId=FOO")
+        eventually(lambda: sum(put.done() for put in puts) == 10, "all but two writes answered at once")
+        eventually(lambda: health.done() and read.done(), "/health and a read answered while the writer is held")
+        assert health.result().status_int == 200 and read.result().status_int == 200
+        refused = [put.result() for put in puts if put.done()]
+        assert len(refused) == 10 and {answer.status_int for answer in refused} == {503}
+        assert all("nothing was written" in answer.json["detail"] for answer in refused)
+        gate.set()
+        held()
+        written = sorted(put.result(timeout=30).status_int for put in puts)
+        assert written == [200, 200] + [503] * 10
+    finally:
+        gate.set()
+        host.shutdown(wait=False, cancel_futures=True)
+        registry.close()
