@@ -78,7 +78,8 @@ def test_installed_it_imports_and_serves_from_any_folder(venv, tmp_path):
                             "print(eventstore.__file__); print(eventstore.OPENAPI_PATH)"],
                            cwd=elsewhere, check=True, capture_output=True, text=True, timeout=60).stdout.split()
     assert all(Path(path).is_relative_to(venv.parent) for path in where), where  # not the repository's
-    served = Server(elsewhere / "events.db", program=(str(venv / "eventstore-serve"),), cwd=elsewhere)
+    served = Server(elsewhere / "events.db", program=(str(venv / "eventstore-serve"),), cwd=elsewhere,
+                    processes=2)  # the workers run the installed serve.py too
     try:
         status, _, document = served.request("GET", "/openapi.json")
         assert status == 200 and document == json.loads((ROOT / "openapi.json").read_bytes())
