@@ -426,18 +426,20 @@ def test_a_request_that_does_not_all_arrive_gets_a_408_after_the_answers_before_
 def test_the_request_timeout_counts_only_while_the_request_is_read(tmp_path):
     """A request whose first bytes came behind a long poll is not read on while
     the answers before it are made (waitress reads one request ahead): its time
-    starts again once it is read."""
+    starts again once it is read. (The rest comes 1.5 s after those answers, so
+    that the server looks at the request's clock at least once before it: its
+    serving loop turns at least once a second.)"""
     import socket
-    slow = Server(tmp_path / "ahead.db", "--request-timeout", "2").register("FOO")
+    slow = Server(tmp_path / "ahead.db", "--request-timeout", "3").register("FOO")
     auth = basic_header(slow.admin_key)
-    poll = f"GET /events?wait=4&after=0 HTTP/1.1\r\nHost: x\r\n{auth}\r\n\r\n".encode()
+    poll = f"GET /events?wait=5&after=0 HTTP/1.1\r\nHost: x\r\n{auth}\r\n\r\n".encode()
     health = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
     last = f"GET /programs HTTP/1.1\r\nHost: x\r\n{auth}\r\nConnection: close\r\n\r\n".encode()
     try:
         with socket.create_connection(("127.0.0.1", slow.port), timeout=10) as sock:
             sock.sendall(poll + health + last[:20])  # the last request's first bytes come with the others
-            assert [status for status, _, _ in read_answers(sock, count=2)] == [200, 200]  # 4 s later
-            time.sleep(0.3)
+            assert [status for status, _, _ in read_answers(sock, count=2)] == [200, 200]  # 5 s later
+            time.sleep(1.5)
             sock.sendall(last[20:])
             assert [status for status, _, _ in read_answers(sock)] == [200]
     finally:
@@ -526,8 +528,9 @@ def test_make_run_and_serve_never_show_a_password(tmp_path):
     import subprocess
     from server import ROOT
     url = "postgresql://u:userinfo-secret@127.0.0.1:1/x?PASSWORD=query-secret&sslPassword=ssl-secret"
-    # -o: take the venv as it is (no pip install from here)
+    # -o and PY: this Python as it is, no venv made or pip install run from here
     result = subprocess.run(["make", "-C", str(ROOT), "-o", ".venv/.runtime", "-o", ".venv/.postgres", "run",
-                             f"DB={url}", "PORT=0"], capture_output=True, text=True, timeout=60)
+                             f"PY={sys.executable}", f"DB={url}", "PORT=0"], capture_output=True, text=True,
+                            timeout=60)
     assert result.returncode != 0 and "error: cannot open postgresql://u:***@127.0.0.1:1/x?" in result.stderr
     assert "secret" not in result.stdout + result.stderr, result.stdout + result.stderr
