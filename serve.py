@@ -471,7 +471,10 @@ def too_many_connections(address, limit, every=60.0):
 # it was spelled and whoever holds it (connections of a stopped server waiting
 # in TIME_WAIT do not count). The supervisor then reserves the port with
 # SO_REUSEPORT and without SO_REUSEADDR, so that such a check by a later server
-# fails beside it even before a worker listens.
+# fails beside it even before a worker listens. (Between its check and its
+# reservation, a few microseconds, a server started at that very moment could
+# pass its own check too; a lock would close that gap, but any local user could
+# hold a lock at a path known to all and keep the server from starting.)
 
 def supervise(args, argv, processes, prepare, script=__file__, restart_limit=5, restart_window=30.0):
     """The first process: reserve the port, ``prepare(args, port, processes)``
