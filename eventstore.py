@@ -49,7 +49,7 @@ from eventstore_storage import (POSTGRES_SCHEMES, SCHEMA_VERSION, EventInput, Fe
 from eventstore_throttle import shared_throttle
 from eventstore_writer import GroupCommitWriter, Later
 
-__all__ = ["make_app", "EventStore", "Problem"]
+__all__ = ["make_app", "end_long_polls", "EventStore", "Problem"]
 
 HERE = Path(__file__).resolve().parent
 OPENAPI_PATH = data_path("openapi.json")
@@ -1190,12 +1190,10 @@ def _require_read_on_requested_programs(req):
 
 def _feed_rows(req, programs, query):
     """A page of the feed (a FeedQuery) for ``programs``: up to ``query.limit + 1``
-    rows, long-polling as ``query.wait`` says (see EventStore.wait_for_feed)."""
-    if query.wait and not (req.environ.get("wsgi.multithread") or req.environ.get("wsgi.multiprocess")):
-        # A host serving one request at a time (wsgiref) could serve nothing else,
-        # not even the commit the poll waits for, until the wait is over.
-        query = replace(query, wait=0)
-    return req.app.wait_for_feed(programs, query, client_gone=req.environ.get("waitress.client_disconnected"))
+    rows, long-polling as ``query.wait`` says and the host allows -> (rows, the
+    headers of the answer: Eventstore-Poll-After where it could not wait; see
+    EventStore.wait_for_feed)."""
+    return req.app.wait_for_feed(programs, query, req.environ)
 
 
 def list_events_handler(req):
@@ -1204,13 +1202,14 @@ def list_events_handler(req):
     now = query.after == AFTER_NOW
     query = replace(query, after=feed_cursor(req.reads, query.after))
     programs = query.programs or readable_programs(req.user)
-    rows = [] if now and not query.wait else _feed_rows(req, programs, query)
+    rows, headers = ([], []) if now and not query.wait else _feed_rows(req, programs, query)
     has_more = len(rows) > query.limit
     rows = rows[:query.limit]
     last = rows[-1].seq if rows else query.after
     kept = [(name, value) for name, value in req.query if name not in ("after", "wait")]
     next_url = req.url("/events?" + urllib.parse.urlencode(kept + [("after", last)]))
-    headers = [("Link", f'<{next_url}>; rel="next"')] if has_more else []
+    if has_more:
+        headers.append(("Link", f'<{next_url}>; rel="next"'))
     events = ",".join(map(render_event, rows))
     body = f'{{"Events":[{events}],"Next":{json_text(next_url)},"HasMore":{json_text(has_more)}}}'
     return Response(200, headers, body.encode("utf-8"), "application/json")
@@ -1396,6 +1395,41 @@ def request_path(environ):
 # The app
 # ============================================================================
 
+# A long poll the app could not hold (no slot for it: see host_long_poll_slots,
+# or the app is stopping) is answered at once, empty, with this header: seconds
+# the client should let pass before it asks again, so that it does not spin.
+POLL_AFTER_HEADER = "Eventstore-Poll-After"
+POLL_AFTER_SECONDS = 1
+# Long polls a host that starts a thread for each connection may hold, per process.
+MANY_LONG_POLLS = 8
+
+
+def host_long_poll_slots(environ, max_waiting):
+    """How many long polls one process of this request's host may hold at once,
+    by what the host says of itself; ``max_waiting`` (None: not set) bounds it.
+
+    A waiting poll holds one of the host's threads, and a host's queued requests
+    (``/health`` too) cannot be seen from here: a poll may only be held where a
+    thread is sure to be left for them.
+
+    - ``wsgi.multithread`` false: a process serves one request at a time
+      (gunicorn's sync workers, uWSGI without --threads, wsgiref): none, ever.
+    - uWSGI says its threads per process (``uwsgi.cores``): at most half of them.
+    - Otherwise ``max_waiting`` if set; unset, none, except under Werkzeug's
+      threaded server, which starts a thread per connection: a host that does
+      not say how many threads it has (gunicorn's gthread, waitress) may have
+      one, which a single poll would hold.
+    """
+    if not environ.get("wsgi.multithread"):
+        return 0
+    threads = getattr(sys.modules.get("uwsgi"), "cores", None)
+    if isinstance(threads, int) and threads > 0:
+        return threads // 2 if max_waiting is None else min(max_waiting, threads // 2)
+    if max_waiting is not None:
+        return max_waiting
+    return MANY_LONG_POLLS if environ.get("SERVER_SOFTWARE", "").startswith("Werkzeug/") else 0
+
+
 STATUS_LINES = {status.value: f"{status.value} {status.phrase}" for status in http.HTTPStatus}
 
 # Forks (see EventStore._after_fork). A fork waits until no thread the app
@@ -1405,10 +1439,19 @@ _INHERITED = []      # storages a forked child inherited: kept, so never closed
 _FORK_LOCKS = {}     # pid -> the lock of that process's _after_fork
 
 
+def end_long_polls():
+    """Answer every waiting long poll of every app in this process now, and
+    every later one at once: for a host's stopping hook (the README's
+    gunicorn.conf.py), whatever middleware wraps the apps. It takes locks: call
+    it from a thread, not from inside a signal handler."""
+    for app in list(_APPS):
+        app.end_long_polls()
+
+
 class EventStore:
     """The WSGI application. Only ``__call__`` touches environ and start_response."""
 
-    def __init__(self, db, *, max_body_bytes=DEFAULT_MAX_BODY, max_waiting=8, write_timeout=10.0,
+    def __init__(self, db, *, max_body_bytes=DEFAULT_MAX_BODY, max_waiting=None, write_timeout=10.0,
                  max_waiting_writes=4, busy_timeout_ms=5000, auth_cache_seconds=AUTH_CACHE_SECONDS,
                  max_auth_failures=10, poll_interval=0.025, clock=now_us, throttle=None, openapi=None, routes=ROUTES):
         self.storage = open_storage(db, busy_timeout_ms)
@@ -1430,7 +1473,8 @@ class EventStore:
         # Every commit made through this app wakes the long polls it may match at
         # once; other processes' commits reach them through the news's watcher.
         self.news = CommitNews(self.storage, self.poll_interval)
-        self._waiting = threading.BoundedSemaphore(self.max_waiting) if self.max_waiting else None
+        self._slots = threading.Lock()
+        self._held = 0  # long polls holding a slot (host_long_poll_slots), under _slots
         self._auth_cache = {}
         self.writer = GroupCommitWriter(self.storage.session, self.clock, on_commit=self.news.committed,
                                         timeout=self.write_timeout, max_waiting=self.max_waiting_writes)
@@ -1471,19 +1515,33 @@ class EventStore:
         self.writer.stop()
         self.storage.close()
 
-    def wait_for_feed(self, programs, query, client_gone=None):
+    def wait_for_feed(self, programs, query, environ):
         """Read a feed page; with ``query.wait``, if it is empty, wait up to that
-        many seconds for a matching commit. At most ``max_waiting`` requests wait
-        at once; beyond that a request answers at once, as with wait=0. Where
-        the host says whether the client is still there (``client_gone``,
-        waitress's client_disconnected), a wait ends within a second of it leaving."""
+        many seconds for a matching commit -> (rows, the headers of the answer).
+
+        A request waits only where its host has a slot for it
+        (host_long_poll_slots); otherwise, or while the app is stopping, an empty
+        page is answered at once with ``Eventstore-Poll-After``, so the client
+        waits before it asks again. Where the host says whether the client is
+        still there (waitress's client_disconnected), a wait ends within a
+        second of it leaving."""
         reads = self.storage.reads()
-        if not query.wait or self.news.closed or not self._waiting:
-            return reads.read_feed(programs, query)
+        if not query.wait:
+            return reads.read_feed(programs, query), []
+        could_not_wait = [(POLL_AFTER_HEADER, str(POLL_AFTER_SECONDS))]
+        slots = host_long_poll_slots(environ, self.max_waiting)
+        if not slots or self.news.closed:
+            rows = reads.read_feed(programs, query)
+            return rows, ([] if rows else could_not_wait)
+        client_gone = environ.get("waitress.client_disconnected")
         with self.news.listen(programs, query.event_types) as listener:  # before the first read
             rows = reads.read_feed(programs, query)
-            if rows or not self._waiting.acquire(blocking=False):
-                return rows
+            if rows:
+                return rows, []
+            with self._slots:
+                if self._held >= slots:
+                    return rows, could_not_wait
+                self._held += 1
             try:
                 with listener.waiting():
                     deadline = time.monotonic() + query.wait
@@ -1491,17 +1549,18 @@ class EventStore:
                         left = deadline - time.monotonic()
                         if not listener.news.wait(left if client_gone is None else min(left, 1.0)):
                             if left <= 1.0 or client_gone is None or client_gone():
-                                return rows  # the wait is over (or nobody awaits it): empty
+                                return rows, []  # the wait is over (or nobody awaits it): empty
                             continue
                         listener.news.clear()  # before the read: a later commit sets it again
                         if self.news.closed:
                             break
                         rows = reads.read_feed(programs, query)
                         if rows:
-                            return rows
-                    return rows
+                            return rows, []
+                    return rows, could_not_wait  # the app is stopping
             finally:
-                self._waiting.release()
+                with self._slots:
+                    self._held -= 1
 
     def end_long_polls(self):
         """Answer every waiting long poll now, and every new one at once (a
@@ -1593,14 +1652,16 @@ class EventStore:
         return [body]
 
 
-def make_app(db, *, max_body_bytes=DEFAULT_MAX_BODY, max_waiting=8, write_timeout=10.0, max_waiting_writes=4,
+def make_app(db, *, max_body_bytes=DEFAULT_MAX_BODY, max_waiting=None, write_timeout=10.0, max_waiting_writes=4,
              busy_timeout_ms=5000, auth_cache_seconds=AUTH_CACHE_SECONDS, max_auth_failures=10,
              poll_interval=0.025, clock=now_us, throttle=None, openapi=None, routes=ROUTES):
     """The WSGI application over ``db``: a SQLite file (created if missing), a
     ``postgresql://`` URL, or a storage object.
 
     - ``max_body_bytes``: the largest request body (413 past it).
-    - ``max_waiting``: long polls allowed to wait at once; more answer at once.
+    - ``max_waiting``: long polls one process may hold at once; more answer at
+      once, saying when to ask again. None: what the host says it can spare
+      (host_long_poll_slots); a number bounds that.
     - ``write_timeout``: seconds a write waits for its commit before a 503.
     - ``max_waiting_writes``: while one transaction has run longer than a second,
       at most this many writes wait for the writer; the others are answered 503

@@ -28,12 +28,17 @@ import sys
 import threading
 import time
 import urllib.parse
+from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 
 __all__ = ["Client", "ClientError", "NoAnswer"]
 
 MAX_BATCH = 1000
 LONG_POLL_SECONDS = 30
+# A server that could not hold a long poll (its host has no thread to spare for
+# it, or it is stopping) answers at once with this header: seconds to let pass
+# before polling again.
+POLL_AFTER_HEADER = "eventstore-poll-after"
 MAX_BACKOFF_SECONDS = 10.0
 EVENT_ID_RE = re.compile(r"[A-Za-z0-9_]{1,32}-[A-Za-z0-9._~:@-]{1,200}")
 
@@ -96,6 +101,7 @@ class Client:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"expected an http:// or https:// URL, got {url!r}")
         self.scheme, self.host, self.port = parts.scheme, parts.hostname, parts.port
+        self.address = f"{self.host}:{self.port or (443 if self.scheme == 'https' else 80)}"
         self.prefix = parts.path.rstrip("/")
         self.timeout, self.retry_for = timeout, retry_for
         self.log, self.sleep = log or (lambda message: None), sleep
@@ -116,12 +122,40 @@ class Client:
     def put(self, event_id, body, if_match=None, if_none_match=None, timeout=None):
         """Create or update an event; -> its Revision (a replay changes nothing).
         ``if_match``: a Revision (or entity tag) the event must be at;
-        ``if_none_match="*"``: create only (ClientError 412 if it exists; if an
-        earlier try's answer was lost, the message says it may have been ours)."""
+        ``if_none_match="*"``: create only (ClientError 412 if it exists).
+
+        A conditional PUT sent again after its answer was lost fails its
+        condition if the first try took effect: then, if the event is now
+        what that try made (the next revision, with this body), that is the
+        answer; otherwise a ClientError 412 says an earlier try may have
+        applied it."""
         headers = _conditions(if_match, if_none_match)
+
+        def resent_refused(error):
+            if error.status != 412 or not headers:
+                return None
+            asked = 0 if if_none_match == "*" else _revision(if_match)
+            expected = None if asked is None else asked + 1  # what the earlier try made
+            current = self._current(event_id, timeout)
+            if expected is not None and current is not None and current["Revision"] == expected \
+                    and _same_event(current, body):
+                return 200, {"etag": f'"{expected}"'}, None  # the earlier try's own result
+            now = "is deleted" if current is None else f"is at revision {current['Revision']}"
+            raise ClientError(412, error.problem, f"HTTP 412: the event {now}; an earlier try of this call, "
+                              "whose answer was lost, may have applied it") from None
+
         _, answer_headers, _ = self._call("PUT", self._event_path(event_id), body, headers, timeout=timeout,
-                                          resent_412_may_be_ours=if_none_match == "*")
+                                          resent_refused=resent_refused)
         return int(answer_headers["etag"].strip('"'))
+
+    def _current(self, event_id, timeout):
+        """The event's representation, or None if it does not exist (or is deleted)."""
+        try:
+            return self.get(event_id, timeout=timeout)
+        except ClientError as error:
+            if error.status == 404:
+                return None
+            raise
 
     def get(self, event_id, if_none_match=None, timeout=None):
         """-> the event's representation as a dict (ClientError 404 if there is
@@ -133,9 +167,21 @@ class Client:
 
     def delete(self, event_id, if_match=None, timeout=None):
         """Delete an event; -> the tombstone's Revision, or None when a resent
-        DELETE (its first answer lost) found the event already deleted."""
+        DELETE (its first answer lost) found the event already deleted. With
+        ``if_match``, a resent DELETE that finds the event live at another
+        revision raises a ClientError 412 saying an earlier try may have
+        deleted it (before it was written again)."""
+        def resent_refused(error):
+            if error.status == 404:
+                return 404, {}, None  # an earlier try did it; its answer was lost
+            if error.status == 412:
+                raise ClientError(412, error.problem, "HTTP 412: the event is at another revision; an earlier "
+                                  "try of this call, whose answer was lost, may have deleted it before it was "
+                                  "written again") from None
+            return None
+
         _, answer_headers, _ = self._call("DELETE", self._event_path(event_id), headers=_conditions(if_match, None),
-                                          timeout=timeout, resent_404_is_done=not if_match)
+                                          timeout=timeout, resent_refused=resent_refused)
         return int(answer_headers["etag"].strip('"')) if answer_headers else None
 
     def publish(self, events, timeout=None):
@@ -205,14 +251,19 @@ class Client:
 
         try:
             while not fetch.stopped.is_set():
-                raw = self._call("GET", f"{path}&wait={wait}", retry_for=None,
-                                 timeout=max(self.timeout, wait + 30), parse=bytes, fetch=fetch)[2]
+                _, headers, raw = self._call("GET", f"{path}&wait={wait}", retry_for=None,
+                                             timeout=max(self.timeout, wait + 30), parse=bytes, fetch=fetch)
                 hand_over(raw)
                 if until_caught_up and raw.startswith(PAGE_START.encode() + b"]"):
                     return
                 next_url = page_tail(raw)["Next"]
                 # Next is relative to the server's root; keep our own path prefix off it.
                 path = next_url[len(self.prefix):] if next_url.startswith(self.prefix + "/") else next_url
+                # The server answered without waiting (it had no thread to spare, or
+                # is stopping): ask again only after the pause it names, not at once.
+                pause = _poll_after(headers.get(POLL_AFTER_HEADER))
+                if pause and fetch.stopped.wait(pause):
+                    return
         except _Stopped:
             pass
         except BaseException as exc:
@@ -226,10 +277,13 @@ class Client:
         return "/events/" + urllib.parse.quote(event_id, safe="")
 
     def _call(self, method, path, body=None, headers=None, retry_for=..., timeout=None,
-              resent_404_is_done=False, resent_412_may_be_ours=False, parse=None, fetch=None):
+              resent_refused=None, parse=None, fetch=None):
         """One request, retried as the class says -> (status, headers, parsed body);
         ``parse`` reads a successful answer's bytes instead of json.loads; for a
-        follower's ``fetch``, retries end when it stops."""
+        follower's ``fetch``, retries end when it stops. A refusal of a request
+        sent again (an earlier try may have taken effect, its answer lost) goes
+        to ``resent_refused(error)``: it returns the answer to give instead, or
+        None for the refusal itself."""
         retry_for = self.retry_for if retry_for is ... else retry_for
         deadline = None if retry_for is None else time.monotonic() + retry_for
         payload = None if body is None else json.dumps(body, ensure_ascii=False).encode("utf-8")
@@ -239,11 +293,10 @@ class Client:
             try:
                 return self._send(method, path, payload, headers or {}, timeout, parse, fetch)
             except ClientError as error:
-                if error.status == 404 and resent_404_is_done and attempt > 1:
-                    return 404, {}, None  # an earlier try did it; its answer was lost
-                if error.status == 412 and resent_412_may_be_ours and attempt > 1:
-                    raise ClientError(412, error.problem, "HTTP 412: the event exists; an earlier try of this "
-                                      "call, whose answer was lost, may have created it") from None
+                if attempt > 1 and resent_refused is not None:
+                    answer = resent_refused(error)
+                    if answer is not None:
+                        return answer
                 raise
             except _Retry as retry:
                 delay = retry.delay if retry.delay is not None else min(
@@ -271,7 +324,7 @@ class Client:
             self._close()
             if fetch is not None and fetch.stopped.is_set():
                 raise _Stopped() from None
-            raise _Retry(NoAnswer(f"no answer from {self.host}: {exc or type(exc).__name__}")) from None
+            raise _Retry(NoAnswer(f"no answer from {self.address}: {exc or type(exc).__name__}")) from None
         if response.getheader("Connection", "").lower() == "close":
             self._close()
         answer_headers = {name.lower(): value for name, value in response.getheaders()}
@@ -348,6 +401,46 @@ class _Fetch:
                     pass  # already closed
 
 
+def _revision(tag):
+    """A Revision (int) or an entity tag for one (``"3"``, ``W/"3"``) -> the
+    Revision, or None (``*``, a list of tags)."""
+    if isinstance(tag, int):
+        return tag
+    text = str(tag).strip().removeprefix("W/").strip('"')
+    return int(text) if text.isdigit() else None
+
+
+def _instant(text):
+    """A date-time as the server reads it (no offset means UTC; fractions beyond
+    microseconds dropped) -> an aware datetime, or None if it cannot be read here."""
+    match = isinstance(text, str) and DATETIME_RE.fullmatch(text)
+    if not match:
+        return None
+    text = re.sub(r"[.,](\d+)", lambda m: "." + m.group(1)[:6].ljust(6, "0"), text)
+    try:
+        moment = datetime.fromisoformat(re.sub(r"[Zz]$", "+00:00", text))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def _same_event(representation, body):
+    """Whether the stored event holds what PUTting ``body`` stores (the fields
+    the server compares for a replay, as it fills in what is left out)."""
+    if not isinstance(body, dict):
+        return False
+    start = _instant(body.get("EventStartUTC"))
+    end = start if body.get("EventEndUTC") is None else _instant(body.get("EventEndUTC"))
+    canonical = lambda value: json.dumps(value, sort_keys=True)  # noqa: E731
+    return (start is not None and end is not None
+            and representation.get("ProgramMemberId") == body.get("ProgramMemberId")
+            and representation.get("EventType") == body.get("EventType")
+            and _instant(representation.get("EventStartUTC")) == start
+            and _instant(representation.get("EventEndUTC")) == end
+            and canonical(representation.get("EventData")) == canonical(body.get("EventData") or {})
+            and representation.get("ReferenceEventId") == body.get("ReferenceEventId"))
+
+
 def _conditions(if_match, if_none_match):
     """If-Match / If-None-Match headers from Revisions (ints) or entity tags."""
     tag = lambda value: f'"{value}"' if isinstance(value, int) else value  # noqa: E731
@@ -382,6 +475,15 @@ def page_tail(raw):
     if start < 0:
         return json.loads(raw)
     return json.loads(b"{" + raw[start + 1:])
+
+
+def _poll_after(value):
+    """Eventstore-Poll-After -> seconds to let pass before the next poll (None
+    without the header; one second if it cannot be read; at most a long poll)."""
+    if value is None:
+        return None
+    value = value.strip()
+    return min(float(value), LONG_POLL_SECONDS) if value.isdigit() else 1.0
 
 
 def _retry_after(value):
@@ -593,7 +695,8 @@ def build_parser():
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default=argparse.SUPPRESS,
                         help="the registry, e.g. http://127.0.0.1:8080 (default: $EVENTSTORE_URL)")
-    common.add_argument("--user", default=argparse.SUPPRESS, metavar="USER_ID", help="your user id")
+    common.add_argument("--user", default=argparse.SUPPRESS, metavar="USER_ID",
+                        help="your user id (default: $EVENTSTORE_USER)")
     common.add_argument("--retry-for", type=float, default=argparse.SUPPRESS, metavar="SECONDS",
                         help=f"give up on an unanswered get or publish after SECONDS (default "
                              f"{ONE_SHOT_RETRY_SECONDS:g}); follow never gives up")
@@ -641,14 +744,15 @@ def main(argv=None, environ=None, out=None, err=None):
     url = getattr(args, "url", None) or environ.get("EVENTSTORE_URL")
     if not url:
         parser.error("give the registry's URL: --url http://HOST:PORT, or set EVENTSTORE_URL")
-    if not getattr(args, "user", None):
-        parser.error("give your user id: --user USER_ID")
+    user = getattr(args, "user", None) or environ.get("EVENTSTORE_USER")
+    if not user:
+        parser.error("give your user id: --user USER_ID, or set EVENTSTORE_USER")
     key = environ.get("EVENTSTORE_KEY")
     if not key:
         print("error: set EVENTSTORE_KEY to your API key (it is never taken as an argument)", file=err)
         return 2
     try:
-        client = Client(url, args.user, key, retry_for=getattr(args, "retry_for", ONE_SHOT_RETRY_SECONDS),
+        client = Client(url, user, key, retry_for=getattr(args, "retry_for", ONE_SHOT_RETRY_SECONDS),
                         log=lambda message: print(message, file=err, flush=True))
     except ValueError as exc:
         print(f"error: --url: {exc}", file=err)

@@ -52,6 +52,9 @@ class Registry:
 
     def __init__(self, db, **options):
         self.db_path = str(db)
+        # WebTest says neither how many threads it has nor that it starts one per
+        # request, where the app holds no long poll unless told it may.
+        options.setdefault("max_waiting", 8)
         self.app = eventstore.make_app(db, **options)
         self.storage = self.app.storage
         self.session = self.storage.session()

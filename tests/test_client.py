@@ -115,21 +115,72 @@ def test_conditional_put_and_get_by_revision(server):
     assert raised.value.status == 412
 
 
-def test_a_create_only_put_resent_after_its_answer_was_lost_says_it_may_have_been_ours(server):
-    client = admin_client(server)
+def losing_the_first_answer(client, meanwhile=lambda: None, applied=True):
+    """The client's first request takes effect (unless not ``applied``) but its
+    answer is lost; then ``meanwhile()`` runs (another client's change, say).
+    -> the requests sent."""
     original, calls = client._send, []
 
-    def lose_the_first_answer(*args):
-        calls.append(args)
-        result = original(*args)
+    def send(*args):
+        calls.append(args[:2])
         if len(calls) == 1:
+            if applied:
+                original(*args)
+            meanwhile()
             raise eventstore_client._Retry(NoAnswer("connection reset"), 0)
-        return result
+        return original(*args)
 
-    client._send = lose_the_first_answer
+    client._send = send
+    return calls
+
+
+@pytest.mark.parametrize("condition", [{"if_none_match": "*"}, {"if_match": 1}, {"if_match": '"1"'}])
+def test_a_conditional_put_resent_after_its_answer_was_lost_reports_its_own_write(server, condition):
+    """The resent PUT fails its condition because the first try took effect:
+    the event now holds this body at the next revision, which is the answer."""
+    client = admin_client(server)
+    created = "if_none_match" in condition
+    if not created:
+        client.put("FOO-1", event(1))
+    body = {**event(2), "EventStartUTC": "2026-03-01 09:30:00.1234567", "EventEndUTC": None}  # as the server reads it
+    calls = losing_the_first_answer(client)
+    assert client.put("FOO-1", body, **condition) == (1 if created else 2)
+    assert [method for method, _ in calls] == ["PUT", "PUT", "GET"]
+    assert admin_client(server).get("FOO-1")["Revision"] == (1 if created else 2)
+
+
+@pytest.mark.parametrize("condition, meanwhile", [
+    # (create-only after a delete is no conflict: the resent PUT creates the event anew)
+    (condition, meanwhile) for condition in ({"if_none_match": "*"}, {"if_match": 1})
+    for meanwhile in ("another body first", "changed after", "deleted after", "the same body, one revision more")
+    if "if_match" in condition or meanwhile != "deleted after"])
+def test_a_conditional_put_resent_after_another_change_says_it_may_have_been_applied(server, condition, meanwhile):
+    client, other = admin_client(server), admin_client(server)
+    if "if_match" in condition:
+        client.put("FOO-1", event(1))
+    change = {"another body first": lambda: other.put("FOO-1", event(3)),  # the first try never arrived
+              "changed after": lambda: other.put("FOO-1", event(3)),
+              "deleted after": lambda: other.delete("FOO-1"),
+              "the same body, one revision more": lambda: (other.put("FOO-1", event(3)),
+                                                           other.put("FOO-1", event(2)))}
+    losing_the_first_answer(client, meanwhile=change[meanwhile], applied=meanwhile != "another body first")
     with pytest.raises(ClientError) as raised:
-        client.put("FOO-1", event(), if_none_match="*")
-    assert raised.value.status == 412 and "may have created it" in str(raised.value)
+        client.put("FOO-1", event(2), **condition)
+    assert raised.value.status == 412 and "may have applied it" in str(raised.value)
+
+
+def test_a_conditional_delete_resent_after_its_answer_was_lost_reports_it_done(server):
+    client = admin_client(server)
+    client.put("FOO-1", event(1))
+    calls = losing_the_first_answer(client)
+    assert client.delete("FOO-1", if_match=1) is None  # the earlier try deleted it
+    assert len(calls) == 2
+    assert server.request("GET", "/events/FOO-1", user="admin", key=server.admin_key)[0] == 404
+    client.put("FOO-2", event(1))
+    losing_the_first_answer(client, meanwhile=lambda: admin_client(server).put("FOO-2", event(2)))  # deleted, made anew
+    with pytest.raises(ClientError) as raised:
+        client.delete("FOO-2", if_match=1)
+    assert raised.value.status == 412 and "may have deleted it" in str(raised.value)
 
 
 def test_every_failure_is_a_client_error_and_a_call_takes_its_own_timeout(server):
@@ -365,6 +416,20 @@ def test_url_and_user_go_before_or_after_the_command_and_the_url_comes_from_the_
     assert missing.returncode == 2 and "EVENTSTORE_URL" in missing.stderr and "Traceback" not in missing.stderr
 
 
+def test_the_user_comes_from_user_or_the_environment(server):
+    server.request("PUT", "/events/FOO-1", event(5), user="admin", key=server.admin_key)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTSTORE_")}
+    env.update(EVENTSTORE_KEY=server.admin_key, EVENTSTORE_URL=f"http://127.0.0.1:{server.port}")
+    from_env = subprocess.run([*CLIENT, "get", "FOO-1"], capture_output=True, text=True, timeout=60,
+                              env={**env, "EVENTSTORE_USER": "admin"})
+    assert from_env.returncode == 0 and json.loads(from_env.stdout)["EventData"] == {"n": 5}, from_env.stderr
+    wrong_env = subprocess.run([*CLIENT, "get", "FOO-1", "--user", "admin"], capture_output=True, text=True,
+                               timeout=60, env={**env, "EVENTSTORE_USER": "nobody"})
+    assert wrong_env.returncode == 0, "--user wins over EVENTSTORE_USER"
+    missing = subprocess.run([*CLIENT, "get", "FOO-1"], capture_output=True, text=True, timeout=60, env=env)
+    assert missing.returncode == 2 and "EVENTSTORE_USER" in missing.stderr and "Traceback" not in missing.stderr
+
+
 def test_a_one_shot_command_gives_up_after_retry_for_seconds():
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens: refused, retried
     for where in ("before", "after"):
@@ -373,7 +438,8 @@ def test_a_one_shot_command_gives_up_after_retry_for_seconds():
         started = time.monotonic()
         result = subprocess.run([*CLIENT, *argv], capture_output=True, text=True,
                                 env={**os.environ, "EVENTSTORE_KEY": "k"}, timeout=60)
-        assert result.returncode == 1 and "no answer" in result.stderr, result.stderr
+        assert result.returncode == 1 and f"no answer from {url.removeprefix('http://')}" in result.stderr, \
+            result.stderr  # names the port it gave up on
         assert "Traceback" not in result.stderr
         assert time.monotonic() - started < 20  # not the default 30 s of retrying
     assert "--retry-for" in subprocess.run([*CLIENT, "get", "--help"], capture_output=True, text=True).stdout
