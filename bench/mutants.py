@@ -244,8 +244,21 @@ MUTANTS = [
         ("        if not self._behind:\n", "        if True:\n"),
     ], ["tests/test_postgres.py"]),
     ("a host serving one request at a time holds long polls", "eventstore.py", [
-        ("        query = replace(query, wait=0)", "        pass"),
-    ], ["tests/test_feed.py"]),
+        ('    if not environ.get("wsgi.multithread"):\n        return 0\n', ""),
+    ], ["tests/test_feed.py", "tests/test_poll_after.py"]),
+    ("a host that does not say its threads holds long polls by default", "eventstore.py", [
+        ('    return MANY_LONG_POLLS if environ.get("SERVER_SOFTWARE", "").startswith("Werkzeug/") else 0',
+         "    return MANY_LONG_POLLS"),
+    ], ["tests/test_poll_after.py"]),
+    ("uWSGI's threads do not bound the long polls held", "eventstore.py", [
+        ("    if isinstance(threads, int) and threads > 0:", "    if False:"),
+    ], ["tests/test_poll_after.py"]),
+    ("a long poll not held says nothing of when to ask again", "eventstore.py", [
+        ("        could_not_wait = [(POLL_AFTER_HEADER, str(POLL_AFTER_SECONDS))]", "        could_not_wait = []"),
+    ], ["tests/test_poll_after.py"]),
+    ("end_long_polls() ends no app's long polls", "eventstore.py", [
+        ("    for app in list(_APPS):\n        app.end_long_polls()\n", "    pass\n"),
+    ], ["tests/test_poll_after.py", "tests/test_hosts.py"]),
     ("a query parameter where none is taken is ignored", "eventstore.py", [
         ('        if query and not route.takes_query:',
          '        if False and not route.takes_query:'),
@@ -307,6 +320,15 @@ MUTANTS = [
     ("make_app says nothing on a database without users", "eventstore.py", [
         ("        warn_if_no_users(self.storage)\n", ""),
     ], ["tests/test_server.py"]),
+    ("client: an idle follower asks again at once where the server could not wait", "eventstore_client.py", [
+        ("                if pause and fetch.stopped.wait(pause):", "                if False:"),
+    ], ["tests/test_poll_after.py"]),
+    ("client: a resent conditional PUT takes any revision for its own", "eventstore_client.py", [
+        ('current["Revision"] == expected \\\n', 'True \\\n'),
+    ], ["tests/test_client.py"]),
+    ("client: a resent conditional PUT takes any content for its own", "eventstore_client.py", [
+        ("                    and _same_event(current, body):", "                    and True:"),
+    ], ["tests/test_client.py"]),
     ("client: a connection failure escapes ClientError", "eventstore_client.py", [
         ("class NoAnswer(ClientError, ConnectionError):", "class NoAnswer(ConnectionError):\n    status = None\n"),
         ("        super().__init__(None, None, message)", "        super().__init__(message)"),
