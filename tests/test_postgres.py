@@ -619,8 +619,9 @@ def test_closing_the_storage_closes_every_connection_it_opened(url):
     storage = eventstore.open_storage(url)
     assert storage.reads().read_event("FOO-1") is None
     assert storage.reads().find_program("FOO") is None  # this thread now holds a connection
-    hold = threading.Event()
-    holder = run_in_thread(lambda: (storage.reads().find_program("FOO"), hold.wait(30)))  # and so does that one
+    holding, hold = threading.Event(), threading.Event()
+    holder = run_in_thread(lambda: (storage.reads().find_program("FOO"), holding.set(), hold.wait(30)))
+    assert holding.wait(30), "that thread holds a connection too"  # before close: it would take one after
     pipeline_thread = storage.reads().pipeline._thread
     assert pipeline_thread.is_alive()
     server, name = url.rsplit("/", 1)
