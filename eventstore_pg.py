@@ -26,6 +26,7 @@ import logging
 import os
 import queue
 import select
+import stat
 import tempfile
 import threading
 import time
@@ -57,9 +58,21 @@ def _member(member_id):
 
 
 def local_file(url, suffix):
-    """A file the processes of this machine that serve the database at ``url`` share."""
+    """A file the processes of this machine that serve the database at ``url`` share,
+    in a folder of this user's alone (``eventstore-UID`` in the temporary folder,
+    0700): at a name anyone can guess in a folder anyone may write, another local
+    user could put a file or a link there first. None where that folder is not
+    this user's alone."""
+    folder = os.path.join(tempfile.gettempdir(), f"eventstore-{os.getuid()}")
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(folder, 0o700)
+    info = os.lstat(folder)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        log.warning("%s is not a folder of this user's alone; shared files such as the failed-authentication "
+                    "counts are kept per process", folder)
+        return None
     digest = hashlib.sha256(url.encode("utf-8")).hexdigest()[:16]
-    return os.path.join(tempfile.gettempdir(), f"eventstore-{digest}-{suffix}")
+    return os.path.join(folder, f"{digest}-{suffix}")
 
 
 # --- Reads --------------------------------------------------------------------

@@ -40,7 +40,7 @@ class SharedFailureTable:
 
     def __init__(self, path):
         self.path = path
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)  # never through a link
         self._latest_at = self.SLOT.size * self.SLOTS
         size = self._latest_at + self.LATEST.size
         if os.fstat(self._fd).st_size != size:  # new, or made by a version without LATEST

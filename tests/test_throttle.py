@@ -1,6 +1,10 @@
 """Guessing attackers: failed authentications are throttled per user id and per
 client address (429 with Retry-After), without locking out the real owner."""
 
+import os
+import stat
+import tempfile
+
 import pytest
 import webtest
 
@@ -171,3 +175,28 @@ def test_a_table_made_before_the_latest_failure_was_kept_still_throttles(clock, 
     assert reopened.retry_after("writer", "10.0.0.1") > 0
     clock.now += 61
     assert reopened.retry_after("writer", "10.0.0.1") == 0
+
+
+def test_postgresql_s_shared_counts_live_in_a_folder_of_this_user_s_alone(tmp_path, monkeypatch):
+    """On PostgreSQL the counts' file sits in the temporary folder, where another
+    local user could make it (or a link by its name) first: it lives in a folder of
+    this user's alone, and where that folder is not private the counts stay per
+    process."""
+    import eventstore_pg
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    path = eventstore_pg.local_file("postgresql://u@db.example/events", "throttle")
+    folder = os.stat(os.path.dirname(path))
+    assert stat.S_IMODE(folder.st_mode) == 0o700 and folder.st_uid == os.getuid()
+    os.chmod(os.path.dirname(path), 0o777)  # opened to others (or made by someone else)
+    assert eventstore_pg.local_file("postgresql://u@db.example/events", "throttle") is None
+    assert eventstore_throttle.shared_throttle(None).shared is None
+
+
+def test_the_shared_counts_never_follow_a_link(tmp_path):
+    """A link at the counts' file's name is not followed (the table would be
+    written over whatever it points to): the counts stay per process."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    (tmp_path / "events.db-throttle").symlink_to(victim)
+    throttle = eventstore_throttle.shared_throttle(str(tmp_path / "events.db-throttle"))
+    assert throttle.shared is None and victim.read_bytes() == b"precious"
