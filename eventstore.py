@@ -43,9 +43,11 @@ from typing import NamedTuple
 
 from eventstore_errors import Problem, bad_request, field_error, service_unavailable, storage_problem
 from eventstore_news import CommitNews
+from eventstore_retention import RetentionSweeper
+from eventstore_schemas import MAX_LISTED, CompiledSchema, SchemaCache, check_schema
 from eventstore_sqlite import SQLiteStorage
 from eventstore_storage import (POSTGRES_SCHEMES, SCHEMA_VERSION, EventInput, FeedQuery, StorageOpenError, TypeRules,
-                                data_path, now_us, safe_db_name)
+                                data_path, erase_events, now_us, safe_db_name)
 from eventstore_throttle import shared_throttle
 from eventstore_writer import GroupCommitWriter, Later
 
@@ -386,7 +388,7 @@ def validate_event(event_id, body, ignore=()):
         "EventEndUTC": format_datetime(end_us), "EventData": data, "ReferenceEventId": ref,
         "Deleted": False})[:-1]
     return EventInput(event_id, program_id, member_id, event_type, start_us, end_us, doc, ref,
-                      hashlib.sha256(content.encode("utf-8")).digest())
+                      hashlib.sha256(content.encode("utf-8")).digest(), data)
 
 
 def _parse_field_datetime(name, value, check):
@@ -468,22 +470,71 @@ def event_type_error(event_type):
 
 # Line feed and tab are the control characters a description may hold.
 DESCRIPTION_CONTROL_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+EVENT_TYPE_FIELDS = ("Description", "Schema", "RetainDays")
+MAX_RETAIN_DAYS = 36500
+ABSENT = object()  # a field the body does not have (null is another thing: it removes)
+
+
+@dataclass(frozen=True)
+class EventTypeChange:
+    """What a ``PUT /event-types/{EventType}`` asks for (docs/API.md §5a, §5b): each
+    field ABSENT (keep it), None (remove it; never for the description), or a value."""
+
+    description: object = ABSENT
+    schema: object = ABSENT       # the parsed schema (a dict)
+    schema_text: str | None = None  # as it is stored: compact JSON in the client's key order
+    canonical: str | None = None    # one spelling, to compare with the current schema
+    retain_days: object = ABSENT
 
 
 def validate_event_type_body(body):
-    """``{"Description": "..."}`` -> the description, or Problem(400)."""
+    """``{"Description", "Schema", "RetainDays"}`` (each optional; Description is
+    needed to register a type, which the write checks) -> EventTypeChange, or
+    Problem(400) naming each bad field; 503 for a Schema when the validator's
+    packages are missing."""
     require_object(body)
-    errors = [field_error(name, "unknown field; the only accepted field is Description")
-              for name in body if name != "Description"]
-    description = body.get("Description")
-    message = "is required" if description is None else _text_error(description, 1, 2000)
-    if not message and DESCRIPTION_CONTROL_RE.search(description):
-        message = "must not contain control characters other than line feed and tab"
-    if message:
-        errors.append(field_error("Description", message))
+    errors = [field_error(name, "unknown field; accepted fields are " + ", ".join(EVENT_TYPE_FIELDS))
+              for name in body if name not in EVENT_TYPE_FIELDS]
+    description = body.get("Description", ABSENT)
+    if description is None:
+        description = ABSENT  # a description cannot be removed: null counts as absent
+    if description is not ABSENT:
+        message = _text_error(description, 1, 2000)
+        if not message and DESCRIPTION_CONTROL_RE.search(description):
+            message = "must not contain control characters other than line feed and tab"
+        if message:
+            errors.append(field_error("Description", message))
+    retain_days = body.get("RetainDays", ABSENT)
+    if retain_days not in (ABSENT, None) and (isinstance(retain_days, bool) or not isinstance(retain_days, int)
+                                              or not 1 <= retain_days <= MAX_RETAIN_DAYS):
+        errors.append(field_error("RetainDays", f"expected a whole number of days from 1 to {MAX_RETAIN_DAYS}, "
+                                                f"or null, got {json_text(retain_days)[:40]}"))
+    schema, schema_text, canonical = body.get("Schema", ABSENT), None, None
+    if schema not in (ABSENT, None):
+        schema_text, canonical = json_text(schema), canonical_json(schema)
+        try:
+            check_schema(schema, len(canonical.encode("utf-8")))
+        except Problem as problem:
+            if problem.status != 400:
+                raise
+            errors += problem.errors
     if errors:
         raise bad_request("The event type is not valid; see errors.", errors)
-    return description
+    return EventTypeChange(description, schema, schema_text, canonical, retain_days)
+
+
+def parse_dry_run(pairs):
+    """``?dryRun=true|false`` -> bool, or Problem(400)."""
+    errors = [field_error(name, "unknown parameter; the only accepted parameter is dryRun")
+              for name, _ in pairs if name != "dryRun"]
+    values = [value for name, value in pairs if name == "dryRun"]
+    if len(values) > 1:
+        errors.append(field_error("dryRun", "given more than once"))
+    elif values and values[0] not in ("true", "false"):
+        errors.append(field_error("dryRun", "expected true or false"))
+    if errors:
+        raise bad_request("The query is not valid; see errors.", errors)
+    return values == ["true"]
 
 
 # --- Representations ------------------------------------------------------------
@@ -751,19 +802,131 @@ def unregister_event_type(tx, event_type):
     tx.delete_event_type(event_type)
 
 
+# --- Schemas (docs/API.md §5b) -------------------------------------------------------
+
+def compiled_schema(schemas, reads, event_type, version):
+    """The CompiledSchema of a type's schema version, from this process's cache."""
+    return schemas.compiled(event_type, version, lambda: json.loads(reads.type_schema(event_type, version).schema))
+
+
+def precheck(schemas, reads, event):
+    """Validate ``event`` before its transaction against the version of its type's
+    schema this process saw last -> ``(version, violations)`` for the write to
+    reuse if that version is still in force, or None (the write validates)."""
+    version = schemas.latest.get(event.event_type, ABSENT)
+    if version is ABSENT:
+        return None
+    if version is None:
+        return None, []
+    return version, compiled_schema(schemas, reads, event.event_type, version).violations(event.data)
+
+
+def schema_violations(tx, schemas, event, checked=None):
+    """The violations of ``event``'s EventData against its type's schema in force in
+    ``tx`` (empty without one): ``checked`` (precheck's) when it was made against that
+    version, else validated now."""
+    version = tx.rules.schema_version(event.event_type)
+    schemas.seen(event.event_type, version)
+    if version is None:
+        return []
+    if checked is not None and checked[0] == version:
+        return checked[1]
+    return compiled_schema(schemas, tx, event.event_type, version).violations(event.data)
+
+
+def prove_schema(compiled, events, limit=MAX_LISTED):
+    """A schema's proof on the data: ``events`` (LiveEvents) -> (up to ``limit``
+    violations, each {"EventId", "field", "message"}; how many events do not validate)."""
+    violations, total = [], 0
+    for event in events:
+        found = compiled.violations(json.loads(event.doc + "}")["EventData"], limit)
+        if found:
+            total += 1
+            violations += [{"EventId": event.event_id, **error} for error in found[:limit - len(violations)]]
+    return violations, total
+
+
+def incompatible(event_type, violations, total):
+    return Problem(409, f"{total} live events of type {event_type!r} do not validate against the new Schema; "
+                        "nothing was changed. Violations lists the first of them.",
+                   Violations=violations, Total=total)
+
+
+def change_event_type(tx, event_type, change, compiled=None, proved_through=None):
+    """Apply an EventTypeChange (validated; ``compiled``: its schema's CompiledSchema)
+    in ``tx``: register the type or change it. A new or changed schema is proved on
+    every live event of the type (those above Sequence ``proved_through`` only, when
+    a proof from a snapshot with that head found the others valid): Problem 409 when
+    any does not validate. Every check before any write."""
+    registered = tx.lock_event_type(event_type)
+    if not registered and change.description is ABSENT:
+        raise bad_request("The event type is not registered; registering it needs a Description.",
+                          [field_error("Description", "is required to register a type")])
+    new_schema = change.schema not in (ABSENT, None) and not same_schema(tx, event_type, change) and change
+    if new_schema:
+        violations, total = prove_schema(compiled, tx.live_events_of_type(event_type, proved_through or 0)[1])
+        if total:
+            raise incompatible(event_type, violations, total)
+    if change.description is not ABSENT:
+        tx.register_event_type(event_type, change.description)
+    if new_schema or (change.schema is None and tx.rules.schema_version(event_type) is not None):
+        tx.set_type_schema(event_type, new_schema.schema_text if new_schema else None)
+    if change.retain_days is not ABSENT:
+        tx.set_retain_days(event_type, change.retain_days)
+
+
+def put_event_type(reads, write, event_type, change, dry_run=False):
+    """Register or change a type (docs/API.md §5a, §5b): ``change`` an EventTypeChange,
+    ``write(work)`` runs ``work(tx)`` in a durable write transaction -> the entry's
+    JSON text; with ``dry_run``, the proof's report (a dict) and nothing changed.
+
+    A new schema is proved on the type's live events first from a snapshot, outside
+    the write lock (a 409 costs other writes nothing), and then, in the write
+    transaction, only on the events changed since that snapshot: other writes wait
+    for those, not for the whole proof."""
+    if change.description is ABSENT and reads.type_state(event_type) is None:
+        raise bad_request("The event type is not registered; registering it needs a Description.",
+                          [field_error("Description", "is required to register a type")])
+    compiled, violations, total, proved_through = None, [], 0, None
+    if change.schema not in (ABSENT, None):
+        compiled = CompiledSchema(change.schema)
+        if not same_schema(reads, event_type, change):
+            proved_through, events = reads.live_events_of_type(event_type)
+            violations, total = prove_schema(compiled, events)
+    if dry_run:
+        return {"Compatible": total == 0, "Violations": violations, "Total": total}
+    if total:
+        raise incompatible(event_type, violations, total)
+
+    def register(tx):
+        change_event_type(tx, event_type, change, compiled, proved_through)
+        return tx.event_types_json(None, event_type)[1:-1]
+    return write(register)
+
+
+def same_schema(reads, event_type, change):
+    """Whether the change's schema is the type's current one (as canonical JSON)."""
+    state = reads.type_state(event_type)
+    if state is None or state.schema_version is None:
+        return False
+    current = reads.type_schema(event_type, state.schema_version)
+    return canonical_json(json.loads(current.schema)) == change.canonical
+
+
 # --- Events -------------------------------------------------------------------
 
-def put_event(tx, event, preconditions=None):
+def put_event(tx, event, preconditions=None, schemas=None, checked=None):
     """Create, update or replay ``event`` in transaction ``tx``.
 
     Returns ``(status, revision)``, status "created", "updated" or "unchanged".
     Raises Problem 404 (unregistered program), 400 (a type its program does
-    not take) or 412, always before writing.
+    not take, EventData its type's schema refuses) or 412, always before writing.
+    ``schemas``: the process's SchemaCache; ``checked``: precheck's outcome.
     """
-    return put_event_later(tx, event, preconditions).get()
+    return put_event_later(tx, event, preconditions, schemas, checked).get()
 
 
-def put_event_later(tx, event, preconditions=None):
+def put_event_later(tx, event, preconditions=None, schemas=None, checked=None):
     """put_event, its outcome a Later: the checks and the write now, what
     came of the write when asked (for a group commit's changes, after the
     group's other writes were sent)."""
@@ -772,6 +935,10 @@ def put_event_later(tx, event, preconditions=None):
     if not tx.rules.type_allowed(event.program_id, event.event_type):
         raise bad_request("The event is not valid; see errors.",
                           [unregistered_type_error(tx, event.program_id, event.event_type)])
+    violations = schema_violations(tx, schemas or SchemaCache(), event, checked)
+    if violations:
+        raise bad_request(f"The EventData does not validate against the Schema of {event.event_type!r}; "
+                          "see errors.", violations)
     current = None
     if preconditions:
         current = tx.current(event.event_id)
@@ -786,11 +953,12 @@ def put_event_later(tx, event, preconditions=None):
     return Later(outcome)
 
 
-def put_events(tx, indexed_events):
+def put_events(tx, indexed_events, schemas=None, checked=None):
     """A batch of distinct EventIds, all or nothing: [(index, EventInput)] ->
     [(status, revision)] in order. Raises Problem 404 listing every item of an
     unregistered program, or 400 every item of a type its program does not
-    take, before writing.
+    take or whose EventData its type's schema refuses, before writing.
+    ``checked``: precheck's outcome per item, in order (or None).
 
     One lookup per 500 events and two statements run many times, rather than a
     statement per event: the Sequences are handed out here, in request order."""
@@ -802,9 +970,14 @@ def put_events(tx, indexed_events):
                           index, event.event_id, [field_error("ProgramId", f"{event.program_id!r} is not registered")])])
     wrong_types = unregistered_type_errors(tx.rules, [(index, event.event_id, event.program_id, event.event_type)
                                                      for index, event in indexed_events])
-    if wrong_types:
-        raise bad_request(f"{len(wrong_types)} events name a type their program does not take; nothing was written.",
-                          wrong_types)
+    schemas = schemas or SchemaCache()
+    invalid = [error for (index, event), item_checked in zip(indexed_events, checked or [None] * len(indexed_events))
+               for error in batch_errors(index, event.event_id, schema_violations(tx, schemas, event, item_checked))]
+    if wrong_types or invalid:
+        failing = len({error["index"] for error in wrong_types + invalid})
+        raise bad_request(f"{failing} events name a type their program does not take or do not validate against "
+                          "their type's Schema; nothing was written.",
+                          sorted(wrong_types + invalid, key=lambda error: error["index"]))
     events = [event for _, event in indexed_events]
     current = tx.current_many([event.event_id for event in events])
     inserts, updates, results = [], [], []
@@ -833,13 +1006,11 @@ def delete_event(tx, event_id, preconditions=None):
 
 def erase_member(tx, program_id, member_id):
     """Tombstone every live event of one member in one program, each with its own
-    new Revision and Sequence. Returns how many. Raises Problem 404 before writing."""
+    new Revision and Sequence (erase_events, which retention shares). Returns how
+    many. Raises Problem 404 before writing."""
     if not tx.rules.program_exists(program_id):
         raise Problem(404, f"Program {program_id!r} is not registered.")
-    event_ids = tx.member_event_ids(program_id, member_id)
-    for event_id in event_ids:
-        tx.tombstone(event_id)
-    return len(event_ids)
+    return erase_events(tx, tx.member_event_ids(program_id, member_id))
 
 
 def import_tombstone(tx, event_id, event_type):
@@ -1111,6 +1282,24 @@ def _type_errors(req, items):
     return unregistered_type_errors(TypeRules(req.reads), candidates) if candidates else []
 
 
+def _schema_errors(req, items):
+    """For [(index or None, event_id, body)] that fail validation: the violations of
+    their EventData against their types' schemas in force now, so that the 400
+    lists them among the others (docs/API.md §5b). (Bodies that pass are checked
+    in the write transaction.)"""
+    errors, rules = [], TypeRules(req.reads)
+    for index, event_id, body in items:
+        if not isinstance(body, dict) or event_type_error(body.get("EventType")):
+            continue
+        data = {} if body.get("EventData") is None else body["EventData"]
+        version = rules.schema_version(body["EventType"])
+        if version is None or not isinstance(data, dict) or json_depth(data) > MAX_EVENT_DATA_DEPTH:
+            continue
+        found = compiled_schema(req.app.schemas, req.reads, body["EventType"], version).violations(data)
+        errors += found if index is None else batch_errors(index, event_id, found)
+    return errors
+
+
 def put_event_handler(req):
     event_id, program_id = _event_id_param(req)
     req.require("write", program_id)
@@ -1118,10 +1307,12 @@ def put_event_handler(req):
     try:
         event = validate_event(event_id, body)
     except Problem as problem:
-        problem.errors += _type_errors(req, [(None, event_id, body)])
+        problem.errors += _type_errors(req, [(None, event_id, body)]) + _schema_errors(req, [(None, event_id, body)])
         raise
     preconditions = req.preconditions()
-    status, revision = req.app.write(lambda tx: put_event_later(tx, event, preconditions),
+    schemas = req.app.schemas
+    checked = precheck(schemas, req.reads, event)
+    status, revision = req.app.write(lambda tx: put_event_later(tx, event, preconditions, schemas, checked),
                                      touched=lambda outcome: outcome[0] != "unchanged" and {
                                          (event.program_id, event.event_type)})
     return Response(200, [("Location", req.url(f"/events/{event_id}")), ("ETag", etag(revision))])
@@ -1145,11 +1336,13 @@ def post_events_handler(req):
         except Problem as problem:
             errors += batch_errors(index, event_id, problem.errors)
     if errors:
-        errors += _type_errors(req, batch)
+        errors += _type_errors(req, batch) + _schema_errors(req, batch)
         errors.sort(key=lambda error: error["index"])
         failing = len({e["index"] for e in errors})
         raise bad_request(f"{failing} of {len(batch)} events are not valid; nothing was written.", errors)
-    results = req.app.write(lambda tx: put_events(tx, events),
+    schemas = req.app.schemas
+    checked = [precheck(schemas, req.reads, event) for _, event in events]
+    results = req.app.write(lambda tx: put_events(tx, events, schemas, checked),
                             touched=lambda results: {(event.program_id, event.event_type) for (_, event), (
                                 status, _) in zip(events, results, strict=True) if status != "unchanged"},
                             seqs=len(events))
@@ -1275,13 +1468,28 @@ def get_event_type_handler(req):
 def put_event_type_handler(req):
     req.require_system()
     event_type = _event_type_param(req)
-    description = validate_event_type_body(req.json_body())
+    dry_run = parse_dry_run(req.query)
+    change = validate_event_type_body(req.json_body())
+    outcome = put_event_type(req.reads, lambda work: req.app.write(work, touched=lambda _: False, seqs=0),
+                             event_type, change, dry_run)
+    if dry_run:
+        return json_response(outcome)
+    return Response(200, [], outcome.encode("utf-8"), "application/json")
 
-    def register(tx):
-        tx.register_event_type(event_type, description)
-        return tx.event_types_json(None, event_type)[1:-1]
-    entry = req.app.write(register, touched=lambda _: False, seqs=0)
-    return Response(200, [], entry.encode("utf-8"), "application/json")
+
+def get_schema_version_handler(req):
+    """``GET /event-types/{EventType}/schemas/{n}``: one version of a type's schema."""
+    event_type = _event_type_param(req)
+    text = req.params["version"]
+    if not re.fullmatch(r"[1-9][0-9]{0,8}", text):
+        raise bad_request("The schema version is not valid.",
+                          [field_error("SchemaVersion", "expected a whole number from 1")])
+    found = req.reads.type_schema(event_type, int(text))
+    if found is None:
+        raise Problem(404, f"Event type {event_type!r} has no schema version {text}.")
+    body = (f'{{"EventType":{json_text(event_type)},"SchemaVersion":{found.version},"Schema":{found.schema},'
+            f'"CreatedUTC":"{format_datetime(found.created_us)}"}}')
+    return Response(200, [], body.encode("utf-8"), "application/json")
 
 
 def delete_event_type_handler(req):
@@ -1310,8 +1518,12 @@ def health_handler(req):
         except (Problem, *req.app.storage.errors):
             raise service_unavailable("The database answers reads but cannot take writes; writes get 503 "
                                       "until it can.", retry_after=5) from None
+    swept = req.reads.last_sweep(RetentionSweeper.NAME)
+    retention = {"intervalSeconds": req.app.retention_interval,
+                 "lastSweepUTC": swept and format_datetime(swept.finished_us), "erased": swept and swept.count}
     return json_response({"status": "ok", "backend": req.app.storage.backend, "schemaVersion": SCHEMA_VERSION,
-                          "longPolls": req.app.long_polls, **req.app.storage.health_details()})
+                          "longPolls": req.app.long_polls, "retention": retention,
+                          **req.app.storage.health_details()})
 
 
 def openapi_handler(req):
@@ -1323,6 +1535,7 @@ def openapi_handler(req):
 # ============================================================================
 
 AUTH, OPEN = True, False    # whether a route needs credentials
+RAW_PATH = "raw:"           # a pattern so marked matches the path as sent; its groups are decoded
 QUERY, NO_QUERY = True, False  # whether its handler reads the query string (or ignores it on
                                # purpose: probes add cache-busters to /health); a route that takes
                                # none answers 400 to any parameter (silence let `PUT ...?dryRun=1` write)
@@ -1342,8 +1555,12 @@ ROUTES = [
     ("DELETE", r"/programs/(?P<program_id>[^/]+)/members/(?P<member_id>.+)", erase_member_handler, AUTH, NO_QUERY),
     # Likewise an event type: "/" in it is sent as %2F and arrives decoded.
     ("GET", r"/event-types", list_event_types_handler, AUTH, QUERY),
+    # Matched on the path as sent (RAW_PATH), before percent-decoding: "%2F" in an
+    # event type never separates segments, so only literal ones name a version.
+    ("GET", RAW_PATH + r"/event-types/(?P<event_type>[^/]+)/schemas/(?P<version>[^/]+)", get_schema_version_handler,
+     AUTH, NO_QUERY),
     ("GET", r"/event-types/(?P<event_type>.+)", get_event_type_handler, AUTH, NO_QUERY),
-    ("PUT", r"/event-types/(?P<event_type>.+)", put_event_type_handler, AUTH, NO_QUERY),
+    ("PUT", r"/event-types/(?P<event_type>.+)", put_event_type_handler, AUTH, QUERY),
     ("DELETE", r"/event-types/(?P<event_type>.+)", delete_event_type_handler, AUTH, NO_QUERY),
 ]
 
@@ -1354,6 +1571,7 @@ class Route(NamedTuple):
     handler: object
     needs_auth: bool
     takes_query: bool
+    raw: bool  # matched on the path as sent (RAW_PATH)
 
 
 class Router:
@@ -1361,17 +1579,28 @@ class Router:
 
     def __init__(self, routes):
         # DOTALL: a percent-encoded line feed in a member id or event type is part of it.
-        self.routes = [Route(method, re.compile(pattern, re.DOTALL), handler, auth, query)
+        self.routes = [Route(method, re.compile(pattern.removeprefix(RAW_PATH), re.DOTALL), handler, auth, query,
+                             pattern.startswith(RAW_PATH))
                        for method, pattern, handler, auth, query in routes]
 
-    def match(self, method, path):
-        """-> (the Route, its path params); Problem 404, or 405 with Allow."""
+    def match(self, method, path, raw_path=None):
+        """-> (the Route, its path params); Problem 404, or 405 with Allow.
+        ``raw_path``: the path as sent, for RAW_PATH routes (None: ``path`` quoted)."""
         allowed = []
         for route in self.routes:
-            found = route.pattern.fullmatch(path)
+            if route.raw:
+                found = route.pattern.fullmatch(raw_path or urllib.parse.quote(path, safe="/"))
+                try:
+                    params = found and {name: urllib.parse.unquote(value, errors="strict")
+                                        for name, value in found.groupdict().items()}
+                except UnicodeError:  # not UTF-8 once decoded: as request_path, no route
+                    found = None
+            else:
+                found = route.pattern.fullmatch(path)
+                params = found and found.groupdict()
             if found:
                 if route.method == method or (method == "HEAD" and route.method == "GET"):
-                    return route, found.groupdict()
+                    return route, params
                 allowed.append(route.method)
         if not allowed:
             raise Problem(404, "There is no such resource.")
@@ -1387,6 +1616,24 @@ def request_path(environ):
     raw = environ.get("PATH_INFO", "") or "/"
     try:
         return raw.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return None
+
+
+def raw_request_path(environ, path):
+    """The app's part of the path as the client sent it, not percent-decoded, from
+    the host's REQUEST_URI or RAW_URI (waitress, gunicorn and uWSGI give one), when
+    it agrees with ``path``; else None (PEP 3333 gives only the decoded path)."""
+    uri = environ.get("REQUEST_URI") or environ.get("RAW_URI")
+    if not uri:
+        return None
+    raw = urllib.parse.urlsplit(uri).path if not uri.startswith("/") else uri.partition("?")[0]
+    mount = environ.get("SCRIPT_NAME", "").rstrip("/").count("/")
+    if mount:
+        parts = raw.split("/", mount + 1)
+        raw = "/" + parts[mount + 1] if len(parts) > mount + 1 else "/"
+    try:
+        return raw if urllib.parse.unquote(raw, errors="strict") == path else None
     except UnicodeError:
         return None
 
@@ -1453,7 +1700,11 @@ class EventStore:
 
     def __init__(self, db, *, max_body_bytes=DEFAULT_MAX_BODY, max_waiting=None, write_timeout=10.0,
                  max_waiting_writes=4, busy_timeout_ms=5000, auth_cache_seconds=AUTH_CACHE_SECONDS,
-                 max_auth_failures=10, poll_interval=0.025, clock=now_us, throttle=None, openapi=None, routes=ROUTES):
+                 max_auth_failures=10, poll_interval=0.025, retention_interval=3600, clock=now_us, throttle=None,
+                 openapi=None, routes=ROUTES):
+        if isinstance(retention_interval, bool) or not isinstance(retention_interval, int) or retention_interval < 1:
+            raise ValueError("retention_interval is a whole number of seconds, at least 1")
+        self.retention_interval = retention_interval
         self.storage = open_storage(db, busy_timeout_ms)
         warn_if_no_users(self.storage)
         self.throttle = throttle if throttle is not None else shared_throttle(
@@ -1469,7 +1720,8 @@ class EventStore:
         _APPS.add(self)
 
     def _start_process(self):
-        """What belongs to one process: the writer thread, the long polls, locks."""
+        """What belongs to one process: the writer thread, the long polls, locks, the
+        compiled schemas, the engines (made here, started by start())."""
         # Every commit made through this app wakes the long polls it may match at
         # once; other processes' commits reach them through the news's watcher.
         self.news = CommitNews(self.storage, self.poll_interval)
@@ -1478,7 +1730,18 @@ class EventStore:
         self._auth_cache = {}
         self.writer = GroupCommitWriter(self.storage.session, self.clock, on_commit=self.news.committed,
                                         timeout=self.write_timeout, max_waiting=self.max_waiting_writes)
+        self.schemas = SchemaCache()
+        self.engines = [RetentionSweeper(self.storage, self.writer, self.retention_interval, self.clock)]
+        self._engines_started = False
         self._pid = os.getpid()
+
+    def start(self):
+        """Start this process's engines (the retention sweeper), once: serve.py calls
+        it at start-up; an embedding host's first request in a process does."""
+        if not self._engines_started:
+            self._engines_started = True
+            for engine in self.engines:
+                engine.start()
 
     def _after_fork(self):
         """This process is a fork of the one that made the app (gunicorn --preload,
@@ -1510,8 +1773,10 @@ class EventStore:
         return self.news.waiting
 
     def close(self):
-        """Stop the writer and close the storage."""
+        """Stop the engines and the writer, and close the storage."""
         self.end_long_polls()
+        for engine in self.engines:
+            engine.stop()
         self.writer.stop()
         self.storage.close()
 
@@ -1573,7 +1838,7 @@ class EventStore:
         path = request_path(environ)
         if path is None:
             raise Problem(404, "There is no such resource.")
-        route, params = self.router.match(method, path)
+        route, params = self.router.match(method, path, raw_request_path(environ, path))
         query_string = environ.get("QUERY_STRING")
         query = urllib.parse.parse_qsl(query_string, keep_blank_values=True) if query_string else []
         req = Request(self, method, path, params, query, environ)
@@ -1629,6 +1894,8 @@ class EventStore:
     def __call__(self, environ, start_response):
         if self._pid != os.getpid():
             self._after_fork()
+        if not self._engines_started:
+            self.start()
         try:
             response = self.handle(environ)
         except Problem as problem:
@@ -1654,7 +1921,7 @@ class EventStore:
 
 def make_app(db, *, max_body_bytes=DEFAULT_MAX_BODY, max_waiting=None, write_timeout=10.0, max_waiting_writes=4,
              busy_timeout_ms=5000, auth_cache_seconds=AUTH_CACHE_SECONDS, max_auth_failures=10,
-             poll_interval=0.025, clock=now_us, throttle=None, openapi=None, routes=ROUTES):
+             poll_interval=0.025, retention_interval=3600, clock=now_us, throttle=None, openapi=None, routes=ROUTES):
     """The WSGI application over ``db``: a SQLite file (created if missing), a
     ``postgresql://`` URL, or a storage object.
 
@@ -1675,6 +1942,11 @@ def make_app(db, *, max_body_bytes=DEFAULT_MAX_BODY, max_waiting=None, write_tim
       60 s before 429s (0: no throttling).
     - ``poll_interval``: seconds between looks for other processes' commits
       while long polls wait.
+    - ``retention_interval``: whole seconds between the retention sweeper's
+      looks for expired events (docs/API.md §5b); it also looks soon after start.
+
+    The engines (the retention sweeper) start on the app's first request in a
+    process, or when the host calls ``app.start()``; ``app.close()`` stops them.
 
     Collaborators, for tests and extensions: ``clock`` (microseconds since the
     epoch), ``throttle`` (an AuthThrottle, in place of the one made from
@@ -1683,8 +1955,9 @@ def make_app(db, *, max_body_bytes=DEFAULT_MAX_BODY, max_waiting=None, write_tim
     return EventStore(db, max_body_bytes=max_body_bytes, max_waiting=max_waiting, write_timeout=write_timeout,
                       max_waiting_writes=max_waiting_writes, busy_timeout_ms=busy_timeout_ms,
                       auth_cache_seconds=auth_cache_seconds,
-                      max_auth_failures=max_auth_failures, poll_interval=poll_interval, clock=clock,
-                      throttle=throttle, openapi=openapi, routes=routes)
+                      max_auth_failures=max_auth_failures, poll_interval=poll_interval,
+                      retention_interval=retention_interval, clock=clock, throttle=throttle, openapi=openapi,
+                      routes=routes)
 
 
 if __name__ == "__main__":  # the admin command line lives in eventstore_admin.py

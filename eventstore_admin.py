@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 
 from eventstore import (DEFAULT_DB, EVENT_ID_RE, EVENT_ID_RULE, USER_ID_RE, _text_error, add_key, add_user,
-                        event_type_error, format_datetime, import_tombstone, open_storage, parse_json,
-                        program_id_error, program_of, put_event_later, render_event, unregister_event_type,
-                        unregistered_type_error, validate_event, validate_event_type_body)
+                        compiled_schema, event_type_error, format_datetime, import_tombstone, open_storage, parse_json,
+                        program_id_error, program_of, put_event_later, put_event_type, render_event,
+                        unregister_event_type, unregistered_type_error, validate_event, validate_event_type_body)
+from eventstore_schemas import SchemaCache
 from eventstore_errors import Problem, bad_request
 from eventstore_storage import (POSTGRES_SCHEMES, Backups, StorageOpenError, TypeRules, now_us, safe_db_name,
                                 safe_text)
@@ -157,15 +158,67 @@ def _event_type_arg(event_type):
     return event_type
 
 
+FLAGS = {"Description": "--description", "Schema": "--schema", "RetainDays": "--retain-days"}
+
+
 def cmd_type_add(session, args, out):
     event_type = _event_type_arg(args.event_type)
+    body = {}
+    if args.description is not None:
+        body["Description"] = args.description
+    if args.schema is not None:
+        try:
+            with open(args.schema, "rb") as schema_file:
+                body["Schema"] = parse_json(schema_file.read())
+        except Problem as problem:
+            raise CommandError(f"--schema {args.schema}: {problem.detail}") from None
+    elif args.no_schema:
+        body["Schema"] = None
+    if args.retain_days is not None:
+        body["RetainDays"] = args.retain_days
+    elif args.no_retain_days:
+        body["RetainDays"] = None
+    if not body:
+        raise CommandError("nothing to do: give --description, --schema, --no-schema, --retain-days or "
+                           "--no-retain-days")
+
+    def write(work):
+        with session.transaction(now_us()) as tx:
+            return work(tx)
     try:
-        description = validate_event_type_body({"Description": args.description})
+        change = validate_event_type_body(body)
+        outcome = put_event_type(session, write, event_type, change, args.dry_run)
     except Problem as problem:
-        raise CommandError("--description " + problem.errors[0]["message"]) from None
-    with session.transaction(now_us()) as tx:
-        tx.register_event_type(event_type, description)
-    print(f"event type {event_type} registered", file=sys.stderr)
+        print(_problem_lines(problem, FLAGS), file=sys.stderr)
+        raise CommandError(problem.detail) from None
+    if args.dry_run:
+        print(json.dumps(outcome, ensure_ascii=False, indent=2), file=out)
+        print(f"dry run: the schema is {'compatible with' if outcome['Compatible'] else 'refused by'} the "
+              f"{event_type} events stored ({outcome['Total']} do not validate); nothing was changed",
+              file=sys.stderr)
+        if not outcome["Compatible"]:
+            raise CommandError("the schema does not validate every live event of the type")
+        return
+    entry = json.loads(outcome)
+    said = [f"schema version {entry['SchemaVersion']}" if entry["SchemaVersion"] else "no schema",
+            f"kept {entry['RetainDays']} days" if entry["RetainDays"] else "kept for ever"]
+    print(f"event type {event_type} registered ({', '.join(said)})", file=sys.stderr)
+
+
+def _problem_lines(problem, flags):
+    """A problem's errors (and a 409's violations), one per line, fields named as flags."""
+    lines = [f"{flags.get(error['field'], error['field'])}: {error['message']}" for error in problem.errors or ()]
+    lines += [f"{violation['EventId']}: {violation['field']}: {violation['message']}"
+              for violation in problem.members.get("Violations", ())]
+    return "\n".join(lines) or problem.detail
+
+
+def cmd_type_show(session, args, out):
+    event_type = _event_type_arg(args.event_type)
+    entries = json.loads(session.event_types_json(None, event_type))
+    if not entries:
+        raise CommandError(f"no event type {event_type}: neither registered nor used")
+    print(json.dumps(entries[0], ensure_ascii=False, indent=2), file=out)
 
 
 def _escape(text):
@@ -321,7 +374,8 @@ def _read_lines(path):
 
 def cmd_import(session, args, out):
     registered = {program.program_id for program in session.list_programs()}
-    rules = TypeRules(session)  # what programs take, read once for the check
+    rules = TypeRules(session)  # what programs take and types' schemas, read once for the check
+    schemas = SchemaCache()
     # First pass: check every line, import nothing if any is bad.
     bad, total = [], 0
     checking = Progress("checking")
@@ -331,6 +385,11 @@ def cmd_import(session, args, out):
             kind, value = parse_import_line(line, registered)
             if kind == "put" and not rules.type_allowed(value.program_id, value.event_type):
                 raise bad_request("", [unregistered_type_error(session, value.program_id, value.event_type)])
+            if kind == "put" and rules.schema_version(value.event_type) is not None:
+                violations = compiled_schema(schemas, session, value.event_type,
+                                             rules.schema_version(value.event_type)).violations(value.data)
+                if violations:
+                    raise bad_request("", violations)
         except Problem as problem:
             bad.append(f"line {number}: {_problem_text(problem)}")
         if total % 1000 == 0:
@@ -350,7 +409,8 @@ def cmd_import(session, args, out):
             for number, line in chunk:
                 kind, value = parse_import_line(line, registered)
                 try:
-                    applied.append(put_event_later(tx, value) if kind == "put" else import_tombstone(tx, *value))
+                    applied.append(put_event_later(tx, value, schemas=schemas) if kind == "put"
+                                   else import_tombstone(tx, *value))
                 except Problem as problem:  # a program's rules changed since the check
                     raise CommandError(f"line {number}: {_problem_text(problem)}; the {done:,} lines before "
                                        "its transaction were imported") from None
@@ -404,10 +464,24 @@ def build_parser():
 
     event_type = groups.add_parser("type", help="the event-type catalogue").add_subparsers(
         dest="command", required=True, metavar="COMMAND")
-    sub = command(event_type, "add", cmd_type_add, "register an event type, or change its description")
+    sub = command(event_type, "add", cmd_type_add,
+                  "register an event type, or change its description, schema or retention")
     sub.add_argument("event_type", metavar="EVENT_TYPE")
-    sub.add_argument("--description", required=True, metavar="TEXT",
-                     help="what the type means and who publishes it (1-2000 characters)")
+    sub.add_argument("--description", metavar="TEXT",
+                     help="what the type means and who publishes it (1-2000 characters; needed to register)")
+    schema = sub.add_mutually_exclusive_group()
+    schema.add_argument("--schema", metavar="FILE.json",
+                        help="a JSON Schema for the events' EventData, proved on every live event of the type first")
+    schema.add_argument("--no-schema", action="store_true", help="remove the type's schema")
+    sub.add_argument("--dry-run", action="store_true",
+                     help="only prove --schema on the stored events and print the report; change nothing")
+    retain = sub.add_mutually_exclusive_group()
+    retain.add_argument("--retain-days", type=_positive_int, metavar="N",
+                        help="erase the type's events N days after their last change (1-36500)")
+    retain.add_argument("--no-retain-days", action="store_true", help="keep the type's events for ever")
+    sub = command(event_type, "show", cmd_type_show,
+                  "print a type's entry as JSON: description, counts, schema and its version, RetainDays")
+    sub.add_argument("event_type", metavar="EVENT_TYPE")
     command(event_type, "list", cmd_type_list,
             "list every registered or used type: name, registered or unregistered, PROGRAM=live events "
             "(- for none), description; tab-separated, with \\, tab and line feed escaped as \\\\, \\t, \\n")

@@ -37,12 +37,14 @@ import psycopg_pool
 from psycopg import errors as pg_errors
 from psycopg import pq
 
-from eventstore_storage import (EVENT_COLUMNS, SCHEMA_VERSION, Change, CommitWatch, EventRow, EventState, Failure,
-                                KeyInfo, KeyRow, ProgramRow, Reads, SequencesExhausted, Session, Storage,
-                                StorageOpenError, Transaction, TypeRules, UserRow, data_path, event_row, safe_db_name)
+from eventstore_storage import (EVENT_COLUMNS, SCHEMA_VERSION, Change, CommitWatch, EventKey, EventRow, EventState,
+                                Failure, KeyInfo, KeyRow, LiveEvent, ProgramRow, Reads, SchemaRow, SequencesExhausted,
+                                Session, Storage, StorageOpenError, SweepRow, Transaction, TypeRules, TypeState,
+                                UserRow, data_path, event_row, safe_db_name)
 
 SCHEMA_PATH = data_path("schema-postgres.sql")
 SCHEMA_LOCK = 7310581      # advisory lock id: one process applies the schema at a time
+TYPE_LOCKS = 7310583       # advisory locks (TYPE_LOCKS, hashtext(type)): a type's writers against its schema's change
 NOTIFY_CHANNEL = "eventstore"
 PROGRAMS_READ_AT_BEGIN = 1000  # up to this many programs, a write transaction reads them all at BEGIN
 RECHECK_SECONDS = 0.25     # the commit watch looks even without a notification this often (at least)
@@ -171,6 +173,56 @@ class PostgresReads(Reads):
     def type_registered(self, event_type):
         return self._one("SELECT 1 FROM event_types WHERE event_type = %s", (event_type,)) is not None
 
+    def type_state(self, event_type):
+        row = self._one("SELECT schema_version, retain_days FROM event_types WHERE event_type = %s", (event_type,))
+        return row and TypeState._make(row)
+
+    def type_schema(self, event_type, version):
+        row = self._one("SELECT schema, created_us FROM event_type_schemas WHERE event_type = %s AND version = %s",
+                        (event_type, version))
+        return row and SchemaRow(event_type, version, *row)
+
+    def live_events_of_type(self, event_type, after=0):
+        if self.conn is not None:  # a write transaction's own view: everything committed before its lock
+            return self.last_sequence(), (LiveEvent._make(row) for row in self._all(
+                self.LIVE_OF_TYPE, {"type": event_type, "after": after}))
+        conn = self._connection()
+        scope = conn.transaction()
+        scope.__enter__()
+        try:
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            head = conn.execute(f"SELECT COALESCE(MAX(seq), 0) FROM events WHERE {BARRIER}").fetchone()[0]
+        except BaseException as exc:
+            scope.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        return head, self._walk_live(conn, scope, event_type, after)
+
+    # Through events_by_type: per program that has live events of the type.
+    LIVE_OF_TYPE = ("SELECT event_id, doc FROM events WHERE event_type = %(type)s AND seq > %(after)s AND NOT deleted"
+                    " AND program_id = ANY(ARRAY(SELECT program_id FROM event_type_counts"
+                    " WHERE event_type = %(type)s AND events > 0))")
+
+    def _walk_live(self, conn, scope, event_type, after):
+        """The rows of live_events_of_type's snapshot (a head above which nothing is missed:
+        every Sequence at or below the barrier's head was committed before the snapshot)."""
+        try:
+            with conn.cursor(name="eventstore_live_of_type") as cursor:
+                cursor.itersize = 1000
+                cursor.execute(self.LIVE_OF_TYPE, {"type": event_type, "after": after})
+                for row in cursor:
+                    yield LiveEvent._make(row)
+        except BaseException as exc:
+            scope.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        scope.__exit__(None, None, None)
+
+    def retained_types(self):
+        return self._one("SELECT COUNT(*) FROM event_types WHERE retain_days IS NOT NULL")[0]
+
+    def last_sweep(self, name):
+        row = self._one("SELECT finished_us, count FROM sweeps WHERE name = %s", (name,))
+        return row and SweepRow._make(row)
+
     def registered_types(self, limit):
         names = [row[0] for row in self._all(
             "SELECT event_type FROM event_types ORDER BY event_type LIMIT %s", (limit,))]
@@ -196,11 +248,16 @@ class PostgresReads(Reads):
                                                             ORDER BY counted."ProgramId" COLLATE "C") || ']', '[]')::json
                           FROM (SELECT program_id AS "ProgramId", events AS "Events" FROM event_type_counts
                                 WHERE event_type = listed.event_type AND events > 0 AND {in_programs}) AS counted)
-                         AS "Programs"
+                         AS "Programs",
+                         schemas.schema::json AS "Schema", registered.schema_version AS "SchemaVersion",
+                         registered.retain_days AS "RetainDays"
                   FROM (SELECT event_type FROM event_types WHERE {one}
                         UNION SELECT event_type FROM event_type_counts WHERE events > 0 AND {one} AND {in_programs})
                        AS listed
-                  LEFT JOIN event_types AS registered USING (event_type)) AS entry""", params)[0]
+                  LEFT JOIN event_types AS registered USING (event_type)
+                  LEFT JOIN event_type_schemas AS schemas
+                      ON schemas.event_type = registered.event_type AND schemas.version = registered.schema_version)
+                 AS entry""", params)[0]
 
     # Events and the feed
 
@@ -707,11 +764,70 @@ class PostgresTransaction(PostgresReads, Transaction):
         return self._one("SELECT 1 FROM event_types WHERE event_type = %s FOR KEY SHARE",
                          (event_type,)) is not None
 
+    def type_state(self, event_type):
+        """The type's TypeState, held until this transaction ends: its advisory lock
+        shared (a change of its schema takes it exclusively, registered or not, and
+        waits for this transaction: see lock_event_type), then its row for key share
+        (as type_registered). Read after the lock, so a schema changed meanwhile is seen."""
+        # One round trip: two statements in one simple query, each with its own snapshot.
+        with psycopg.ClientCursor(self.conn) as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock_shared(%s, hashtext(%s));"
+                           " SELECT schema_version, retain_days FROM event_types WHERE event_type = %s FOR KEY SHARE",
+                           (TYPE_LOCKS, event_type, event_type), prepare=False)
+            cursor.nextset()
+            row = cursor.fetchone()
+        return row and TypeState._make(row)
+
     def lock_event_type(self, event_type):
-        """Whether ``event_type`` is registered, locked for its removal: after
-        every transaction that wrote it (each holds it, see type_registered) has
-        ended, so that the next statement sees their events."""
+        """Whether ``event_type`` is registered, locked for its removal or a change of
+        its schema: after every transaction that wrote it (each holds it, see
+        type_state and type_registered) has ended, so that the next statement sees
+        their events, and before any other writes it."""
+        self._one("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (TYPE_LOCKS, event_type))
         return self._one("SELECT 1 FROM event_types WHERE event_type = %s FOR UPDATE", (event_type,)) is not None
+
+    def set_type_schema(self, event_type, schema):
+        version = None
+        if schema is not None:
+            version = self._write(
+                "INSERT INTO event_type_schemas (event_type, version, schema, created_us)"
+                " SELECT %(type)s, COALESCE(MAX(version), 0) + 1, %(schema)s, %(now)s FROM event_type_schemas"
+                " WHERE event_type = %(type)s RETURNING version",
+                {"type": event_type, "schema": schema, "now": self.now}).fetchone()[0]
+        self._write("UPDATE event_types SET schema_version = %s, updated_us = %s WHERE event_type = %s",
+                    (version, self.now, event_type))
+        return version
+
+    def set_retain_days(self, event_type, days):
+        self._write("UPDATE event_types SET retain_days = %s, updated_us = %s WHERE event_type = %s",
+                    (days, self.now, event_type))
+
+    def expired_events(self, limit):
+        # Through events_by_age: per retained type, the range of its live events older than its cutoff.
+        return [EventKey._make(row) for row in self._all(
+            "SELECT e.event_id, e.program_id, e.event_type FROM event_types AS t"
+            " CROSS JOIN LATERAL (SELECT event_id, program_id, event_type FROM events"
+            " WHERE event_type = t.event_type AND NOT deleted AND updated_us < %s - t.retain_days * 86400000000::bigint"
+            " LIMIT %s) AS e WHERE t.retain_days IS NOT NULL LIMIT %s", (self.now, limit, limit))]
+
+    def take_lease(self, name, holder, seconds):
+        return self._write(
+            "INSERT INTO leases (name, holder, expires_us) VALUES (%(name)s, %(holder)s, %(now)s + %(ttl)s)"
+            " ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_us = excluded.expires_us"
+            " WHERE leases.holder = excluded.holder OR leases.expires_us <= %(now)s RETURNING holder",
+            {"name": name, "holder": holder, "now": self.now, "ttl": int(seconds * 1_000_000)}).fetchone() is not None
+
+    def holds_lease(self, name, holder):
+        return self._one("SELECT 1 FROM leases WHERE name = %s AND holder = %s AND expires_us > %s FOR SHARE",
+                         (name, holder, self.now)) is not None
+
+    def release_lease(self, name, holder):
+        self._write("DELETE FROM leases WHERE name = %s AND holder = %s", (name, holder))
+
+    def record_sweep(self, name, count):
+        self._write("INSERT INTO sweeps (name, finished_us, count) VALUES (%s, %s, %s) ON CONFLICT (name)"
+                    " DO UPDATE SET finished_us = excluded.finished_us, count = excluded.count",
+                    (name, self.now, count))
 
     def delete_event_type(self, event_type):
         self._write("DELETE FROM event_types WHERE event_type = %s", (event_type,))

@@ -18,8 +18,9 @@ import threading
 import itertools
 
 from eventstore_storage import (EVENT_COLUMNS, SCHEMA_VERSION, Backups, Change, CommitWatch, EventRow, EventState,
-                                Failure, KeyInfo, KeyRow, ProgramRow, Reads, Session, Storage, StorageOpenError,
-                                Transaction, TypeRules, UserRow, data_path, event_row)
+                                EventKey, Failure, KeyInfo, KeyRow, LiveEvent, ProgramRow, Reads, SchemaRow, Session,
+                                Storage, StorageOpenError, SweepRow, Transaction, TypeRules, TypeState, UserRow, data_path,
+                                event_row)
 
 SCHEMA_PATH = data_path("schema.sql")
 
@@ -195,7 +196,7 @@ def apply_schema(conn):
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version == SCHEMA_VERSION:
             return
-        if version and version < 2:
+        if version and version < SCHEMA_VERSION:
             log.warning("upgrading the database schema from version %d to %d", version, SCHEMA_VERSION)
         for statement in _upgrade_statements(conn, version):
             conn.execute(statement)
@@ -207,6 +208,10 @@ def _upgrade_statements(conn, version):
     columns = {row[1] for row in conn.execute("PRAGMA table_info(programs)")}
     if columns and "registered_types_only" not in columns:  # a version-1 programs table
         yield "ALTER TABLE programs ADD COLUMN registered_types_only INTEGER NOT NULL DEFAULT 0"
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(event_types)")}
+    for column in ("schema_version", "retain_days"):  # a version-2 event_types table
+        if columns and column not in columns:
+            yield f"ALTER TABLE event_types ADD COLUMN {column} INTEGER"
     yield from _statements(SCHEMA_PATH.read_text(encoding="utf-8"))
     if version < 2:  # counts of the events written before the triggers kept them
         yield "DELETE FROM event_type_counts"
@@ -300,6 +305,50 @@ class SQLiteReads(Reads):
         return self.conn.execute("SELECT 1 FROM event_types WHERE event_type = ?",
                                  (event_type,)).fetchone() is not None
 
+    def type_state(self, event_type):
+        row = self.conn.execute("SELECT schema_version, retain_days FROM event_types WHERE event_type = ?",
+                                (event_type,)).fetchone()
+        return row and TypeState._make(row)
+
+    def type_schema(self, event_type, version):
+        row = self.conn.execute("SELECT schema, created_us FROM event_type_schemas WHERE event_type = ? AND version = ?",
+                                (event_type, version)).fetchone()
+        return row and SchemaRow(event_type, version, *row)
+
+    def live_events_of_type(self, event_type, after=0):
+        if self.conn.in_transaction:  # a write transaction's own view
+            return self.last_sequence(), self._live_events_of_type(event_type, after)
+        self.conn.execute("BEGIN")  # one snapshot for the head and the walk; ended by the walk
+        try:
+            head = self.last_sequence()
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        return head, self._live_events_of_type(event_type, after, snapshot=True)
+
+    def _live_events_of_type(self, event_type, after, snapshot=False):
+        try:
+            programs = [row[0] for row in self.conn.execute(
+                "SELECT program_id FROM event_type_counts WHERE event_type = ? AND events > 0 ORDER BY program_id",
+                (event_type,))]
+            for program_id in programs:
+                # "+deleted": through events_by_type (program, type, then seq), not events_by_age.
+                cursor = self.conn.execute(
+                    "SELECT event_id, doc FROM events WHERE program_id = ? AND event_type = ? AND seq > ?"
+                    " AND +deleted = 0", (program_id, event_type, after))
+                while rows := cursor.fetchmany(500):
+                    yield from map(LiveEvent._make, rows)
+        finally:
+            if snapshot and self.conn.in_transaction:
+                self.conn.execute("COMMIT")
+
+    def retained_types(self):
+        return self.conn.execute("SELECT COUNT(*) FROM event_types WHERE retain_days IS NOT NULL").fetchone()[0]
+
+    def last_sweep(self, name):
+        row = self.conn.execute("SELECT finished_us, count FROM sweeps WHERE name = ?", (name,)).fetchone()
+        return row and SweepRow._make(row)
+
     def registered_types(self, limit):
         names = [row[0] for row in self.conn.execute(
             "SELECT event_type FROM event_types ORDER BY event_type LIMIT ?", (limit,))]
@@ -329,11 +378,17 @@ class SQLiteReads(Reads):
                 'Programs', json((SELECT json_group_array(json_object('ProgramId', program_id, 'Events', events))
                                   FROM (SELECT program_id, events FROM event_type_counts
                                         WHERE event_type = listed.event_type AND events > 0{in_programs}
-                                        ORDER BY program_id)))))
+                                        ORDER BY program_id))),
+                'Schema', json(schemas.schema),
+                'SchemaVersion', registered.schema_version,
+                'RetainDays', registered.retain_days))
             FROM (SELECT event_type FROM event_types WHERE 1 = 1{one}
                   UNION SELECT event_type FROM event_type_counts WHERE events > 0{one}{in_programs}
                   ORDER BY event_type) AS listed
-            LEFT JOIN event_types AS registered USING (event_type)""", params).fetchone()[0]
+            LEFT JOIN event_types AS registered USING (event_type)
+            LEFT JOIN event_type_schemas AS schemas
+                ON schemas.event_type = registered.event_type AND schemas.version = registered.schema_version""",
+                                 params).fetchone()[0]
 
     # Events and the feed
 
@@ -586,6 +641,49 @@ class SQLiteTransaction(SQLiteReads, Transaction):
     def lock_event_type(self, event_type):
         """Whether ``event_type`` is registered (the write lock already keeps it so)."""
         return self.type_registered(event_type)
+
+    def set_type_schema(self, event_type, schema):
+        version = None
+        if schema is not None:
+            version = self.conn.execute(
+                "INSERT INTO event_type_schemas (event_type, version, schema, created_us)"
+                " SELECT ?, COALESCE(MAX(version), 0) + 1, ?, ? FROM event_type_schemas WHERE event_type = ?"
+                " RETURNING version", (event_type, schema, self.now, event_type)).fetchone()[0]
+        self.conn.execute("UPDATE event_types SET schema_version = ?, updated_us = ? WHERE event_type = ?",
+                          (version, self.now, event_type))
+        return version
+
+    def set_retain_days(self, event_type, days):
+        self.conn.execute("UPDATE event_types SET retain_days = ?, updated_us = ? WHERE event_type = ?",
+                          (days, self.now, event_type))
+
+    def expired_events(self, limit):
+        # Through events_by_age: per retained type, the range of its live events
+        # older than its cutoff (CROSS JOIN: SQLite keeps the types as the outer loop).
+        return [EventKey._make(row) for row in self.conn.execute(
+            "SELECT e.event_id, e.program_id, e.event_type FROM event_types AS t"
+            " CROSS JOIN events AS e ON e.event_type = t.event_type AND e.deleted = 0"
+            " AND e.updated_us < ? - t.retain_days * 86400000000"
+            " WHERE t.retain_days IS NOT NULL LIMIT ?", (self.now, limit))]
+
+    def take_lease(self, name, holder, seconds):
+        return self.conn.execute(
+            "INSERT INTO leases (name, holder, expires_us) VALUES (:name, :holder, :now + :ttl)"
+            " ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_us = excluded.expires_us"
+            " WHERE leases.holder = excluded.holder OR leases.expires_us <= :now RETURNING holder",
+            {"name": name, "holder": holder, "now": self.now, "ttl": int(seconds * 1_000_000)}).fetchone() is not None
+
+    def holds_lease(self, name, holder):
+        return self.conn.execute("SELECT 1 FROM leases WHERE name = ? AND holder = ? AND expires_us > ?",
+                                 (name, holder, self.now)).fetchone() is not None
+
+    def release_lease(self, name, holder):
+        self.conn.execute("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder))
+
+    def record_sweep(self, name, count):
+        self.conn.execute("INSERT INTO sweeps (name, finished_us, count) VALUES (?, ?, ?) ON CONFLICT (name)"
+                          " DO UPDATE SET finished_us = excluded.finished_us, count = excluded.count",
+                          (name, self.now, count))
 
     def strict_users_of_type(self, event_type):
         return self.conn.execute(

@@ -14,7 +14,8 @@ eventstore_pg.py; neither imports the app.
     storage.retryable(exc)          whether a transaction that raised it may run again
 
 What crosses the seam: EventInput and FeedQuery go down (a write, a feed page);
-KeyRow, EventState, EventRow, ProgramRow, UserRow, KeyInfo and Change come up.
+KeyRow, EventState, EventRow, ProgramRow, UserRow, KeyInfo, Change, TypeState,
+SchemaRow, LiveEvent, EventKey and SweepRow come up.
 Opening a storage raises StorageOpenError, whatever the backend. A backend that
 can copy itself consistently while in use (SQLite) is also a Backups.
 """
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def now_us():
@@ -84,6 +85,7 @@ class EventInput(NamedTuple):
     doc: str  # the representation up to "Deleted" (see schema.sql), EventData in the client's key order
     ref_event_id: str | None
     content_hash: bytes  # of the canonical content, for the replay rule
+    data: dict | None = None  # the parsed EventData, for its type's schema (not stored as such)
 
 
 @dataclass(frozen=True)
@@ -174,6 +176,44 @@ class Change(NamedTuple):
     event_type: str
 
 
+class TypeState(NamedTuple):
+    """A registered event type's rules (docs/API.md §5b)."""
+
+    schema_version: int | None  # its current schema's version, None without one
+    retain_days: int | None
+
+
+class SchemaRow(NamedTuple):
+    """One version of an event type's schema (kept after the type is unregistered)."""
+
+    event_type: str
+    version: int
+    schema: str  # its JSON text, as it was sent
+    created_us: int
+
+
+class LiveEvent(NamedTuple):
+    """A live event as a schema's proof reads it."""
+
+    event_id: str
+    doc: str  # the representation up to "Deleted" (see EventRow)
+
+
+class EventKey(NamedTuple):
+    """Which event: its id, program and type (what a change touches)."""
+
+    event_id: str
+    program_id: str
+    event_type: str
+
+
+class SweepRow(NamedTuple):
+    """What the last sweep of an engine (the retention sweeper) did."""
+
+    finished_us: int
+    count: int
+
+
 class Reads:
     """What the app reads; a backend's reads implement every method."""
 
@@ -212,6 +252,33 @@ class Reads:
     def type_registered(self, event_type):
         """Whether ``event_type`` is registered (in a transaction: and held so until it
         ends)."""
+        raise NotImplementedError
+
+    def type_state(self, event_type):
+        """-> the TypeState of a registered type, or None. In a transaction, also
+        holds the type against a change of its schema (PostgreSQL; see
+        lock_event_type) until the transaction ends, so that a schema proved on
+        the data never misses an event written meanwhile."""
+        raise NotImplementedError
+
+    def type_schema(self, event_type, version):
+        """-> the SchemaRow of one version of a type's schema, or None."""
+        raise NotImplementedError
+
+    def live_events_of_type(self, event_type, after=0):
+        """-> (head, an iterator of LiveEvent): every live event of ``event_type`` whose
+        Sequence is above ``after``, read through the (program, type) index from one
+        snapshot, and that snapshot's head: every change at or below it is in the
+        snapshot, every later one is above it. (In a transaction: its own view.) The
+        iterator must be read to its end."""
+        raise NotImplementedError
+
+    def retained_types(self):
+        """How many registered types have a RetainDays."""
+        raise NotImplementedError
+
+    def last_sweep(self, name):
+        """-> the SweepRow of the last sweep recorded under ``name``, or None."""
         raise NotImplementedError
 
     def registered_types(self, limit):
@@ -333,7 +400,42 @@ class Transaction(Reads):
 
     def lock_event_type(self, event_type):
         """Whether ``event_type`` is registered, locked against writes of it until this
-        transaction ends."""
+        transaction ends: every transaction that wrote it has ended, and any other
+        waits (for removing it, and for changing its schema; registered or not)."""
+        raise NotImplementedError
+
+    def set_type_schema(self, event_type, schema):
+        """Store ``schema`` (JSON text) as the type's next schema version (one more than
+        any version it ever had) and make it current -> the version. None: the type
+        has no schema from now on (its versions stay)."""
+        raise NotImplementedError
+
+    def set_retain_days(self, event_type, days):
+        """Set (or with None, remove) a registered type's RetainDays."""
+        raise NotImplementedError
+
+    def expired_events(self, limit):
+        """[EventKey] of at most ``limit`` live events whose type has a RetainDays and
+        whose last change (UpdatedUTC) is older than that at this transaction's time."""
+        raise NotImplementedError
+
+    def take_lease(self, name, holder, seconds):
+        """Take or renew the lease ``name`` for ``holder`` until ``seconds`` from this
+        transaction's time, unless another holder has it unexpired -> whether it is
+        ``holder``'s now. One conditional statement."""
+        raise NotImplementedError
+
+    def holds_lease(self, name, holder):
+        """Whether ``holder`` has the lease ``name``, unexpired at this transaction's
+        time; kept so until the transaction ends (no other can take it meanwhile)."""
+        raise NotImplementedError
+
+    def release_lease(self, name, holder):
+        """Give up the lease ``name`` if ``holder`` has it."""
+        raise NotImplementedError
+
+    def record_sweep(self, name, count):
+        """Record that a sweep under ``name`` finished now, having done ``count``."""
         raise NotImplementedError
 
     def strict_users_of_type(self, event_type):
@@ -492,7 +594,7 @@ class TypeRules:
     def __init__(self, reads):
         self.reads = reads
         self._strict = {}       # program id -> registered_types_only, or None: not registered
-        self._registered = {}   # event type -> registered?
+        self._types = {}        # event type -> its TypeState, or None: not registered
 
     def program_exists(self, program_id):
         return self._program_rule(program_id) is not None
@@ -507,9 +609,27 @@ class TypeRules:
         """False when the program takes registered types only and this one is not."""
         if not self._program_rule(program_id):
             return True
-        if event_type not in self._registered:
-            self._registered[event_type] = self.reads.type_registered(event_type)
-        return self._registered[event_type]
+        return self.type_state(event_type) is not None
+
+    def type_state(self, event_type):
+        """The type's TypeState (None: not registered), read once."""
+        if event_type not in self._types:
+            self._types[event_type] = self.reads.type_state(event_type)
+        return self._types[event_type]
+
+    def schema_version(self, event_type):
+        """The version of the type's schema in force, None without one."""
+        state = self.type_state(event_type)
+        return state and state.schema_version
+
+
+def erase_events(tx, event_ids):
+    """Tombstone each of ``event_ids`` (live events), each with its own new Revision
+    and Sequence, its data erased (docs/API.md §5): the step a member's erasure and
+    the retention sweeper share. -> how many."""
+    for event_id in event_ids:
+        tx.tombstone(event_id)
+    return len(event_ids)
 
 
 def event_row(event, seq, now):

@@ -90,6 +90,10 @@ CREATE TABLE IF NOT EXISTS event_types (
     created_us   bigint NOT NULL,
     updated_us   bigint NOT NULL
 );
+-- Schema version 3: the type's current schema (a version in event_type_schemas,
+-- NULL: none) and its RetainDays (NULL: kept for ever).
+ALTER TABLE event_types ADD COLUMN IF NOT EXISTS schema_version integer;
+ALTER TABLE event_types ADD COLUMN IF NOT EXISTS retain_days integer;
 
 CREATE TABLE IF NOT EXISTS event_type_counts (
     event_type  text COLLATE "C" NOT NULL,
@@ -145,3 +149,30 @@ BEGIN
     PERFORM pg_advisory_unlock(7310582);
     RETURN first;
 END $$;
+
+-- Every schema version ever set on a type (schema version 3), as sent; kept when
+-- the type is unregistered, so a later schema continues the count.
+CREATE TABLE IF NOT EXISTS event_type_schemas (
+    event_type  text COLLATE "C" NOT NULL,
+    version     integer NOT NULL,
+    schema      text NOT NULL,
+    created_us  bigint NOT NULL,
+    PRIMARY KEY (event_type, version)
+);
+
+-- Retention: the live events of a type by the time of their last change.
+CREATE INDEX IF NOT EXISTS events_by_age ON events (event_type, updated_us) WHERE NOT deleted;
+
+-- Leases: one worker at a time across servers (docs/DESIGN.md "Engines").
+CREATE TABLE IF NOT EXISTS leases (
+    name        text COLLATE "C" PRIMARY KEY,
+    holder      text NOT NULL,
+    expires_us  bigint NOT NULL
+);
+
+-- What the last sweep of an engine did (the retention sweeper's, for /health).
+CREATE TABLE IF NOT EXISTS sweeps (
+    name         text COLLATE "C" PRIMARY KEY,
+    finished_us  bigint NOT NULL,
+    count        bigint NOT NULL
+);

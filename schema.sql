@@ -79,11 +79,15 @@ CREATE INDEX IF NOT EXISTS events_by_reference ON events (program_id, ref_event_
 -- transaction of every change that moves them, so listing the catalogue reads
 -- rows per type and program, never per event. A count that falls to zero keeps
 -- its row (readers skip it): fewer writes than deleting and re-creating it.
+-- schema_version names the type's current schema in event_type_schemas (NULL:
+-- none); retain_days is its RetainDays (NULL: kept for ever). Schema version 3.
 CREATE TABLE IF NOT EXISTS event_types (
-    event_type   TEXT PRIMARY KEY,
-    description  TEXT NOT NULL,
-    created_us   INTEGER NOT NULL,
-    updated_us   INTEGER NOT NULL
+    event_type      TEXT PRIMARY KEY,
+    description     TEXT NOT NULL,
+    created_us      INTEGER NOT NULL,
+    updated_us      INTEGER NOT NULL,
+    schema_version  INTEGER,
+    retain_days     INTEGER
 ) WITHOUT ROWID;
 
 CREATE TABLE IF NOT EXISTS event_type_counts (
@@ -122,3 +126,33 @@ BEGIN
     UPDATE event_type_counts SET events = events - 1
         WHERE event_type = OLD.event_type AND program_id = OLD.program_id;
 END;
+
+-- Every schema version ever set on a type (schema version 3), as sent (JSON
+-- text); kept when the type is unregistered, so a later schema continues the count.
+CREATE TABLE IF NOT EXISTS event_type_schemas (
+    event_type  TEXT NOT NULL,
+    version     INTEGER NOT NULL,
+    schema      TEXT NOT NULL,
+    created_us  INTEGER NOT NULL,
+    PRIMARY KEY (event_type, version)
+) WITHOUT ROWID;
+
+-- Retention: the live events of a type by the time of their last change, so a
+-- sweep reads only the expired ones.
+CREATE INDEX IF NOT EXISTS events_by_age ON events (event_type, updated_us) WHERE deleted = 0;
+
+-- Leases (schema version 3): one worker at a time across processes and servers
+-- (the retention sweeper; docs/DESIGN.md "Engines"). A holder takes or renews one
+-- with one conditional statement; it is free once expires_us has passed.
+CREATE TABLE IF NOT EXISTS leases (
+    name        TEXT PRIMARY KEY,
+    holder      TEXT NOT NULL,
+    expires_us  INTEGER NOT NULL
+) WITHOUT ROWID;
+
+-- What the last sweep of an engine did (the retention sweeper's, for /health).
+CREATE TABLE IF NOT EXISTS sweeps (
+    name         TEXT PRIMARY KEY,
+    finished_us  INTEGER NOT NULL,
+    count        INTEGER NOT NULL
+) WITHOUT ROWID;

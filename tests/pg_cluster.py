@@ -129,8 +129,10 @@ class Cluster:
                     "    AND pid <> pg_backend_pid())").fetchone()[0]
                 if extra == 3:  # the count trigger, its function, eventstore_take_sequences
                     conn.execute("SET lock_timeout = '2s'")
-                    conn.execute("TRUNCATE events, event_type_counts, event_types, api_keys, grants, users, programs;"
-                                 " ALTER SEQUENCE events_seq RESTART")
+                    tables = conn.execute(  # every table but the schema's version
+                        "SELECT string_agg(quote_ident(tablename), ', ') FROM pg_tables"
+                        " WHERE schemaname = 'public' AND tablename <> 'eventstore_schema'").fetchone()[0]
+                    conn.execute(f"TRUNCATE {tables}; ALTER SEQUENCE events_seq RESTART")
                     self._free.append(url)
                     return
         except psycopg.Error:

@@ -56,7 +56,8 @@ def test_health_needs_no_credentials(registry):
     import eventstore
     assert registry.anonymous.get("/health").json == {
         "status": "ok", "backend": registry.storage.backend, "schemaVersion": eventstore.SCHEMA_VERSION,
-        "longPolls": 0, **registry.storage.health_details()}
+        "longPolls": 0, "retention": {"intervalSeconds": 3600, "lastSweepUTC": None, "erased": None},
+        **registry.storage.health_details()}
 
 
 def test_health_is_503_when_the_database_does_not_answer(tmp_path):
@@ -78,7 +79,7 @@ def test_openapi_document_describes_every_route(registry):
               ("GET", "/events/{eventId}"), ("DELETE", "/events/{eventId}"), ("GET", "/programs"),
               ("PUT", "/programs/{ProgramId}"), ("DELETE", "/programs/{ProgramId}/members/{ProgramMemberId}"),
               ("GET", "/event-types"), ("GET", "/event-types/{EventType}"), ("PUT", "/event-types/{EventType}"),
-              ("DELETE", "/event-types/{EventType}")}
+              ("DELETE", "/event-types/{EventType}"), ("GET", "/event-types/{EventType}/schemas/{SchemaVersion}")}
     assert routed <= described
     assert len(routed) == len(eventstore.ROUTES)
 
