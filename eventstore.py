@@ -1586,8 +1586,10 @@ class Router:
     def match(self, method, path, raw_path=None):
         """-> (the Route, its path params); Problem 404, or 405 with Allow.
         ``raw_path``: the path as sent, for RAW_PATH routes (None: ``path`` quoted)."""
-        allowed = []
+        allowed, claimed = [], False
         for route in self.routes:
+            if claimed and not route.raw:
+                continue  # the path as sent is a RAW_PATH route's: no decoded reading of it counts
             if route.raw:
                 found = route.pattern.fullmatch(raw_path or urllib.parse.quote(path, safe="/"))
                 try:
@@ -1602,6 +1604,7 @@ class Router:
                 if route.method == method or (method == "HEAD" and route.method == "GET"):
                     return route, params
                 allowed.append(route.method)
+                claimed = claimed or route.raw
         if not allowed:
             raise Problem(404, "There is no such resource.")
         if "GET" in allowed:

@@ -10,7 +10,12 @@ a schema-valid event of an unregistered type is rightly a 400. So the fuzzer
 never switches that on (a generated `"RegisteredEventTypesOnly": true` is sent
 as false); tests/test_event_types.py covers the setting. And a Sequence past
 the largest one committed is rightly a 400: generated Sequences are sent as 0
-(tests/test_feed.py covers the rule)."""
+(tests/test_feed.py covers the rule). Likewise schemas (docs/API.md
+§5b): a generated Schema is dropped (one the fuzzer made up would make its own
+later events 400s, or be refused by the metaschema the document cannot state),
+and a type the fuzzer registers always gets a Description (registering needs
+one; changing does not, which the document cannot state either);
+tests/test_schemas.py covers them."""
 
 import schemathesis
 
@@ -58,6 +63,12 @@ def _align_cursors(case):
 
 def _align_case(case):
     _align_cursors(case)
+    if case.path_parameters and "EventType" in case.path_parameters and case.method.upper() == "PUT" \
+            and isinstance(case.body, dict):
+        if isinstance(case.body.get("Schema"), dict):  # one of another type is a negative case: kept
+            case.body.pop("Schema")
+        if case.body.get("Description") is None:
+            case.body["Description"] = "Registered by the fuzzer."
     if case.path_parameters and "ProgramId" in case.path_parameters and case.method.upper() == "PUT" \
             and isinstance(case.body, dict) and case.body.get("RegisteredEventTypesOnly") is True:
         case.body["RegisteredEventTypesOnly"] = False

@@ -44,8 +44,9 @@ def test_the_api_reference_has_every_route():
     text = (ROOT / "docs/API.md").read_text(encoding="utf-8")
     for method, pattern, *_ in eventstore.ROUTES:
         path = re.sub(r"\(\?P<(\w+)>[^)]*\)", lambda m: "{" + {
-            "event_id": "eventId", "program_id": "ProgramId", "member_id": "ProgramMemberId", "event_type": "EventType"}[m.group(1)] + "}",
-            pattern).replace("\\.", ".")
+            "event_id": "eventId", "program_id": "ProgramId", "member_id": "ProgramMemberId", "event_type": "EventType",
+            "version": "n"}[m.group(1)] + "}",
+            pattern.removeprefix(eventstore.RAW_PATH)).replace("\\.", ".")
         assert f"{method} {path}" in text, f"docs/API.md does not describe {method} {path}"
 
 
