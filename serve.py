@@ -56,10 +56,7 @@ import eventstore
 from eventstore_storage import POSTGRES_SCHEMES, StorageOpenError, safe_db_name, safe_text
 
 
-# ============================================================================
-# The command line
-# ============================================================================
-
+# =====================================================================
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Serve the eventstore registry with waitress.")
     parser.add_argument("--host", default="127.0.0.1",
@@ -98,6 +95,8 @@ def parse_args(argv=None):
                         help="largest request body accepted (default: %(default)s)")
     parser.add_argument("--no-access-log", dest="access_log", action="store_false",
                         help="do not write a line per request to standard error")
+    parser.add_argument("--retention-interval", type=at_least(1, int), default=3600, metavar="SECONDS",
+                        help="seconds between looks for events past their type's RetainDays (default: %(default)s)")
     parser.add_argument("--processes", type=at_least(1, int), default=None, metavar="N",
                         help="worker processes on the one port (default: one per available CPU, "
                              f"here {default_processes()})")
@@ -230,7 +229,8 @@ def serve_one(args, announce_it):
         storage = eventstore.open_storage(args.db, threads=args.threads)
         admin_key = create_first_admin(storage) if announce_it else None  # before make_app, which warns of none
         app = eventstore.make_app(storage, max_body_bytes=args.max_body, max_waiting=max_waiting,
-                                  max_auth_failures=args.max_auth_failures)
+                                  max_auth_failures=args.max_auth_failures,
+                                  retention_interval=args.retention_interval)
     except (StorageOpenError, OSError) as exc:
         return cannot_open(args.db, exc)
     access_log = AccessLog(app) if args.access_log else None
@@ -241,6 +241,7 @@ def serve_one(args, announce_it):
         return cannot_listen(args.host, args.port, exc)
     if announce_it:
         announce(app.storage, args.host, server.effective_port, admin_key)
+    app.start()  # the engines (the retention sweeper), before the first request
     try:
         run_until_stopped(server, app)
     finally:
