@@ -329,6 +329,48 @@ MUTANTS = [
     ("client: a resent conditional PUT takes any content for its own", "eventstore_client.py", [
         ("                    and _same_event(current, body):", "                    and True:"),
     ], ["tests/test_client.py"]),
+    ("schema: a PUT is not validated", "eventstore.py", [
+        ("    violations = schema_violations(tx, schemas or SchemaCache(), event, checked)\n",
+         "    violations = []\n"),
+    ], ["tests/test_schemas.py"]),
+    ("schema: a batch item is not validated", "eventstore.py", [
+        ("for error in batch_errors(index, event.event_id, schema_violations(tx, schemas, event, item_checked))]",
+         "for error in batch_errors(index, event.event_id, [])]"),
+    ], ["tests/test_schemas.py"]),
+    ("schema: a replay is not validated", "eventstore.py", [
+        ("    violations = schema_violations(tx, schemas or SchemaCache(), event, checked)\n    if violations:",
+         "    violations = schema_violations(tx, schemas or SchemaCache(), event, checked)\n"
+         "    if violations and getattr(tx.current(event.event_id), 'content_hash', None) != event.content_hash:"),
+    ], ["tests/test_schemas.py"]),
+    ("schema: an import line is not checked before any is applied", "eventstore_admin.py", [
+        ("            if kind == \"put\" and rules.schema_version(value.event_type) is not None:",
+         "            if False:"),
+    ], ["tests/test_schemas.py"]),
+    ("schema: the 409 check skipped", "eventstore.py", [
+        ("    if total:\n        raise incompatible(event_type, violations, total)\n\n    def register",
+         "    if False:\n        raise incompatible(event_type, violations, total)\n\n    def register"),
+        ("        if total:\n            raise incompatible(event_type, violations, total)",
+         "        if False:\n            raise incompatible(event_type, violations, total)"),
+    ], ["tests/test_schemas.py"]),
+    ("schema: a dry run changes the type", "eventstore.py", [
+        ("    if dry_run:\n        return {", "    if dry_run and False:\n        return {"),
+    ], ["tests/test_schemas.py"]),
+    ("schema: compiled validators keyed without the version", "eventstore_schemas.py", [
+        ("        key = (event_type, version)", "        key = event_type"),
+    ], ["tests/test_schemas.py"]),
+    ("retention: erases events that have not expired", "eventstore_sqlite.py", [
+        ('            " AND e.updated_us < ? - t.retain_days * 86400000000"',
+         '            " AND e.updated_us < ? + 0 * t.retain_days"'),
+    ], ["tests/test_retention.py"]),
+    ("retention: an expired event is still served", "eventstore_retention.py", [
+        ("        erase_events(tx, [key.event_id for key in keys])\n", ""),
+    ], ["tests/test_retention.py"]),
+    ("retention: more than 1,000 events a transaction", "eventstore_retention.py", [
+        ("    BATCH = 250 ", "    BATCH = 5000 "),
+    ], ["tests/test_retention.py"]),
+    ("retention: work under a lost lease is recorded", "eventstore_leases.py", [
+        ("        if not tx.holds_lease(self.name, self.holder):", "        if False:"),
+    ], ["tests/test_retention.py"]),
     ("client: a connection failure escapes ClientError", "eventstore_client.py", [
         ("class NoAnswer(ClientError, ConnectionError):", "class NoAnswer(ConnectionError):\n    status = None\n"),
         ("        super().__init__(None, None, message)", "        super().__init__(message)"),

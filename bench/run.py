@@ -27,6 +27,10 @@ Issue 10 (serve.py --processes):
 Issue 12 (bench/event_types.py, printed after issue 14's):
  13. GET /event-types on a 1,000,000-event database / GET /programs, same server
  14. single PUT with the event-type counts kept / without them (triggers dropped)
+Issue 33 (bench/schemas.py, printed after issue 12's):
+ 15. PUT of a type with a 20-property schema / the same PUT of a type without one
+ 16. proving a schema on 100,000 live events (s), GET p99 meanwhile
+ 17. a retention sweep of 100,000 expired events (s), PUT p99 meanwhile
 Issue 11 (bench/postgres.py, printed last): PostgreSQL against SQLite, P1-P7.
 Issue 4:
   export and import events/s / raw sqlite3 read and executemany of the same rows,
@@ -58,6 +62,7 @@ import eventstore_storage  # noqa: E402
 import event_types  # noqa: E402  (bench/event_types.py)
 import feed  # noqa: E402  (bench/feed.py)
 import postgres  # noqa: E402  (bench/postgres.py)
+import schemas  # noqa: E402  (bench/schemas.py)
 
 TARGETS = {  # figure -> (lowest acceptable ratio, or highest for RSS growth)
     "1. PUT vs baseline app": (">=", 0.5),
@@ -388,6 +393,7 @@ def main():
     report.print(options, export_rss, import_rss)
     feed.main()  # feed pages at 1 and 1,000 programs, long polls that a commit cannot match
     event_types.main(options.events, options.seconds)
+    schemas.main(min(options.events, 100_000), options.seconds)
     postgres.main(options.events, options.seconds)  # last: it starts a PostgreSQL cluster of its own
 
 

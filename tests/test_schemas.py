@@ -453,7 +453,7 @@ def test_import_checks_every_line_against_the_schema_before_applying_any(cli, tm
     lines.write_text("\n".join(json.dumps({"EventId": f"FOO-{n}", **event_body(EventData=data)}) for n, data in
                                enumerate([{"course": "c", "score": 1}, {"course": "c"}, {"course": "c", "score": 2}],
                                          1)) + "\n")
-    _, err = cli("import", str(lines), status=1)
+    _, err = cli("import", str(lines), "--batch", "1", status=1)  # a transaction a line: only the check stops line 1
     assert "line 2: EventData/score" in err
     with opened(cli.db) as session:
         assert session.read_event("FOO-1") is None
