@@ -24,6 +24,7 @@ import logging
 import threading
 import time
 
+from eventstore_forks import FORK_GUARD
 from eventstore_leases import Lease, LeaseLost
 from eventstore_storage import erase_events, now_us
 
@@ -71,13 +72,17 @@ class RetentionSweeper:
     def sweep_if_due(self):
         """Sweep unless no type has a RetainDays or another process swept lately ->
         how many events were erased (None: no sweep)."""
-        session = self.storage.session()  # a connection of its own, briefly: none of the request threads'
-        try:
-            if not session.retained_types():
-                return None
-            last = session.last_sweep(self.NAME)
-        finally:
-            session.close()
+        # A connection of its own, briefly (none of the request threads'), and inside the
+        # fork guard, as every database call of a thread the app starts.
+        with FORK_GUARD.database_calls():
+            session = self.storage.session()
+            try:
+                retained = session.retained_types()
+                last = retained and session.last_sweep(self.NAME)
+            finally:
+                session.close()
+        if not retained:
+            return None
         if last is not None and self.clock() - last.finished_us < self.interval * 500_000:
             return None  # another process swept less than half an interval ago
         if not self.lease.take():
