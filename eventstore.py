@@ -472,6 +472,7 @@ def event_type_error(event_type):
 DESCRIPTION_CONTROL_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 EVENT_TYPE_FIELDS = ("Description", "Schema", "RetainDays")
 MAX_RETAIN_DAYS = 36500
+MAX_SCHEMA_DEPTH = 64  # a Schema's nesting: checking and compiling it recurse
 ABSENT = object()  # a field the body does not have (null is another thing: it removes)
 
 
@@ -510,7 +511,9 @@ def validate_event_type_body(body):
         errors.append(field_error("RetainDays", f"expected a whole number of days from 1 to {MAX_RETAIN_DAYS}, "
                                                 f"or null, got {json_text(retain_days)[:40]}"))
     schema, schema_text, canonical = body.get("Schema", ABSENT), None, None
-    if schema not in (ABSENT, None):
+    if schema not in (ABSENT, None) and json_depth(schema) > MAX_SCHEMA_DEPTH:
+        errors.append(field_error("Schema", f"nested more than {MAX_SCHEMA_DEPTH} levels deep"))
+    elif schema not in (ABSENT, None):
         schema_text, canonical = json_text(schema), canonical_json(schema)
         try:
             check_schema(schema, len(canonical.encode("utf-8")))

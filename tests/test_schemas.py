@@ -318,6 +318,18 @@ def test_a_schema_too_large_is_refused(registry, admin):
         roomy.app.close()
 
 
+def test_a_schema_nested_too_deeply_is_a_400(admin):
+    deep = {"type": "object"}
+    for _ in range(300):
+        deep = {"properties": {"a": deep}}
+    answer = set_type(admin, deep, status=400)
+    assert fields(answer) == ["Schema"] and "64 levels" in answer.json["errors"][0]["message"]
+    ok = {"type": "object"}
+    for _ in range(30):
+        ok = {"type": "object", "properties": {"a": ok}}
+    set_type(admin, ok)
+
+
 @pytest.mark.parametrize("days", [0, 36501, -1, 1.5, True, "3"])
 def test_retain_days_out_of_range_is_a_400(admin, days):
     assert fields(set_type(admin, RetainDays=days, status=400)) == ["RetainDays"]
