@@ -46,8 +46,8 @@ from eventstore_news import CommitNews
 from eventstore_retention import RetentionSweeper
 from eventstore_schemas import MAX_LISTED, CompiledSchema, SchemaCache, check_schema
 from eventstore_sqlite import SQLiteStorage
-from eventstore_storage import (POSTGRES_SCHEMES, SCHEMA_VERSION, EventInput, FeedQuery, StorageOpenError, TypeRules,
-                                data_path, erase_events, now_us, safe_db_name)
+from eventstore_storage import (POSTGRES_SCHEMES, SCHEMA_VERSION, EventInput, FeedBacklog, FeedQuery, StorageOpenError,
+                                SubscriptionRow, TypeRules, data_path, erase_events, now_us, safe_db_name)
 from eventstore_throttle import shared_throttle
 from eventstore_writer import GroupCommitWriter, Later
 
@@ -1167,6 +1167,321 @@ def readable_programs(principal):
 
 
 # ============================================================================
+# Subscriptions
+# ============================================================================
+#
+# A subscription is a named, durable position in the feed with a filter
+# (docs/API.md §4a). It is read as the feed is read: read_feed from its
+# Position, with its filter and its owner's grants of the moment (and
+# EventStore.wait_for_feed's long polls); reading never moves it. Its changes,
+# an acknowledgement among them, go through the group-commit writer as any
+# write does, so a 200 means committed and fsynced, and they are decided inside
+# their write transaction, on the row locked there: they take effect in commit
+# order. Behind is the feed's own walk, counted (Reads.feed_backlog) and
+# bounded: it costs what a page costs, whatever the lag.
+
+SUBSCRIPTION_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+SUBSCRIPTION_NAME_RULE = "a subscription name: 1-64 characters of A-Z a-z 0-9 _ -"
+SUBSCRIPTION_FIELDS = ("Filter", "StartFrom", "Description", "Webhook")
+FILTER_FIELDS = ("ProgramId", "EventType")
+ACK_FIELDS = ("Through", "Rewind")
+SUBSCRIPTION_READ_PARAMETERS = ("limit", "wait")
+MAX_SEQUENCE = 2**63 - 1
+MAX_BEHIND = 1000  # Behind is counted exactly up to this many changes
+START_FROM_RULE = 'expected "beginning", "now", {"Sequence": n} or {"TimeUTC": "2026-03-01T09:30:00Z"}'
+
+
+class _Keep:
+    def __repr__(self):
+        return "KEEP"
+
+
+KEEP = _Keep()  # a field a PUT leaves out: a change keeps its value
+
+
+class SubscriptionChange(NamedTuple):
+    """A ``PUT /subscriptions/{Name}`` body, validated; KEEP for each field left out."""
+
+    filter: object       # (ProgramIds, EventTypes), each a tuple, empty for every
+    start_from: object   # "beginning", "now", ("Sequence", n) or ("TimeUTC", microseconds)
+    description: object  # the text, or None (no description)
+
+
+# --- Bodies and queries ----------------------------------------------------------
+
+def subscription_name_error(name):
+    """The error entry for a name outside the rule, or None."""
+    if SUBSCRIPTION_NAME_RE.fullmatch(name):
+        return None
+    return field_error("Name", f"{name!r} is not {SUBSCRIPTION_NAME_RULE}")
+
+
+def validate_subscription_body(body):
+    """A parsed ``PUT /subscriptions/{Name}`` body -> SubscriptionChange, or
+    Problem(400) listing every problem. ``null`` clears Description and sets
+    Filter to every program and type; a null StartFrom counts as absent."""
+    require_object(body)
+    errors = [field_error(name, "unknown field; accepted fields are " + ", ".join(SUBSCRIPTION_FIELDS))
+              for name in body if name not in SUBSCRIPTION_FIELDS]
+    change = SubscriptionChange(
+        filter=KEEP if "Filter" not in body else _subscription_filter(body["Filter"], errors),
+        start_from=_start_from(body.get("StartFrom"), errors),
+        description=KEEP if "Description" not in body else _subscription_description(body["Description"], errors))
+    if body.get("Webhook") is not None:
+        errors.append(field_error("Webhook", "this registry delivers no webhooks yet: only null (none) is accepted"))
+    if errors:
+        raise bad_request("The subscription is not valid; see errors.", errors)
+    return change
+
+
+def _subscription_filter(value, errors):
+    if value is None:
+        return (), ()
+    if not isinstance(value, dict):
+        errors.append(field_error("Filter", f'expected an object {{"ProgramId": [...], "EventType": [...]}}, '
+                                            f"got {_json_type(value)}"))
+        return (), ()
+    errors += [field_error(f"Filter/{name}", "unknown field; accepted fields are " + ", ".join(FILTER_FIELDS))
+               for name in value if name not in FILTER_FIELDS]
+    programs = _filter_list("ProgramId", value.get("ProgramId"), errors,
+                            lambda program_id: None if PROGRAM_ID_RE.fullmatch(program_id) else f"is not {PROGRAM_ID_RULE}")
+    return programs, _filter_list("EventType", value.get("EventType"), errors, event_type_error)
+
+
+def _filter_list(name, values, errors, rule):
+    """A Filter list -> its values without repeats, in order (null: none)."""
+    field_name = f"Filter/{name}"
+    if values is None:
+        return ()
+    if not isinstance(values, list) or not all(isinstance(value, str) for value in values):
+        errors.append(field_error(field_name, "expected a list of strings"))
+        return ()
+    if len(values) > MAX_REPEATED:
+        errors.append(field_error(field_name, f"at most {MAX_REPEATED} values, got {len(values)}"))
+        return ()
+    errors += [field_error(field_name, f"{value!r} {message}") for value in values
+               for message in [rule(value)] if message]
+    return tuple(dict.fromkeys(values))
+
+
+def _start_from(value, errors):
+    if value is None:
+        return KEEP
+    if value in ("beginning", "now"):
+        return value
+    if isinstance(value, dict) and len(value) == 1:
+        (form, given), = value.items()
+        if form == "Sequence":
+            if _sequence(given) is not None:
+                return form, _sequence(given)
+            errors.append(field_error("StartFrom/Sequence", f"expected a whole number from 0 to {MAX_SEQUENCE}"))
+            return KEEP
+        if form == "TimeUTC":
+            moment = _parse_field_datetime("StartFrom/TimeUTC", given, lambda name, message: errors.append(
+                field_error(name, message)))
+            return KEEP if moment is None else (form, moment)
+    errors.append(field_error("StartFrom", START_FROM_RULE))
+    return KEEP
+
+
+def _sequence(value):
+    """A JSON number that is a Sequence (a whole number, 2.0 as JSON Schema counts
+    it) -> that int, or None."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_SEQUENCE:
+        return value
+    return None
+
+
+def _subscription_description(value, errors):
+    if value is None:
+        return None
+    message = _text_error(value, 1, 2000)
+    if not message and DESCRIPTION_CONTROL_RE.search(value):
+        message = "must not contain control characters other than line feed and tab"
+    if message:
+        errors.append(field_error("Description", message))
+    return value
+
+
+def validate_ack_body(body):
+    """``{"Through": n, "Rewind": true|false}`` -> (n, rewind), or Problem(400)."""
+    require_object(body)
+    errors = [field_error(name, "unknown field; accepted fields are " + ", ".join(ACK_FIELDS))
+              for name in body if name not in ACK_FIELDS]
+    through, rewind = _sequence(body.get("Through")), body.get("Rewind")
+    if through is None:
+        errors.append(field_error("Through", "is required" if body.get("Through") is None else
+                                  f"expected a Sequence: a whole number from 0 to {MAX_SEQUENCE}"))
+    if rewind is not None and not isinstance(rewind, bool):
+        errors.append(field_error("Rewind", f"expected true or false, got {_json_type(rewind)}"))
+    if errors:
+        raise bad_request("The acknowledgement is not valid; see errors.", errors)
+    return through, bool(rewind)
+
+
+def parse_subscription_read_query(pairs):
+    """Query pairs of ``GET /subscriptions/{Name}/events`` -> (limit, wait), or Problem(400)."""
+    errors, values = [], {}
+    for name, value in pairs:
+        if name not in SUBSCRIPTION_READ_PARAMETERS:
+            errors.append(field_error(name, "unknown parameter; accepted: " + ", ".join(SUBSCRIPTION_READ_PARAMETERS)))
+        elif name in values:
+            errors.append(field_error(name, "given more than once"))
+        else:
+            values[name] = value
+    limit = _whole_number("limit", values.get("limit", "100"), 1, MAX_LIMIT, errors)
+    wait = _whole_number("wait", values.get("wait", "0"), 0, MAX_WAIT, errors)
+    if errors:
+        raise bad_request("The query is not valid; see errors.", errors)
+    return limit, wait
+
+
+# --- Who sees a subscription, and what it reads ------------------------------------
+
+def subscription_visible(user, row):
+    """SYSTEM users see every subscription; other users their own."""
+    return user.is_system or row.owner == user.user_id
+
+
+def visible_subscription(reads, user, name):
+    """-> the SubscriptionRow named ``name``; Problem 404 when there is none, or it is
+    another user's (the same answer: nothing tells them apart)."""
+    row = reads.find_subscription(name)
+    if row is None or not subscription_visible(user, row):
+        raise Problem(404, f"There is no subscription {name!r}.")
+    return row
+
+
+def principal_of(reads, user_id):
+    """A user's Principal, its grants as they are now (a subscription's owner)."""
+    user = reads.find_user(user_id)
+    return Principal(user.user_id, user.is_system, dict(user.grants))
+
+
+def subscription_programs(owner, row):
+    """The programs a read of the subscription reads, by its ``owner``'s grants of
+    the moment: the filter's, or with none named every program the owner can
+    read (None: all, for SYSTEM). Problem 403 when the filter names one the owner
+    can no longer read, or the owner can read no program at all."""
+    if row.programs:
+        denied = [program_id for program_id in row.programs if not owner.may("read", program_id)]
+        if denied:
+            raise Problem(403, f"The subscription's owner {owner.user_id!r} can no longer read "
+                               f"{', '.join(denied)}, which its filter names.")
+        return list(row.programs)
+    programs = readable_programs(owner)
+    if programs == []:
+        raise Problem(403, f"The subscription's owner {owner.user_id!r} can read no program.")
+    return programs
+
+
+def subscription_backlog(reads, row, owner):
+    """The FeedBacklog after the subscription's Position (up to MAX_BEHIND + 1
+    changes), in the programs its ``owner`` can read now: a named program it can no
+    longer read counts nothing."""
+    if row.programs:
+        programs = [program_id for program_id in row.programs if owner.may("read", program_id)]
+    else:
+        programs = readable_programs(owner)
+    if programs == []:
+        return FeedBacklog(0, None)
+    return reads.feed_backlog(programs, FeedQuery(event_types=row.event_types, after=row.position, limit=MAX_BEHIND))
+
+
+def subscriptions_json(reads, rows):
+    """The representations of ``rows`` (docs/API.md §4a), with the head and each
+    owner's grants read once."""
+    head, owners, rendered = reads.last_sequence(), {}, []
+    for row in rows:
+        if row.owner not in owners:
+            owners[row.owner] = principal_of(reads, row.owner)
+        backlog = subscription_backlog(reads, row, owners[row.owner])
+        rendered.append({
+            "Name": row.name, "Owner": row.owner, "Description": row.description,
+            "Filter": {"ProgramId": list(row.programs), "EventType": list(row.event_types)},
+            "Position": row.position, "Head": head, "Behind": min(backlog.changes, MAX_BEHIND),
+            "BehindIsExact": backlog.changes <= MAX_BEHIND,
+            "PendingSinceUTC": _optional_time(backlog.first_updated_us), "CreatedUTC": format_datetime(row.created_us),
+            "LastAckUTC": _optional_time(row.last_ack_us), "Webhook": None})
+    return rendered
+
+
+def _optional_time(micros):
+    return None if micros is None else format_datetime(micros)
+
+
+# --- Changes, in their write transaction ---------------------------------------------
+
+def put_subscription(tx, name, caller, change):
+    """Create or change subscription ``name`` for ``caller`` (a Principal), as the
+    SubscriptionChange says -> (whether it was created, the SubscriptionRow).
+    Raises before writing: 400 for a StartFrom Sequence past the largest one
+    committed, 409 for a name another user holds, 403 when the owner cannot read
+    a program the new filter names."""
+    if isinstance(change.start_from, tuple) and change.start_from[0] == "Sequence":
+        check_cursor(tx, "StartFrom/Sequence", change.start_from[1])
+    current = tx.lock_subscription(name)
+    if current is not None and not subscription_visible(caller, current):
+        raise name_taken(name)
+    owner = caller if current is None or current.owner == caller.user_id else principal_of(tx, current.owner)
+    if change.filter is not KEEP:
+        denied = [program_id for program_id in change.filter[0] if not owner.may("read", program_id)]
+        if denied:
+            raise Problem(403, f"The subscription's owner {owner.user_id!r} has no read access to "
+                               f"{', '.join(denied)}.")
+    kept = current or SubscriptionRow(name, owner.user_id, None, (), (), 0, tx.now, None)
+    programs, event_types = (kept.programs, kept.event_types) if change.filter is KEEP else change.filter
+    row = kept._replace(
+        programs=programs, event_types=event_types,
+        description=kept.description if change.description is KEEP else change.description,
+        position=kept.position if change.start_from is KEEP else start_position(tx, change.start_from))
+    if not tx.put_subscription(row):  # another user's, created meanwhile (PostgreSQL: by another server)
+        raise name_taken(name)
+    return current is None, row
+
+
+def name_taken(name):
+    return Problem(409, f"The name {name!r} is taken by another user's subscription; choose another.")
+
+
+def start_position(reads, start_from):
+    """A StartFrom -> the Position it sets: "beginning" 0, "now" the head, a
+    Sequence itself, a time the last change before it (the head for a time to come)."""
+    if start_from == "beginning":
+        return 0
+    if start_from == "now":
+        return reads.last_sequence()
+    form, value = start_from
+    return value if form == "Sequence" else reads.sequence_before(value)
+
+
+def acknowledge_subscription(tx, name, caller, through, rewind):
+    """Move subscription ``name``'s Position to ``through`` -> the SubscriptionRow.
+    Raises before writing: 400 past the largest Sequence committed, 404, and 409
+    for a ``through`` below the Position at this commit, unless ``rewind``."""
+    check_cursor(tx, "Through", through)
+    current = tx.lock_subscription(name)
+    if current is None or not subscription_visible(caller, current):
+        raise Problem(404, f"There is no subscription {name!r}.")
+    if through < current.position and not rewind:
+        raise Problem(409, f"Through {through} is below the subscription's Position, {current.position}: those "
+                           f"changes were acknowledged already. To read again from {through}, send "
+                           '"Rewind": true.')
+    tx.acknowledge(name, through, tx.now)
+    return current._replace(position=through, last_ack_us=tx.now)
+
+
+def remove_subscription(tx, name, caller):
+    """Delete subscription ``name``; Problem 404 when ``caller`` sees none of that name."""
+    current = tx.lock_subscription(name)
+    if current is None or not subscription_visible(caller, current):
+        raise Problem(404, f"There is no subscription {name!r}.")
+    tx.delete_subscription(name)
+
+
+# ============================================================================
 # Requests and responses
 # ============================================================================
 
@@ -1502,6 +1817,81 @@ def delete_event_type_handler(req):
     return Response(204)
 
 
+def _subscription_name(req):
+    """The path's subscription name, or 400 when it breaks the rule (every method)."""
+    name = req.params["name"]
+    error = subscription_name_error(name)
+    if error:
+        raise bad_request("The subscription's name in the path is not valid.", [error])
+    return name
+
+
+def _subscription_response(req, row, status=200, headers=()):
+    return json_response(subscriptions_json(req.reads, [row])[0], status, headers)
+
+
+def _require_read_on_filter(req, body):
+    """403 unless the caller may read every ProgramId its Filter names (before
+    validating the rest); the owner of another user's subscription is checked
+    in the write."""
+    named = body.get("Filter") if isinstance(body, dict) else None
+    programs = named.get("ProgramId") if isinstance(named, dict) else None
+    for program_id in programs if isinstance(programs, list) else ():
+        if isinstance(program_id, str):
+            req.require("read", program_id)
+
+
+def list_subscriptions_handler(req):
+    rows = req.reads.list_subscriptions(None if req.user.is_system else req.user.user_id)
+    return json_response({"Subscriptions": subscriptions_json(req.reads, rows)})
+
+
+def get_subscription_handler(req):
+    return _subscription_response(req, visible_subscription(req.reads, req.user, _subscription_name(req)))
+
+
+def put_subscription_handler(req):
+    name = _subscription_name(req)
+    body = req.json_body()
+    _require_read_on_filter(req, body)
+    change = validate_subscription_body(body)
+    created, row = req.app.write(lambda tx: put_subscription(tx, name, req.user, change),
+                                 touched=lambda _: False, seqs=0)
+    if created:
+        return _subscription_response(req, row, 201, [("Location", req.url(f"/subscriptions/{name}"))])
+    return _subscription_response(req, row)
+
+
+def delete_subscription_handler(req):
+    name = _subscription_name(req)
+    req.app.write(lambda tx: remove_subscription(tx, name, req.user), touched=lambda _: False, seqs=0)
+    return Response(204)
+
+
+def subscription_events_handler(req):
+    """The page after the Position, read as the feed is; reading moves nothing."""
+    name = _subscription_name(req)
+    limit, wait = parse_subscription_read_query(req.query)
+    row = visible_subscription(req.reads, req.user, name)  # (one with a webhook, to come, will be a 409 here)
+    programs = subscription_programs(principal_of(req.reads, row.owner), row)
+    rows = _feed_rows(req, programs, FeedQuery(programs=row.programs, event_types=row.event_types,
+                                               after=row.position, limit=limit, wait=wait))
+    has_more = len(rows) > limit
+    rows = rows[:limit]
+    events = ",".join(map(render_event, rows))
+    through = rows[-1].seq if rows else row.position
+    body = f'{{"Events":[{events}],"HasMore":{json_text(has_more)},"Through":{through}}}'
+    return Response(200, [], body.encode("utf-8"), "application/json")
+
+
+def ack_subscription_handler(req):
+    name = _subscription_name(req)
+    through, rewind = validate_ack_body(req.json_body())
+    row = req.app.write(lambda tx: acknowledge_subscription(tx, name, req.user, through, rewind),
+                        touched=lambda _: False, seqs=0)
+    return _subscription_response(req, row)
+
+
 def health_handler(req):
     try:
         req.reads.answers()
@@ -1565,6 +1955,12 @@ ROUTES = [
     ("GET", r"/event-types/(?P<event_type>.+)", get_event_type_handler, AUTH, NO_QUERY),
     ("PUT", r"/event-types/(?P<event_type>.+)", put_event_type_handler, AUTH, QUERY),
     ("DELETE", r"/event-types/(?P<event_type>.+)", delete_event_type_handler, AUTH, NO_QUERY),
+    ("GET", r"/subscriptions", list_subscriptions_handler, AUTH, NO_QUERY),
+    ("PUT", r"/subscriptions/(?P<name>[^/]+)", put_subscription_handler, AUTH, NO_QUERY),
+    ("GET", r"/subscriptions/(?P<name>[^/]+)", get_subscription_handler, AUTH, NO_QUERY),
+    ("DELETE", r"/subscriptions/(?P<name>[^/]+)", delete_subscription_handler, AUTH, NO_QUERY),
+    ("GET", r"/subscriptions/(?P<name>[^/]+)/events", subscription_events_handler, AUTH, QUERY),
+    ("POST", r"/subscriptions/(?P<name>[^/]+)/ack", ack_subscription_handler, AUTH, NO_QUERY),
 ]
 
 

@@ -1,6 +1,7 @@
 """The admin command line of eventstore: ``python eventstore.py [--db PATH|URL] COMMAND``
 (or ``python eventstore_admin.py``). Programs, users and keys, the event-type
-catalogue, backup, export and import, on either backend, also while a server runs.
+catalogue, subscriptions, backup, export and import, on either backend, also while
+a server runs.
 """
 
 import argparse
@@ -14,7 +15,8 @@ from pathlib import Path
 from eventstore import (DEFAULT_DB, EVENT_ID_RE, EVENT_ID_RULE, USER_ID_RE, _text_error, add_key, add_user,
                         compiled_schema, event_type_error, format_datetime, import_tombstone, open_storage, parse_json,
                         program_id_error, program_of, put_event_later, put_event_type, render_event,
-                        unregister_event_type, unregistered_type_error, validate_event, validate_event_type_body)
+                        subscriptions_json, unregister_event_type, unregistered_type_error, validate_event,
+                        validate_event_type_body)
 from eventstore_schemas import SchemaCache
 from eventstore_errors import Problem, bad_request
 from eventstore_storage import (POSTGRES_SCHEMES, Backups, StorageOpenError, TypeRules, now_us, safe_db_name,
@@ -241,6 +243,20 @@ def cmd_type_remove(session, args, out):
     except Problem as problem:
         raise CommandError(problem.detail) from None
     print(f"event type {event_type} unregistered", file=sys.stderr)
+
+
+def cmd_subscription_list(session, args, out):
+    for state in subscriptions_json(session, session.list_subscriptions()):
+        behind = f"{state['Behind']}{'' if state['BehindIsExact'] else '+'}"
+        print(f"{state['Name']}\t{state['Owner']}\t{state['Position']}\t{behind}\t{state['PendingSinceUTC'] or '-'}",
+              file=out)
+
+
+def cmd_subscription_remove(session, args, out):
+    with session.transaction(now_us()) as tx:
+        if not tx.delete_subscription(args.name):
+            raise CommandError(f"no such subscription: {args.name} (see: subscription list)")
+    print(f"subscription {args.name} removed", file=sys.stderr)
 
 
 class Progress:
@@ -515,6 +531,14 @@ def build_parser():
     sub = command(key, "revoke", cmd_key_revoke, "revoke one of a user's keys by its public id")
     sub.add_argument("user_id", metavar="USER_ID")
     sub.add_argument("key_id", metavar="KEY_ID")
+
+    subscription = groups.add_parser("subscription", help="the subscriptions consumers keep in the registry"
+                                     ).add_subparsers(dest="command", required=True, metavar="COMMAND")
+    command(subscription, "list", cmd_subscription_list,
+            "list every subscription: name, owner, position, behind (+ past 1000), pending since (- for "
+            "nothing pending); tab-separated")
+    sub = command(subscription, "remove", cmd_subscription_remove, "delete a subscription")
+    sub.add_argument("name", metavar="NAME")
 
     sub = command(groups, "backup", cmd_backup,
                   "copy the database consistently while it is in use, verified before it says ok")

@@ -38,9 +38,9 @@ from psycopg import errors as pg_errors
 from psycopg import pq
 
 from eventstore_storage import (EVENT_COLUMNS, SCHEMA_VERSION, Change, CommitWatch, EventKey, EventRow, EventState,
-                                Failure, KeyInfo, KeyRow, LiveEvent, ProgramRow, Reads, SchemaRow, SequencesExhausted,
-                                Session, Storage, StorageOpenError, SweepRow, Transaction, TypeRules, TypeState,
-                                UserRow, data_path, event_row, safe_db_name)
+                                FeedBacklog, Failure, KeyInfo, KeyRow, LiveEvent, ProgramRow, Reads, SchemaRow,
+                                SequencesExhausted, Session, Storage, StorageOpenError, SubscriptionRow, SweepRow,
+                                Transaction, TypeRules, TypeState, UserRow, data_path, event_row, safe_db_name)
 
 SCHEMA_PATH = data_path("schema-postgres.sql")
 SCHEMA_LOCK = 7310581      # advisory lock id: one process applies the schema at a time
@@ -52,6 +52,16 @@ READ_ONLY = "-c default_transaction_read_only=on"  # request threads read; every
 BARRIER = "xid < pg_snapshot_xmin(pg_current_snapshot())"
 
 log = logging.getLogger("eventstore")
+
+
+SUBSCRIPTION_COLUMNS = "name, owner, description, programs, event_types, position, created_us, last_ack_us"
+
+
+def _subscription(row):
+    """A subscriptions row -> SubscriptionRow."""
+    name, owner, description, programs, event_types, position, created_us, last_ack_us = row
+    return SubscriptionRow(name, owner, description, tuple(programs), tuple(event_types), position, created_us,
+                           last_ack_us)
 
 
 def _member(member_id):
@@ -154,6 +164,14 @@ class PostgresReads(Reads):
             grants.setdefault(user_id, []).append((program_id, access))
         return [UserRow(user_id, is_system, disabled, grants.get(user_id, [])) for user_id, is_system, disabled in
                 self._all("SELECT user_id, is_system, disabled FROM users ORDER BY user_id")]
+
+    def find_user(self, user_id):
+        row = self._one("SELECT is_system, disabled FROM users WHERE user_id = %s", (user_id,))
+        if row is None:
+            return None
+        grants = self._all("SELECT program_id, access FROM grants WHERE user_id = %s ORDER BY program_id",
+                           (user_id,))
+        return UserRow(user_id, row[0], row[1], [tuple(grant) for grant in grants])
 
     def list_keys(self, user_id):
         return [KeyInfo._make(row) for row in self._all(
@@ -286,6 +304,26 @@ class PostgresReads(Reads):
         """One page of the change feed (as SQLiteReads.read_feed): rows behind the
         barrier only, in one statement, so the page is one snapshot. ``strategy``
         is SQLite's; PostgreSQL's planner chooses its own way."""
+        found = self._feed_where(programs, query)
+        if found is None:
+            return []
+        where, params = found
+        return [EventRow._make(row) for row in self._all(
+            f"SELECT {EVENT_COLUMNS} FROM events WHERE {where} ORDER BY seq LIMIT %s", (*params, query.limit + 1))]
+
+    def feed_backlog(self, programs, query):
+        """read_feed's rows, counted in the statement that finds them."""
+        found = self._feed_where(programs, query)
+        if found is None:
+            return FeedBacklog(0, None)
+        where, params = found
+        return FeedBacklog._make(self._one(
+            f"SELECT COUNT(*), (array_agg(updated_us ORDER BY seq))[1] FROM (SELECT seq, updated_us FROM events"
+            f" WHERE {where} ORDER BY seq LIMIT %s) AS page", (*params, query.limit + 1)))
+
+    @staticmethod
+    def _feed_where(programs, query):
+        """A feed query -> (its WHERE clause, parameters), or None when it matches nothing."""
         where, params = [f"seq > %s AND {BARRIER}"], [query.after]
         if programs is not None:
             where.append("program_id = ANY(%s)")
@@ -294,7 +332,7 @@ class PostgresReads(Reads):
             # Stored types never hold U+0000 (text cannot): such a value matches nothing.
             types = [event_type for event_type in query.event_types if "\x00" not in event_type]
             if not types:
-                return []
+                return None
             where.append("event_type = ANY(%s)")
             params.append(types)
         if query.member_id is not None:
@@ -302,16 +340,20 @@ class PostgresReads(Reads):
             params.append(_member(query.member_id))
         if query.ref_event_id is not None:
             if "\x00" in query.ref_event_id:
-                return []
+                return None
             where.append("ref_event_id = %s")
             params.append(query.ref_event_id)
         for op, value in ((">=", query.start_from_us), ("<", query.start_before_us)):
             if value is not None:
                 where.append(f"start_us {op} %s")
                 params.append(value)
-        return [EventRow._make(row) for row in self._all(
-            f"SELECT {EVENT_COLUMNS} FROM events WHERE {' AND '.join(where)} ORDER BY seq LIMIT %s",
-            (*params, query.limit + 1))]
+        return " AND ".join(where), params
+
+    def sequence_before(self, time_us):
+        """Walked down from the head, behind the barrier."""
+        row = self._one(f"SELECT seq FROM events WHERE updated_us < %s AND {BARRIER} ORDER BY seq DESC LIMIT 1",
+                        (time_us,))
+        return row[0] if row else 0
 
     def export_events(self, programs=()):
         """Every event (tombstones included) in Sequence order, as EventRows, from one
@@ -326,6 +368,17 @@ class PostgresReads(Reads):
                                (list(programs),) if programs else ())
                 for row in cursor:
                     yield EventRow._make(row)
+
+    # Subscriptions
+
+    def find_subscription(self, name):
+        row = self._one(f"SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE name = %s", (name,))
+        return row and _subscription(row)
+
+    def list_subscriptions(self, owner=None):
+        return [_subscription(row) for row in self._all(
+            f"SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE %(all)s OR owner = %(owner)s ORDER BY name",
+            {"all": owner is None, "owner": owner})]
 
     def answers(self):
         self._one("SELECT 1 FROM programs LIMIT 1")
@@ -861,6 +914,32 @@ class PostgresTransaction(PostgresReads, Transaction):
 
     def touch_key(self, key_id, when):
         self._write("UPDATE api_keys SET last_used_us = %s WHERE key_id = %s", (when, key_id))
+
+    # Subscriptions
+
+    def lock_subscription(self, name):
+        """The subscription, its row locked: another transaction's change of it
+        waits for this one to end, then reads what it left."""
+        row = self._one(f"SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE name = %s FOR UPDATE", (name,))
+        return row and _subscription(row)
+
+    def put_subscription(self, row):
+        """A new name two servers create at once: the second waits for the first's
+        commit, then writes nothing unless it is the same owner's."""
+        return bool(self._write(
+            f"INSERT INTO subscriptions ({SUBSCRIPTION_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT (name) DO UPDATE SET description = excluded.description, programs = excluded.programs,"
+            " event_types = excluded.event_types, position = excluded.position"
+            " WHERE subscriptions.owner = excluded.owner",
+            (row.name, row.owner, row.description, list(row.programs), list(row.event_types), row.position,
+             row.created_us, row.last_ack_us)).rowcount)
+
+    def acknowledge(self, name, position, when):
+        self._write("UPDATE subscriptions SET position = %s, last_ack_us = %s WHERE name = %s",
+                    (position, when, name))
+
+    def delete_subscription(self, name):
+        return bool(self._write("DELETE FROM subscriptions WHERE name = %s", (name,)).rowcount)
 
 
 # --- Sessions and the storage ----------------------------------------------------

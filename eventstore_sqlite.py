@@ -10,6 +10,7 @@ WriterLock beside it. The schema is schema.sql, applied idempotently on opening.
 import collections
 import fcntl
 import heapq
+import json
 import logging
 import math
 import os
@@ -18,9 +19,9 @@ import threading
 import itertools
 
 from eventstore_storage import (EVENT_COLUMNS, SCHEMA_VERSION, Backups, Change, CommitWatch, EventRow, EventState,
-                                EventKey, Failure, KeyInfo, KeyRow, LiveEvent, ProgramRow, Reads, SchemaRow, Session,
-                                Storage, StorageOpenError, SweepRow, Transaction, TypeRules, TypeState, UserRow, data_path,
-                                event_row)
+                                EventKey, FeedBacklog, Failure, KeyInfo, KeyRow, LiveEvent, ProgramRow, Reads,
+                                SchemaRow, Session, Storage, StorageOpenError, SubscriptionRow, SweepRow, Transaction,
+                                TypeRules, TypeState, UserRow, data_path, event_row)
 
 SCHEMA_PATH = data_path("schema.sql")
 
@@ -240,8 +241,23 @@ def _event_rows(cursor):
     return cursor
 
 
+def _rows_of(cursor, columns):
+    """``cursor``, its rows given as EventRows when it selects EVENT_COLUMNS."""
+    return _event_rows(cursor) if columns == EVENT_COLUMNS else cursor
+
+
 def _event_row(cursor, row):
     return EventRow._make(row)
+
+
+SUBSCRIPTION_COLUMNS = "name, owner, description, programs, event_types, position, created_us, last_ack_us"
+
+
+def _subscription(row):
+    """A subscriptions row -> SubscriptionRow (its filter lists are JSON arrays)."""
+    name, owner, description, programs, event_types, position, created_us, last_ack_us = row
+    return SubscriptionRow(name, owner, description, tuple(json.loads(programs)), tuple(json.loads(event_types)),
+                           position, created_us, last_ack_us)
 
 
 MERGE_ALWAYS = 4        # this many index ranges or fewer: always merge them
@@ -284,6 +300,14 @@ class SQLiteReads(Reads):
             grants[user_id].append((program_id, access))
         return [UserRow(user_id, bool(is_system), bool(disabled), grants[user_id]) for user_id, is_system, disabled in
                 self.conn.execute("SELECT user_id, is_system, disabled FROM users ORDER BY user_id")]
+
+    def find_user(self, user_id):
+        row = self.conn.execute("SELECT is_system, disabled FROM users WHERE user_id = ?", (user_id,)).fetchone()
+        if row is None:
+            return None
+        grants = self.conn.execute("SELECT program_id, access FROM grants WHERE user_id = ? ORDER BY program_id",
+                                   (user_id,)).fetchall()
+        return UserRow(user_id, bool(row[0]), bool(row[1]), grants)
 
     def list_keys(self, user_id):
         return [KeyInfo(*row) for row in self.conn.execute(
@@ -423,28 +447,42 @@ class SQLiteReads(Reads):
         also measures the share of matching rows, and reads whatever the page still
         needs the cheaper way. ``strategy`` ("merge", "walk") forces one (for tests).
         """
-        want, types = query.limit + 1, query.event_types
         with read_snapshot(self.conn):
-            if strategy == "walk":
-                return self._walk(programs, query, query.after, None, want)
-            if programs is not None and (strategy == "merge" or len(programs) * max(1, len(types)) <= MERGE_ALWAYS
-                                         or len(programs) + len(types) > MAX_IN_LIST):
-                return self._merge_ranges(programs, query, query.after, want)
-            window = WINDOW * want
-            window_end = min(query.after + window, 2**63 - 1)  # SQLite's integers end there
-            rows = self._walk(programs, query, query.after, window_end, want)
-            last_seq = self.last_sequence()
-            if len(rows) == want or window_end >= last_seq:
-                return rows
-            needed, share = want - len(rows), len(rows) / window
-            if programs is None:
-                programs = [row[0] for row in self.conn.execute("SELECT program_id FROM programs")]
-            ranges = len(programs) * max(1, len(types))
-            walk_cost = needed / share if share else last_seq - window_end
-            merge_cost = ranges * SEEK_COST + needed * math.log2(ranges + 1)
-            if walk_cost <= merge_cost:
-                return rows + self._walk(programs, query, window_end, None, needed)
-            return rows + self._merge_ranges(programs, query, window_end, needed)
+            return self._feed(programs, query, strategy, EVENT_COLUMNS)
+
+    def feed_backlog(self, programs, query):
+        """read_feed's rows, counted: read the same way, only their Sequences
+        (from the index alone where read_feed merges index ranges), and the
+        first one's UpdatedUTC."""
+        with read_snapshot(self.conn):
+            rows = self._feed(programs, query, None, "seq")
+            first = self.conn.execute("SELECT updated_us FROM events WHERE seq = ?",
+                                      rows[0]).fetchone()[0] if rows else None
+        return FeedBacklog(len(rows), first)
+
+    def _feed(self, programs, query, strategy, columns):
+        """read_feed's way of reading a page (in a snapshot), each row its ``columns``."""
+        want, types = query.limit + 1, query.event_types
+        if strategy == "walk":
+            return self._walk(programs, query, query.after, None, want, columns)
+        if programs is not None and (strategy == "merge" or len(programs) * max(1, len(types)) <= MERGE_ALWAYS
+                                     or len(programs) + len(types) > MAX_IN_LIST):
+            return self._merge_ranges(programs, query, query.after, want, columns)
+        window = WINDOW * want
+        window_end = min(query.after + window, 2**63 - 1)  # SQLite's integers end there
+        rows = self._walk(programs, query, query.after, window_end, want, columns)
+        last_seq = self.last_sequence()
+        if len(rows) == want or window_end >= last_seq:
+            return rows
+        needed, share = want - len(rows), len(rows) / window
+        if programs is None:
+            programs = [row[0] for row in self.conn.execute("SELECT program_id FROM programs")]
+        ranges = len(programs) * max(1, len(types))
+        walk_cost = needed / share if share else last_seq - window_end
+        merge_cost = ranges * SEEK_COST + needed * math.log2(ranges + 1)
+        if walk_cost <= merge_cost:
+            return rows + self._walk(programs, query, window_end, None, needed, columns)
+        return rows + self._merge_ranges(programs, query, window_end, needed, columns)
 
     @staticmethod
     def _filters(query, prefix=""):
@@ -460,22 +498,22 @@ class SQLiteReads(Reads):
                 params.append(value)
         return where, params
 
-    def _merge_ranges(self, programs, query, after, want):
+    def _merge_ranges(self, programs, query, after, want, columns=EVENT_COLUMNS):
         where, params = self._filters(query)
         where = ["program_id = ?"] + (["event_type = ?"] if query.event_types else []) + where
-        sql = (f"SELECT {EVENT_COLUMNS} FROM events WHERE {' AND '.join(where)}"
+        sql = (f"SELECT {columns} FROM events WHERE {' AND '.join(where)}"
                " AND seq > ? ORDER BY seq LIMIT ?")
         tail = (*params, after, want)
         ranges = itertools.product(programs, query.event_types or [None])
-        cursors = [_event_rows(self.conn.execute(sql, (program, *([] if event_type is None else [event_type]), *tail)))
-                   for program, event_type in ranges]
+        cursors = [_rows_of(self.conn.execute(sql, (program, *([] if event_type is None else [event_type]), *tail)),
+                            columns) for program, event_type in ranges]
         try:
             return list(itertools.islice(heapq.merge(*cursors), want))
         finally:
             for cursor in cursors:
                 cursor.close()
 
-    def _walk(self, programs, query, after, upto, want):
+    def _walk(self, programs, query, after, upto, want, columns=EVENT_COLUMNS):
         """Rows with after < seq (<= upto), in seq order, that are in ``programs``
         (None: all) and match the filters: the table walked in rowid order."""
         where, params = self._filters(query, prefix="+")
@@ -488,9 +526,16 @@ class SQLiteReads(Reads):
         if upto is not None:
             where.append("seq <= ?")
             params.append(upto)
-        sql = (f"SELECT {EVENT_COLUMNS} FROM events WHERE seq > ? {''.join(' AND ' + w for w in where)}"
+        sql = (f"SELECT {columns} FROM events WHERE seq > ? {''.join(' AND ' + w for w in where)}"
                " ORDER BY seq LIMIT ?")
-        return _event_rows(self.conn.execute(sql, (after, *params, want))).fetchall()
+        return _rows_of(self.conn.execute(sql, (after, *params, want)), columns).fetchall()
+
+    def sequence_before(self, time_us):
+        """Walked down from the head (PERF: no index on updated_us, which every write
+        would pay for): as far as the last change before ``time_us``."""
+        row = self.conn.execute("SELECT seq FROM events WHERE updated_us < ? ORDER BY seq DESC LIMIT 1",
+                                (time_us,)).fetchone()
+        return row[0] if row else 0
 
     def export_events(self, programs=()):
         """Every event (tombstones included) in Sequence order, as EventRows, from one
@@ -504,6 +549,18 @@ class SQLiteReads(Reads):
             while rows := cursor.fetchmany(1000):
                 for row in rows:
                     yield row
+
+    # Subscriptions
+
+    def find_subscription(self, name):
+        row = self.conn.execute(f"SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE name = ?",
+                                (name,)).fetchone()
+        return row and _subscription(row)
+
+    def list_subscriptions(self, owner=None):
+        where, params = ("", ()) if owner is None else (" WHERE owner = ?", (owner,))
+        return [_subscription(row) for row in self.conn.execute(
+            f"SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions{where} ORDER BY name", params)]
 
     def answers(self):
         """Raises sqlite3.Error unless the database answers a query."""
@@ -724,6 +781,28 @@ class SQLiteTransaction(SQLiteReads, Transaction):
 
     def touch_key(self, key_id, when):
         self.conn.execute("UPDATE api_keys SET last_used_us = ? WHERE key_id = ?", (when, key_id))
+
+    # Subscriptions
+
+    def lock_subscription(self, name):
+        """The subscription (the write lock, held since BEGIN IMMEDIATE, already
+        keeps every other writer out)."""
+        return self.find_subscription(name)
+
+    def put_subscription(self, row):
+        return bool(self.conn.execute(
+            f"INSERT INTO subscriptions ({SUBSCRIPTION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET description = excluded.description, programs = excluded.programs,"
+            " event_types = excluded.event_types, position = excluded.position WHERE owner = excluded.owner",
+            (row.name, row.owner, row.description, json.dumps(list(row.programs)),
+             json.dumps(list(row.event_types)), row.position, row.created_us, row.last_ack_us)).rowcount)
+
+    def acknowledge(self, name, position, when):
+        self.conn.execute("UPDATE subscriptions SET position = ?, last_ack_us = ? WHERE name = ?",
+                          (position, when, name))
+
+    def delete_subscription(self, name):
+        return bool(self.conn.execute("DELETE FROM subscriptions WHERE name = ?", (name,)).rowcount)
 
 
 # --- SQLite: the storage ----------------------------------------------------------

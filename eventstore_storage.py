@@ -13,9 +13,10 @@ eventstore_pg.py; neither imports the app.
     storage.failure(exc)            the kind of failure one of them is (Failure), or None
     storage.retryable(exc)          whether a transaction that raised it may run again
 
-What crosses the seam: EventInput and FeedQuery go down (a write, a feed page);
-KeyRow, EventState, EventRow, ProgramRow, UserRow, KeyInfo, Change, TypeState,
-SchemaRow, LiveEvent, EventKey and SweepRow come up.
+What crosses the seam: EventInput, FeedQuery and SubscriptionRow go down (a
+write, a feed page, a subscription); KeyRow, EventState, EventRow, ProgramRow,
+UserRow, KeyInfo, Change, TypeState, SchemaRow, LiveEvent, EventKey, SweepRow,
+SubscriptionRow and FeedBacklog come up.
 Opening a storage raises StorageOpenError, whatever the backend. A backend that
 can copy itself consistently while in use (SQLite) is also a Backups.
 """
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def now_us():
@@ -168,6 +169,29 @@ class KeyInfo(NamedTuple):
     revoked_us: int | None
 
 
+class SubscriptionRow(NamedTuple):
+    """A subscription as stored (docs/API.md §4a): its filter's lists (empty: every
+    program its owner can read, every type) and the Sequence acknowledged through."""
+
+    name: str
+    owner: str
+    description: str | None
+    programs: tuple
+    event_types: tuple
+    position: int
+    created_us: int
+    last_ack_us: int | None
+
+
+class FeedBacklog(NamedTuple):
+    """What a feed query has still to read: its ``changes`` (counted as its pages
+    would return them, up to the query's limit + 1) and the UpdatedUTC of the first
+    of them (None when there are none)."""
+
+    changes: int
+    first_updated_us: int | None
+
+
 class Change(NamedTuple):
     """One committed change, as a commit watch reports it."""
 
@@ -235,6 +259,10 @@ class Reads:
 
     def list_users(self):
         """[UserRow] sorted by id."""
+        raise NotImplementedError
+
+    def find_user(self, user_id):
+        """-> the UserRow of a user, or None."""
         raise NotImplementedError
 
     def list_keys(self, user_id):
@@ -323,9 +351,30 @@ class Reads:
         ``programs`` (a list, or None for every program)."""
         raise NotImplementedError
 
+    def feed_backlog(self, programs, query):
+        """What read_feed(programs, query) would return, counted (a FeedBacklog): the
+        same rows read the same way, but only their Sequences, and the UpdatedUTC of
+        the first. Its cost is bounded by ``query.limit`` as a page's is."""
+        raise NotImplementedError
+
+    def sequence_before(self, time_us):
+        """The greatest Sequence the feed serves whose UpdatedUTC is before ``time_us``,
+        0 for none."""
+        raise NotImplementedError
+
     def export_events(self, programs=()):
         """Every event (tombstones included) in Sequence order, as EventRows, from one
         snapshot, streamed."""
+        raise NotImplementedError
+
+    # Subscriptions
+
+    def find_subscription(self, name):
+        """-> the SubscriptionRow named ``name``, or None."""
+        raise NotImplementedError
+
+    def list_subscriptions(self, owner=None):
+        """[SubscriptionRow] sorted by name in code-point order: every one, or ``owner``'s."""
         raise NotImplementedError
 
     def answers(self):
@@ -474,6 +523,26 @@ class Transaction(Reads):
 
     def touch_key(self, key_id, when):
         """Record a key's last use."""
+        raise NotImplementedError
+
+    def lock_subscription(self, name):
+        """-> the SubscriptionRow named ``name`` (or None), held against every other
+        change of it until this transaction ends, so that changes of one
+        subscription take effect in commit order."""
+        raise NotImplementedError
+
+    def put_subscription(self, row):
+        """Create the subscription ``row`` (a SubscriptionRow), or replace the one of
+        its name and owner -> whether it was written (False: another owner's
+        subscription of that name committed first, and nothing was written)."""
+        raise NotImplementedError
+
+    def acknowledge(self, name, position, when):
+        """Set a subscription's Position and the time of its last acknowledgement."""
+        raise NotImplementedError
+
+    def delete_subscription(self, name):
+        """-> whether there was a subscription ``name`` (now gone)."""
         raise NotImplementedError
 
 

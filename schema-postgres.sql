@@ -176,3 +176,17 @@ CREATE TABLE IF NOT EXISTS sweeps (
     finished_us  bigint NOT NULL,
     count        bigint NOT NULL
 );
+
+-- Subscriptions (schema version 4): named, durable positions in the feed, each
+-- with a filter ({}: every program its owner can read, every type), read as
+-- the feed is read; position is the Sequence acknowledged through.
+CREATE TABLE IF NOT EXISTS subscriptions (
+    name          text COLLATE "C" PRIMARY KEY,
+    owner         text COLLATE "C" NOT NULL REFERENCES users (user_id),
+    description   text,
+    programs      text[] NOT NULL DEFAULT '{}',
+    event_types   text[] NOT NULL DEFAULT '{}',
+    position      bigint NOT NULL DEFAULT 0,
+    created_us    bigint NOT NULL,
+    last_ack_us   bigint
+);

@@ -156,3 +156,20 @@ CREATE TABLE IF NOT EXISTS sweeps (
     finished_us  INTEGER NOT NULL,
     count        INTEGER NOT NULL
 ) WITHOUT ROWID;
+
+-- Subscriptions (schema version 4): named, durable positions in the feed, each
+-- with a filter, read as the feed is read; the position moves only when the
+-- subscription's consumer acknowledges (docs/API.md §4a). programs and
+-- event_types are the filter's lists as JSON arrays of strings ([]: every
+-- program its owner can read, every type); position is the Sequence
+-- acknowledged through.
+CREATE TABLE IF NOT EXISTS subscriptions (
+    name          TEXT PRIMARY KEY,
+    owner         TEXT NOT NULL REFERENCES users (user_id),
+    description   TEXT,
+    programs      TEXT NOT NULL DEFAULT '[]',
+    event_types   TEXT NOT NULL DEFAULT '[]',
+    position      INTEGER NOT NULL DEFAULT 0,
+    created_us    INTEGER NOT NULL,
+    last_ack_us   INTEGER
+) WITHOUT ROWID;

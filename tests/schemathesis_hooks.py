@@ -10,12 +10,12 @@ a schema-valid event of an unregistered type is rightly a 400. So the fuzzer
 never switches that on (a generated `"RegisteredEventTypesOnly": true` is sent
 as false); tests/test_event_types.py covers the setting. And a Sequence past
 the largest one committed is rightly a 400: generated Sequences are sent as 0
-(tests/test_feed.py covers the rule). Likewise schemas (docs/API.md
-§5b): a generated Schema is dropped (one the fuzzer made up would make its own
-later events 400s, or be refused by the metaschema the document cannot state),
-and a type the fuzzer registers always gets a Description (registering needs
-one; changing does not, which the document cannot state either);
-tests/test_schemas.py covers them."""
+(tests/test_feed.py and tests/test_subscriptions.py cover the rule). Likewise
+schemas (docs/API.md §5b): a generated Schema is dropped (one the fuzzer made up
+would make its own later events 400s, or be refused by the metaschema the
+document cannot state), and a type the fuzzer registers always gets a
+Description (registering needs one; changing does not, which the document
+cannot state either); tests/test_schemas.py covers them."""
 
 import schemathesis
 
@@ -45,20 +45,29 @@ MAX_SEQUENCE = 2**63 - 1
 
 
 def _a_sequence(value):
-    """Whether a generated value is a schema-valid Sequence (an integer, or its digits)."""
+    """Whether a generated value is a schema-valid Sequence (a whole number, or its digits)."""
     if isinstance(value, bool):
         return False
     if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)
+    if isinstance(value, float) and value.is_integer():  # 2.0 is a whole number to JSON Schema
         value = int(value)
     return isinstance(value, int) and 0 <= value <= MAX_SEQUENCE
 
 
 def _align_cursors(case):
     """A Sequence past the largest one committed is rightly a 400 (docs/API.md
-    §4, cursor hygiene), however schema-valid: the fuzzer's Sequences become 0,
+    §4, cursor hygiene), however schema-valid: the fuzzer's Sequences (the feed's
+    after, a subscription's StartFrom and an acknowledgement's Through) become 0,
     which every registry has."""
     if isinstance(case.query, dict) and _a_sequence(case.query.get("after")):
         case.query["after"] = 0
+    body = case.body if isinstance(case.body, dict) else {}
+    if _a_sequence(body.get("Through")):
+        body["Through"] = 0
+    start = body.get("StartFrom")
+    if isinstance(start, dict) and _a_sequence(start.get("Sequence")):
+        start["Sequence"] = 0
 
 
 def _align_case(case):

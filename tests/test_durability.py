@@ -116,31 +116,25 @@ def test_acknowledged_writes_survive_sigkill(tmp_path):
     assert len(acknowledged) > 50
 
 
-def test_a_200_is_sent_only_after_the_write_ahead_log_is_fsynced(tmp_path):
-    """What a SIGKILL cannot show (the kernel keeps what the process wrote): the
-    COMMIT's fsync of the WAL happens before the answer leaves, for every write.
-    Traced with strace: each response to a PUT must follow a WAL fsync that
-    follows that PUT's request."""
+def traced_server(tmp_path, name):
+    """serve.py under strace, one thread, its fsyncs and socket traffic written to
+    tmp_path / "trace" -> (the server, the trace's path)."""
     require_tool("strace")
     trace = tmp_path / "trace"
-    server = Server(tmp_path / "sync.db", "--threads", "1", prefix=(
+    server = Server(tmp_path / name, "--threads", "1", prefix=(
         "strace", "-f", "-y", "-qq", "-s", "40", "-o", str(trace),
         "-e", "trace=fsync,fdatasync,recvfrom,read,sendto,write,sendmsg,writev"))
-    admin = {"user": "admin", "key": server.admin_key}
-    try:
-        server.register("FOO")
-        for n in range(5):
-            assert server.request("PUT", f"/events/FOO-{n}", event(n), **admin)[0] == 200
-    finally:
-        server.stop()
-    lines = trace.read_text().splitlines()
-    # From the program's PUT on: every PUT request is followed by a WAL fsync
-    # before the next 200 is sent.
+    return server, trace
+
+
+def answers_after_fsyncs(trace, request):
+    """Check that every request whose line holds ``request`` is followed by a WAL
+    fsync before the next 200 is sent -> (requests, fsyncs, answers) seen."""
     # strace splits a call that another thread's call interrupts into "<unfinished ...>"
     # and "<... fdatasync resumed>) = 0": a WAL fsync is done when its resumed line comes.
-    puts = synced = answered = 0
+    requests = synced = answered = 0
     state, begun = None, set()  # begun: the threads with a WAL fsync under way
-    for line in lines:
+    for line in trace.read_text().splitlines():
         thread = line.split(" ", 1)[0]
         wal_fsync = re.search(r"f(data)?sync\(\d+<[^>]*-wal>", line)
         if wal_fsync and line.endswith("<unfinished ...>"):
@@ -148,11 +142,44 @@ def test_a_200_is_sent_only_after_the_write_ahead_log_is_fsynced(tmp_path):
             continue
         resumed = thread in begun and re.search(r"<\.\.\. f(data)?sync resumed>\) += 0", line)
         begun.discard(thread)
-        if '"PUT /events/' in line:
-            puts, state = puts + 1, "received"
+        if request in line:
+            requests, state = requests + 1, "received"
         elif state == "received" and ((wal_fsync and re.search(r"\) += 0$", line)) or resumed):
             synced, state = synced + 1, "synced"
         elif state is not None and "HTTP/1.1 200" in line:
             assert state == "synced", f"a 200 was sent before the WAL was fsynced:\n{line}"
             answered, state = answered + 1, None
-    assert puts == answered == 5 and synced == 5, (puts, synced, answered)
+    return requests, synced, answered
+
+
+def test_a_200_is_sent_only_after_the_write_ahead_log_is_fsynced(tmp_path):
+    """What a SIGKILL cannot show (the kernel keeps what the process wrote): the
+    COMMIT's fsync of the WAL happens before the answer leaves, for every write.
+    Traced with strace: each response to a PUT must follow a WAL fsync that
+    follows that PUT's request."""
+    server, trace = traced_server(tmp_path, "sync.db")
+    admin = {"user": "admin", "key": server.admin_key}
+    try:
+        server.register("FOO")
+        for n in range(5):
+            assert server.request("PUT", f"/events/FOO-{n}", event(n), **admin)[0] == 200
+    finally:
+        server.stop()
+    assert answers_after_fsyncs(trace, '"PUT /events/') == (5, 5, 5)
+
+
+def test_an_acks_200_is_sent_only_after_the_write_ahead_log_is_fsynced(tmp_path):
+    """An acknowledged Position is durable as an event is (docs/API.md §4a): each
+    ack's 200 follows the fsync of its commit."""
+    server, trace = traced_server(tmp_path, "ack.db")
+    admin = {"user": "admin", "key": server.admin_key}
+    try:
+        server.register("FOO")
+        for n in range(5):
+            assert server.request("PUT", f"/events/FOO-{n}", event(n), **admin)[0] == 200
+        assert server.request("PUT", "/subscriptions/lms", {}, **admin)[0] == 201
+        for through in range(1, 6):
+            assert server.request("POST", "/subscriptions/lms/ack", {"Through": through}, **admin)[0] == 200
+    finally:
+        server.stop()
+    assert answers_after_fsyncs(trace, '"POST /subscriptions/lms/ack') == (5, 5, 5)

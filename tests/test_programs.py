@@ -79,7 +79,10 @@ def test_openapi_document_describes_every_route(registry):
               ("GET", "/events/{eventId}"), ("DELETE", "/events/{eventId}"), ("GET", "/programs"),
               ("PUT", "/programs/{ProgramId}"), ("DELETE", "/programs/{ProgramId}/members/{ProgramMemberId}"),
               ("GET", "/event-types"), ("GET", "/event-types/{EventType}"), ("PUT", "/event-types/{EventType}"),
-              ("DELETE", "/event-types/{EventType}"), ("GET", "/event-types/{EventType}/schemas/{SchemaVersion}")}
+              ("DELETE", "/event-types/{EventType}"), ("GET", "/event-types/{EventType}/schemas/{SchemaVersion}"),
+              ("GET", "/subscriptions"), ("PUT", "/subscriptions/{Name}"), ("GET", "/subscriptions/{Name}"),
+              ("DELETE", "/subscriptions/{Name}"), ("GET", "/subscriptions/{Name}/events"),
+              ("POST", "/subscriptions/{Name}/ack")}
     assert routed <= described
     assert len(routed) == len(eventstore.ROUTES)
 

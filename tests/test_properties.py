@@ -248,8 +248,9 @@ def test_the_walk_and_the_merge_read_exactly_the_same_pages():
     """Over random histories (tombstones, erasures, updates), programs, types,
     members, cursors and page sizes: the merge of index ranges, the walk in seq
     order and the automatic choice return the same rows, hence the same Next and
-    HasMore; no row is of a program outside the caller's; and following the pages
-    from the cursor reads each matching event once."""
+    HasMore; counted (a subscription's Behind), the same number; no row is of a
+    program outside the caller's; and following the pages from the cursor reads
+    each matching event once."""
     def check(steps, spec):
         with tempfile.TemporaryDirectory() as folder:
             with opened(Path(folder) / "f.db") as session:
@@ -259,6 +260,9 @@ def test_the_walk_and_the_merge_read_exactly_the_same_pages():
                 pages = {strategy: session.read_feed(programs, query, strategy)
                          for strategy in ("walk", None)}
                 pages["merge"] = session.read_feed(programs or PROGRAMS, query, "merge")
+                # A subscription's Behind is the same read, counted.
+                first = pages[None][0].updated_us if pages[None] else None
+                assert session.feed_backlog(programs, query) == (len(pages[None]), first)
                 # Which way the automatic choice read its page, seen through the
                 # calls it made: one merge, a window walked alone, or a window
                 # walked and then the rest walked or merged.
