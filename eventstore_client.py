@@ -196,20 +196,77 @@ class Client:
 
     # --- following the feed ----------------------------------------------------
 
-    def follow(self, after=0, until_caught_up=False, **filters):
-        """Every change after Sequence ``after``, in Sequence order, as
+    def follow(self, after=None, until_caught_up=False, subscription=None, **filters):
+        """Every change after Sequence ``after`` (default 0), in Sequence order, as
         representation dicts: forever, long-polling, or with
         ``until_caught_up=True`` until the first empty page. Filters are the
         feed's parameters (``ProgramId=`` and ``EventType=`` take a string or a
         list; ``ProgramMemberId=``, ``ReferenceEventId=``, ``EventStartFromUTC=``,
-        ``EventStartBeforeUTC=``, ``limit=``)."""
-        for events, _ in self.follow_pages(after, until_caught_up, **filters):
+        ``EventStartBeforeUTC=``, ``limit=``).
+
+        With ``subscription="NAME"`` it reads that subscription from the
+        registry's Position instead (its filter is the subscription's own: only
+        ``limit=`` is taken, and ``after`` or a filter is a ValueError), and
+        acknowledges each page once it has been yielded on: when the loop asks
+        for the change after the page's last. Stopped at any moment, it misses
+        nothing and gives again at most the page it was in."""
+        if subscription is not None:
+            if after is not None or set(filters) - {"limit"}:
+                raise ValueError("follow(subscription=...) reads from the subscription's Position with its own "
+                                 "filter: give no after= and no filters (limit= only)")
+            for events, _, _ in self._subscription_pages(subscription, until_caught_up, filters.get("limit")):
+                yield from events
+            return
+        for events, _ in self.follow_pages(after or 0, until_caught_up, **filters):
             yield from events
 
     def follow_pages(self, after=0, until_caught_up=False, **filters):
         """follow, a page at a time: -> (events, the Sequence to resume after)."""
         for events, _, last in self._pages(after, until_caught_up, filters):
             yield events, last
+
+    def subscribe(self, name, filter=None, start_from=None, description=None, timeout=None):
+        """Create or change the subscription ``name`` -> its representation (a
+        dict). ``filter``: ``{"ProgramId": [...], "EventType": [...]}`` (a list
+        empty or left out: every); ``start_from``: "beginning", "now", a Sequence
+        (int), or a time (a datetime, or an RFC 3339 string); ``description``: a
+        text. What is None is left as it is (on creation: every program and type,
+        from the beginning, no description)."""
+        body = {}
+        if filter is not None:
+            body["Filter"] = {field: [value] if isinstance(value, str) else list(value)
+                              for field, value in filter.items() if value is not None}
+        if start_from is not None:
+            body["StartFrom"] = _start_from(start_from)
+        if description is not None:
+            body["Description"] = description
+        return self._call("PUT", self._subscription_path(name), body, timeout=timeout)[2]
+
+    def _subscription_pages(self, name, until_caught_up, limit):
+        """A subscription's pages -> (events, their JSON texts, Through), each
+        acknowledged when the next is asked for (after it was handled), never
+        before; the next page is read only then: reading moves nothing."""
+        wait = 0 if until_caught_up else LONG_POLL_SECONDS
+        path = (f"{self._subscription_path(name)}/events?"
+                + urllib.parse.urlencode(([("limit", int(limit))] if limit else []) + [("wait", wait)]))
+        while True:
+            _, headers, raw = self._call("GET", path, retry_for=None, timeout=max(self.timeout, wait + 30),
+                                         parse=bytes)
+            events, texts, rest = parse_page(raw)
+            if not events:
+                if until_caught_up:
+                    return
+                pause = _poll_after(headers.get(POLL_AFTER_HEADER))  # the server could not wait: not at once
+                if pause:
+                    self.sleep(pause)
+                continue
+            yield events, texts, rest["Through"]
+            try:
+                self._call("POST", f"{self._subscription_path(name)}/ack", {"Through": rest["Through"]},
+                           retry_for=None)
+            except ClientError as error:
+                if error.status != 409:  # 409: another consumer acknowledged further meanwhile
+                    raise
 
     def _pages(self, after, until_caught_up, filters):
         """-> (events, their JSON texts as the server sent them, last Sequence) a page at a time."""
@@ -275,6 +332,9 @@ class Client:
 
     def _event_path(self, event_id):
         return "/events/" + urllib.parse.quote(event_id, safe="")
+
+    def _subscription_path(self, name):
+        return "/subscriptions/" + urllib.parse.quote(name, safe="")
 
     def _call(self, method, path, body=None, headers=None, retry_for=..., timeout=None,
               resent_refused=None, parse=None, fetch=None):
@@ -439,6 +499,22 @@ def _same_event(representation, body):
             and _instant(representation.get("EventEndUTC")) == end
             and canonical(representation.get("EventData")) == canonical(body.get("EventData") or {})
             and representation.get("ReferenceEventId") == body.get("ReferenceEventId"))
+
+
+def _start_from(value):
+    """A subscription's start -> its StartFrom: "beginning" and "now" as they are,
+    a Sequence (int) as {"Sequence": n}, a time (datetime or text) as {"TimeUTC": ...}."""
+    if value in ("beginning", "now"):
+        return value
+    if isinstance(value, bool):
+        raise ValueError(f"start_from: expected \"beginning\", \"now\", a Sequence or a time, got {value!r}")
+    if isinstance(value, int):
+        return {"Sequence": value}
+    if isinstance(value, datetime):
+        return {"TimeUTC": value.isoformat()}  # no offset: the registry takes it as UTC
+    if isinstance(value, str):
+        return {"TimeUTC": value}
+    raise ValueError(f"start_from: expected \"beginning\", \"now\", a Sequence or a time, got {value!r}")
 
 
 def _conditions(if_match, if_none_match):
@@ -643,15 +719,20 @@ def read_cursor(path):
 
 
 def cmd_follow(client, args, out, err):
-    if args.cursor_file:
-        forget_unsaved_cursor(args.cursor_file)
-    after = read_cursor(args.cursor_file) if args.cursor_file else args.after
-    filters = {name: value for name, value in (("ProgramId", args.program), ("EventType", args.type),
-                                                 ("ProgramMemberId", args.member), ("limit", args.limit)) if value}
+    if args.subscription:
+        # Each page is acknowledged when the next is asked for: after it was written and flushed.
+        pages = client._subscription_pages(args.subscription, args.until_caught_up, args.limit)
+    else:
+        if args.cursor_file:
+            forget_unsaved_cursor(args.cursor_file)
+        after = read_cursor(args.cursor_file) if args.cursor_file else args.after or 0
+        filters = {name: value for name, value in (("ProgramId", args.program), ("EventType", args.type),
+                                                     ("ProgramMemberId", args.member), ("limit", args.limit)) if value}
+        pages = client._pages(after, args.until_caught_up, filters)
     count = 0
-    for events, texts, last in client._pages(after, args.until_caught_up, filters):
+    for events, texts, last in pages:
         out.write(("\n".join(texts) + "\n").encode("utf-8"))
-        out.flush()  # the events are out before the cursor says so
+        out.flush()  # the events are out before the cursor (or the acknowledgement) says so
         if args.cursor_file:
             write_cursor(args.cursor_file, last)
         count += len(events)
@@ -710,10 +791,13 @@ def build_parser():
                                  description="Write every change, in Sequence order, as JSON Lines to "
                                              "standard output; long-poll for more unless --until-caught-up.")
     start = follow.add_mutually_exclusive_group()
-    start.add_argument("--after", type=int, default=0, metavar="N", help="start after Sequence N (default 0)")
+    start.add_argument("--after", type=int, metavar="N", help="start after Sequence N (default 0)")
     start.add_argument("--cursor-file", metavar="PATH",
                        help="start after the Sequence stored here (0 if missing); rewritten after each "
                             "page is written out (through PATH.writing)")
+    start.add_argument("--subscription", metavar="NAME",
+                       help="read the registry's subscription NAME from its Position, acknowledging each page "
+                            "once it is written out (with --limit and --until-caught-up only)")
     follow.add_argument("--program", action="append", metavar="P", help="only this program (repeatable)")
     follow.add_argument("--type", action="append", metavar="T", help="only this event type (repeatable)")
     follow.add_argument("--member", metavar="M", help="only this ProgramMemberId")
@@ -741,6 +825,9 @@ def main(argv=None, environ=None, out=None, err=None):
     out, err = out or sys.stdout.buffer, err or sys.stderr
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "subscription", None) and (args.program or args.type or args.member):
+        parser.error("follow --subscription reads the subscription's own filter: it takes --limit and "
+                     "--until-caught-up only")
     url = getattr(args, "url", None) or environ.get("EVENTSTORE_URL")
     if not url:
         parser.error("give the registry's URL: --url http://HOST:PORT, or set EVENTSTORE_URL")

@@ -633,3 +633,134 @@ def test_follow_keeps_tricky_strings_whole(server):
     (line,) = result.stdout.splitlines()  # str.splitlines splits at U+2028 too: it must be escaped
     assert json.loads(line)["EventData"] == tricky
     assert list(admin_client(server).follow(until_caught_up=True))[0]["EventData"] == tricky
+
+
+# --- subscriptions ---------------------------------------------------------------------------
+
+def test_subscribe_creates_and_changes_a_subscription_from_every_kind_of_start(server):
+    import datetime
+    client = admin_client(server)
+    for n in range(3):
+        client.put(f"FOO-{n}", event(n))
+    created = client.subscribe("lms", filter={"ProgramId": "FOO", "EventType": ["T"]}, description="The LMS.")
+    assert (created["Filter"], created["Position"], created["Description"]) == (
+        {"ProgramId": ["FOO"], "EventType": ["T"]}, 0, "The LMS.")
+    updated = {n: client.get(f"FOO-{n}")["UpdatedUTC"] for n in range(3)}
+    later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=1)
+    for start_from, position in (("now", 3), ("beginning", 0), (2, 2), (updated[1], 1), (later, 3),
+                                 (later.replace(tzinfo=None), 3)):
+        assert client.subscribe("lms", start_from=start_from)["Position"] == position, start_from
+    unchanged = client.subscribe("lms")
+    assert (unchanged["Filter"]["ProgramId"], unchanged["Description"]) == (["FOO"], "The LMS.")
+    for wrong in (True, 1.5, None.__class__):
+        with pytest.raises(ValueError):
+            client.subscribe("lms", start_from=wrong)
+    with pytest.raises(ClientError) as raised:
+        client.subscribe("lms", start_from=99)
+    assert raised.value.status == 400 and raised.value.problem["Head"] == 3
+
+
+def test_following_a_subscription_acknowledges_each_page_once_it_is_yielded_on(server):
+    client = admin_client(server)
+    for n in range(5):
+        client.put(f"FOO-{n}", event(n))
+    client.subscribe("lms")
+
+    def position():
+        return server.request("GET", "/subscriptions/lms", user="admin", key=server.admin_key)[2]["Position"]
+
+    followed = client.follow(subscription="lms", limit=2)
+    assert [next(followed)["EventId"] for _ in range(2)] == ["FOO-0", "FOO-1"]
+    assert position() == 0  # the page is being handled: not acknowledged yet
+    assert next(followed)["EventId"] == "FOO-2"  # asked for the next: the first page is done
+    assert position() == 2
+    followed.close()  # stopped within the second page: it comes again, and nothing before it
+    again = list(client.follow(subscription="lms", until_caught_up=True, limit=2))
+    assert [e["EventId"] for e in again] == ["FOO-2", "FOO-3", "FOO-4"]
+    assert position() == 5  # until caught up: the page before the empty one acknowledged
+    assert list(client.follow(subscription="lms", until_caught_up=True)) == []
+
+
+@pytest.mark.parametrize("options", [{"after": 0}, {"after": 5}, {"ProgramId": "FOO"}, {"EventType": ["T"]},
+                                     {"ProgramMemberId": "m"}])
+def test_following_a_subscription_takes_no_cursor_and_no_filter(server, options):
+    with pytest.raises(ValueError):
+        next(admin_client(server).follow(subscription="lms", **options))
+
+
+def test_follow_subscription_on_the_command_line(server):
+    client = admin_client(server)
+    for n in range(3):
+        client.put(f"FOO-{n}", event(n))
+    client.put("BAR-0", event(program="BAR"))
+    client.subscribe("lms", filter={"ProgramId": ["FOO"]})
+    result = run_cli(server, "follow", "--subscription", "lms", "--limit", "2", "--until-caught-up")
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["EventId"] for line in result.stdout.splitlines()] == ["FOO-0", "FOO-1", "FOO-2"]
+    state = server.request("GET", "/subscriptions/lms", user="admin", key=server.admin_key)[2]
+    assert (state["Position"], state["Behind"]) == (3, 0)
+    for options in (["--after", "1"], ["--cursor-file", "c"], ["--program", "FOO"], ["--type", "T"],
+                    ["--member", "m"]):
+        wrong = run_cli(server, "follow", "--subscription", "lms", *options)
+        assert wrong.returncode == 2 and wrong.stdout == "" and "--subscription" in wrong.stderr, options
+    missing = run_cli(server, "follow", "--subscription", "none", "--until-caught-up")
+    assert missing.returncode == 1 and "404" in missing.stderr
+
+
+def test_a_subscription_follower_killed_at_any_moment_misses_nothing_and_repeats_at_most_a_page(server, tmp_path):
+    """Publishing goes on while `follow --subscription` is SIGKILLed 20 times at
+    random moments and started again. Every event is new, so each stays in the
+    feed at its one Sequence: a page lost between runs would be missing from the
+    output. A run repeats at most the one page it started with (the one the run
+    before wrote and had not yet acknowledged)."""
+    import random
+    limit, rng = 50, random.Random(31)
+    client = admin_client(server)
+    client.subscribe("kill", filter={"ProgramId": ["FOO"]})
+    stop, acknowledged = threading.Event(), {}
+
+    def publish():
+        publisher, n = admin_client(server), 0
+        while not stop.is_set() and n < 20_000:
+            batch = [{"EventId": f"FOO-{n + i}", **event(n + i)} for i in range(20)]
+            for result in publisher.publish(batch):
+                acknowledged[result["EventId"]] = result["Revision"]
+            n += 20
+            time.sleep(0.01)
+
+    publisher = threading.Thread(target=publish, daemon=True)
+    publisher.start()
+    env = {**os.environ, "EVENTSTORE_KEY": server.admin_key}
+    command = [*CLIENT, "--url", f"http://127.0.0.1:{server.port}", "--user", "admin", "follow",
+               "--subscription", "kill", "--limit", str(limit)]
+    outputs = []
+    for run in range(20):
+        outputs.append(tmp_path / f"run{run}.jsonl")
+        with open(outputs[-1], "wb") as sink:
+            follower = subprocess.Popen(command, stdout=sink, stderr=subprocess.DEVNULL, env=env)
+            time.sleep(rng.uniform(0.1, 0.6))  # a random moment, not a synchronization
+            follower.send_signal(signal.SIGKILL)
+            follower.wait(10)
+    stop.set()
+    publisher.join(60)
+    assert not publisher.is_alive()
+    outputs.append(tmp_path / "last.jsonl")
+    with open(outputs[-1], "wb") as sink:
+        last = subprocess.run(command + ["--until-caught-up"], stdout=sink, stderr=subprocess.PIPE, env=env,
+                              timeout=60)
+    assert last.returncode == 0, last.stderr
+    seen, runs = set(), []
+    for output in outputs:
+        lines = output.read_text().splitlines()
+        events = []
+        for number, line in enumerate(lines):
+            try:
+                events.append(json.loads(line)["EventId"])
+            except ValueError:  # killed while writing its last line: that page was not acknowledged
+                assert number == len(lines) - 1, output
+        repeated = [event_id for event_id in events if event_id in seen]
+        assert len(repeated) <= limit and events[:len(repeated)] == repeated, (output, len(repeated))
+        runs.append(len(events))
+        seen.update(events)
+    assert seen == set(acknowledged)  # nothing missed
+    assert len(acknowledged) >= 200 and sum(1 for count in runs[:-1] if count) >= 10, runs
