@@ -383,6 +383,47 @@ MUTANTS = [
         ('        return self._one("SELECT COALESCE(MAX(seq), 0) FROM events")[0]',
          "        return self.last_sequence()"),
     ], ["tests/test_postgres.py"]),
+    ("subscriptions: an ack answered before its commit (not durable)", "eventstore.py", [
+        ("    row = req.app.write(lambda tx: acknowledge_subscription(tx, name, req.user, through, rewind),\n"
+         "                        touched=lambda _: False, seqs=0)\n",
+         "    req.app.writer.post(lambda tx: acknowledge_subscription(tx, name, req.user, through, rewind),\n"
+         "                        touched=lambda _: False, seqs=0)\n"
+         "    row = visible_subscription(req.reads, req.user, name)._replace(position=through)\n"),
+    ], ["tests/test_durability.py", "tests/test_subscriptions.py"]),
+    ("subscriptions: reading moves the Position", "eventstore.py", [
+        ("    through = rows[-1].seq if rows else row.position\n",
+         "    through = rows[-1].seq if rows else row.position\n"
+         "    req.app.write(lambda tx: tx.acknowledge(name, through, tx.now), touched=lambda _: False, seqs=0)\n"),
+    ], ["tests/test_subscriptions.py"]),
+    ("subscriptions: the owner's grants not checked again at a read", "eventstore.py", [
+        ("        if denied:\n            raise Problem(403, f\"The subscription's owner {owner.user_id!r} can no longer",
+         "        if False:\n            raise Problem(403, f\"The subscription's owner {owner.user_id!r} can no longer"),
+    ], ["tests/test_subscriptions.py"]),
+    ("subscriptions: an ack decided on the Position read before its transaction", "eventstore.py", [
+        ("    row = req.app.write(lambda tx: acknowledge_subscription(tx, name, req.user, through, rewind),",
+         "    seen = visible_subscription(req.reads, req.user, name)\n"
+         "    row = req.app.write(lambda tx: acknowledge_subscription(tx, name, req.user, through,\n"
+         "                                                            rewind or through >= seen.position),"),
+    ], ["tests/test_subscriptions.py"]),
+    ("PostgreSQL: an ack does not lock its subscription's row", "eventstore_pg.py", [
+        (' FROM subscriptions WHERE name = %s FOR UPDATE", (name,))', ' FROM subscriptions WHERE name = %s", (name,))'),
+    ], ["tests/test_subscriptions.py"]),
+    ("PostgreSQL: a name two users create at once goes to the second", "eventstore_pg.py", [
+        ('            " WHERE subscriptions.owner = excluded.owner",', '            ", owner = excluded.owner",'),
+    ], ["tests/test_subscriptions.py"]),
+    ("subscriptions: StartFrom now is a change before the head", "eventstore.py", [
+        ('    if start_from == "now":\n        return reads.last_sequence()',
+         '    if start_from == "now":\n        return max(0, reads.last_sequence() - 1)'),
+    ], ["tests/test_subscriptions.py"]),
+    ("client: a subscription's page acknowledged before it is handled", "eventstore_client.py", [
+        ('            yield events, texts, rest["Through"]\n            try:\n',
+         '            try:\n'),
+        ("                    raise\n\n    def _pages(", '                    raise\n            yield events, texts, rest["Through"]\n\n    def _pages('),
+    ], ["tests/test_client.py"]),
+    ("subscriptions: Behind counts programs the owner can no longer read", "eventstore.py", [
+        ('        programs = [program_id for program_id in row.programs if owner.may("read", program_id)]',
+         "        programs = list(row.programs)"),
+    ], ["tests/test_subscriptions.py"]),
 ]
 
 

@@ -31,6 +31,10 @@ Issue 33 (bench/schemas.py, printed after issue 12's):
  15. PUT of a type with a 20-property schema / the same PUT of a type without one
  16. proving a schema on 100,000 live events (s), GET p99 meanwhile
  17. a retention sweep of 100,000 expired events (s), PUT p99 meanwhile
+Issue 31 (bench/subscriptions.py, printed after issue 33's):
+ 18. GET /subscriptions, 100 subscriptions over a 1,000,000-event database, ms (beside
+     the feed's own page time)
+ 19. reading a subscription's page / reading GET /events with the same filter
 Issue 11 (bench/postgres.py, printed last): PostgreSQL against SQLite, P1-P7.
 Issue 4:
   export and import events/s / raw sqlite3 read and executemany of the same rows,
@@ -63,6 +67,7 @@ import event_types  # noqa: E402  (bench/event_types.py)
 import feed  # noqa: E402  (bench/feed.py)
 import postgres  # noqa: E402  (bench/postgres.py)
 import schemas  # noqa: E402  (bench/schemas.py)
+import subscriptions  # noqa: E402  (bench/subscriptions.py)
 
 TARGETS = {  # figure -> (lowest acceptable ratio, or highest for RSS growth)
     "1. PUT vs baseline app": (">=", 0.5),
@@ -394,6 +399,7 @@ def main():
     feed.main()  # feed pages at 1 and 1,000 programs, long polls that a commit cannot match
     event_types.main(options.events, options.seconds)
     schemas.main(min(options.events, 100_000), options.seconds)
+    subscriptions.main(options.events, options.seconds)
     postgres.main(options.events, options.seconds)  # last: it starts a PostgreSQL cluster of its own
 
 

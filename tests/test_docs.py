@@ -45,7 +45,7 @@ def test_the_api_reference_has_every_route():
     for method, pattern, *_ in eventstore.ROUTES:
         path = re.sub(r"\(\?P<(\w+)>[^)]*\)", lambda m: "{" + {
             "event_id": "eventId", "program_id": "ProgramId", "member_id": "ProgramMemberId", "event_type": "EventType",
-            "version": "n"}[m.group(1)] + "}",
+            "version": "n", "name": "Name"}[m.group(1)] + "}",
             pattern.removeprefix(eventstore.RAW_PATH)).replace("\\.", ".")
         assert f"{method} {path}" in text, f"docs/API.md does not describe {method} {path}"
 
@@ -70,6 +70,8 @@ def test_the_readme_curl_session_works_as_pasted_on_another_port_and_database(tm
     assert result.returncode == 0 and result.stderr == "", result.stderr
     out = result.stdout
     assert "HTTP/1.1 200 OK" in out and re.search(r'(?im)^etag: "1"\r?$', out)  # the PUT
-    assert out.count('"EventId":"FOO-ABC123"') == 2  # read back, and in the feed
+    assert out.count('"EventId":"FOO-ABC123"') == 3  # read back, in the feed, in the subscription's page
     assert '"Description":"A learner completed a course."' in out and '{"ProgramId":"FOO","Events":1}' in out
+    assert '"Name":"lms","Owner":"course-platform"' in out and '"HasMore":false,"Through":1}' in out
+    assert '"Position":1,"Head":1,"Behind":0,' in out  # acknowledged
     assert not any("Traceback" in line or '" 500 ' in line for line in server.log)
