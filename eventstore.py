@@ -1874,14 +1874,14 @@ def subscription_events_handler(req):
     limit, wait = parse_subscription_read_query(req.query)
     row = visible_subscription(req.reads, req.user, name)  # (one with a webhook, to come, will be a 409 here)
     programs = subscription_programs(principal_of(req.reads, row.owner), row)
-    rows = _feed_rows(req, programs, FeedQuery(programs=row.programs, event_types=row.event_types,
-                                               after=row.position, limit=limit, wait=wait))
+    rows, headers = _feed_rows(req, programs, FeedQuery(programs=row.programs, event_types=row.event_types,
+                                                        after=row.position, limit=limit, wait=wait))
     has_more = len(rows) > limit
     rows = rows[:limit]
     events = ",".join(map(render_event, rows))
     through = rows[-1].seq if rows else row.position
     body = f'{{"Events":[{events}],"HasMore":{json_text(has_more)},"Through":{through}}}'
-    return Response(200, [], body.encode("utf-8"), "application/json")
+    return Response(200, headers, body.encode("utf-8"), "application/json")
 
 
 def ack_subscription_handler(req):

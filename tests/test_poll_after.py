@@ -112,7 +112,7 @@ class Host:
         self.polls = 0
 
         def counting(environ, start_response):
-            if environ["PATH_INFO"] == "/events":
+            if environ["PATH_INFO"].endswith("/events"):  # the feed's, or a subscription's
                 self.polls += 1
             if threads:
                 environ["wsgi.multithread"] = True
@@ -156,6 +156,23 @@ def test_an_idle_follower_of_a_host_that_cannot_wait_polls_about_once_a_second(r
     host = Host(registry.app)
     try:
         seen, done = following(registry, host.url, ProgramId="FOO")
+        eventually(lambda: host.polls >= 1, "the follower's first poll")
+        first = host.polls
+        time.sleep(3)
+        assert host.polls - first <= 6, f"{host.polls - first} polls in 3 s"
+        publish(registry, "FOO-1")
+        done(timeout=10)
+        assert seen == ["FOO-1"]
+    finally:
+        host.close()
+
+
+def test_an_idle_subscription_follower_of_a_host_that_cannot_wait_polls_about_once_a_second(registry):
+    """A subscription's reads are long polls as the feed's are: the same pause."""
+    host = Host(registry.app)
+    try:
+        Client(host.url, "admin", registry.keys["admin"]).subscribe("lms", filter={"ProgramId": ["FOO"]})
+        seen, done = following(registry, host.url, subscription="lms")
         eventually(lambda: host.polls >= 1, "the follower's first poll")
         first = host.polls
         time.sleep(3)

@@ -552,6 +552,13 @@ def test_a_long_poll_on_a_subscription_wakes_on_another_apps_commit(db, registry
         elsewhere.close()
 
 
+def test_a_long_poll_on_a_subscription_its_host_cannot_hold_says_when_to_ask_again(reader):
+    reader.put_json("/subscriptions/s", {})
+    answer = reader.get("/subscriptions/s/events?wait=5", extra_environ={"wsgi.multithread": False})
+    assert answer.json["Events"] == [] and answer.headers["Eventstore-Poll-After"] == "1"
+    assert "Eventstore-Poll-After" not in reader.get("/subscriptions/s/events?wait=0").headers
+
+
 def test_a_wait_on_a_subscription_times_out_empty_at_its_position(admin):
     publish(admin, "FOO-1")
     admin.put_json("/subscriptions/s", {"StartFrom": "now"})
