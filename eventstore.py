@@ -1956,11 +1956,12 @@ ROUTES = [
     ("PUT", r"/event-types/(?P<event_type>.+)", put_event_type_handler, AUTH, QUERY),
     ("DELETE", r"/event-types/(?P<event_type>.+)", delete_event_type_handler, AUTH, NO_QUERY),
     ("GET", r"/subscriptions", list_subscriptions_handler, AUTH, NO_QUERY),
-    ("PUT", r"/subscriptions/(?P<name>[^/]+)", put_subscription_handler, AUTH, NO_QUERY),
-    ("GET", r"/subscriptions/(?P<name>[^/]+)", get_subscription_handler, AUTH, NO_QUERY),
-    ("DELETE", r"/subscriptions/(?P<name>[^/]+)", delete_subscription_handler, AUTH, NO_QUERY),
-    ("GET", r"/subscriptions/(?P<name>[^/]+)/events", subscription_events_handler, AUTH, QUERY),
-    ("POST", r"/subscriptions/(?P<name>[^/]+)/ack", ack_subscription_handler, AUTH, NO_QUERY),
+    # As sent too: "%2F" in a name (a 400) never reaches another subscription's /events or /ack.
+    ("PUT", RAW_PATH + r"/subscriptions/(?P<name>[^/]+)", put_subscription_handler, AUTH, NO_QUERY),
+    ("GET", RAW_PATH + r"/subscriptions/(?P<name>[^/]+)", get_subscription_handler, AUTH, NO_QUERY),
+    ("DELETE", RAW_PATH + r"/subscriptions/(?P<name>[^/]+)", delete_subscription_handler, AUTH, NO_QUERY),
+    ("GET", RAW_PATH + r"/subscriptions/(?P<name>[^/]+)/events", subscription_events_handler, AUTH, QUERY),
+    ("POST", RAW_PATH + r"/subscriptions/(?P<name>[^/]+)/ack", ack_subscription_handler, AUTH, NO_QUERY),
 ]
 
 

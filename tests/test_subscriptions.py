@@ -168,6 +168,15 @@ def test_a_name_outside_the_rule_is_a_400_on_every_method_after_authentication(r
     registry.anonymous.get(path + "/events", status=401)
 
 
+def test_a_slash_sent_in_a_name_is_part_of_the_name_never_a_path_of_another(admin):
+    admin.put_json("/subscriptions/a", {})
+    for path in ("/subscriptions/a%2Fevents", "/subscriptions/a%2Fack"):
+        problem = admin.get(path, extra_environ={"REQUEST_URI": path}, status=400).json
+        assert [e["field"] for e in problem["errors"]] == ["Name"] and "'a/" in problem["errors"][0]["message"]
+    path = "/subscriptions/x%2Fy/events"
+    assert admin.get(path, extra_environ={"REQUEST_URI": path}, status=400).json["errors"][0]["field"] == "Name"
+
+
 def test_the_longest_name_and_every_allowed_character(admin):
     for name in ("x" * 64, "A-z_0-9", "-", "_"):
         admin.put_json(f"/subscriptions/{name}", {}, status=201)
