@@ -8,7 +8,9 @@ registry's write rules, Basic authentication, the handlers, the route table
 and the app. Below it, each in a module of its own that never imports this one:
 the storage interface (eventstore_storage.py) and its backends
 (eventstore_sqlite.py, eventstore_pg.py), the group-commit writer
-(eventstore_writer.py), the failed-authentication throttle
+(eventstore_writer.py), the event types' schemas (eventstore_schemas.py), the
+engines (the retention sweeper, eventstore_retention.py, under a lease of
+eventstore_leases.py), the failed-authentication throttle
 (eventstore_throttle.py) and the errors (eventstore_errors.py).
 ``python eventstore.py --help`` is the admin command line (eventstore_admin.py).
 docs/DESIGN.md shows how they fit.

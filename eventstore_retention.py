@@ -33,7 +33,7 @@ log = logging.getLogger("eventstore")
 
 class RetentionSweeper:
     NAME = "retention"   # its lease, and its sweeps' record
-    BATCH = 250          # events erased in one transaction: the contract says at most 1,000; fewer keep
+    BATCH = 100          # events erased in one transaction: the contract says at most 1,000; fewer keep
                          # other writes' wait short (PERF: 1,000 took ~70 ms a transaction; bench/schemas.py 17)
     FIRST_SWEEP = 1.0    # seconds after start (or the interval, if shorter)
 
@@ -103,9 +103,13 @@ class RetentionSweeper:
         while not self._stop.is_set():
             if not self.lease.keep():
                 raise LeaseLost(self.NAME)
+            started = time.monotonic()
             keys = self.writer.submit(self._erase_some, touched=lambda keys: {
                 (key.program_id, key.event_type) for key in keys}, seqs=self.BATCH)
             erased += len(keys)
+            # As long again before the next: the writer's groups between two sweep
+            # transactions commit without one, so a write waits for at most one.
+            self._stop.wait(time.monotonic() - started)
             if len(keys) < self.BATCH:
                 self.writer.submit(lambda tx: (self.lease.check(tx), tx.record_sweep(self.NAME, erased)),
                                    touched=lambda result: False, seqs=0)

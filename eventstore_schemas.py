@@ -106,7 +106,7 @@ class _Toolkit:
             keywords = {keyword: _counted(function, REFERENCE_STEPS if keyword in REFERENCES else 1)
                         for keyword, function in {**base.VALIDATORS, **overrides}.items()}
             extended = self.classes[uri] = jsonschema.validators.extend(base, keywords)
-            extended.descend = _leaf_descend(extended.descend)
+            extended.descend = _leaf_descend(extended.descend, {**base.VALIDATORS, **overrides})
             meta = jsonschema.validators.validator_for(base.META_SCHEMA, default=base)
             # format_checker None: the metaschema's "format": "regex" would compile
             # patterns with Python's re, which refuses some RE2 takes (\p{L}).
@@ -158,18 +158,23 @@ LEAF_KEYWORDS = frozenset((
     "readOnly", "writeOnly", "$comment", "contentEncoding", "contentMediaType"))
 
 
-def _leaf_descend(descend):
+def _leaf_descend(descend, keywords):
     """jsonschema's ``descend``, but for a subschema of LEAF_KEYWORDS only, whose
-    keywords are run with the validator at hand (PERF: descend builds a validator
+    keywords (``keywords``: their functions, uncounted) are run with the validator
+    at hand, counting one step for the subschema (PERF: descend builds a validator
     per subschema, most of a property's cost: a 20-property event took 330 µs;
     docs/DESIGN.md "Measured choices"). The keywords' own functions still decide;
-    the errors get the places descend gives them."""
+    the errors get the places descend gives them. A leaf subschema's work is linear
+    in the value it checks, so one step each keeps the budget's bound."""
     def leaf_or_descend(self, instance, schema, path=None, schema_path=None, resolver=None):
         if not isinstance(schema, dict) or not schema.keys() <= LEAF_KEYWORDS:
             yield from descend(self, instance, schema, path, schema_path, resolver)
             return
+        _budget.left -= 1
+        if _budget.left < 0:
+            raise TooCostly()
         for keyword, value in schema.items():
-            function = self.VALIDATORS.get(keyword)
+            function = keywords.get(keyword)
             for error in (function and function(self, value, instance, schema)) or ():
                 error._set(validator=keyword, validator_value=value, instance=instance, schema=schema,
                            type_checker=self.TYPE_CHECKER)

@@ -366,7 +366,7 @@ MUTANTS = [
         ("        erase_events(tx, [key.event_id for key in keys])\n", ""),
     ], ["tests/test_retention.py"]),
     ("retention: more than 1,000 events a transaction", "eventstore_retention.py", [
-        ("    BATCH = 250 ", "    BATCH = 5000 "),
+        ("    BATCH = 100 ", "    BATCH = 5000 "),
     ], ["tests/test_retention.py"]),
     ("retention: work under a lost lease is recorded", "eventstore_leases.py", [
         ("        if not tx.holds_lease(self.name, self.holder):", "        if False:"),
