@@ -22,6 +22,7 @@ and goes up: the router, authentication, a handler, the write rules, storage.
 
 import base64
 import binascii
+import contextvars
 import functools
 import hashlib
 import hmac
@@ -44,6 +45,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 from eventstore_errors import Problem, bad_request, field_error, service_unavailable, storage_problem
+from eventstore_metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from eventstore_metrics import FILE_SUFFIX as METRICS_FILE
+from eventstore_metrics import Metrics, NoMetrics
 from eventstore_news import CommitNews
 from eventstore_retention import RetentionSweeper
 from eventstore_schemas import MAX_LISTED, CompiledSchema, SchemaCache, check_schema
@@ -1501,9 +1505,36 @@ def json_response(value, status=200, headers=()):
     return Response(status, list(headers), _dumps(value), "application/json")
 
 
-def problem_response(problem):
-    """A Problem -> its application/problem+json Response (RFC 9457)."""
-    return Response(problem.status, problem.headers, _dumps(problem.to_dict()), "application/problem+json")
+def problem_response(problem, request_id=None):
+    """A Problem -> its application/problem+json Response (RFC 9457), with the
+    request's id as ``requestId`` so that a user's report can be found in the log."""
+    body = problem.to_dict()
+    if request_id is not None:
+        body["requestId"] = request_id
+    return Response(problem.status, problem.headers, _dumps(body), "application/problem+json")
+
+
+# --- Request ids ----------------------------------------------------------------
+#
+# Every request has an id: the client's X-Request-Id when it is a safe token
+# (a proxy's or a caller's own, so that one id follows a request through every
+# log), else one made here. It is echoed in the answer, put in problem bodies,
+# left in environ["eventstore.request_id"] for the host's access log, and set
+# in REQUEST_ID while the request runs, so that a log formatter (serve.py's)
+# writes it in every line logged for that request.
+
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._~:@/+=-]{1,128}", re.ASCII)
+REQUEST_ID = contextvars.ContextVar("eventstore_request_id", default=None)
+
+
+def request_id(environ):
+    """The client's X-Request-Id when it is a safe token (1-128 letters, digits
+    and ``._~:@/+=-``; no space or control character, nothing a log line could be
+    forged with), else a new random one."""
+    given = environ.get("HTTP_X_REQUEST_ID")
+    if given and REQUEST_ID_RE.fullmatch(given):
+        return given
+    return os.urandom(16).hex()
 
 
 @dataclass
@@ -1925,12 +1956,23 @@ def openapi_handler(req):
     return Response(200, [], req.app.openapi, "application/json")
 
 
+def metrics_handler(req):
+    """Prometheus' text format, the whole server's: for SYSTEM users, or anyone
+    where the app was made with ``metrics_public`` (then no credentials are read)."""
+    if req.user is not None:
+        req.require_system()
+    if not req.app.metrics.enabled:
+        raise Problem(404, "Metrics are switched off on this server (serve.py --no-metrics).")
+    return Response(200, [], req.app.metrics.exposition(req.reads), METRICS_CONTENT_TYPE)
+
+
 # ============================================================================
 # Routes
 # ============================================================================
 
 AUTH, OPEN = True, False    # whether a route needs credentials
 RAW_PATH = "raw:"           # a pattern so marked matches the path as sent; its groups are decoded
+SYSTEM_UNLESS_PUBLIC = "credentials unless make_app(metrics_public=True)"  # /metrics: AUTH, or OPEN
 QUERY, NO_QUERY = True, False  # whether its handler reads the query string (or ignores it on
                                # purpose: probes add cache-busters to /health); a route that takes
                                # none answers 400 to any parameter (silence let `PUT ...?dryRun=1` write)
@@ -1939,6 +1981,7 @@ QUERY, NO_QUERY = True, False  # whether its handler reads the query string (or 
 ROUTES = [
     ("GET", r"/health", health_handler, OPEN, QUERY),
     ("GET", r"/openapi\.json", openapi_handler, OPEN, QUERY),
+    ("GET", r"/metrics", metrics_handler, SYSTEM_UNLESS_PUBLIC, QUERY),
     ("GET", r"/events", list_events_handler, AUTH, QUERY),
     ("POST", r"/events", post_events_handler, AUTH, NO_QUERY),
     ("PUT", r"/events/(?P<event_id>[^/]+)", put_event_handler, AUTH, NO_QUERY),
@@ -1974,6 +2017,19 @@ class Route(NamedTuple):
     needs_auth: bool
     takes_query: bool
     raw: bool  # matched on the path as sent (RAW_PATH)
+    template: str  # the path as docs/API.md writes it, /events/{eventId}: the metrics' route label
+
+
+# How docs/API.md names a path's parameters (others as their group is named).
+PARAMETER_NAMES = {"event_id": "eventId", "program_id": "ProgramId", "member_id": "ProgramMemberId",
+                   "event_type": "EventType", "version": "n", "name": "Name"}
+
+
+def route_template(pattern):
+    """r"/events/(?P<event_id>[^/]+)" -> "/events/{eventId}"."""
+    named = re.sub(r"\(\?P<(\w+)>[^)]*\)", lambda m: "{" + PARAMETER_NAMES.get(m.group(1), m.group(1)) + "}",
+                   pattern.removeprefix(RAW_PATH))
+    return re.sub(r"\\(.)", r"\1", named)
 
 
 class Router:
@@ -1982,8 +2038,15 @@ class Router:
     def __init__(self, routes):
         # DOTALL: a percent-encoded line feed in a member id or event type is part of it.
         self.routes = [Route(method, re.compile(pattern.removeprefix(RAW_PATH), re.DOTALL), handler, auth, query,
-                             pattern.startswith(RAW_PATH))
+                             pattern.startswith(RAW_PATH), route_template(pattern))
                        for method, pattern, handler, auth, query in routes]
+
+    def template(self, path):
+        """The template of the first route the path matches, whatever its method,
+        or "unmatched" (the metrics' label of a 404 or 405)."""
+        found = path is not None and next((route for route in self.routes if route.pattern.fullmatch(
+            urllib.parse.quote(path, safe="/") if route.raw else path)), None)
+        return found.template if found else "unmatched"
 
     def match(self, method, path, raw_path=None):
         """-> (the Route, its path params); Problem 404, or 405 with Allow.
@@ -2105,8 +2168,8 @@ class EventStore:
 
     def __init__(self, db, *, max_body_bytes=DEFAULT_MAX_BODY, max_waiting=None, write_timeout=10.0,
                  max_waiting_writes=4, busy_timeout_ms=5000, auth_cache_seconds=AUTH_CACHE_SECONDS,
-                 max_auth_failures=10, poll_interval=0.025, retention_interval=3600, clock=now_us, throttle=None,
-                 openapi=None, routes=ROUTES):
+                 max_auth_failures=10, poll_interval=0.025, retention_interval=3600, metrics=True,
+                 metrics_public=False, clock=now_us, throttle=None, openapi=None, routes=ROUTES):
         if isinstance(retention_interval, bool) or not isinstance(retention_interval, int) or retention_interval < 1:
             raise ValueError("retention_interval is a whole number of seconds, at least 1")
         self.retention_interval = retention_interval
@@ -2121,6 +2184,8 @@ class EventStore:
         self.openapi = openapi if openapi is not None else OPENAPI_PATH.read_bytes()
         self.poll_interval, self.max_waiting, self.write_timeout = poll_interval, max_waiting, write_timeout
         self.max_waiting_writes = max_waiting_writes
+        self.metrics = (Metrics if metrics else NoMetrics)(self.storage.local_file(METRICS_FILE))
+        self.metrics_public = metrics_public
         self._start_process()
         _APPS.add(self)
 
@@ -2135,6 +2200,7 @@ class EventStore:
         self._auth_cache = {}
         self.writer = GroupCommitWriter(self.storage.session, self.clock, on_commit=self.news.committed,
                                         timeout=self.write_timeout, max_waiting=self.max_waiting_writes)
+        self.writer.observers.append(self.metrics.group_commit)
         self.schemas = SchemaCache()
         self.engines = [RetentionSweeper(self.storage, self.writer, self.retention_interval, self.clock)]
         self._engines_started = False
@@ -2163,6 +2229,7 @@ class EventStore:
             self.storage.forget_after_fork()
             self.storage = self.storage.reopened()
             self.throttle.after_fork()
+            self.metrics.after_fork()
             self._start_process()
 
     def write(self, change, touched=lambda result: True, seqs=1):
@@ -2170,7 +2237,9 @@ class EventStore:
         shared with whatever other writes are queued (group commit); wake the
         long polls that ``touched(result)`` may concern (see GroupCommitWriter);
         ``seqs``, the Sequences it will probably take. Returns the change's result."""
-        return self.writer.submit(change, touched, seqs)
+        result = self.writer.submit(change, touched, seqs)
+        self.metrics.write_committed()
+        return result
 
     @property
     def long_polls(self):
@@ -2183,6 +2252,7 @@ class EventStore:
         for engine in self.engines:
             engine.stop()
         self.writer.stop()
+        self.metrics.close()
         self.storage.close()
 
     def wait_for_feed(self, programs, query, environ):
@@ -2212,6 +2282,7 @@ class EventStore:
                 if self._held >= slots:
                     return rows, could_not_wait
                 self._held += 1
+            self.metrics.long_polls(+1)
             try:
                 with listener.waiting():
                     deadline = time.monotonic() + query.wait
@@ -2231,6 +2302,7 @@ class EventStore:
             finally:
                 with self._slots:
                     self._held -= 1
+                self.metrics.long_polls(-1)
 
     def end_long_polls(self):
         """Answer every waiting long poll now, and every new one at once (a
@@ -2244,10 +2316,11 @@ class EventStore:
         if path is None:
             raise Problem(404, "There is no such resource.")
         route, params = self.router.match(method, path, raw_request_path(environ, path))
+        environ["eventstore.route"] = route.template
         query_string = environ.get("QUERY_STRING")
         query = urllib.parse.parse_qsl(query_string, keep_blank_values=True) if query_string else []
         req = Request(self, method, path, params, query, environ)
-        if route.needs_auth:
+        if route.needs_auth is True or (route.needs_auth is SYSTEM_UNLESS_PUBLIC and not self.metrics_public):
             req.user = self.authenticate(environ.get("HTTP_AUTHORIZATION"), environ.get("REMOTE_ADDR", ""))
             # For the server's access log (serve.py): who the request was, once authenticated.
             environ["eventstore.user_id"] = req.user.user_id
@@ -2280,6 +2353,7 @@ class EventStore:
         principal = authenticate(self.storage.reads(), *credentials, self.clock(), touch=self._touch_key)
         if not principal:
             self.throttle.failed(user_id, address)
+            self.metrics.auth_failure()
             raise unauthorized()
         if len(self._auth_cache) >= 10_000:  # bounded: forget everything, refill on demand
             self._auth_cache.clear()
@@ -2301,16 +2375,17 @@ class EventStore:
             self._after_fork()
         if not self._engines_started:
             self.start()
+        started = time.perf_counter()
+        rid = environ["eventstore.request_id"] = request_id(environ)
+        context = REQUEST_ID.set(rid)
         try:
-            response = self.handle(environ)
-        except Problem as problem:
-            response = problem_response(problem)
-        except self.storage.errors as exc:
-            response = problem_response(storage_problem(self.storage, exc))
-        except Exception:
-            log.exception("unhandled error in %s %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
-            response = problem_response(Problem(500, "Internal error."))
+            response = self._respond(environ, rid)
+        finally:
+            REQUEST_ID.reset(context)
+        route = environ.get("eventstore.route") or self.router.template(request_path(environ))
+        self.metrics.request(route, environ.get("REQUEST_METHOD", ""), response.status, time.perf_counter() - started)
         headers = list(response.headers)
+        headers.append(("X-Request-Id", rid))
         if response.content_type:
             headers.append(("Content-Type", response.content_type))
         body = response.body
@@ -2323,10 +2398,28 @@ class EventStore:
         start_response(STATUS_LINES[response.status], headers)
         return [body]
 
+    def _respond(self, environ, rid):
+        """environ -> the Response, a Problem's included. Server errors are logged
+        (with the request's id, through REQUEST_ID): a 500 where it arises, a 503
+        or 507 here, so that the operator finds the line a user's ``requestId`` names."""
+        try:
+            return self.handle(environ)
+        except Problem as raised:
+            problem = raised
+        except self.storage.errors as exc:
+            problem = storage_problem(self.storage, exc)
+        except Exception:
+            log.exception("unhandled error in %r %r", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
+            problem = Problem(500, "Internal error.")
+        if problem.status > 500:
+            log.warning("%r %r answered %d: %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"),
+                        problem.status, problem.detail)
+        return problem_response(problem, rid)
 
 def make_app(db, *, max_body_bytes=DEFAULT_MAX_BODY, max_waiting=None, write_timeout=10.0, max_waiting_writes=4,
              busy_timeout_ms=5000, auth_cache_seconds=AUTH_CACHE_SECONDS, max_auth_failures=10,
-             poll_interval=0.025, retention_interval=3600, clock=now_us, throttle=None, openapi=None, routes=ROUTES):
+             poll_interval=0.025, retention_interval=3600, metrics=True, metrics_public=False, clock=now_us,
+             throttle=None, openapi=None, routes=ROUTES):
     """The WSGI application over ``db``: a SQLite file (created if missing), a
     ``postgresql://`` URL, or a storage object.
 
@@ -2349,6 +2442,10 @@ def make_app(db, *, max_body_bytes=DEFAULT_MAX_BODY, max_waiting=None, write_tim
       while long polls wait.
     - ``retention_interval``: whole seconds between the retention sweeper's
       looks for expired events (docs/API.md §5b); it also looks soon after start.
+    - ``metrics``: count requests, writes and the rest for ``GET /metrics``
+      (False: nothing is counted and /metrics is a 404).
+    - ``metrics_public``: ``GET /metrics`` needs no credentials (for a scraper
+      on a private network); otherwise a SYSTEM user's.
 
     The engines (the retention sweeper) start on the app's first request in a
     process, or when the host calls ``app.start()``; ``app.close()`` stops them.
@@ -2361,8 +2458,8 @@ def make_app(db, *, max_body_bytes=DEFAULT_MAX_BODY, max_waiting=None, write_tim
                       max_waiting_writes=max_waiting_writes, busy_timeout_ms=busy_timeout_ms,
                       auth_cache_seconds=auth_cache_seconds,
                       max_auth_failures=max_auth_failures, poll_interval=poll_interval,
-                      retention_interval=retention_interval, clock=clock, throttle=throttle, openapi=openapi,
-                      routes=routes)
+                      retention_interval=retention_interval, metrics=metrics, metrics_public=metrics_public,
+                      clock=clock, throttle=throttle, openapi=openapi, routes=routes)
 
 
 if __name__ == "__main__":  # the admin command line lives in eventstore_admin.py

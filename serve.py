@@ -1,6 +1,6 @@
 """Serve eventstore with waitress: ``python serve.py [--host] [--port] [--db] [--processes] ...``.
 
-Reads flags and ``EVENTSTORE_DB``, creates the SYSTEM user ``admin`` on a
+Reads flags and, for each, ``EVENTSTORE_<OPTION>`` (the flag wins), creates the SYSTEM user ``admin`` on a
 database that has none (printing its key once to standard error), and serves
 ``eventstore.make_app`` until SIGTERM or SIGINT: in one process, or in N worker
 processes on one port (each its own SO_REUSEPORT socket, so the kernel spreads
@@ -53,19 +53,27 @@ except ImportError:
 #   the logger "waitress.queue".
 
 import eventstore
+import eventstore_metrics
 from eventstore_storage import POSTGRES_SCHEMES, StorageOpenError, safe_db_name, safe_text
 
 
-# =====================================================================
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Serve the eventstore registry with waitress.")
+# ============================================================================
+# The command line
+# ============================================================================
+
+def build_parser():
+    """The command line's options (without what the environment adds: parse_args)."""
+    parser = argparse.ArgumentParser(
+        description="Serve the eventstore registry with waitress.",
+        epilog=f"Every option can also be given as an environment variable, {ENV_PREFIX}<OPTION> "
+               f"({ENV_PREFIX}PORT=9000, {ENV_PREFIX}NO_ACCESS_LOG=1); a flag given wins over its variable.")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on, or a name: every address it resolves to (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8080,
                         help="port to listen on; 0 picks a free one, which the banner names (default: %(default)s)")
-    parser.add_argument("--db", default=os.environ.get("EVENTSTORE_DB", eventstore.DEFAULT_DB),
+    parser.add_argument("--db", default=eventstore.DEFAULT_DB,
                         help="a SQLite database file, or a postgresql://user@host:port/dbname URL "
-                             "(default: $EVENTSTORE_DB or %(default)s)")
+                             "(default: %(default)s)")
     parser.add_argument("--create", action="store_true",
                         help="make a new SQLite database if there is none at --db (otherwise a missing file is "
                              "an error: a mistyped name would make an empty registry)")
@@ -93,10 +101,18 @@ def parse_args(argv=None):
                              "(default: %(default)s; 0 switches throttling off, for fuzzing)")
     parser.add_argument("--max-body", type=at_least(1, int), default=eventstore.DEFAULT_MAX_BODY, metavar="BYTES",
                         help="largest request body accepted (default: %(default)s)")
+    parser.add_argument("--metrics-public", action="store_true",
+                        help="serve GET /metrics without credentials, for a scraper on a private network "
+                             "(otherwise it needs a SYSTEM user's)")
+    parser.add_argument("--no-metrics", dest="metrics", action="store_false",
+                        help="count nothing for GET /metrics (it answers 404)")
     parser.add_argument("--no-access-log", dest="access_log", action="store_false",
                         help="do not write a line per request to standard error")
     parser.add_argument("--retention-interval", type=at_least(1, int), default=3600, metavar="SECONDS",
                         help="seconds between looks for events past their type's RetainDays (default: %(default)s)")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="text lines, or one JSON object per line (the access log and every other message; "
+                             "default: %(default)s)")
     parser.add_argument("--processes", type=at_least(1, int), default=None, metavar="N",
                         help="worker processes on the one port (default: one per available CPU, "
                              f"here {default_processes()})")
@@ -106,7 +122,81 @@ def parse_args(argv=None):
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by the supervisor
     parser.add_argument("--worker-slot", type=int, default=0, help=argparse.SUPPRESS)  # which worker it is
     parser.add_argument("--lifeline-fd", type=int, default=None, help=argparse.SUPPRESS)  # see stop_with_supervisor
+    return parser
+
+
+def parse_args(argv=None, environ=None):
+    """The options: each from its flag, else from its environment variable, else its default."""
+    parser = build_parser()
+    from_environment(parser, os.environ if environ is None else environ)
     return parser.parse_args(argv)
+
+
+# Every option also from the environment, as operators of containers and
+# process managers expect: --max-body from EVENTSTORE_MAX_BODY, --no-access-log
+# from EVENTSTORE_NO_ACCESS_LOG=1. Generic over the parser's options, so that a
+# flag added later gets its variable without a line here.
+ENV_PREFIX = "EVENTSTORE_"
+ENV_TRUE, ENV_FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+def env_name(action):
+    """The environment variable of an option (None for --help and hidden ones)."""
+    long_names = [name for name in action.option_strings if name.startswith("--")]
+    if not long_names or action.help == argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
+        return None
+    return ENV_PREFIX + long_names[0][2:].upper().replace("-", "_")
+
+
+def from_environment(parser, environ):
+    """Name each option's variable in its --help, and make a variable that is set
+    the option's default, converted and checked as the flag would be (a bad value
+    is a usage error naming the variable). A flag on the command line wins: for a
+    repeatable option its values replace the variable's."""
+    for action in parser._actions:
+        name = env_name(action)
+        if name is None:
+            continue
+        action.help = f"{action.help} [env {name}]"
+        text = environ.get(name)
+        if text is None:
+            continue
+        action.default = environment_value(parser, action, name, text)
+        if isinstance(action, (argparse._AppendAction, argparse._ExtendAction)):
+            action.__class__ = type(type(action).__name__, (FlagReplacesEnvironment, type(action)), {})
+
+
+def environment_value(parser, action, name, text):
+    if action.nargs == 0:  # a switch: --create, --no-access-log
+        word = text.strip().lower()
+        if word in ENV_TRUE:
+            return action.const
+        if word in ENV_FALSE:
+            return action.default
+        parser.error(f"{name}={text!r}: expected 1, true, yes or on (or 0, false, no, off)")
+    repeatable = isinstance(action, (argparse._AppendAction, argparse._ExtendAction))
+    values = []
+    for part in ([part.strip() for part in text.split(",") if part.strip()] if repeatable else [text]):
+        try:
+            value = action.type(part) if action.type else part
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"{name}={text!r}: {exc}")
+        except (TypeError, ValueError):  # as argparse says it of a flag's value
+            parser.error(f"{name}={text!r}: invalid {getattr(action.type, '__name__', 'value')} value")
+        if action.choices is not None and value not in action.choices:
+            parser.error(f"{name}={text!r}: expected one of {', '.join(map(str, action.choices))}")
+        values.append(value)
+    return values if repeatable else values[0]
+
+
+class FlagReplacesEnvironment(argparse.Action):
+    """A repeatable option whose variable is set: the first flag given drops the
+    variable's values (argparse would add to them)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is self.default:
+            setattr(namespace, self.dest, None)
+        super().__call__(parser, namespace, values, option_string)
 
 
 def at_least(lowest, kind):
@@ -132,7 +222,7 @@ def default_processes():
 
 def main(argv=None):
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_format)
     # waitress warns of queued requests on every request past the thread count;
     # under load and with long polls that is the normal state, not news.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
@@ -230,10 +320,11 @@ def serve_one(args, announce_it):
         admin_key = create_first_admin(storage) if announce_it else None  # before make_app, which warns of none
         app = eventstore.make_app(storage, max_body_bytes=args.max_body, max_waiting=max_waiting,
                                   max_auth_failures=args.max_auth_failures,
-                                  retention_interval=args.retention_interval)
+                                  retention_interval=args.retention_interval, metrics=args.metrics,
+                                  metrics_public=args.metrics_public)
     except (StorageOpenError, OSError) as exc:
         return cannot_open(args.db, exc)
-    access_log = AccessLog(app) if args.access_log else None
+    access_log = AccessLog(app, json_lines=args.log_format == "json") if args.access_log else None
     try:
         server = create_waitress(access_log or app, args, reuse_port=args.worker)
     except OSError as exc:
@@ -479,7 +570,7 @@ def too_many_connections(address, limit, every=60.0):
 
 def supervise(args, argv, processes, prepare, script=__file__, restart_limit=5, restart_window=30.0):
     """The first process: reserve the port, ``prepare(args, port, processes)``
-    (create the first admin), start ``processes`` workers (``script`` with
+    (create the first admin; what it returns is held until the end, then closed), start ``processes`` workers (``script`` with
     --worker) and keep them running.
     SIGTERM/SIGINT stop them all cleanly; a worker that dies is restarted and
     logged; if workers die ``restart_limit`` times within ``restart_window``
@@ -490,7 +581,7 @@ def supervise(args, argv, processes, prepare, script=__file__, restart_limit=5, 
         return cannot_listen(args.host, args.port, exc)
     port = reserved[0].getsockname()[1]
     try:
-        prepare(args, port, processes)
+        held = prepare(args, port, processes)
     except StorageOpenError as exc:
         return cannot_open(args.db, exc)
     lifeline, lifeline_end = os.pipe()  # see stop_with_supervisor; only this process holds lifeline_end
@@ -533,6 +624,8 @@ def supervise(args, argv, processes, prepare, script=__file__, restart_limit=5, 
             worker.wait()
     for sock in reserved:
         sock.close()
+    if held is not None:
+        held.close()
     os.close(lifeline_end)
     os.close(lifeline)
     return status
@@ -540,10 +633,13 @@ def supervise(args, argv, processes, prepare, script=__file__, restart_limit=5, 
 
 def prepare_database(args, port, processes):
     """The supervisor's part before any worker starts: check the database and its
-    schema once, create the first admin, say how to authenticate."""
+    schema once, create the first admin, say how to authenticate. -> the metrics
+    table it holds while it runs (so that the workers' counts survive even all of
+    them dying at once: the table starts afresh only when no process holds it)."""
     storage = eventstore.open_storage(args.db, threads=1)
     try:
         announce(storage, args.host, port, create_first_admin(storage), processes)
+        return eventstore_metrics.Metrics(storage.local_file(eventstore_metrics.FILE_SUFFIX)) if args.metrics else None
     finally:
         storage.close()
 
@@ -626,11 +722,57 @@ def without_port(argv):
 # ============================================================================
 # The access log
 # ============================================================================
+#
+# The access log, and the server's other messages (logging), as text lines or
+# one JSON object a line (--log-format json); a message logged while a request
+# is handled carries its request id (eventstore.REQUEST_ID), as its access
+# log line does.
+
+def configure_logging(log_format):
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLogFormatter() if log_format == "json" else TextLogFormatter())
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+
+
+def utc_time(record):
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+
+
+class TextLogFormatter(logging.Formatter):
+    """``time LEVEL logger: message``, and ``requestId=...`` when logged for a request."""
+
+    def __init__(self):
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record):
+        text = super().format(record)
+        request_id = eventstore.REQUEST_ID.get()
+        if request_id is None:
+            return text
+        first, newline, rest = text.partition("\n")  # after the message, before a traceback
+        return f"{first} requestId={request_id}{newline}{rest}"
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object a line: time (UTC), level, logger, message, the request's
+    id when logged for a request, and the traceback of an exception."""
+
+    def format(self, record):
+        line = {"time": utc_time(record), "level": record.levelname, "logger": record.name,
+                "message": record.getMessage()}
+        request_id = eventstore.REQUEST_ID.get()
+        if request_id is not None:
+            line["requestId"] = request_id
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
 
 class AccessLog:
     """WSGI middleware: one line per request on standard error, once the response
     has been sent: time (UTC), client address, authenticated user id (or -),
-    method, path with query, status, response bytes, duration in ms. Never a
+    method, path with query, status, response bytes, duration in ms, request id
+    (or -); with ``json_lines``, one JSON object with those fields. Never a
     header's value: the Authorization header and keys stay out of it.
 
     Lines are written by a thread of their own every ``flush_interval`` seconds,
@@ -638,9 +780,9 @@ class AccessLog:
     docs/DESIGN.md, "Measured choices"). close() writes what is left; a process killed outright loses at most the
     last ``flush_interval`` of lines."""
 
-    def __init__(self, app, stream=None, clock=time.monotonic, flush_interval=0.2):
+    def __init__(self, app, stream=None, clock=time.monotonic, flush_interval=0.2, json_lines=False):
         self.app, self.stream, self.clock = app, stream or sys.stderr, clock
-        self.flush_interval = flush_interval
+        self.flush_interval, self.json_lines = flush_interval, json_lines
         self._lines = collections.deque()  # append and popleft are thread-safe: no lock
         self._second = (None, "")  # a whole second of time.time() and its UTC time, formatted
         self._closed = threading.Event()
@@ -680,10 +822,18 @@ class AccessLog:
             method = re.sub(r"[^A-Za-z]", "?", method)[:20]
         status, headers = answer or ("-", ())
         length = next((v for k, v in headers if k.lower() == "content-length"), None) or sent
-        self._lines.append(
-            f"{stamp}.{int((now - second) * 1000):03d}Z {environ.get('REMOTE_ADDR', '-')} "
-            f"{environ.get('eventstore.user_id', '-')} {method} {target} {status.split(' ', 1)[0]} "
-            f"{length} {elapsed_ms:.1f}ms\n")
+        when = f"{stamp}.{int((now - second) * 1000):03d}Z"
+        address, user = environ.get("REMOTE_ADDR", "-"), environ.get("eventstore.user_id", "-")
+        request_id = environ.get("eventstore.request_id", "-")  # the app's: a safe token
+        if self.json_lines:
+            code = status.split(" ", 1)[0]
+            self._lines.append(json.dumps({
+                "time": when, "level": "INFO", "logger": "eventstore.access", "remoteAddr": address, "user": user,
+                "method": method, "path": target, "status": int(code) if code.isdigit() else None,
+                "bytes": int(length) if str(length).isdigit() else None, "durationMs": round(elapsed_ms, 1), "requestId": request_id}) + "\n")
+            return
+        self._lines.append(f"{when} {address} {user} {method} {target} {status.split(' ', 1)[0]} {length} "
+                           f"{elapsed_ms:.1f}ms {request_id}\n")
 
     def _write_lines(self):
         while not self._closed.wait(self.flush_interval):

@@ -424,6 +424,43 @@ MUTANTS = [
         ('        programs = [program_id for program_id in row.programs if owner.may("read", program_id)]',
          "        programs = list(row.programs)"),
     ], ["tests/test_subscriptions.py"]),
+    ("metrics: a restarted worker's region starts again from zero", "eventstore_metrics.py", [
+        ("        if magic != self.MAGIC:\n            used = 0\n", "        used = 0\n"),
+    ], ["tests/test_metrics.py"]),
+    ("metrics without credentials", "eventstore.py", [
+        ('("GET", r"/metrics", metrics_handler, SYSTEM_UNLESS_PUBLIC, QUERY)', '("GET", r"/metrics", metrics_handler, OPEN, QUERY)'),
+    ], ["tests/test_metrics.py"]),
+    ("metrics: the route label is the path", "eventstore.py", [
+        ('environ["eventstore.route"] = route.template', 'environ["eventstore.route"] = path'),
+    ], ["tests/test_metrics.py"]),
+    ("metrics: a dead process's long polls still counted", "eventstore_metrics.py", [
+        ("live = region == self.region or self._held(region)", "live = True"),
+    ], ["tests/test_metrics.py"]),
+    ("metrics counted per process", "eventstore_metrics.py", [
+        ('    if path is None or not hasattr(fcntl, "F_OFD_SETLK"):', "    if True:"),
+    ], ["tests/test_metrics.py"]),
+    ("metrics: a request counted without the process's lock", "eventstore_metrics.py", [
+        ('        method = method if method in METHODS else "other"\n        with self._lock:',
+         '        method = method if method in METHODS else "other"\n        if True:'),
+    ], ["tests/test_metrics.py"]),
+    ("a request id not echoed", "eventstore.py", [
+        ('        headers.append(("X-Request-Id", rid))\n', ""),
+    ], ["tests/test_conventions.py"]),
+    ("a request id taken unchecked", "eventstore.py", [
+        ("    if given and REQUEST_ID_RE.fullmatch(given):", "    if given:"),
+    ], ["tests/test_conventions.py"]),
+    ("serve.py: a switch without its environment variable", "serve.py", [
+        ("    if not long_names or action.help == argparse.SUPPRESS",
+         "    if not long_names or action.nargs == 0 or action.help == argparse.SUPPRESS"),
+    ], ["tests/test_conventions.py"]),
+    ("serve.py: --log-format json logs messages as text", "serve.py", [
+        ('handler.setFormatter(JsonLogFormatter() if log_format == "json" else TextLogFormatter())',
+         "handler.setFormatter(TextLogFormatter())"),
+    ], ["tests/test_conventions.py"]),
+    ("serve.py: a JSON log line without its request id", "serve.py", [
+        ('        request_id = eventstore.REQUEST_ID.get()\n        if request_id is not None:\n'
+         '            line["requestId"] = request_id\n', ""),
+    ], ["tests/test_conventions.py"]),
 ]
 
 

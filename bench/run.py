@@ -35,6 +35,8 @@ Issue 31 (bench/subscriptions.py, printed after issue 33's):
  18. GET /subscriptions, 100 subscriptions over a 1,000,000-event database, ms (beside
      the feed's own page time)
  19. reading a subscription's page / reading GET /events with the same filter
+Issue 34 (bench/metrics.py, printed after issue 31's): GET with metrics / without
+(--no-metrics), and a scrape's time at 1 and 2 processes.
 Issue 11 (bench/postgres.py, printed last): PostgreSQL against SQLite, P1-P7.
 Issue 4:
   export and import events/s / raw sqlite3 read and executemany of the same rows,
@@ -65,6 +67,7 @@ import eventstore_sqlite  # noqa: E402
 import eventstore_storage  # noqa: E402
 import event_types  # noqa: E402  (bench/event_types.py)
 import feed  # noqa: E402  (bench/feed.py)
+import metrics  # noqa: E402  (bench/metrics.py)
 import postgres  # noqa: E402  (bench/postgres.py)
 import schemas  # noqa: E402  (bench/schemas.py)
 import subscriptions  # noqa: E402  (bench/subscriptions.py)
@@ -400,6 +403,7 @@ def main():
     event_types.main(options.events, options.seconds)
     schemas.main(min(options.events, 100_000), options.seconds)
     subscriptions.main(options.events, options.seconds)
+    metrics.main(options.seconds)
     postgres.main(options.events, options.seconds)  # last: it starts a PostgreSQL cluster of its own
 
 

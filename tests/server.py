@@ -170,7 +170,8 @@ class Server:
     def errors_logged(self):
         """Log lines of tracebacks and of requests answered 500."""
         return [line for line in self.log if "Traceback (most recent call last)" in line
-                or re.search(r" \S+ \S+ 500 \d+ [\d.]+ms$", line)]
+                or re.search(r" \S+ \S+ 500 \d+ [\d.]+ms \S+$", line)
+                or '"status": 500,' in line]
 
 
 class PutLoad:

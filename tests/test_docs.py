@@ -43,10 +43,7 @@ def test_the_api_reference_has_every_route():
     import eventstore
     text = (ROOT / "docs/API.md").read_text(encoding="utf-8")
     for method, pattern, *_ in eventstore.ROUTES:
-        path = re.sub(r"\(\?P<(\w+)>[^)]*\)", lambda m: "{" + {
-            "event_id": "eventId", "program_id": "ProgramId", "member_id": "ProgramMemberId", "event_type": "EventType",
-            "version": "n", "name": "Name"}[m.group(1)] + "}",
-            pattern.removeprefix(eventstore.RAW_PATH)).replace("\\.", ".")
+        path = eventstore.route_template(pattern)
         assert f"{method} {path}" in text, f"docs/API.md does not describe {method} {path}"
 
 

@@ -75,7 +75,7 @@ def test_openapi_document_describes_every_route(registry):
     assert document["openapi"].startswith("3.1")
     described = {(method.upper(), path) for path, item in document["paths"].items() for method in item
                  if method in ("get", "put", "post", "delete")}
-    routed = {("GET", "/health"), ("GET", "/openapi.json"), ("GET", "/events"), ("POST", "/events"), ("PUT", "/events/{eventId}"),
+    routed = {("GET", "/health"), ("GET", "/openapi.json"), ("GET", "/metrics"), ("GET", "/events"), ("POST", "/events"), ("PUT", "/events/{eventId}"),
               ("GET", "/events/{eventId}"), ("DELETE", "/events/{eventId}"), ("GET", "/programs"),
               ("PUT", "/programs/{ProgramId}"), ("DELETE", "/programs/{ProgramId}/members/{ProgramMemberId}"),
               ("GET", "/event-types"), ("GET", "/event-types/{EventType}"), ("PUT", "/event-types/{EventType}"),
@@ -183,9 +183,9 @@ def test_an_unexpected_error_is_a_bare_500_and_logged(tmp_path, caplog):
         raise RuntimeError("secret internals /var/db/path")
 
     app = eventstore.make_app(tmp_path / "boom.db", routes=[("GET", "/boom", explode, eventstore.OPEN, eventstore.NO_QUERY)])
-    response = webtest.TestApp(app).get("/boom", status=500)
+    response = webtest.TestApp(app).get("/boom", headers={"X-Request-Id": "boom-1"}, status=500)
     assert response.json == {"type": "about:blank", "title": "Internal Server Error", "status": 500,
-                             "detail": "Internal error."}
+                             "detail": "Internal error.", "requestId": "boom-1"}
     assert "secret internals" in caplog.text
 
 

@@ -159,7 +159,7 @@ def test_pipelined_requests_get_whole_responses_in_order(server):
 
 ACCESS_LINE = re.compile(
     r"^(?P<time>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) (?P<address>\S+) (?P<user>\S+) (?P<method>[A-Z]+) "
-    r"(?P<target>\S+) (?P<status>\d{3}) (?P<bytes>\d+) (?P<ms>\d+\.\d)ms$")
+    r"(?P<target>\S+) (?P<status>\d{3}) (?P<bytes>\d+) (?P<ms>\d+\.\d)ms (?P<request_id>\S+)$")
 
 
 def access_lines(server, count, timeout=10):

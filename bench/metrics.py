@@ -1,0 +1,84 @@
+"""``make bench``'s figures for /metrics (docs/API.md §6), each in one run:
+
+ M1. GET /events/{id} req/s with metrics counted / the same server with --no-metrics
+     (target >= 0.95; the median of 5 rounds' ratios, the runs taking turns)
+ M2. a scrape's time (GET /metrics, on one keep-alive connection) after that load, at
+     one process and at --processes 2: p50, p99 and the slowest (target: at most 50 ms)
+
+    python bench/metrics.py [--seconds 10]
+"""
+
+import argparse
+import base64
+import http.client
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import GET_LUA, Server, alternating, event_body, median_pair, percentile, say, wrk
+
+RATIO_TARGET, SCRAPE_TARGET_MS = 0.95, 50.0
+
+
+def loaded_server(path, *args, processes=1):
+    """A server on a new database holding 10,000 events to GET."""
+    server = Server(path, *args, processes=processes)
+    server.register("FOO")
+    for start in range(1, 10_001, 1000):
+        body = json.dumps({"Events": [{"EventId": f"FOO-g-{n}", **event_body(n)}
+                                      for n in range(start, start + 1000)]}).encode()
+        assert server.request("POST", "/events", body, user="admin", key=server.admin_key,
+                              headers={"Content-Type": "application/json"})[0] == 200
+    auth = "Basic " + base64.b64encode(f"admin:{server.admin_key}".encode()).decode()
+    return server, GET_LUA % {"auth": auth, "count": 10_000}
+
+
+def scrape_times(server, scrapes=200):
+    """-> sorted ms of ``scrapes`` GET /metrics on one keep-alive connection."""
+    auth = {"Authorization": "Basic " + base64.b64encode(f"admin:{server.admin_key}".encode()).decode()}
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    times = []
+    for _ in range(scrapes):
+        started = time.perf_counter()
+        connection.request("GET", "/metrics", headers=auth)
+        response = connection.getresponse()
+        body = response.read()
+        times.append((time.perf_counter() - started) * 1000)
+        assert response.status == 200 and b"eventstore_http_requests_total{" in body, response.status
+    connection.close()
+    return sorted(times)
+
+
+def main(seconds=10):
+    workdir = Path(tempfile.mkdtemp(prefix="eventstore-bench-metrics-"))
+    say("M1: GET with metrics vs --no-metrics ...")
+    counted, lua = loaded_server(workdir / "counted.db")
+    uncounted, uncounted_lua = loaded_server(workdir / "uncounted.db", "--no-metrics")
+    runs = alternating({"counted": lambda r: wrk(counted.port, lua, seconds),
+                        "uncounted": lambda r: wrk(uncounted.port, uncounted_lua, seconds)}, rounds=5)
+    rate, base = median_pair(runs, "counted", "uncounted")
+    uncounted.stop()
+    say("M2: scrape times ...")
+    one = scrape_times(counted)
+    counted.stop()
+    two, two_lua = loaded_server(workdir / "two.db", processes=2)
+    wrk(two.port, two_lua, seconds)  # series in both workers' regions
+    both = scrape_times(two)
+    two.stop()
+    print(f"\n/metrics (bench/metrics.py): wrk -t1 -c16 -d{seconds}s, GET /events/{{id}}")
+    verdict = "met" if rate / base >= RATIO_TARGET else "NOT MET"
+    print(f"M1. GET with metrics vs --no-metrics   {rate / base:7.3f}  >= {RATIO_TARGET} {verdict} "
+          f"({rate:,.0f} vs {base:,.0f} req/s)")
+    for name, times in (("1 process", one), ("--processes 2", both)):
+        worst = times[-1]
+        verdict = "met" if worst <= SCRAPE_TARGET_MS else "NOT MET"
+        print(f"M2. scrape, {name:14} p50 {percentile(times, 50):6.2f} ms  p99 {percentile(times, 99):6.2f} ms  "
+              f"max {worst:6.2f} ms  <= {SCRAPE_TARGET_MS:g} ms {verdict}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=10, help="length of each wrk run (default 10)")
+    sys.exit(main(parser.parse_args().seconds))
