@@ -21,14 +21,17 @@ test: $(VENV)/.dev tools
 	$(PY) -m pytest -q
 
 # System tools the tests use: strace (to see each commit's fsync), curl (the
-# README's session) and PostgreSQL's server binaries (the tests start a throwaway
-# cluster). Installed with apt-get where we are root; elsewhere those tests skip,
+# README's session), Debian's chromium and its chromedriver (the console's test in
+# a real browser; nothing downloads a browser of its own) and PostgreSQL's server
+# binaries (the tests start a throwaway cluster). Installed with apt-get where we are root; elsewhere those tests skip,
 # except in CI (.ci/run), where a missing one fails the run.
 tools:
 	@command -v strace >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
 	  apt-get install -y -qq strace >/dev/null; } || echo "note: strace is not installed; its test will skip"
 	@command -v curl >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
 	  apt-get install -y -qq curl >/dev/null; } || echo "note: curl is not installed; the README session's test will skip"
+	@{ command -v chromium && command -v chromedriver; } >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	  apt-get install -y -qq chromium chromium-driver >/dev/null; } || echo "note: chromium is not installed; the console's browser test will skip"
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || [ -n "$$EVENTSTORE_PG_BIN" ] || \
 	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq postgresql >/dev/null; } || \
 	  echo "note: PostgreSQL's server binaries are not installed; the PostgreSQL half of the tests will skip"

@@ -61,6 +61,7 @@ __all__ = ["make_app", "end_long_polls", "EventStore", "Problem"]
 
 HERE = Path(__file__).resolve().parent
 OPENAPI_PATH = data_path("openapi.json")
+CONSOLE_PATH = data_path("console")
 DEFAULT_DB = "eventstore.db"
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB
 REALM = 'Basic realm="eventstore", charset="UTF-8"'
@@ -1956,6 +1957,41 @@ def openapi_handler(req):
     return Response(200, [], req.app.openapi, "application/json")
 
 
+# The console (docs/API.md §12): static files from the console folder, read
+# once; they hold no data (the page asks the API with the credentials typed into
+# it) and are sent with a policy that lets the page load nothing but its own
+# script, style and requests, and be framed by nobody.
+CONSOLE_HEADERS = [
+    ("Content-Security-Policy", "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+                                "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
+    ("X-Frame-Options", "DENY"), ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"),
+    ("Cache-Control", "no-cache")]
+CONSOLE_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                 ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
+
+
+def read_console(folder):
+    """{file name: (bytes, content type)} of the console's files."""
+    return {path.name: (path.read_bytes(), CONSOLE_TYPES[path.suffix]) for path in sorted(folder.iterdir())
+            if path.suffix in CONSOLE_TYPES}
+
+
+def console_handler(req):
+    return console_file(req, "index.html")
+
+
+def console_file_handler(req):
+    return console_file(req, req.params["file"])
+
+
+def console_file(req, name):
+    found = req.app.console.get(name)
+    if found is None:
+        raise Problem(404, "There is no such resource.")
+    body, content_type = found
+    return Response(200, list(CONSOLE_HEADERS), body, content_type)
+
+
 def metrics_handler(req):
     """Prometheus' text format, the whole server's: for SYSTEM users, or anyone
     where the app was made with ``metrics_public`` (then no credentials are read)."""
@@ -1982,6 +2018,8 @@ ROUTES = [
     ("GET", r"/health", health_handler, OPEN, QUERY),
     ("GET", r"/openapi\.json", openapi_handler, OPEN, QUERY),
     ("GET", r"/metrics", metrics_handler, SYSTEM_UNLESS_PUBLIC, QUERY),
+    ("GET", r"/console", console_handler, OPEN, QUERY),
+    ("GET", r"/console/(?P<file>[^/]+)", console_file_handler, OPEN, QUERY),
     ("GET", r"/events", list_events_handler, AUTH, QUERY),
     ("POST", r"/events", post_events_handler, AUTH, NO_QUERY),
     ("PUT", r"/events/(?P<event_id>[^/]+)", put_event_handler, AUTH, NO_QUERY),
@@ -2182,6 +2220,7 @@ class EventStore:
         self.max_body_bytes = max_body_bytes
         self.clock = clock
         self.openapi = openapi if openapi is not None else OPENAPI_PATH.read_bytes()
+        self.console = read_console(CONSOLE_PATH)
         self.poll_interval, self.max_waiting, self.write_timeout = poll_interval, max_waiting, write_timeout
         self.max_waiting_writes = max_waiting_writes
         self.metrics = (Metrics if metrics else NoMetrics)(self.storage.local_file(METRICS_FILE))

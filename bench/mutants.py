@@ -461,6 +461,19 @@ MUTANTS = [
         ('        request_id = eventstore.REQUEST_ID.get()\n        if request_id is not None:\n'
          '            line["requestId"] = request_id\n', ""),
     ], ["tests/test_conventions.py"]),
+    ("console: a value rendered as markup", "console/console.js", [
+        ("    node.append(child instanceof Node ? child : document.createTextNode(String(child)));",
+         '    if (child instanceof Node) node.append(child); else node.insertAdjacentHTML("beforeend", String(child));'),
+    ], ["tests/test_console.py"]),
+    ("console: the key kept beyond the tab", "console/console.js", [
+        ("sessionStorage.setItem(STORED", "localStorage.setItem(STORED"),
+    ], ["tests/test_console.py"]),
+    ("console: served without frame-ancestors", "eventstore.py", [
+        ("form-action 'none'; frame-ancestors 'none'\"", "form-action 'none'\""),
+    ], ["tests/test_console.py"]),
+    ("pip install: the console not shipped", "pyproject.toml", [
+        ('"console" = "eventstore_data/console"\n', ""),
+    ], ["tests/test_install.py"]),
 ]
 
 

@@ -83,6 +83,9 @@ def test_installed_it_imports_and_serves_from_any_folder(venv, tmp_path):
     try:
         status, _, document = served.request("GET", "/openapi.json")
         assert status == 200 and document == json.loads((ROOT / "openapi.json").read_bytes())
+        for path, name in (("/console", "index.html"), ("/console/console.js", "console.js")):  # the console ships
+            status, headers, page = served.request("GET", path)
+            assert status == 200 and page == (ROOT / "console" / name).read_bytes(), path
         served.register("FOO")  # the schema was applied
         # The banner's command, as printed, works from where the server runs.
         command = shlex.split(served.banner.split("More users: ", 1)[1].splitlines()[0])

@@ -75,7 +75,8 @@ def test_openapi_document_describes_every_route(registry):
     assert document["openapi"].startswith("3.1")
     described = {(method.upper(), path) for path, item in document["paths"].items() for method in item
                  if method in ("get", "put", "post", "delete")}
-    routed = {("GET", "/health"), ("GET", "/openapi.json"), ("GET", "/metrics"), ("GET", "/events"), ("POST", "/events"), ("PUT", "/events/{eventId}"),
+    routed = {("GET", "/health"), ("GET", "/openapi.json"), ("GET", "/metrics"), ("GET", "/console"),
+              ("GET", "/console/{file}"), ("GET", "/events"), ("POST", "/events"), ("PUT", "/events/{eventId}"),
               ("GET", "/events/{eventId}"), ("DELETE", "/events/{eventId}"), ("GET", "/programs"),
               ("PUT", "/programs/{ProgramId}"), ("DELETE", "/programs/{ProgramId}/members/{ProgramMemberId}"),
               ("GET", "/event-types"), ("GET", "/event-types/{EventType}"), ("PUT", "/event-types/{EventType}"),
