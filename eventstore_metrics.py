@@ -107,7 +107,7 @@ class SharedTable:
 
     def __init__(self, path):
         self.path = path
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)  # never through a link
         try:
             size = self.HEADER + self.REGIONS * self.REGION
             self._lock(0, 1, wait=True)  # one claim at a time

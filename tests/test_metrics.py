@@ -329,3 +329,16 @@ def test_metrics_public_over_serve_and_the_scrape_of_a_prometheus_job(tmp_path):
         assert closed.request("GET", "/metrics")[0] == 401
     finally:
         closed.stop()
+
+
+def test_the_shared_file_is_never_opened_through_a_link(tmp_path, caplog):
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"someone else's file")
+    (tmp_path / "linked-metrics").symlink_to(target)
+    metrics = eventstore_metrics.Metrics(str(tmp_path / "linked-metrics"))
+    try:
+        metrics.request("/health", "GET", 200, 0.01)
+        assert isinstance(metrics.table, eventstore_metrics.PrivateTable)
+    finally:
+        metrics.close()
+    assert target.read_bytes() == b"someone else's file" and "counted per process" in caplog.text
