@@ -24,6 +24,7 @@ WEBHOOK_OUTCOMES.
 """
 
 import bisect
+import contextlib
 import fcntl
 import logging
 import mmap
@@ -117,9 +118,15 @@ class SharedTable:
                 os.ftruncate(self._fd, size)
                 self._map = mmap.mmap(self._fd, size)
                 self.region = next((r for r in range(self.REGIONS) if self._lock(self._start(r), self.REGION)), None)
+                if self.region is not None:
+                    # The region's blocks, now: a page of a sparse file first written on a full
+                    # disk would kill the process (SIGBUS), where a write would only fail.
+                    os.posix_fallocate(self._fd, self._start(self.region), self.REGION)
             finally:
                 self._unlock(0, 1)
         except BaseException:
+            with contextlib.suppress(AttributeError):
+                self._map.close()
             os.close(self._fd)
             raise
         if self.region is None:

@@ -25,11 +25,10 @@ def tiny_disk(tmp_path):
 
 def fill(path):
     """Write a file until the disk is full; return its path."""
-    with open(path, "wb") as filler:
+    with open(path, "wb", buffering=0) as filler:  # unbuffered: a partial last write leaves nothing to flush
         try:
             while True:
                 filler.write(b"\0" * 65536)
-                filler.flush()
         except OSError as exc:
             assert exc.errno == errno.ENOSPC
     return path

@@ -342,3 +342,44 @@ def test_the_shared_file_is_never_opened_through_a_link(tmp_path, caplog):
     finally:
         metrics.close()
     assert target.read_bytes() == b"someone else's file" and "counted per process" in caplog.text
+
+
+FULL_DISK = """
+import errno, sys
+sys.path.insert(0, {root!r})
+import eventstore_metrics
+taken = eventstore_metrics.Metrics({path!r})
+assert isinstance(taken.table, eventstore_metrics.SharedTable)
+with open({filler!r}, "wb", buffering=0) as filler:
+    try:
+        while True:
+            filler.write(b"\\0" * 65536)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+for n in range(3000):  # every page of its region written
+    taken.webhook_delivery("subscription-%d" % n, "ok")
+late = eventstore_metrics.Metrics({path!r})
+assert isinstance(late.table, eventstore_metrics.PrivateTable)
+late.request("/health", "GET", 200, 0.01)
+print("counted", flush=True)
+"""
+
+
+def test_a_full_disk_never_kills_a_process_and_leaves_a_late_one_counting_for_itself(tmp_path):
+    """A region's blocks are allocated when it is taken: a page of a sparse file
+    first written on a full disk would end the process (SIGBUS). Where they cannot
+    be had, the process counts for itself."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tiny tmpfs needs root")
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)]).returncode != 0:
+        pytest.skip("this machine does not let the test mount a tmpfs")
+    try:
+        child = subprocess.run([sys.executable, "-c", FULL_DISK.format(
+            root=str(ROOT), path=str(mount / "db-metrics"), filler=str(mount / "filler"))],
+            capture_output=True, text=True, timeout=60)
+    finally:
+        subprocess.run(["umount", "-l", str(mount)])
+    assert (child.returncode, child.stdout) == (0, "counted\n"), child.stderr
+    assert "counted per process" in child.stderr
