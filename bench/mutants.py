@@ -446,6 +446,10 @@ MUTANTS = [
     ("metrics: a region's blocks not allocated when it is taken (SIGBUS on a full disk)", "eventstore_metrics.py", [
         ("                    os.posix_fallocate(self._fd, self._start(self.region), self.REGION)", "                    pass"),
     ], ["tests/test_metrics.py"]),
+    ("metrics: the supervisor holds no region (all workers dying at once start the counts afresh)", "serve.py", [
+        ("        return eventstore_metrics.Metrics(storage.local_file(eventstore_metrics.FILE_SUFFIX)) if args.metrics else None",
+         "        return None"),
+    ], ["tests/test_metrics.py"]),
     ("a request id not echoed", "eventstore.py", [
         ('        headers.append(("X-Request-Id", rid))\n', ""),
     ], ["tests/test_conventions.py"]),

@@ -311,6 +311,19 @@ def test_two_workers_count_together_and_a_restarted_worker_takes_nothing_away(tm
         for _ in range(20):
             assert server.request("GET", "/health")[0] == 200
         assert {health_count(server) for _ in range(10)} == {start + 60}
+        # Both workers at once: the supervisor holds the table meanwhile, so it does not start afresh.
+        victims = server.workers()
+        for victim in victims:
+            os.kill(victim, signal.SIGKILL)
+        eventually(lambda: len(server.workers()) == 2 and not set(victims) & set(server.workers()), "new workers", 20)
+        eventually(lambda: listening(server.port) == 2, "two workers listening again", timeout=20)
+        seen = []
+        for _ in range(10):
+            try:
+                seen.append(health_count(server))
+            except (ConnectionResetError, ConnectionRefusedError):
+                pass
+        assert seen and set(seen) == {start + 60}
     finally:
         server.stop()
     assert "exited with status -9; starting another" in "".join(server.log)
