@@ -107,6 +107,7 @@ class _Toolkit:
                         for keyword, function in {**base.VALIDATORS, **overrides}.items()}
             extended = self.classes[uri] = jsonschema.validators.extend(base, keywords)
             extended.descend = _leaf_descend(extended.descend, {**base.VALIDATORS, **overrides})
+            extended.is_type = _direct_is_type(extended.is_type, extended.TYPE_CHECKER)
             meta = jsonschema.validators.validator_for(base.META_SCHEMA, default=base)
             # format_checker None: the metaschema's "format": "regex" would compile
             # patterns with Python's re, which refuses some RE2 takes (\p{L}).
@@ -156,6 +157,22 @@ LEAF_KEYWORDS = frozenset((
     "maxLength", "minLength", "pattern", "maxItems", "minItems", "uniqueItems", "maxProperties", "minProperties",
     "required", "dependentRequired", "format", "title", "description", "default", "examples", "deprecated",
     "readOnly", "writeOnly", "$comment", "contentEncoding", "contentMediaType"))
+
+
+def _direct_is_type(is_type, checker):
+    """The validator's ``is_type``, calling the type checker's own function for each
+    type directly (PERF: through the checker's map and its error handling, a quarter
+    of a 20-property event's time). Where this jsonschema's checker keeps them
+    elsewhere, or for a type it does not know, jsonschema's own way."""
+    functions = getattr(checker, "_type_checkers", None)
+    if functions is None:
+        return is_type
+    direct = {name: functools.partial(function, checker) for name, function in functions.items()}
+
+    def is_type_directly(self, instance, type):
+        function = direct.get(type)
+        return function(instance) if function is not None else is_type(self, instance, type)
+    return is_type_directly
 
 
 def _leaf_descend(descend, keywords):
