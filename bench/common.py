@@ -1,8 +1,8 @@
 """What the benchmarks share: wrk and its Lua scripts, the event body, rounds
 taken in turn, the baseline app, CPU and RSS readings, pulling a feed, the
 cross-process wake-up and percentiles. bench/run.py, bench/postgres.py,
-bench/event_types.py and bench/subscriptions.py import this; none of them
-imports another (run.py runs the others).
+bench/event_types.py, bench/schemas.py and bench/subscriptions.py import this;
+none of them imports another (run.py runs the others).
 
 The servers are started as the end-to-end tests start them (tests/server.py),
 imported as the package ``tests`` from the repository's root.

@@ -342,6 +342,8 @@ def test_behind_is_exact_up_to_1000(admin, events, behind, exact):
                                                for n in range(start, min(events, start + 1000))]})
     state = admin.put_json("/subscriptions/s", {"Filter": {"ProgramId": ["FOO"]}}).json
     assert (state["Behind"], state["BehindIsExact"]) == (behind, exact)
+    page = admin.get("/subscriptions/s/events").json  # 100 a page unless limit says otherwise
+    assert (len(page["Events"]), page["HasMore"], page["Through"]) == (100, True, page["Events"][-1]["Sequence"])
     state = admin.put_json("/subscriptions/s", {"StartFrom": {"Sequence": events - 3}}).json
     assert (state["Behind"], state["BehindIsExact"]) == (3, True)
 
