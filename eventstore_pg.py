@@ -1018,6 +1018,7 @@ class PostgresStorage(Storage):
             with self.connect() as conn:
                 self.settings = self._check(conn)
                 self._apply_schema(conn)
+                self._adopt_restored_rows(conn)
         except psycopg.Error as exc:
             raise StorageOpenError(f"PostgreSQL: {exc}".strip()) from None
         size = (threads or 16) + 1
@@ -1106,6 +1107,23 @@ class PostgresStorage(Storage):
             conn.execute(SCHEMA_PATH.read_text(encoding="utf-8"))
             conn.execute("DELETE FROM eventstore_schema")
             conn.execute("INSERT INTO eventstore_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
+
+    @staticmethod
+    def _adopt_restored_rows(conn):
+        """Rows restored from another cluster (pg_dump, a copy of its files) carry
+        that cluster's transaction ids, which may be ahead of this one's: the feed
+        shows only rows older than every transaction in progress, so it would hide
+        them until this cluster's ids caught up. They were all committed, and no
+        change of this cluster can be older than them, so they take the oldest id
+        there is. Only a restore can leave the newest row (by Sequence) with an id
+        ahead of a new transaction's, so a start looks at that one row."""
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+            newest = conn.execute("SELECT xid > pg_current_xact_id() FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+            if newest and newest[0]:
+                adopted = conn.execute("UPDATE events SET xid = '1'::xid8 WHERE xid > pg_current_xact_id()").rowcount
+                log.warning("%d events carried the transaction ids of the cluster they were restored from, ahead of "
+                            "this one's; the feed now shows them", adopted)
 
     def session(self):
         return PostgresSession(self)

@@ -1055,3 +1055,29 @@ def test_the_tests_cluster_takes_no_one_else(url, pg_cluster):
 def _pg_bin():
     from pg_cluster import find_binaries
     return find_binaries()
+
+
+def test_events_restored_from_a_cluster_older_than_this_one_are_in_the_feed(url):
+    """A dump restored into a younger cluster keeps the rows' transaction ids,
+    ahead of the new cluster's: the feed's barrier hid every one of them until
+    this cluster's ids caught up. On opening, such rows take the oldest id."""
+    import psycopg
+    from helpers import Caller, Registry, basic
+    registry = Registry(url)
+    try:
+        key = registry.keys["admin"]
+        for n in range(3):
+            registry.client("admin").put_json(f"/events/FOO-{n}", event(n))
+    finally:
+        registry.close()
+    with psycopg.connect(url, autocommit=True) as conn:  # as a restore into a younger cluster leaves them
+        conn.execute("UPDATE events SET xid = (pg_current_xact_id()::text::bigint + 1000000)::text::xid8")
+    app = eventstore.make_app(url)
+    try:
+        admin = Caller(app, basic("admin", key))
+        assert [e["EventId"] for e in admin.get("/events").json["Events"]] == ["FOO-0", "FOO-1", "FOO-2"]
+        admin.put_json("/events/FOO-3", event(3))
+        assert [e["EventId"] for e in admin.get("/events").json["Events"]] == ["FOO-0", "FOO-1", "FOO-2", "FOO-3"]
+    finally:
+        app.close()
+
