@@ -406,6 +406,14 @@ def _parse_field_datetime(name, value, check):
         return None
 
 
+def whole_number(value):
+    """A JSON number that is whole (``2`` or ``2.0``: JSON Schema counts both as
+    integers, and so do generated clients) -> that int; anything else -> None."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _json_type(value):
     if value is None:
         return "null"
@@ -513,10 +521,11 @@ def validate_event_type_body(body):
         if message:
             errors.append(field_error("Description", message))
     retain_days = body.get("RetainDays", ABSENT)
-    if retain_days not in (ABSENT, None) and (isinstance(retain_days, bool) or not isinstance(retain_days, int)
-                                              or not 1 <= retain_days <= MAX_RETAIN_DAYS):
-        errors.append(field_error("RetainDays", f"expected a whole number of days from 1 to {MAX_RETAIN_DAYS}, "
-                                                f"or null, got {json_text(retain_days)[:40]}"))
+    if retain_days not in (ABSENT, None):
+        given, retain_days = retain_days, whole_number(retain_days)
+        if retain_days is None or not 1 <= retain_days <= MAX_RETAIN_DAYS:
+            errors.append(field_error("RetainDays", f"expected a whole number of days from 1 to {MAX_RETAIN_DAYS}, "
+                                                    f"or null, got {json_text(given)[:40]}"))
     schema, schema_text, canonical = body.get("Schema", ABSENT), None, None
     if schema not in (ABSENT, None) and json_depth(schema) > MAX_SCHEMA_DEPTH:
         errors.append(field_error("Schema", f"nested more than {MAX_SCHEMA_DEPTH} levels deep"))
@@ -1292,13 +1301,9 @@ def _start_from(value, errors):
 
 
 def _sequence(value):
-    """A JSON number that is a Sequence (a whole number, 2.0 as JSON Schema counts
-    it) -> that int, or None."""
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_SEQUENCE:
-        return value
-    return None
+    """A JSON number that is a Sequence -> that int, or None."""
+    value = whole_number(value)
+    return value if value is not None and 0 <= value <= MAX_SEQUENCE else None
 
 
 def _subscription_description(value, errors):
@@ -1833,10 +1838,11 @@ def get_schema_version_handler(req):
     """``GET /event-types/{EventType}/schemas/{n}``: one version of a type's schema."""
     event_type = _event_type_param(req)
     text = req.params["version"]
-    if not re.fullmatch(r"[1-9][0-9]{0,8}", text):
+    if not re.fullmatch(r"[1-9][0-9]*", text):
         raise bad_request("The schema version is not valid.",
                           [field_error("SchemaVersion", "expected a whole number from 1")])
-    found = req.reads.type_schema(event_type, int(text))
+    # No type has had a billion schemas: a longer number is a version that does not exist.
+    found = req.reads.type_schema(event_type, int(text)) if len(text) <= 9 else None
     if found is None:
         raise Problem(404, f"Event type {event_type!r} has no schema version {text}.")
     body = (f'{{"EventType":{json_text(event_type)},"SchemaVersion":{found.version},"Schema":{found.schema},'

@@ -58,6 +58,8 @@ def test_a_type_shows_its_schema_and_version_and_each_version_stays_readable(adm
     assert nobody.get("/event-types/CourseCompleted/schemas/1").json["Schema"] == SCORE
     assert nobody.get("/event-types/CourseCompleted/schemas/2").json["Schema"] == looser
     nobody.get("/event-types/CourseCompleted/schemas/3", status=404)
+    nobody.get("/event-types/CourseCompleted/schemas/2175518501", status=404)  # any whole number: one that is not
+    nobody.get("/event-types/CourseCompleted/schemas/" + "9" * 30, status=404)
     nobody.get("/event-types/Unknown/schemas/1", status=404)
     assert fields(nobody.get("/event-types/CourseCompleted/schemas/x", status=400)) == ["SchemaVersion"]
     assert fields(nobody.get("/event-types/CourseCompleted/schemas/0", status=400)) == ["SchemaVersion"]
@@ -330,9 +332,14 @@ def test_a_schema_nested_too_deeply_is_a_400(admin):
     set_type(admin, ok)
 
 
-@pytest.mark.parametrize("days", [0, 36501, -1, 1.5, True, "3"])
+@pytest.mark.parametrize("days", [0, 36501, -1, 1.5, True, "3", 36501.0])
 def test_retain_days_out_of_range_is_a_400(admin, days):
     assert fields(set_type(admin, RetainDays=days, status=400)) == ["RetainDays"]
+
+
+def test_retain_days_as_a_whole_number_with_a_fraction_is_taken(admin):
+    """532.0 is an integer as JSON Schema (and openapi.json, and a generated client) count it."""
+    assert set_type(admin, RetainDays=532.0).json["RetainDays"] == 532
 
 
 def test_an_unknown_field_is_a_400(admin):
