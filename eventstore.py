@@ -47,7 +47,7 @@ from typing import NamedTuple
 from eventstore_errors import Problem, bad_request, field_error, service_unavailable, storage_problem
 from eventstore_metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from eventstore_metrics import FILE_SUFFIX as METRICS_FILE
-from eventstore_metrics import Metrics, NoMetrics
+from eventstore_metrics import FEED_HEAD, SUBSCRIPTION_BEHIND, SUBSCRIPTION_PENDING, Metrics, NoMetrics
 from eventstore_news import CommitNews
 from eventstore_retention import RetentionSweeper
 from eventstore_schemas import MAX_LISTED, CompiledSchema, SchemaCache, check_schema
@@ -1402,14 +1402,20 @@ def subscription_backlog(reads, row, owner):
     return reads.feed_backlog(programs, FeedQuery(event_types=row.event_types, after=row.position, limit=MAX_BEHIND))
 
 
-def subscriptions_json(reads, rows):
-    """The representations of ``rows`` (docs/API.md §4a), with the head and each
-    owner's grants read once."""
-    head, owners, rendered = reads.last_sequence(), {}, []
+def subscription_backlogs(reads, rows):
+    """(row, its FeedBacklog) for each of ``rows``, each owner's grants read once."""
+    owners = {}
     for row in rows:
         if row.owner not in owners:
             owners[row.owner] = principal_of(reads, row.owner)
-        backlog = subscription_backlog(reads, row, owners[row.owner])
+        yield row, subscription_backlog(reads, row, owners[row.owner])
+
+
+def subscriptions_json(reads, rows):
+    """The representations of ``rows`` (docs/API.md §4a), with the head and each
+    owner's grants read once."""
+    head, rendered = reads.last_sequence(), []
+    for row, backlog in subscription_backlogs(reads, rows):
         rendered.append({
             "Name": row.name, "Owner": row.owner, "Description": row.description,
             "Filter": {"ProgramId": list(row.programs), "EventType": list(row.event_types)},
@@ -2005,7 +2011,20 @@ def metrics_handler(req):
         req.require_system()
     if not req.app.metrics.enabled:
         raise Problem(404, "Metrics are switched off on this server (serve.py --no-metrics).")
-    return Response(200, [], req.app.metrics.exposition(req.reads), METRICS_CONTENT_TYPE)
+    return Response(200, [], req.app.metrics.exposition(metrics_from_database(req.reads, req.app.clock())),
+                    METRICS_CONTENT_TYPE)
+
+
+def metrics_from_database(reads, now):
+    """The gauges a scrape reads from the database: the feed's head, and each
+    subscription's Behind and how long its first pending change has waited
+    (seconds since its UpdatedUTC; 0 when none waits), as its representation says."""
+    behind, pending = [], []
+    for row, backlog in subscription_backlogs(reads, reads.list_subscriptions()):
+        behind.append(((row.name,), min(backlog.changes, MAX_BEHIND)))
+        waited = 0 if backlog.first_updated_us is None else max(0, now - backlog.first_updated_us) / 1e6
+        pending.append(((row.name,), waited))
+    return {FEED_HEAD: [((), reads.last_sequence())], SUBSCRIPTION_BEHIND: behind, SUBSCRIPTION_PENDING: pending}
 
 
 # ============================================================================

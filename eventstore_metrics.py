@@ -1,9 +1,10 @@
 """eventstore's metrics: what the app and its engines count (requests, their
 durations, writes, group commits, long polls, failed authentications, webhook
 deliveries), shared by every process serving one database, and the /metrics
-page in Prometheus' text format (0.0.4), which adds what the database itself
-knows (the feed's head) at each scrape. Below the app, which records into a
-``Metrics`` and serves ``exposition()``; imports nothing of the app's.
+page in Prometheus' text format (0.0.4), which adds what the app reads from the
+database at each scrape (the feed's head, each subscription's Behind and pending
+age). Below the app, which records into a ``Metrics`` and serves
+``exposition()``; imports nothing of the app's.
 
 Across processes (serve.py --processes N, gunicorn, several servers on one
 SQLite file): a memory-mapped file beside the database (``DB-metrics-v1``) is
@@ -73,15 +74,23 @@ GROUP_SIZE = Family("eventstore_group_commit_size", "histogram",
                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000))
 GROUP_SECONDS = Family("eventstore_group_commit_seconds", "histogram", "Seconds each group commit took.",
                        buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
-HEAD = Family("eventstore_feed_head", "gauge",
-              "The feed's head: the largest Sequence it serves now (read from the database).")
+FEED_HEAD = Family("eventstore_feed_head", "gauge",
+                   "The feed's head: the largest Sequence it serves now (read from the database).")
+SUBSCRIPTION_BEHIND = Family("eventstore_subscription_behind", "gauge",
+                             "Changes waiting for each subscription after its Position, as its Behind (counted "
+                             "up to 1000; read from the database).", ("subscription",))
+SUBSCRIPTION_PENDING = Family("eventstore_subscription_pending_seconds", "gauge",
+                              "Seconds the first change waiting for each subscription has waited since its "
+                              "UpdatedUTC (0 when none waits; read from the database).", ("subscription",))
 LONG_POLLS = Family("eventstore_long_polls_waiting", "gauge", "Long polls waiting now, in every process.")
 WEBHOOKS = Family("eventstore_webhook_deliveries_total", "counter",
                   "Webhook deliveries by subscription and outcome (ok, http_error, timeout, refused).",
                   ("subscription", "outcome"))
 AUTH_FAILURES = Family("eventstore_auth_failures_total", "counter",
                        "Failed authentications (wrong, revoked or unknown credentials; not missing ones).")
-FAMILIES = (REQUESTS, DURATION, WRITES, GROUP_SIZE, GROUP_SECONDS, HEAD, LONG_POLLS, WEBHOOKS, AUTH_FAILURES)
+FAMILIES = (REQUESTS, DURATION, WRITES, GROUP_SIZE, GROUP_SECONDS, FEED_HEAD, LONG_POLLS, SUBSCRIPTION_BEHIND,
+            SUBSCRIPTION_PENDING, WEBHOOKS, AUTH_FAILURES)
+DATABASE_FAMILIES = (FEED_HEAD, SUBSCRIPTION_BEHIND, SUBSCRIPTION_PENDING)  # read at each scrape, never counted
 COUNTER, GAUGE = 0, 1  # how a value adds up over processes: all of them, or the live ones
 
 
@@ -266,9 +275,10 @@ def open_table(path):
 # ============================================================================
 
 class Metrics:
-    """What the app and its engines record, and ``exposition(reads)``. Thread-safe:
-    one lock per process guards its region's values (held for a few additions;
-    processes never wait for each other)."""
+    """What the app and its engines record, and ``exposition(database)``.
+    Thread-safe: one lock per process guards its region (a new series' record is
+    written in several steps; additions are held with it too, rather than lean on
+    the GIL), held for a few additions; processes never wait for each other."""
 
     enabled = True
 
@@ -370,17 +380,17 @@ class Metrics:
 
     # --- the exposition -------------------------------------------------------------
 
-    def exposition(self, reads):
+    def exposition(self, database):
         """The text a scrape gets (bytes): every family, summed over the
-        processes; the database's gauges read through ``reads`` now."""
+        processes, and ``database``, {family of DATABASE_FAMILIES: [(label values,
+        value)]}: what the app has just read from the database."""
         totals = self.table.read()  # no lock: each value is read whole
-        database = {HEAD.name: reads.last_sequence()}
         lines = []
         for family in FAMILIES:
             lines.append(f"# HELP {family.name} {family.help}")
             lines.append(f"# TYPE {family.name} {family.kind}")
-            if family.name in database:
-                lines.append(f"{family.name} {number(database[family.name])}")
+            if family in DATABASE_FAMILIES:
+                lines.extend(f"{family.key(labels)} {number(value)}" for labels, value in database.get(family, ()))
             elif family.kind == "histogram":
                 lines.extend(histogram_lines(family, totals))
             else:

@@ -4,8 +4,10 @@
      (target >= 0.95; the median of 5 rounds' ratios, the runs taking turns)
  M2. a scrape's time (GET /metrics, on one keep-alive connection) after that load, at
      one process and at --processes 2: p50, p99 and the slowest (target: at most 50 ms)
+ M3. a scrape's time over issue 31's database (100 subscriptions of every kind over
+     1,000,000 events, bench/subscriptions.py's): each subscription's Behind is read
 
-    python bench/metrics.py [--seconds 10]
+    python bench/metrics.py [--seconds 10] [--events 1000000]
 """
 
 import argparse
@@ -18,6 +20,8 @@ import time
 from pathlib import Path
 
 from common import GET_LUA, Server, alternating, event_body, median_pair, percentile, say, wrk
+
+import subscriptions  # noqa: E402  (bench/subscriptions.py: its database)
 
 RATIO_TARGET, SCRAPE_TARGET_MS = 0.95, 50.0
 
@@ -35,9 +39,9 @@ def loaded_server(path, *args, processes=1):
     return server, GET_LUA % {"auth": auth, "count": 10_000}
 
 
-def scrape_times(server, scrapes=200):
+def scrape_times(server, scrapes=200, user="admin", key=None):
     """-> sorted ms of ``scrapes`` GET /metrics on one keep-alive connection."""
-    auth = {"Authorization": "Basic " + base64.b64encode(f"admin:{server.admin_key}".encode()).decode()}
+    auth = {"Authorization": "Basic " + base64.b64encode(f"{user}:{key or server.admin_key}".encode()).decode()}
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
     times = []
     for _ in range(scrapes):
@@ -51,7 +55,7 @@ def scrape_times(server, scrapes=200):
     return sorted(times)
 
 
-def main(seconds=10):
+def main(seconds=10, events=1_000_000):
     workdir = Path(tempfile.mkdtemp(prefix="eventstore-bench-metrics-"))
     say("M1: GET with metrics vs --no-metrics ...")
     counted, lua = loaded_server(workdir / "counted.db")
@@ -67,18 +71,25 @@ def main(seconds=10):
     wrk(two.port, two_lua, seconds)  # series in both workers' regions
     both = scrape_times(two)
     two.stop()
+    say(f"M3: a scrape over {events:,} events and {subscriptions.SUBSCRIPTIONS} subscriptions ...")
+    keys = subscriptions.build(workdir / "subscriptions.db", events)
+    behind = Server(workdir / "subscriptions.db")
+    over = scrape_times(behind, scrapes=20, user="bench", key=keys["bench"])
+    behind.stop()
     print(f"\n/metrics (bench/metrics.py): wrk -t1 -c16 -d{seconds}s, GET /events/{{id}}")
     verdict = "met" if rate / base >= RATIO_TARGET else "NOT MET"
     print(f"M1. GET with metrics vs --no-metrics   {rate / base:7.3f}  >= {RATIO_TARGET} {verdict} "
           f"({rate:,.0f} vs {base:,.0f} req/s)")
-    for name, times in (("1 process", one), ("--processes 2", both)):
+    for name, times in (("1 process", one), ("--processes 2", both), ("subscriptions", over)):
         worst = times[-1]
         verdict = "met" if worst <= SCRAPE_TARGET_MS else "NOT MET"
-        print(f"M2. scrape, {name:14} p50 {percentile(times, 50):6.2f} ms  p99 {percentile(times, 99):6.2f} ms  "
+        print(f"M{2 if name != 'subscriptions' else 3}. scrape, {name:14} p50 {percentile(times, 50):6.2f} ms  p99 {percentile(times, 99):6.2f} ms  "
               f"max {worst:6.2f} ms  <= {SCRAPE_TARGET_MS:g} ms {verdict}")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=10, help="length of each wrk run (default 10)")
-    sys.exit(main(parser.parse_args().seconds))
+    parser.add_argument("--events", type=int, default=1_000_000, help="M3's database (default 1,000,000)")
+    options = parser.parse_args()
+    sys.exit(main(options.seconds, options.events))

@@ -75,8 +75,9 @@ class PrometheusMetrics:
     def webhook_delivery(self, subscription, outcome):
         self.webhooks.labels(subscription, outcome).inc()
 
-    def exposition(self, reads):
-        return self.generate(self.registry) + f"eventstore_feed_head {reads.last_sequence()}\n".encode()
+    def exposition(self, database):
+        return self.generate(self.registry) + b"".join(
+            f"{family.key(labels)} {value}\n".encode() for family, series in database.items() for labels, value in series)
 
     def after_fork(self):
         pass

@@ -444,9 +444,9 @@ MUTANTS = [
     ("metrics counted per process", "eventstore_metrics.py", [
         ('    if path is None or not hasattr(fcntl, "F_OFD_SETLK"):', "    if True:"),
     ], ["tests/test_metrics.py"]),
-    ("metrics: a request counted without the process's lock", "eventstore_metrics.py", [
-        ('        method = method if method in METHODS else "other"\n        with self._lock:',
-         '        method = method if method in METHODS else "other"\n        if True:'),
+    ("metrics: new series added without the process's lock", "eventstore_metrics.py", [
+        ("    def _add(self, family, values, amount=1.0):\n        with self._lock:",
+         "    def _add(self, family, values, amount=1.0):\n        if True:"),
     ], ["tests/test_metrics.py"]),
     ("metrics: a region's blocks not allocated when it is taken (SIGBUS on a full disk)", "eventstore_metrics.py", [
         ("                    os.posix_fallocate(self._fd, self._start(self.region), self.REGION)", "                    pass"),
@@ -454,6 +454,9 @@ MUTANTS = [
     ("metrics: the supervisor holds no region (all workers dying at once start the counts afresh)", "serve.py", [
         ("        return eventstore_metrics.Metrics(storage.local_file(eventstore_metrics.FILE_SUFFIX)) if args.metrics else None",
          "        return None"),
+    ], ["tests/test_metrics.py"]),
+    ("metrics: the subscriptions' lag left out of a scrape", "eventstore.py", [
+        ("SUBSCRIPTION_BEHIND: behind,", "SUBSCRIPTION_BEHIND: [],"),
     ], ["tests/test_metrics.py"]),
     ("a request id not echoed", "eventstore.py", [
         ('        headers.append(("X-Request-Id", rid))\n', ""),
@@ -476,6 +479,11 @@ MUTANTS = [
     ("console: a value rendered as markup", "console/console.js", [
         ("    node.append(child instanceof Node ? child : document.createTextNode(String(child)));",
          '    if (child instanceof Node) node.append(child); else node.insertAdjacentHTML("beforeend", String(child));'),
+    ], ["tests/test_console.py"]),
+    ("console: a value parsed as markup (past the script's static check)", "console/console.js", [
+        ("    node.append(child instanceof Node ? child : document.createTextNode(String(child)));",
+         "    node.append(...(child instanceof Node ? [child] :\n"
+         "      new DOMParser().parseFromString(String(child), \"text/html\").body.childNodes));"),
     ], ["tests/test_console.py"]),
     ("console: the key kept beyond the tab", "console/console.js", [
         ("sessionStorage.setItem(STORED", "localStorage.setItem(STORED"),

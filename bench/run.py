@@ -36,7 +36,7 @@ Issue 31 (bench/subscriptions.py, printed after issue 33's):
      the feed's own page time)
  19. reading a subscription's page / reading GET /events with the same filter
 Issue 34 (bench/metrics.py, printed after issue 31's): GET with metrics / without
-(--no-metrics), and a scrape's time at 1 and 2 processes.
+(--no-metrics), and a scrape's time at 1 and 2 processes and over issue 31's database.
 Issue 11 (bench/postgres.py, printed last): PostgreSQL against SQLite, P1-P7.
 Issue 4:
   export and import events/s / raw sqlite3 read and executemany of the same rows,
@@ -403,7 +403,7 @@ def main():
     event_types.main(options.events, options.seconds)
     schemas.main(min(options.events, 100_000), options.seconds)
     subscriptions.main(options.events, options.seconds)
-    metrics.main(options.seconds)
+    metrics.main(options.seconds, options.events)
     postgres.main(options.events, options.seconds)  # last: it starts a PostgreSQL cluster of its own
 
 

@@ -243,10 +243,13 @@ function showEvents(events) {
       el("details", {}, summary, el("pre", {class: "json"}, JSON.stringify(event, null, 2)))));
   }
   while (tail.children.length > TAIL_LIMIT) tail.lastElementChild.remove();
-  if (events.length && !typesSoon) {  // the chart follows the tail, at most once a second
+  if (events.length && !typesSoon) {  // the chart and the lags follow the tail, at most once a second
     typesSoon = setTimeout(() => {
       typesSoon = null;
-      if (running) showTypes(running.signal).catch(report);
+      if (running) {
+        showTypes(running.signal).catch(report);
+        showSubscriptions(running.signal).catch(report);
+      }
     }, 1000);
   }
 }

@@ -5,6 +5,7 @@ event's JSON, the type chart, markup in the data shown as text and never run,
 no request elsewhere, the key in no URL.
 
     python tests/test_console.py docs/console.png    # the README's picture, anew
+    pngquant --force --output docs/console.png docs/console.png   # and small (Debian's pngquant)
 """
 
 import base64
@@ -160,6 +161,7 @@ def test_the_console_in_a_real_browser(served, tmp_path):
     base, key = f"http://127.0.0.1:{served.port}", served.admin_key
     admin = {"user": "admin", "key": key}
     assert served.request("PUT", "/events/BAR-early", event_body("BAR", EventType="Enrolled"), **admin)[0] == 200
+    assert served.request("PUT", "/subscriptions/nightly", {"Filter": {"ProgramId": ["FOO"]}}, **admin)[0] == 201
     profile = tmp_path / "profile"
     driver = start_browser(profile)
     try:
@@ -207,6 +209,12 @@ def test_the_console_in_a_real_browser(served, tmp_path):
         assert driver.execute_script("return window.__marked === undefined")
         assert driver.find_elements(By.CSS_SELECTOR, "main img, main script") == []
 
+        # The subscription's lag: FOO's two events wait for it.
+        lag = wait(driver, 10, lambda d: d.find_element(
+            By.CSS_SELECTOR, '#subscriptions tr[data-subscription="nightly"] td.behind').text == "2" and
+            d.find_element(By.CSS_SELECTOR, '#subscriptions tr[data-subscription="nightly"]'), "the subscription's lag")
+        assert lag.text.split()[:3] == ["nightly", "admin", "0"] and "read by its consumer" in lag.text
+
         # A filter: the tail starts again with only that program.
         driver.find_element(By.ID, "filter-program").send_keys("BAR")
         Select(driver.find_element(By.ID, "filter-from")).select_by_value("0")
@@ -249,6 +257,8 @@ def screenshot(path):
         try:
             for program in ("BAR", "LMS"):
                 server.register(program)
+            for name, programs in (("badge-mailer", ["LMS"]), ("warehouse", []), ("credits-sync", ["BAR"])):
+                server.request("PUT", f"/subscriptions/{name}", {"Filter": {"ProgramId": programs}}, **admin)
             kinds = [("FOO", "CourseCompleted", 14), ("FOO", "CourseStarted", 23), ("BAR", "CourseCompleted", 6),
                      ("LMS", "BadgeEarned", 9), ("BAR", "CreditEarned", 4)]
             for program, kind, count in kinds:
@@ -256,6 +266,7 @@ def screenshot(path):
                     body = event_body(program, EventType=kind, ProgramMemberId=f"learner{n}@example.com",
                                       EventData={"course": f"CPR-{100 + n}", "score": 60 + n})
                     server.request("PUT", f"/events/{program}-{kind}-{n}", body, **admin)
+            server.request("POST", "/subscriptions/credits-sync/ack", {"Through": 40}, **admin)
             driver = start_browser(Path(folder) / "profile")
             try:
                 from selenium.webdriver.common.by import By
@@ -267,7 +278,8 @@ def screenshot(path):
                 item = wait(driver, 10, css('#tail li[data-event-id="BAR-CreditEarned-3"]'), "the tail")
                 item.find_element(By.TAG_NAME, "summary").click()
                 wait(driver, 10, css('.type[data-type="BadgeEarned"]'), "the chart")
-                driver.set_window_size(1200, 1200)
+                wait(driver, 10, css('#subscriptions tr[data-subscription="warehouse"]'), "the subscriptions")
+                driver.set_window_size(1200, 1400)
                 time.sleep(0.5)
                 driver.save_screenshot(str(path))
             finally:

@@ -23,7 +23,8 @@ SERIES = {  # every family /metrics has, and its type
     "eventstore_http_requests": "counter", "eventstore_http_request_duration_seconds": "histogram",
     "eventstore_writes_committed": "counter", "eventstore_group_commit_size": "histogram",
     "eventstore_group_commit_seconds": "histogram", "eventstore_feed_head": "gauge",
-    "eventstore_long_polls_waiting": "gauge", "eventstore_webhook_deliveries": "counter",
+    "eventstore_long_polls_waiting": "gauge", "eventstore_subscription_behind": "gauge",
+    "eventstore_subscription_pending_seconds": "gauge", "eventstore_webhook_deliveries": "counter",
     "eventstore_auth_failures": "counter",
 }
 
@@ -149,6 +150,29 @@ def test_a_method_no_route_knows_is_counted_as_other(registry, admin):
     assert not [key for key in samples if ("method", "BREW") in key[1]]
 
 
+def test_each_subscription_has_its_lag_read_from_the_database(registry, admin, writer):
+    admin.put_json("/subscriptions/all-of-foo", {"Filter": {"ProgramId": ["FOO"]}})
+    admin.put_json("/subscriptions/only-bar", {"Filter": {"ProgramId": ["BAR"]}})
+    _, samples = scrape_app(admin)
+    behind, pending = "eventstore_subscription_behind", "eventstore_subscription_pending_seconds"
+    assert value(samples, behind, subscription="all-of-foo") == 0 and (behind, (("subscription", "all-of-foo"),)) in samples
+    assert value(samples, pending, subscription="all-of-foo") == 0
+    for n in range(3):
+        writer.put_json(f"/events/FOO-s{n}", event_body())
+    time.sleep(0.05)  # the first of them has waited at least this long at the scrape
+    _, samples = scrape_app(admin)
+    assert value(samples, behind, subscription="all-of-foo") == 3
+    assert 0.05 <= value(samples, pending, subscription="all-of-foo") < 60
+    assert (value(samples, behind, subscription="only-bar"), value(samples, pending, subscription="only-bar")) == (0, 0)
+    listed = {s["Name"]: s for s in admin.get("/subscriptions").json["Subscriptions"]}
+    admin.post_json("/subscriptions/all-of-foo/ack", {"Through": listed["all-of-foo"]["Head"]})
+    _, samples = scrape_app(admin)
+    assert (value(samples, behind, subscription="all-of-foo"), value(samples, pending, subscription="all-of-foo")) == (0, 0)
+    admin.delete("/subscriptions/only-bar")
+    _, samples = scrape_app(admin)
+    assert not [key for key in samples if ("subscription", "only-bar") in key[1]]
+
+
 @pytest.mark.sqlite_only
 def test_no_label_carries_an_event_id_a_member_or_a_path(registry, admin, writer):
     """After varied events, erasures, event types and unknown paths, every label
@@ -192,15 +216,23 @@ def test_counting_from_many_threads_loses_nothing(tmp_path):
             wait()
     finally:
         sys.setswitchinterval(switching)
-    _, samples = parse(metrics.exposition(FakeReads()).decode())
-    metrics.close()
+    _, samples = parse(metrics.exposition({}).decode())
     assert value(samples, "eventstore_http_requests_total", route="/health", method="GET", status="200") == 8000
     assert value(samples, "eventstore_http_request_duration_seconds_count", route="/health") == 8000
-
-
-class FakeReads:
-    def last_sequence(self):
-        return 0
+    # New series from many threads at once: each gets a record of its own in the region.
+    sys.setswitchinterval(1e-6)
+    try:
+        waits = [run_in_thread(lambda t=t: [metrics.webhook_delivery(f"s{t}-{n}", "ok") for n in range(300)])
+                 for t in range(4)]
+        for wait in waits:
+            wait()
+    finally:
+        sys.setswitchinterval(switching)
+    _, samples = parse(metrics.exposition({}).decode())
+    metrics.close()
+    delivered = {dict(labels)["subscription"]: count for (name, labels), count in samples.items()
+                 if name == "eventstore_webhook_deliveries_total"}
+    assert delivered == {f"s{t}-{n}": 1 for t in range(4) for n in range(300)}
 
 
 # --- across processes ------------------------------------------------------------------------
@@ -226,9 +258,9 @@ def test_a_dead_process_keeps_its_counts_but_not_its_gauges_and_its_successor_go
                              stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline() == "counted\n"
-        health = lambda: value(parse(scraper.exposition(FakeReads()).decode())[1],  # noqa: E731
+        health = lambda: value(parse(scraper.exposition({}).decode())[1],  # noqa: E731
                                "eventstore_http_requests_total", route="/health", method="GET", status="200")
-        waiting = lambda: value(parse(scraper.exposition(FakeReads()).decode())[1],  # noqa: E731
+        waiting = lambda: value(parse(scraper.exposition({}).decode())[1],  # noqa: E731
                                 "eventstore_long_polls_waiting")
         assert (health(), waiting()) == (6, 1)
         child.send_signal(signal.SIGKILL)
@@ -244,7 +276,7 @@ def test_a_dead_process_keeps_its_counts_but_not_its_gauges_and_its_successor_go
         child.stdout.close()
     scraper.close()
     fresh = eventstore_metrics.Metrics(path)  # nobody held the table: a new run starts from zero
-    assert value(parse(fresh.exposition(FakeReads()).decode())[1], "eventstore_http_requests_total",
+    assert value(parse(fresh.exposition({}).decode())[1], "eventstore_http_requests_total",
                  route="/health", method="GET", status="200") == 0
     fresh.close()
 
@@ -255,7 +287,7 @@ def test_a_full_region_counts_the_series_it_has_and_says_so(tmp_path, monkeypatc
     for n in range(100):
         metrics.webhook_delivery(f"subscription-{n}", "ok")
     metrics.webhook_delivery("subscription-0", "ok")
-    _, samples = parse(metrics.exposition(FakeReads()).decode())
+    _, samples = parse(metrics.exposition({}).decode())
     metrics.close()
     assert value(samples, "eventstore_webhook_deliveries_total", subscription="subscription-0", outcome="ok") == 2
     assert 10 < len([key for key in samples if key[0] == "eventstore_webhook_deliveries_total"]) < 100
@@ -269,7 +301,7 @@ def test_the_webhook_hook_takes_only_known_outcomes(tmp_path):
             metrics.webhook_delivery("nightly", outcome)
         with pytest.raises(ValueError):
             metrics.webhook_delivery("nightly", "exploded")
-        _, samples = parse(metrics.exposition(FakeReads()).decode())
+        _, samples = parse(metrics.exposition({}).decode())
     finally:
         metrics.close()
     assert all(value(samples, "eventstore_webhook_deliveries_total", subscription="nightly", outcome=outcome) == 1
