@@ -10,8 +10,10 @@ the storage interface (eventstore_storage.py) and its backends
 (eventstore_sqlite.py, eventstore_pg.py), the group-commit writer
 (eventstore_writer.py), the event types' schemas (eventstore_schemas.py), the
 engines (the retention sweeper, eventstore_retention.py, under a lease of
-eventstore_leases.py), the failed-authentication throttle
-(eventstore_throttle.py) and the errors (eventstore_errors.py).
+eventstore_leases.py), the metrics every process counts into and /metrics
+reads (eventstore_metrics.py), the failed-authentication throttle
+(eventstore_throttle.py) and the errors (eventstore_errors.py). The console's
+page, served as it is, is in console/.
 ``python eventstore.py --help`` is the admin command line (eventstore_admin.py).
 docs/DESIGN.md shows how they fit.
 

@@ -290,9 +290,11 @@ class Metrics:
         self._full_said = False
 
     def after_fork(self):
-        """In a forked child: a region of its own (the parent keeps its own)."""
+        """In a forked child: a region of its own. The parent keeps its own: closing
+        the child's copy of its file leaves the parent's lock held."""
         self._lock = threading.Lock()
         self._slots = {}
+        self.table.close()
         self.table = open_table(self.path)
 
     def close(self):

@@ -458,6 +458,9 @@ MUTANTS = [
     ("metrics: the subscriptions' lag left out of a scrape", "eventstore.py", [
         ("SUBSCRIPTION_BEHIND: behind,", "SUBSCRIPTION_BEHIND: [],"),
     ], ["tests/test_metrics.py"]),
+    ("metrics: a forked child counts in its parent's region", "eventstore_metrics.py", [
+        ("        self.table.close()\n        self.table = open_table(self.path)", "        pass"),
+    ], ["tests/test_metrics.py"]),
     ("a request id not echoed", "eventstore.py", [
         ('        headers.append(("X-Request-Id", rid))\n', ""),
     ], ["tests/test_conventions.py"]),

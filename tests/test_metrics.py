@@ -428,3 +428,34 @@ def test_a_full_disk_never_kills_a_process_and_leaves_a_late_one_counting_for_it
         subprocess.run(["umount", "-l", str(mount)])
     assert (child.returncode, child.stdout) == (0, "counted\n"), child.stderr
     assert "counted per process" in child.stderr
+
+
+FORKED = """
+import os, sys
+sys.path.insert(0, {root!r})
+import eventstore_metrics
+metrics = eventstore_metrics.Metrics({path!r})
+metrics.request("/health", "GET", 200, 0.01)
+metrics.long_polls(+1)
+child = os.fork()
+if child == 0:
+    metrics.after_fork()
+    metrics.request("/health", "GET", 200, 0.01)
+    metrics.request("/health", "GET", 200, 0.01)
+    print(metrics.table.region, flush=True)
+    os._exit(0)
+os.waitpid(child, 0)
+print(metrics.table.region, metrics.exposition({{}}).decode(), flush=True)
+"""
+
+
+def test_a_forked_child_counts_in_a_region_of_its_own_and_leaves_the_parents_held(tmp_path):
+    """As gunicorn --preload forks: the child takes a region of its own; its counts
+    stay when it ends, and the parent's region stays held (its long poll counted)."""
+    out = subprocess.run([sys.executable, "-c", FORKED.format(root=str(ROOT), path=str(tmp_path / "fork-metrics"))],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    child_region, parent_region, text = out.split(maxsplit=2)
+    assert child_region != parent_region
+    _, samples = parse(text)
+    assert value(samples, "eventstore_http_requests_total", route="/health", method="GET", status="200") == 3
+    assert value(samples, "eventstore_long_polls_waiting") == 1
