@@ -9,11 +9,11 @@ and the app. Below it, each in a module of its own that never imports this one:
 the storage interface (eventstore_storage.py) and its backends
 (eventstore_sqlite.py, eventstore_pg.py), the group-commit writer
 (eventstore_writer.py), the event types' schemas (eventstore_schemas.py), the
-engines (the retention sweeper, eventstore_retention.py, under a lease of
-eventstore_leases.py), the metrics every process counts into and /metrics
-reads (eventstore_metrics.py), the failed-authentication throttle
-(eventstore_throttle.py) and the errors (eventstore_errors.py). The console's
-page, served as it is, is in console/.
+engines (the retention sweeper, eventstore_retention.py, and the webhook
+deliverer, eventstore_webhooks.py, under leases of eventstore_leases.py), the
+metrics every process counts into and /metrics reads (eventstore_metrics.py),
+the failed-authentication throttle (eventstore_throttle.py) and the errors
+(eventstore_errors.py). The console's page, served as it is, is in console/.
 ``python eventstore.py --help`` is the admin command line (eventstore_admin.py).
 docs/DESIGN.md shows how they fit.
 
@@ -57,6 +57,8 @@ from eventstore_sqlite import SQLiteStorage
 from eventstore_storage import (POSTGRES_SCHEMES, SCHEMA_VERSION, EventInput, FeedBacklog, FeedQuery, StorageOpenError,
                                 SubscriptionRow, TypeRules, data_path, erase_events, now_us, safe_db_name)
 from eventstore_throttle import shared_throttle
+from eventstore_webhooks import (ACTIVE, MAX_EVENTS, PAUSED, TIMEOUT_SECONDS, WebhookDeliverer, ended_batch,
+                                 may_set_url, new_secret, new_webhook, restarted, rotated, url_error)
 from eventstore_writer import GroupCommitWriter, Later
 
 __all__ = ["make_app", "end_long_polls", "EventStore", "Problem"]
@@ -1202,6 +1204,7 @@ SUBSCRIPTION_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 SUBSCRIPTION_NAME_RULE = "a subscription name: 1-64 characters of A-Z a-z 0-9 _ -"
 SUBSCRIPTION_FIELDS = ("Filter", "StartFrom", "Description", "Webhook")
 FILTER_FIELDS = ("ProgramId", "EventType")
+WEBHOOK_FIELDS = ("Url", "MaxEvents", "TimeoutSeconds", "Active")
 ACK_FIELDS = ("Through", "Rewind")
 SUBSCRIPTION_READ_PARAMETERS = ("limit", "wait")
 MAX_SEQUENCE = 2**63 - 1
@@ -1223,6 +1226,18 @@ class SubscriptionChange(NamedTuple):
     filter: object       # (ProgramIds, EventTypes), each a tuple, empty for every
     start_from: object   # "beginning", "now", ("Sequence", n) or ("TimeUTC", microseconds)
     description: object  # the text, or None (no description)
+    webhook: object = KEEP  # a WebhookChange, or None (no webhook)
+
+
+class WebhookChange(NamedTuple):
+    """A PUT's ``Webhook`` (docs/API.md §11), given whole: Url, MaxEvents and
+    TimeoutSeconds (defaults for the absent ones); ``active`` True, False or None
+    (not given: the state is kept)."""
+
+    url: str
+    max_events: int
+    timeout_seconds: int
+    active: bool | None
 
 
 # --- Bodies and queries ----------------------------------------------------------
@@ -1234,22 +1249,50 @@ def subscription_name_error(name):
     return field_error("Name", f"{name!r} is not {SUBSCRIPTION_NAME_RULE}")
 
 
-def validate_subscription_body(body):
+def validate_subscription_body(body, allow_hosts=()):
     """A parsed ``PUT /subscriptions/{Name}`` body -> SubscriptionChange, or
-    Problem(400) listing every problem. ``null`` clears Description and sets
-    Filter to every program and type; a null StartFrom counts as absent."""
+    Problem(400) listing every problem. ``null`` clears Description, sets
+    Filter to every program and type, and removes the Webhook; a null StartFrom
+    counts as absent. ``allow_hosts``: the hosts a webhook may reach over http://
+    besides loopback (--webhook-allow-host)."""
     require_object(body)
     errors = [field_error(name, "unknown field; accepted fields are " + ", ".join(SUBSCRIPTION_FIELDS))
               for name in body if name not in SUBSCRIPTION_FIELDS]
     change = SubscriptionChange(
         filter=KEEP if "Filter" not in body else _subscription_filter(body["Filter"], errors),
         start_from=_start_from(body.get("StartFrom"), errors),
-        description=KEEP if "Description" not in body else _subscription_description(body["Description"], errors))
-    if body.get("Webhook") is not None:
-        errors.append(field_error("Webhook", "this registry delivers no webhooks yet: only null (none) is accepted"))
+        description=KEEP if "Description" not in body else _subscription_description(body["Description"], errors),
+        webhook=KEEP if "Webhook" not in body else _webhook(body["Webhook"], errors, allow_hosts))
     if errors:
         raise bad_request("The subscription is not valid; see errors.", errors)
     return change
+
+
+def _webhook(value, errors, allow_hosts):
+    """A PUT's Webhook -> WebhookChange, or None (null: no webhook). The Url's form
+    is checked here (a 400); who may reach its host, by the handler (a 403)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        errors.append(field_error("Webhook", f'expected an object {{"Url": "https://...", ...}} or null, '
+                                             f"got {_json_type(value)}"))
+        return None
+    errors += [field_error(f"Webhook/{name}", "unknown field; accepted fields are " + ", ".join(WEBHOOK_FIELDS))
+               for name in value if name not in WEBHOOK_FIELDS]
+    url = value.get("Url")
+    problem = "is required" if url is None else url_error(url, allow_hosts)
+    if problem:
+        errors.append(field_error("Webhook/Url", problem))
+    numbers = []
+    for name, (low, high, default) in (("MaxEvents", MAX_EVENTS), ("TimeoutSeconds", TIMEOUT_SECONDS)):
+        number = _sequence(value.get(name, default))
+        if number is None or not low <= number <= high:
+            errors.append(field_error(f"Webhook/{name}", f"expected a whole number from {low} to {high}"))
+        numbers.append(number)
+    active = value.get("Active")
+    if active is not None and not isinstance(active, bool):
+        errors.append(field_error("Webhook/Active", f"expected true or false, got {_json_type(active)}"))
+    return WebhookChange(url, *numbers, active)
 
 
 def _subscription_filter(value, errors):
@@ -1424,8 +1467,25 @@ def subscriptions_json(reads, rows):
             "Position": row.position, "Head": head, "Behind": min(backlog.changes, MAX_BEHIND),
             "BehindIsExact": backlog.changes <= MAX_BEHIND,
             "PendingSinceUTC": _optional_time(backlog.first_updated_us), "CreatedUTC": format_datetime(row.created_us),
-            "LastAckUTC": _optional_time(row.last_ack_us), "Webhook": None})
+            "LastAckUTC": _optional_time(row.last_ack_us), "Webhook": webhook_json(row.webhook)})
     return rendered
+
+
+def webhook_json(webhook):
+    """A WebhookRow's representation (docs/API.md §11): never its secrets."""
+    if webhook is None:
+        return None
+    return {"Url": webhook.url, "MaxEvents": webhook.max_events, "TimeoutSeconds": webhook.timeout_seconds,
+            "State": webhook.state, "LastAttemptUTC": _optional_time(webhook.last_attempt_us),
+            "LastStatus": webhook.last_status, "LastError": webhook.last_error,
+            "ConsecutiveFailures": webhook.failures, "NextAttemptUTC": _optional_time(webhook.next_attempt_us),
+            "DisabledReason": webhook.disabled_reason}
+
+
+def webhook_programs(reads, row):
+    """What a delivery of subscription ``row`` reads now, by its owner's grants
+    (subscription_programs: Problem 403 when the owner lost one its filter needs)."""
+    return subscription_programs(principal_of(reads, row.owner), row)
 
 
 def _optional_time(micros):
@@ -1436,10 +1496,10 @@ def _optional_time(micros):
 
 def put_subscription(tx, name, caller, change):
     """Create or change subscription ``name`` for ``caller`` (a Principal), as the
-    SubscriptionChange says -> (whether it was created, the SubscriptionRow).
-    Raises before writing: 400 for a StartFrom Sequence past the largest one
-    committed, 409 for a name another user holds, 403 when the owner cannot read
-    a program the new filter names."""
+    SubscriptionChange says -> (whether it was created, the SubscriptionRow, the
+    secret of a webhook it added, else None). Raises before writing: 400 for a
+    StartFrom Sequence past the largest one committed, 409 for a name another
+    user holds, 403 when the owner cannot read a program the new filter names."""
     if isinstance(change.start_from, tuple) and change.start_from[0] == "Sequence":
         check_cursor(tx, "StartFrom/Sequence", change.start_from[1])
     current = tx.lock_subscription(name)
@@ -1453,13 +1513,43 @@ def put_subscription(tx, name, caller, change):
                                f"{', '.join(denied)}.")
     kept = current or SubscriptionRow(name, owner.user_id, None, (), (), 0, tx.now, None)
     programs, event_types = (kept.programs, kept.event_types) if change.filter is KEEP else change.filter
+    webhook, secret = changed_webhook(kept.webhook, change)
+    if webhook is not None and kept.webhook is not None and (
+            (programs, event_types) != (kept.programs, kept.event_types) or change.start_from is not KEEP):
+        webhook = ended_batch(webhook)  # a new Filter or Position ends the batch in progress
+        if change.start_from is not KEEP and webhook.restarts == kept.webhook.restarts:
+            webhook = webhook._replace(restarts=webhook.restarts + 1)  # as a Rewind: _r{n} in webhook-id
     row = kept._replace(
         programs=programs, event_types=event_types,
         description=kept.description if change.description is KEEP else change.description,
-        position=kept.position if change.start_from is KEEP else start_position(tx, change.start_from))
+        position=kept.position if change.start_from is KEEP else start_position(tx, change.start_from),
+        webhook=webhook)
     if not tx.put_subscription(row):  # another user's, created meanwhile (PostgreSQL: by another server)
         raise name_taken(name)
-    return current is None, row
+    return current is None, row, secret
+
+
+def changed_webhook(webhook, change):
+    """A subscription's webhook as a PUT changes it -> (the WebhookRow or None, the
+    secret of one just added, else None). A change keeps the secret, the state and
+    the failures, unless ``Active`` is given: true restarts it, false pauses it."""
+    if change.webhook is KEEP:
+        return webhook, None
+    if change.webhook is None:
+        return None, None
+    given = change.webhook
+    if webhook is None:
+        webhook = new_webhook(given.url, given.max_events, given.timeout_seconds)
+        secret = webhook.secret
+    else:
+        webhook, secret = webhook._replace(url=given.url, max_events=given.max_events,
+                                           timeout_seconds=given.timeout_seconds), None
+        if given.active:
+            webhook = restarted(webhook)
+    if given.active is False:
+        webhook = webhook._replace(state=PAUSED, next_attempt_us=None,
+                                   disabled_reason='paused by a PUT with "Active": false')
+    return webhook, secret
 
 
 def name_taken(name):
@@ -1485,12 +1575,34 @@ def acknowledge_subscription(tx, name, caller, through, rewind):
     current = tx.lock_subscription(name)
     if current is None or not subscription_visible(caller, current):
         raise Problem(404, f"There is no subscription {name!r}.")
+    webhook = current.webhook
+    if webhook is not None and not rewind:
+        raise Problem(409, f"The subscription {name!r} has a webhook, which acknowledges what it delivers; an "
+                           'acknowledgement must say "Rewind": true (to deliver again from Through).')
     if through < current.position and not rewind:
         raise Problem(409, f"Through {through} is below the subscription's Position, {current.position}: those "
                            f"changes were acknowledged already. To read again from {through}, send "
                            '"Rewind": true.')
+    if webhook is not None:  # a Rewind ends the batch in progress; its redelivery has a webhook-id of its own
+        webhook = ended_batch(webhook)._replace(restarts=webhook.restarts + 1)
+        tx.set_webhook(name, webhook)
     tx.acknowledge(name, through, tx.now)
-    return current._replace(position=through, last_ack_us=tx.now)
+    return current._replace(position=through, last_ack_us=tx.now, webhook=webhook)
+
+
+def rotate_secret(tx, name, caller):
+    """A new signing secret for subscription ``name``'s webhook -> (the
+    SubscriptionRow, the secret); the old one signs too for 24 hours. 404, or 409
+    without a webhook."""
+    current = tx.lock_subscription(name)
+    if current is None or not subscription_visible(caller, current):
+        raise Problem(404, f"There is no subscription {name!r}.")
+    if current.webhook is None:
+        raise Problem(409, f"The subscription {name!r} has no webhook, so no secret.")
+    secret = new_secret()
+    webhook = rotated(current.webhook, secret, tx.now)
+    tx.set_webhook(name, webhook)
+    return current._replace(webhook=webhook), secret
 
 
 def remove_subscription(tx, name, caller):
@@ -1874,8 +1986,10 @@ def _subscription_name(req):
     return name
 
 
-def _subscription_response(req, row, status=200, headers=()):
-    return json_response(subscriptions_json(req.reads, [row])[0], status, headers)
+def _subscription_response(req, row, status=200, headers=(), secret=None):
+    """The representation; with ``secret``, plus "Secret" (shown once: a webhook added, a secret rotated)."""
+    rendered = subscriptions_json(req.reads, [row])[0]
+    return json_response({**rendered, "Secret": secret} if secret else rendered, status, headers)
 
 
 def _require_read_on_filter(req, body):
@@ -1902,12 +2016,26 @@ def put_subscription_handler(req):
     name = _subscription_name(req)
     body = req.json_body()
     _require_read_on_filter(req, body)
-    change = validate_subscription_body(body)
-    created, row = req.app.write(lambda tx: put_subscription(tx, name, req.user, change),
-                                 touched=lambda _: False, seqs=0)
+    change = validate_subscription_body(body, req.app.webhook_allow_hosts)
+    if isinstance(change.webhook, WebhookChange) and not may_set_url(change.webhook.url, req.user.is_system,
+                                                                     req.app.webhook_allow_hosts):
+        raise Problem(403, "Only a SYSTEM user may point a webhook at this host; other users only at the hosts "
+                           "the server allows (--webhook-allow-host).")
+    created, row, secret = req.app.write(lambda tx: put_subscription(tx, name, req.user, change),
+                                         touched=lambda _: False, seqs=0)
+    if row.webhook is not None:
+        req.app.webhook_changed(name)
     if created:
-        return _subscription_response(req, row, 201, [("Location", req.url(f"/subscriptions/{name}"))])
-    return _subscription_response(req, row)
+        return _subscription_response(req, row, 201, [("Location", req.url(f"/subscriptions/{name}"))], secret)
+    return _subscription_response(req, row, secret=secret)
+
+
+def rotate_secret_handler(req):
+    name = _subscription_name(req)
+    if (req.header("Content-Length") or "0").strip() != "0":
+        raise bad_request("This request takes no body.", [field_error("body", "send none")])
+    row, secret = req.app.write(lambda tx: rotate_secret(tx, name, req.user), touched=lambda _: False, seqs=0)
+    return _subscription_response(req, row, secret=secret)
 
 
 def delete_subscription_handler(req):
@@ -1920,7 +2048,10 @@ def subscription_events_handler(req):
     """The page after the Position, read as the feed is; reading moves nothing."""
     name = _subscription_name(req)
     limit, wait = parse_subscription_read_query(req.query)
-    row = visible_subscription(req.reads, req.user, name)  # (one with a webhook, to come, will be a 409 here)
+    row = visible_subscription(req.reads, req.user, name)
+    if row.webhook is not None:
+        raise Problem(409, f"The subscription {name!r} has a webhook, which delivers its changes: it cannot be "
+                           "read as well (one consumer at a time).")
     programs = subscription_programs(principal_of(req.reads, row.owner), row)
     rows, headers = _feed_rows(req, programs, FeedQuery(programs=row.programs, event_types=row.event_types,
                                                         after=row.position, limit=limit, wait=wait))
@@ -1937,6 +2068,8 @@ def ack_subscription_handler(req):
     through, rewind = validate_ack_body(req.json_body())
     row = req.app.write(lambda tx: acknowledge_subscription(tx, name, req.user, through, rewind),
                         touched=lambda _: False, seqs=0)
+    if row.webhook is not None:
+        req.app.webhook_changed(name)  # redeliver from the new Position at once
     return _subscription_response(req, row)
 
 
@@ -2072,6 +2205,7 @@ ROUTES = [
     ("DELETE", RAW_PATH + r"/subscriptions/(?P<name>[^/]+)", delete_subscription_handler, AUTH, NO_QUERY),
     ("GET", RAW_PATH + r"/subscriptions/(?P<name>[^/]+)/events", subscription_events_handler, AUTH, QUERY),
     ("POST", RAW_PATH + r"/subscriptions/(?P<name>[^/]+)/ack", ack_subscription_handler, AUTH, NO_QUERY),
+    ("POST", RAW_PATH + r"/subscriptions/(?P<name>[^/]+)/secret", rotate_secret_handler, AUTH, NO_QUERY),
 ]
 
 
@@ -2234,10 +2368,18 @@ class EventStore:
     def __init__(self, db, *, max_body_bytes=DEFAULT_MAX_BODY, max_waiting=None, write_timeout=10.0,
                  max_waiting_writes=4, busy_timeout_ms=5000, auth_cache_seconds=AUTH_CACHE_SECONDS,
                  max_auth_failures=10, poll_interval=0.025, retention_interval=3600, metrics=True,
-                 metrics_public=False, clock=now_us, throttle=None, openapi=None, routes=ROUTES):
-        if isinstance(retention_interval, bool) or not isinstance(retention_interval, int) or retention_interval < 1:
-            raise ValueError("retention_interval is a whole number of seconds, at least 1")
+                 metrics_public=False, webhook_allow_hosts=(), webhook_max_backoff=3600, webhook_pause_after=259200,
+                 webhook_delivery=True, clock=now_us, throttle=None, openapi=None, routes=ROUTES):
+        for name, seconds in (("retention_interval", retention_interval), ("webhook_max_backoff", webhook_max_backoff),
+                              ("webhook_pause_after", webhook_pause_after)):
+            if isinstance(seconds, bool) or not isinstance(seconds, int) or seconds < 1:
+                raise ValueError(f"{name} is a whole number of seconds, at least 1")
+        if isinstance(webhook_allow_hosts, str):
+            raise ValueError("webhook_allow_hosts is a list of hosts")
         self.retention_interval = retention_interval
+        self.webhook_allow_hosts = tuple(webhook_allow_hosts)
+        self.webhook_max_backoff, self.webhook_pause_after = webhook_max_backoff, webhook_pause_after
+        self.webhook_delivery = webhook_delivery
         self.storage = open_storage(db, busy_timeout_ms)
         warn_if_no_users(self.storage)
         self.throttle = throttle if throttle is not None else shared_throttle(
@@ -2269,16 +2411,35 @@ class EventStore:
         self.writer.observers.append(self.metrics.group_commit)
         self.schemas = SchemaCache()
         self.engines = [RetentionSweeper(self.storage, self.writer, self.retention_interval, self.clock)]
+        self.deliverer = None
+        if self.webhook_delivery:
+            self.deliverer = webhook_deliverer(self.storage, self.writer, self.news, self.clock,
+                                               self.webhook_max_backoff, self.webhook_pause_after,
+                                               count=self.metrics.webhook_delivery)
+            self.engines.append(self.deliverer)
         self._engines_started = False
         self._pid = os.getpid()
 
     def start(self):
-        """Start this process's engines (the retention sweeper), once: serve.py calls
-        it at start-up; an embedding host's first request in a process does."""
+        """Start this process's engines (the retention sweeper, the webhook deliverer),
+        once: serve.py calls it at start-up; an embedding host's first request in a
+        process does."""
         if not self._engines_started:
             self._engines_started = True
             for engine in self.engines:
                 engine.start()
+
+    def begin_stop(self):
+        """The server is stopping (serve.py, on SIGTERM): the engines start no new work
+        (a webhook delivery in flight ends within seconds); close() then stops them."""
+        for engine in self.engines:
+            if hasattr(engine, "begin_stop"):
+                engine.begin_stop()
+
+    def webhook_changed(self, name):
+        """Subscription ``name``'s webhook changed through this app: its deliverer looks now."""
+        if self.deliverer is not None and self._engines_started:
+            self.deliverer.poke(name)
 
     def _after_fork(self):
         """This process is a fork of the one that made the app (gunicorn --preload,
@@ -2315,6 +2476,7 @@ class EventStore:
     def close(self):
         """Stop the engines and the writer, and close the storage."""
         self.end_long_polls()
+        self.begin_stop()  # all at once; then each is waited for
         for engine in self.engines:
             engine.stop()
         self.writer.stop()
@@ -2482,10 +2644,22 @@ class EventStore:
                         problem.status, problem.detail)
         return problem_response(problem, rid)
 
+def webhook_deliverer(storage, writer, news, clock=now_us, max_backoff=3600, pause_after=259200,
+                      count=lambda subscription, outcome: None):
+    """The webhook deliverer of one process (docs/API.md §11) over these, with the
+    app's rules for what a subscription reads and how a change is represented:
+    the app's engine, and ``python eventstore.py deliver``'s. ``count``: the
+    metrics' eventstore_webhook_deliveries_total (Metrics.webhook_delivery)."""
+    return WebhookDeliverer(storage, writer, news, programs_of=webhook_programs, render=render_event,
+                            format_time=format_datetime, clock=clock, max_backoff=max_backoff,
+                            pause_after=pause_after, count=count)
+
+
 def make_app(db, *, max_body_bytes=DEFAULT_MAX_BODY, max_waiting=None, write_timeout=10.0, max_waiting_writes=4,
              busy_timeout_ms=5000, auth_cache_seconds=AUTH_CACHE_SECONDS, max_auth_failures=10,
-             poll_interval=0.025, retention_interval=3600, metrics=True, metrics_public=False, clock=now_us,
-             throttle=None, openapi=None, routes=ROUTES):
+             poll_interval=0.025, retention_interval=3600, metrics=True, metrics_public=False,
+             webhook_allow_hosts=(), webhook_max_backoff=3600, webhook_pause_after=259200, webhook_delivery=True,
+             clock=now_us, throttle=None, openapi=None, routes=ROUTES):
     """The WSGI application over ``db``: a SQLite file (created if missing), a
     ``postgresql://`` URL, or a storage object.
 
@@ -2512,9 +2686,17 @@ def make_app(db, *, max_body_bytes=DEFAULT_MAX_BODY, max_waiting=None, write_tim
       (False: nothing is counted and /metrics is a 404).
     - ``metrics_public``: ``GET /metrics`` needs no credentials (for a scraper
       on a private network); otherwise a SYSTEM user's.
+    - ``webhook_allow_hosts``: hosts any user may point a webhook at (and reach
+      over http://); others only SYSTEM users (docs/API.md §11).
+    - ``webhook_max_backoff``: whole seconds, the longest wait between a failing
+      webhook's attempts; ``webhook_pause_after``: whole seconds without a 2xx
+      after which a webhook is paused.
+    - ``webhook_delivery``: False leaves deliveries to ``python eventstore.py
+      deliver`` (or other processes).
 
-    The engines (the retention sweeper) start on the app's first request in a
-    process, or when the host calls ``app.start()``; ``app.close()`` stops them.
+    The engines (the retention sweeper, the webhook deliverer) start on the app's
+    first request in a process, or when the host calls ``app.start()``;
+    ``app.close()`` stops them.
 
     Collaborators, for tests and extensions: ``clock`` (microseconds since the
     epoch), ``throttle`` (an AuthThrottle, in place of the one made from
@@ -2525,6 +2707,8 @@ def make_app(db, *, max_body_bytes=DEFAULT_MAX_BODY, max_waiting=None, write_tim
                       auth_cache_seconds=auth_cache_seconds,
                       max_auth_failures=max_auth_failures, poll_interval=poll_interval,
                       retention_interval=retention_interval, metrics=metrics, metrics_public=metrics_public,
+                      webhook_allow_hosts=webhook_allow_hosts, webhook_max_backoff=webhook_max_backoff,
+                      webhook_pause_after=webhook_pause_after, webhook_delivery=webhook_delivery,
                       clock=clock, throttle=throttle, openapi=openapi, routes=routes)
 
 

@@ -7,8 +7,11 @@ a server runs.
 import argparse
 import itertools
 import json
+import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,12 +19,15 @@ from eventstore import (DEFAULT_DB, EVENT_ID_RE, EVENT_ID_RULE, USER_ID_RE, _tex
                         compiled_schema, event_type_error, format_datetime, import_tombstone, open_storage, parse_json,
                         program_id_error, program_of, put_event_later, put_event_type, render_event,
                         subscriptions_json, unregister_event_type, unregistered_type_error, validate_event,
-                        validate_event_type_body)
+                        validate_event_type_body, webhook_deliverer)
+from eventstore_metrics import FILE_SUFFIX as METRICS_FILE
+from eventstore_metrics import Metrics
+from eventstore_news import CommitNews
 from eventstore_schemas import SchemaCache
 from eventstore_errors import Problem, bad_request
 from eventstore_storage import (POSTGRES_SCHEMES, Backups, StorageOpenError, TypeRules, now_us, safe_db_name,
                                 safe_text)
-from eventstore_writer import Later
+from eventstore_writer import GroupCommitWriter, Later
 
 
 class CommandError(Exception):
@@ -439,6 +445,32 @@ def cmd_import(session, args, out):
           file=sys.stderr)
 
 
+def cmd_deliver(session, args, out):
+    """Deliver webhooks until SIGTERM or SIGINT (docs/API.md §11), as a serving
+    process does: a deployment may serve with --no-webhook-delivery and run this
+    apart. Within 10 s of the signal it has stopped, the deliveries in flight
+    recorded or left to be sent again."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    storage = session.storage
+    news = CommitNews(storage)
+    writer = GroupCommitWriter(storage.session, now_us, on_commit=news.committed)
+    metrics = Metrics(storage.local_file(METRICS_FILE))  # its deliveries count in the servers' /metrics
+    deliverer = webhook_deliverer(storage, writer, news, max_backoff=args.webhook_max_backoff,
+                                  pause_after=args.webhook_pause_after, count=metrics.webhook_delivery)
+    stopping = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopping.set())
+    deliverer.start()
+    print(f"delivering the webhooks of {safe_db_name(storage)} until SIGTERM or SIGINT", file=sys.stderr, flush=True)
+    while not stopping.wait(1.0):
+        pass
+    deliverer.stop()
+    news.close()
+    writer.stop()
+    metrics.close()
+    print("stopped delivering", file=sys.stderr)
+
+
 def _positive_int(text):
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
@@ -540,6 +572,12 @@ def build_parser():
     sub = command(subscription, "remove", cmd_subscription_remove, "delete a subscription")
     sub.add_argument("name", metavar="NAME")
 
+    sub = command(groups, "deliver", cmd_deliver,
+                  "deliver webhooks until SIGTERM or SIGINT, apart from the servers (serve.py --no-webhook-delivery)")
+    sub.add_argument("--webhook-max-backoff", type=_positive_int, default=3600, metavar="SECONDS",
+                     help="the longest wait between a failing webhook's attempts (default: %(default)s)")
+    sub.add_argument("--webhook-pause-after", type=_positive_int, default=259200, metavar="SECONDS",
+                     help="pause a webhook that has had no 2xx answer this long (default: %(default)s)")
     sub = command(groups, "backup", cmd_backup,
                   "copy the database consistently while it is in use, verified before it says ok")
     sub.add_argument("dest", metavar="DEST_PATH")

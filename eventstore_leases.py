@@ -21,6 +21,7 @@ import time
 from eventstore_errors import Problem
 
 MAX_SECONDS = 30  # a dead holder's lease is free again within this
+CLOCK_SKEW = 2    # seconds servers' clocks may differ: safe_until keeps this far from the expiry
 
 
 class LeaseLost(Problem):
@@ -40,6 +41,7 @@ class Lease:
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.held = False
         self._renew_at = 0.0
+        self.safe_until = 0.0  # time.monotonic() before which the lease is surely still held, while held
 
     def take(self):
         """Take (or renew) the lease -> whether this holder has it now."""
@@ -47,7 +49,15 @@ class Lease:
         self.held = self.writer.submit(lambda tx: tx.take_lease(self.name, self.holder, self.seconds),
                                        touched=lambda result: False, seqs=0)
         self._renew_at = started + self.seconds / 3
+        if self.held:  # it expires ``seconds`` after its transaction's time, which is after ``started``;
+            # CLOCK_SKEW leaves room for servers' clocks that differ a little
+            self.safe_until = started + self.seconds - CLOCK_SKEW
         return self.held
+
+    @property
+    def renew_at(self):
+        """time.monotonic() from which ``keep`` renews it."""
+        return self._renew_at
 
     def keep(self):
         """Renew the lease once a third of its time has passed -> whether it is still held."""

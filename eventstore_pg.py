@@ -40,7 +40,8 @@ from psycopg import pq
 from eventstore_storage import (EVENT_COLUMNS, SCHEMA_VERSION, Change, CommitWatch, EventKey, EventRow, EventState,
                                 FeedBacklog, Failure, KeyInfo, KeyRow, LiveEvent, ProgramRow, Reads, SchemaRow,
                                 SequencesExhausted, Session, Storage, StorageOpenError, SubscriptionRow, SweepRow,
-                                Transaction, TypeRules, TypeState, UserRow, data_path, event_row, safe_db_name)
+                                Transaction, TypeRules, TypeState, UserRow, WEBHOOK_COLUMNS, data_path, event_row,
+                                safe_db_name, webhook_of)
 
 SCHEMA_PATH = data_path("schema-postgres.sql")
 SCHEMA_LOCK = 7310581      # advisory lock id: one process applies the schema at a time
@@ -54,14 +55,15 @@ BARRIER = "xid < pg_snapshot_xmin(pg_current_snapshot())"
 log = logging.getLogger("eventstore")
 
 
-SUBSCRIPTION_COLUMNS = "name, owner, description, programs, event_types, position, created_us, last_ack_us"
+SUBSCRIPTION_COLUMNS = ("name, owner, description, programs, event_types, position, created_us, last_ack_us, "
+                        + WEBHOOK_COLUMNS)
 
 
 def _subscription(row):
     """A subscriptions row -> SubscriptionRow."""
-    name, owner, description, programs, event_types, position, created_us, last_ack_us = row
+    name, owner, description, programs, event_types, position, created_us, last_ack_us = row[:8]
     return SubscriptionRow(name, owner, description, tuple(programs), tuple(event_types), position, created_us,
-                           last_ack_us)
+                           last_ack_us, webhook_of(row[8:]))
 
 
 def _member(member_id):
@@ -379,6 +381,10 @@ class PostgresReads(Reads):
         return [_subscription(row) for row in self._all(
             f"SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE %(all)s OR owner = %(owner)s ORDER BY name",
             {"all": owner is None, "owner": owner})]
+
+    def webhook_subscriptions(self):
+        return [_subscription(row) for row in self._all(
+            f"SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE webhook_url IS NOT NULL ORDER BY name")]
 
     def answers(self):
         self._one("SELECT 1 FROM programs LIMIT 1")
@@ -927,12 +933,17 @@ class PostgresTransaction(PostgresReads, Transaction):
         """A new name two servers create at once: the second waits for the first's
         commit, then writes nothing unless it is the same owner's."""
         return bool(self._write(
-            f"INSERT INTO subscriptions ({SUBSCRIPTION_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+            f"INSERT INTO subscriptions ({SUBSCRIPTION_COLUMNS}) VALUES ({', '.join(['%s'] * 26)})"
             " ON CONFLICT (name) DO UPDATE SET description = excluded.description, programs = excluded.programs,"
-            " event_types = excluded.event_types, position = excluded.position"
-            " WHERE subscriptions.owner = excluded.owner",
+            " event_types = excluded.event_types, position = excluded.position, "
+            + ", ".join(f"{column} = excluded.{column}" for column in WEBHOOK_COLUMNS.split(", "))
+            + " WHERE subscriptions.owner = excluded.owner",
             (row.name, row.owner, row.description, list(row.programs), list(row.event_types), row.position,
-             row.created_us, row.last_ack_us)).rowcount)
+             row.created_us, row.last_ack_us, *(row.webhook or (None,) * 18))).rowcount)
+
+    def set_webhook(self, name, webhook):
+        self._write(f"UPDATE subscriptions SET {', '.join(c + ' = %s' for c in WEBHOOK_COLUMNS.split(', '))}"
+                    " WHERE name = %s", (*(webhook or (None,) * 18), name))
 
     def acknowledge(self, name, position, when):
         self._write("UPDATE subscriptions SET position = %s, last_ack_us = %s WHERE name = %s",

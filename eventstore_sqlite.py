@@ -21,7 +21,7 @@ import itertools
 from eventstore_storage import (EVENT_COLUMNS, SCHEMA_VERSION, Backups, Change, CommitWatch, EventRow, EventState,
                                 EventKey, FeedBacklog, Failure, KeyInfo, KeyRow, LiveEvent, ProgramRow, Reads,
                                 SchemaRow, Session, Storage, StorageOpenError, SubscriptionRow, SweepRow, Transaction,
-                                TypeRules, TypeState, UserRow, data_path, event_row)
+                                TypeRules, TypeState, UserRow, WEBHOOK_COLUMNS, data_path, event_row, webhook_of)
 
 SCHEMA_PATH = data_path("schema.sql")
 
@@ -118,11 +118,13 @@ def busy_error():
     return error
 
 
-def connect(db_path, busy_timeout_ms=5000):
+def connect(db_path, busy_timeout_ms=5000, check_same_thread=True):
     """A connection with the durability settings every eventstore connection uses:
     WAL, synchronous=FULL (a commit is fsynced before it returns), secure_delete
-    (erased data is overwritten in the file, not just unlinked)."""
-    conn = sqlite3.connect(db_path, isolation_level=None, timeout=busy_timeout_ms / 1000, factory=Connection)
+    (erased data is overwritten in the file, not just unlinked). ``check_same_thread``
+    False: one thread at a time may use it, not only the one that opened it."""
+    conn = sqlite3.connect(db_path, isolation_level=None, timeout=busy_timeout_ms / 1000, factory=Connection,
+                           check_same_thread=check_same_thread)
     conn.busy_timeout = busy_timeout_ms / 1000
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
     conn.execute("PRAGMA journal_mode = WAL")
@@ -213,6 +215,12 @@ def _upgrade_statements(conn, version):
     for column in ("schema_version", "retain_days"):  # a version-2 event_types table
         if columns and column not in columns:
             yield f"ALTER TABLE event_types ADD COLUMN {column} INTEGER"
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(subscriptions)")}
+    if columns:  # a version-4 subscriptions table: its webhook's columns
+        for column in WEBHOOK_COLUMNS.split(", "):
+            if column not in columns:
+                kind = "TEXT" if column.endswith(("url", "state", "secret", "error", "reason")) else "INTEGER"
+                yield f"ALTER TABLE subscriptions ADD COLUMN {column} {kind}"
     yield from _statements(SCHEMA_PATH.read_text(encoding="utf-8"))
     if version < 2:  # counts of the events written before the triggers kept them
         yield "DELETE FROM event_type_counts"
@@ -250,14 +258,15 @@ def _event_row(cursor, row):
     return EventRow._make(row)
 
 
-SUBSCRIPTION_COLUMNS = "name, owner, description, programs, event_types, position, created_us, last_ack_us"
+SUBSCRIPTION_COLUMNS = ("name, owner, description, programs, event_types, position, created_us, last_ack_us, "
+                        + WEBHOOK_COLUMNS)
 
 
 def _subscription(row):
     """A subscriptions row -> SubscriptionRow (its filter lists are JSON arrays)."""
-    name, owner, description, programs, event_types, position, created_us, last_ack_us = row
+    name, owner, description, programs, event_types, position, created_us, last_ack_us = row[:8]
     return SubscriptionRow(name, owner, description, tuple(json.loads(programs)), tuple(json.loads(event_types)),
-                           position, created_us, last_ack_us)
+                           position, created_us, last_ack_us, webhook_of(row[8:]))
 
 
 MERGE_ALWAYS = 4        # this many index ranges or fewer: always merge them
@@ -562,6 +571,10 @@ class SQLiteReads(Reads):
         return [_subscription(row) for row in self.conn.execute(
             f"SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions{where} ORDER BY name", params)]
 
+    def webhook_subscriptions(self):
+        return [_subscription(row) for row in self.conn.execute(
+            f"SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE webhook_url IS NOT NULL ORDER BY name")]
+
     def answers(self):
         """Raises sqlite3.Error unless the database answers a query."""
         self.conn.execute("SELECT 1 FROM programs LIMIT 1").fetchall()
@@ -791,11 +804,18 @@ class SQLiteTransaction(SQLiteReads, Transaction):
 
     def put_subscription(self, row):
         return bool(self.conn.execute(
-            f"INSERT INTO subscriptions ({SUBSCRIPTION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+            f"INSERT INTO subscriptions ({SUBSCRIPTION_COLUMNS}) VALUES ({', '.join('?' * 26)})"
             " ON CONFLICT (name) DO UPDATE SET description = excluded.description, programs = excluded.programs,"
-            " event_types = excluded.event_types, position = excluded.position WHERE owner = excluded.owner",
+            " event_types = excluded.event_types, position = excluded.position, "
+            + ", ".join(f"{column} = excluded.{column}" for column in WEBHOOK_COLUMNS.split(", "))
+            + " WHERE owner = excluded.owner",
             (row.name, row.owner, row.description, json.dumps(list(row.programs)),
-             json.dumps(list(row.event_types)), row.position, row.created_us, row.last_ack_us)).rowcount)
+             json.dumps(list(row.event_types)), row.position, row.created_us, row.last_ack_us,
+             *(row.webhook or (None,) * 18))).rowcount)
+
+    def set_webhook(self, name, webhook):
+        self.conn.execute(f"UPDATE subscriptions SET {', '.join(c + ' = ?' for c in WEBHOOK_COLUMNS.split(', '))}"
+                          " WHERE name = ?", (*(webhook or (None,) * 18), name))
 
     def acknowledge(self, name, position, when):
         self.conn.execute("UPDATE subscriptions SET position = ?, last_ack_us = ? WHERE name = ?",
@@ -864,7 +884,8 @@ class SQLiteStorage(Storage, Backups):
         return self.path
 
     def session(self):
-        conn = connect(self.path, self.busy_timeout_ms)
+        # Handed between threads (the webhook deliverer's pool), never used by two at once.
+        conn = connect(self.path, self.busy_timeout_ms, check_same_thread=False)
         conn.writer_lock = self.writer_lock
         return SQLiteSession(conn, self)
 

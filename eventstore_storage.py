@@ -6,17 +6,18 @@ eventstore_pg.py; neither imports the app.
     storage.backend                 "sqlite" or "postgresql"
     storage.reads()                 a Reads for this thread (autocommit reads)
     storage.session()               a Session: its own connection, for the writer
-                                    thread and the command line
+                                    thread, the command line and the engines (one
+                                    thread at a time, not always the same one)
     session.transaction(now, seqs)  with ... as tx: a durable write Transaction
     storage.watch_commits()         a CommitWatch: other processes' commits
     storage.errors                  the exceptions its operations raise
     storage.failure(exc)            the kind of failure one of them is (Failure), or None
     storage.retryable(exc)          whether a transaction that raised it may run again
 
-What crosses the seam: EventInput, FeedQuery and SubscriptionRow go down (a
-write, a feed page, a subscription); KeyRow, EventState, EventRow, ProgramRow,
-UserRow, KeyInfo, Change, TypeState, SchemaRow, LiveEvent, EventKey, SweepRow,
-SubscriptionRow and FeedBacklog come up.
+What crosses the seam: EventInput, FeedQuery and SubscriptionRow (with its
+WebhookRow) go down (a write, a feed page, a subscription); KeyRow, EventState,
+EventRow, ProgramRow, UserRow, KeyInfo, Change, TypeState, SchemaRow, LiveEvent,
+EventKey, SweepRow, SubscriptionRow and FeedBacklog come up.
 Opening a storage raises StorageOpenError, whatever the backend. A backend that
 can copy itself consistently while in use (SQLite) is also a Backups.
 """
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 def now_us():
@@ -169,9 +170,46 @@ class KeyInfo(NamedTuple):
     revoked_us: int | None
 
 
+class WebhookRow(NamedTuple):
+    """A subscription's webhook as stored (docs/API.md §11; schema.sql says what each
+    field holds): what it delivers to, its secrets, its state, and where its
+    deliveries stand (the batch in flight, the failures, the next attempt)."""
+
+    url: str
+    max_events: int
+    timeout_seconds: int
+    state: str                   # "Active", "Paused" or "Disabled"
+    secret: str                  # whsec_...: the current signing secret
+    old_secret: str | None       # the one before it, signing too until old_secret_until_us
+    old_secret_until_us: int | None
+    restarts: int                # Rewinds and restarts: webhook-id's _r{n}
+    last_attempt_us: int | None
+    last_status: int | None
+    last_error: str | None
+    failures: int                # consecutive, since the last 2xx
+    next_attempt_us: int | None
+    failing_since_us: int | None
+    disabled_reason: str | None
+    batch_first: int | None      # the batch in flight: its first and last Sequence,
+    batch_last: int | None
+    batch_first_attempt_us: int | None  # and when it was first sent
+
+
+WEBHOOK_COLUMNS = ", ".join("webhook_" + name for name in (
+    "url", "max_events", "timeout", "state", "secret", "old_secret", "old_secret_until_us", "restarts",
+    "last_attempt_us", "last_status", "last_error", "failures", "next_attempt_us", "failing_since_us",
+    "disabled_reason", "batch_first", "batch_last", "batch_first_attempt_us"))
+
+
+def webhook_of(columns):
+    """WEBHOOK_COLUMNS' values -> a WebhookRow, or None when there is no webhook."""
+    return None if columns[0] is None else WebhookRow._make(columns)
+
+
 class SubscriptionRow(NamedTuple):
     """A subscription as stored (docs/API.md §4a): its filter's lists (empty: every
-    program its owner can read, every type) and the Sequence acknowledged through."""
+    program its owner can read, every type), the Sequence acknowledged through, and
+    its webhook (a WebhookRow, or None)."""
 
     name: str
     owner: str
@@ -181,6 +219,7 @@ class SubscriptionRow(NamedTuple):
     position: int
     created_us: int
     last_ack_us: int | None
+    webhook: WebhookRow | None = None
 
 
 class FeedBacklog(NamedTuple):
@@ -377,6 +416,10 @@ class Reads:
         """[SubscriptionRow] sorted by name in code-point order: every one, or ``owner``'s."""
         raise NotImplementedError
 
+    def webhook_subscriptions(self):
+        """[SubscriptionRow] of every subscription with a webhook, sorted by name."""
+        raise NotImplementedError
+
     def answers(self):
         """Raises one of ``storage.errors`` unless the database answers a query."""
         raise NotImplementedError
@@ -532,13 +575,17 @@ class Transaction(Reads):
         raise NotImplementedError
 
     def put_subscription(self, row):
-        """Create the subscription ``row`` (a SubscriptionRow), or replace the one of
-        its name and owner -> whether it was written (False: another owner's
+        """Create the subscription ``row`` (a SubscriptionRow, its webhook too), or
+        replace the one of its name and owner -> whether it was written (False: another owner's
         subscription of that name committed first, and nothing was written)."""
         raise NotImplementedError
 
     def acknowledge(self, name, position, when):
         """Set a subscription's Position and the time of its last acknowledgement."""
+        raise NotImplementedError
+
+    def set_webhook(self, name, webhook):
+        """Store subscription ``name``'s webhook (a WebhookRow, or None: none)."""
         raise NotImplementedError
 
     def delete_subscription(self, name):

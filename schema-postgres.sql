@@ -190,3 +190,24 @@ CREATE TABLE IF NOT EXISTS subscriptions (
     created_us    bigint NOT NULL,
     last_ack_us   bigint
 );
+
+-- Its webhook (schema version 5; docs/API.md §11 and schema.sql say what each
+-- column holds), all NULL without one; added in place to a version-4 table.
+ALTER TABLE subscriptions ADD COLUMN IF NOT EXISTS webhook_url text;
+ALTER TABLE subscriptions ADD COLUMN IF NOT EXISTS webhook_max_events integer;
+ALTER TABLE subscriptions ADD COLUMN IF NOT EXISTS webhook_timeout integer;
+ALTER TABLE subscriptions ADD COLUMN IF NOT EXISTS webhook_state text;
+ALTER TABLE subscriptions ADD COLUMN IF NOT EXISTS webhook_secret text;
+ALTER TABLE subscriptions ADD COLUMN IF NOT EXISTS webhook_old_secret text;
+ALTER TABLE subscriptions ADD COLUMN IF NOT EXISTS webhook_old_secret_until_us bigint;
+ALTER TABLE subscriptions ADD COLUMN IF NOT EXISTS webhook_restarts integer;
+ALTER TABLE subscriptions ADD COLUMN IF NOT EXISTS webhook_last_attempt_us bigint;
+ALTER TABLE subscriptions ADD COLUMN IF NOT EXISTS webhook_last_status integer;
+ALTER TABLE subscriptions ADD COLUMN IF NOT EXISTS webhook_last_error text;
+ALTER TABLE subscriptions ADD COLUMN IF NOT EXISTS webhook_failures integer;
+ALTER TABLE subscriptions ADD COLUMN IF NOT EXISTS webhook_next_attempt_us bigint;
+ALTER TABLE subscriptions ADD COLUMN IF NOT EXISTS webhook_failing_since_us bigint;
+ALTER TABLE subscriptions ADD COLUMN IF NOT EXISTS webhook_disabled_reason text;
+ALTER TABLE subscriptions ADD COLUMN IF NOT EXISTS webhook_batch_first bigint;
+ALTER TABLE subscriptions ADD COLUMN IF NOT EXISTS webhook_batch_last bigint;
+ALTER TABLE subscriptions ADD COLUMN IF NOT EXISTS webhook_batch_first_attempt_us bigint;

@@ -171,5 +171,32 @@ CREATE TABLE IF NOT EXISTS subscriptions (
     event_types   TEXT NOT NULL DEFAULT '[]',
     position      INTEGER NOT NULL DEFAULT 0,
     created_us    INTEGER NOT NULL,
-    last_ack_us   INTEGER
+    last_ack_us   INTEGER,
+    -- Its webhook (schema version 5; docs/API.md §11), all NULL without one: the
+    -- receiver (url, max_events, timeout), its signing secrets (the current one,
+    -- and the one before it while old_secret_until_us has not passed: the
+    -- registry must sign, so they are kept as they are, not hashed), state
+    -- ('Active', 'Paused', 'Disabled') and why it is not Active, restarts (the
+    -- Rewinds and restarts, webhook-id's _r{n}), the last attempt's outcome, the
+    -- consecutive failures since failing_since_us and the next attempt's time, and
+    -- the batch in flight (first and last Sequence, its first attempt's time), so
+    -- that any process carries a delivery on where another left it.
+    webhook_url                  TEXT,
+    webhook_max_events           INTEGER,
+    webhook_timeout              INTEGER,
+    webhook_state                TEXT,
+    webhook_secret               TEXT,
+    webhook_old_secret           TEXT,
+    webhook_old_secret_until_us  INTEGER,
+    webhook_restarts             INTEGER,
+    webhook_last_attempt_us      INTEGER,
+    webhook_last_status          INTEGER,
+    webhook_last_error           TEXT,
+    webhook_failures             INTEGER,
+    webhook_next_attempt_us      INTEGER,
+    webhook_failing_since_us     INTEGER,
+    webhook_disabled_reason      TEXT,
+    webhook_batch_first          INTEGER,
+    webhook_batch_last           INTEGER,
+    webhook_batch_first_attempt_us INTEGER
 ) WITHOUT ROWID;

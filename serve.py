@@ -113,6 +113,15 @@ def build_parser():
     parser.add_argument("--log-format", choices=("text", "json"), default="text",
                         help="text lines, or one JSON object per line (the access log and every other message; "
                              "default: %(default)s)")
+    parser.add_argument("--webhook-allow-host", dest="webhook_allow_hosts", action="append", default=[],
+                        metavar="HOST", help="a host any user may point a webhook at (others: SYSTEM users only), "
+                                             "also over http://; compared as written, no DNS (repeatable)")
+    parser.add_argument("--webhook-max-backoff", type=at_least(1, int), default=3600, metavar="SECONDS",
+                        help="the longest wait between a failing webhook's attempts (default: %(default)s)")
+    parser.add_argument("--webhook-pause-after", type=at_least(1, int), default=259200, metavar="SECONDS",
+                        help="pause a webhook that has had no 2xx answer this long (default: %(default)s, 3 days)")
+    parser.add_argument("--no-webhook-delivery", dest="webhook_delivery", action="store_false",
+                        help="deliver no webhooks from this server (python eventstore.py deliver does, apart)")
     parser.add_argument("--processes", type=at_least(1, int), default=None, metavar="N",
                         help="worker processes on the one port (default: one per available CPU, "
                              f"here {default_processes()})")
@@ -321,7 +330,11 @@ def serve_one(args, announce_it):
         app = eventstore.make_app(storage, max_body_bytes=args.max_body, max_waiting=max_waiting,
                                   max_auth_failures=args.max_auth_failures,
                                   retention_interval=args.retention_interval, metrics=args.metrics,
-                                  metrics_public=args.metrics_public)
+                                  metrics_public=args.metrics_public,
+                                  webhook_allow_hosts=args.webhook_allow_hosts,
+                                  webhook_max_backoff=args.webhook_max_backoff,
+                                  webhook_pause_after=args.webhook_pause_after,
+                                  webhook_delivery=args.webhook_delivery)
     except (StorageOpenError, OSError) as exc:
         return cannot_open(args.db, exc)
     access_log = AccessLog(app, json_lines=args.log_format == "json") if args.access_log else None
@@ -332,7 +345,7 @@ def serve_one(args, announce_it):
         return cannot_listen(args.host, args.port, exc)
     if announce_it:
         announce(app.storage, args.host, server.effective_port, admin_key)
-    app.start()  # the engines (the retention sweeper), before the first request
+    app.start()  # the engines (the retention sweeper, the webhook deliverer), before the first request
     try:
         run_until_stopped(server, app)
     finally:
@@ -403,6 +416,8 @@ def run_until_stopped(server, app=None, grace=10.0):
             listener.socket.close()
     if app is not None and hasattr(app, "end_long_polls"):
         app.end_long_polls()
+    if app is not None and hasattr(app, "begin_stop"):
+        app.begin_stop()  # no new webhook deliveries; those in flight end within seconds
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and not idle(server):
         loop(timeout=0.05, map=server._map, use_poll=True, count=1)

@@ -23,7 +23,8 @@ SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
 
 @pytest.fixture
 def server(db):
-    server = Server(db, "--max-auth-failures", "0")  # the fuzzer sends bad credentials on purpose
+    # --no-webhook-delivery: a webhook the fuzzer makes must never post anywhere
+    server = Server(db, "--max-auth-failures", "0", "--no-webhook-delivery")  # bad credentials on purpose
     server.register("FOO")
     server.reader_key = create_user(db, "reader", {"FOO": "read"})
     yield server

@@ -137,7 +137,7 @@ def test_a_start_from_of_the_wrong_shape_is_a_400_naming_it(admin, start_from, f
     ({"Filter": {"ProgramId": [f"P{n}" for n in range(101)]}}, "Filter/ProgramId"),
     ({"Description": ""}, "Description"), ({"Description": "x" * 2001}, "Description"),
     ({"Description": "bell\u0007"}, "Description"), ({"Description": 5}, "Description"),
-    ({"Webhook": {"Url": "https://example.com/hook"}}, "Webhook"),
+    ({"Webhook": "https://example.com/hook"}, "Webhook"), ({"Webhook": {}}, "Webhook/Url"),
 ])
 def test_bad_subscription_bodies_are_400s_naming_the_field(admin, body, field):
     problem = admin.put_json("/subscriptions/s", body, status=400).json
