@@ -1290,7 +1290,7 @@ def _webhook(value, errors, allow_hosts):
             errors.append(field_error(f"Webhook/{name}", f"expected a whole number from {low} to {high}"))
         numbers.append(number)
     active = value.get("Active")
-    if active is not None and not isinstance(active, bool):
+    if "Active" in value and not isinstance(active, bool):
         errors.append(field_error("Webhook/Active", f"expected true or false, got {_json_type(active)}"))
     return WebhookChange(url, *numbers, active)
 

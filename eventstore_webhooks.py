@@ -450,6 +450,7 @@ class WebhookDeliverer:
         self._watching = False
         self._next_recheck = 0.0
         self._rechecking = False
+        self.errors = []  # what went wrong on this side (the database, a bug), for the tests: the last 20
 
     # --- life ---
 
@@ -602,6 +603,7 @@ class WebhookDeliverer:
                 self.sessions.close_idle()
         except Exception as exc:  # the database is away, say: the next re-check tries again
             log.warning("webhooks: the re-check failed: %r", exc)
+            self.errors = self.errors[-19:] + [exc]
         finally:
             with self._changed:
                 self._rechecking = False
@@ -623,6 +625,7 @@ class WebhookDeliverer:
                 sub.listener.close()
             sub.listener = self.news.listen(row.programs or None, row.event_types, lambda: self._heard(sub))
             sub.filter = wanted
+        self._watch(True)  # other processes' commits too
 
     def _forget(self, sub):
         """(Under the lock.) The subscription or its webhook is gone."""
@@ -640,6 +643,7 @@ class WebhookDeliverer:
             retry_in = self._deliver(sub)
         except Exception as exc:  # the database is away, say: try again in a while
             log.warning("webhook %s: delivery failed: %r; trying again in %g s", sub.name, exc, self.recheck_seconds)
+            self.errors = self.errors[-19:] + [exc]
             retry_in = self.recheck_seconds
         finally:
             if sub.lease.held:

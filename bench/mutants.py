@@ -497,6 +497,57 @@ MUTANTS = [
     ("pip install: the console not shipped", "pyproject.toml", [
         ('"console" = "eventstore_data/console"\n', ""),
     ], ["tests/test_install.py"]),
+    # Issue 32: webhooks.
+    ("webhooks: the Position moved before a 2xx", "eventstore_webhooks.py", [
+        ("            if answer.ok:\n                tx.acknowledge(row.name, batch.last, tx.now)",
+         "            tx.acknowledge(row.name, batch.last, tx.now)"),
+    ], ["tests/test_webhooks.py"]),
+    ("webhooks: the lease not checked when an attempt is recorded", "eventstore_webhooks.py", [
+        ("            sub.lease.check(tx)\n            current = tx.lock_subscription(row.name)\n"
+         "            if not same_delivery(current, row):\n                return False",
+         "            current = tx.lock_subscription(row.name)\n"
+         "            if not same_delivery(current, row):\n                return False"),
+    ], ["tests/test_webhooks.py"]),
+    ("webhooks: the signature over the wrong bytes", "eventstore_webhooks.py", [
+        ('f"{msg_id}.{timestamp}.".encode("utf-8") + body', 'f"{msg_id}.{timestamp}".encode("utf-8") + body'),
+    ], ["tests/test_webhooks.py"]),
+    ("webhooks: back-off without a cap", "eventstore_webhooks.py", [
+        ("    return min(rng.uniform(base, 1.5 * base), cap)", "    return rng.uniform(base, 1.5 * base)"),
+        ("    return failed._replace(next_attempt_us=now + int(min(wait, max_backoff) * 1_000_000))",
+         "    return failed._replace(next_attempt_us=now + int(wait * 1_000_000))"),
+    ], ["tests/test_webhooks.py"]),
+    ("webhooks: a 410 retried", "eventstore_webhooks.py", [
+        ("    if answer.status == 410:\n", "    if False:\n"),
+    ], ["tests/test_webhooks.py"]),
+    ("webhooks: a commit does not wake the deliverer (only the re-check does)", "eventstore_webhooks.py", [
+        ("row.event_types, lambda: self._heard(sub))", "row.event_types, lambda: None)"),
+    ], ["tests/test_webhooks.py"]),
+    ("webhooks: other processes' commits are not watched for the deliverer", "eventstore_news.py", [
+        ("            self._watching += 1\n            self._start_watcher()", "            self._watching += 1"),
+    ], ["tests/test_webhooks.py"]),
+    ("webhooks: a redirect followed", "eventstore_webhooks.py", [
+        ("        if 200 <= status < 300:\n",
+         "        if 300 <= status < 400 and response.getheader(\"Location\"):\n"
+         "            conn.close()\n"
+         "            return post(response.getheader(\"Location\"), headers, body, attempt, tls_context)\n"
+         "        if 200 <= status < 300:\n"),
+    ], ["tests/test_webhooks.py"]),
+    ("webhooks: a URL's host looked up (DNS) to decide loopback", "eventstore_webhooks.py", [
+        ('    if host in ("localhost", "::1"):\n        return True\n',
+         '    if host in ("localhost", "::1"):\n        return True\n'
+         "    with contextlib.suppress(OSError):\n"
+         "        host = socket.getaddrinfo(host, None)[0][4][0]\n"),
+    ], ["tests/test_webhooks.py"]),
+    ("webhooks: the answer read whole", "eventstore_webhooks.py", [
+        ("            response.read(MAX_ANSWER_BYTES)", "            response.read()"),
+    ], ["tests/test_webhooks.py"]),
+    ("webhooks: a secret in the representation", "eventstore.py", [
+        ('            "DisabledReason": webhook.disabled_reason}', '            "DisabledReason": webhook.disabled_reason, '
+         '"Secret": webhook.secret}'),
+    ], ["tests/test_webhooks.py"]),
+    ("webhooks: ack without Rewind taken on a webhook subscription", "eventstore.py", [
+        ("    if webhook is not None and not rewind:\n", "    if False:\n"),
+    ], ["tests/test_webhooks.py"]),
 ]
 
 

@@ -83,7 +83,7 @@ def test_openapi_document_describes_every_route(registry):
               ("DELETE", "/event-types/{EventType}"), ("GET", "/event-types/{EventType}/schemas/{SchemaVersion}"),
               ("GET", "/subscriptions"), ("PUT", "/subscriptions/{Name}"), ("GET", "/subscriptions/{Name}"),
               ("DELETE", "/subscriptions/{Name}"), ("GET", "/subscriptions/{Name}/events"),
-              ("POST", "/subscriptions/{Name}/ack")}
+              ("POST", "/subscriptions/{Name}/ack"), ("POST", "/subscriptions/{Name}/secret")}
     assert routed <= described
     assert len(routed) == len(eventstore.ROUTES)
 
