@@ -886,3 +886,30 @@ def test_a_commit_wakes_the_deliverer_in_this_process_and_from_another(db, recei
     finally:
         other.close()
         registry.close()
+
+
+def test_each_attempt_counts_in_metrics_by_outcome(hooks):
+    answers = iter([503, 200, 200])
+    receiver = Receiver(lambda delivery, n: next(answers))
+    try:
+        admin = hooks.client("admin")
+        publish(admin, 1)
+        subscribe(admin, "lms", receiver.url)
+        eventually(lambda: state(admin, "lms")["Behind"] == 0, "delivered after a 503")
+        page = admin.get("/metrics").text
+        assert 'eventstore_webhook_deliveries_total{subscription="lms",outcome="http_error"} 1' in page
+        assert 'eventstore_webhook_deliveries_total{subscription="lms",outcome="ok"} 1' in page
+    finally:
+        receiver.close()
+
+
+def test_serve_py_takes_the_webhook_options_from_flags_and_the_environment():
+    import serve
+    args = serve.parse_args([], {"EVENTSTORE_WEBHOOK_ALLOW_HOST": "a.example, b.example",
+                                 "EVENTSTORE_WEBHOOK_MAX_BACKOFF": "5", "EVENTSTORE_NO_WEBHOOK_DELIVERY": "1"})
+    assert (args.webhook_allow_hosts, args.webhook_max_backoff, args.webhook_pause_after, args.webhook_delivery) == (
+        ["a.example", "b.example"], 5, 259200, False)
+    args = serve.parse_args(["--webhook-allow-host", "c.example", "--webhook-pause-after", "60"], {})
+    assert (args.webhook_allow_hosts, args.webhook_pause_after, args.webhook_delivery) == (["c.example"], 60, True)
+    with pytest.raises(SystemExit):
+        serve.parse_args(["--webhook-max-backoff", "0"], {})
