@@ -64,6 +64,7 @@ MAX_EVENTS = (1, 1000, 100)      # a webhook's MaxEvents: lowest, highest, defau
 TIMEOUT_SECONDS = (1, 60, 10)    # its TimeoutSeconds: lowest, highest, default
 MAX_URL = 2000
 MAX_ANSWER_BYTES = 64 * 1024     # of a receiver's answer body, read at most (then the connection closes)
+MAX_BATCH_BYTES = 4 << 20        # a delivery's body stops growing past this (at least one change goes)
 LEASE_SECONDS = 15               # a subscription's lease: a dead holder's passes on within this and a re-check
 RECHECK_SECONDS = 5.0            # the slow safety re-check
 MAX_IN_FLIGHT = 32               # deliveries in flight at once per process
@@ -416,6 +417,7 @@ class _Subscription:
         self.quiet_until = 0.0   # commits do not make it due before this (another holds it; a retry's time)
         self.running = False     # its thread runs
         self.again = False       # something happened while it ran: run again
+        self.poked = False       # ... and it was a change of the subscription: at once, whatever the schedule
         self.attempt = None      # the _Attempt in flight
         self.renewing = False
         self.cached = None       # (key, Batch): the batch in flight, for retries byte for byte
@@ -512,6 +514,7 @@ class WebhookDeliverer:
         """(Under the lock.) Run ``sub``'s thread now (again after it ends, if it runs)."""
         if sub.running:
             sub.again = True
+            sub.poked = sub.poked or not news
         elif not news or (sub.active and now >= sub.quiet_until):
             sub.due = now
         self._changed.notify_all()
@@ -657,8 +660,10 @@ class WebhookDeliverer:
                     sub.quiet_until = now + retry_in
                     sub.due = sub.quiet_until
                 if sub.again and not self._stopping:
-                    sub.again = False
-                    self._make_due(sub, now)
+                    if sub.poked:
+                        sub.quiet_until = 0.0
+                    self._make_due(sub, now, news=not sub.poked)
+                    sub.again = sub.poked = False
                 if sub.listener is None and sub.name in self._subs and sub.filter is None:
                     self._subs.pop(sub.name, None)  # forgotten while it ran
                 self._changed.notify_all()
@@ -745,9 +750,16 @@ class WebhookDeliverer:
             return None
         first, last, first_attempt_us, rows = found
         first_attempt_us = first_attempt_us or self.clock()
-        body = delivery_body(row.name, map(self.render, rows), last, self.format_time(first_attempt_us))
+        events, size = [], 0
+        for event in rows:  # bounded in bytes too: a thousand large events would not fit in memory
+            events.append(self.render(event))
+            size += len(events[-1])
+            if size > MAX_BATCH_BYTES:
+                last = event.seq  # its Through is then the last change it holds
+                break
+        body = delivery_body(row.name, events, last, self.format_time(first_attempt_us))
         batch = Batch(first, last, first_attempt_us, delivery_id(row.name, first, last, webhook.restarts), body,
-                      len(rows))
+                      len(events))
         sub.cached = ((first, last, first_attempt_us, webhook.restarts, row.position, row.programs,
                        row.event_types), batch)
         return batch
@@ -764,6 +776,8 @@ class WebhookDeliverer:
         attempt = _Attempt(webhook.timeout_seconds, sub.lease, lambda: self._stop_by)
         with self._changed:
             sub.attempt = attempt
+        if self.tls_context is None and webhook.url[:6].lower() == "https:":
+            self.tls_context = ssl.create_default_context()  # once: it loads the system's certificates
         try:
             answer = post(webhook.url, headers, batch.body, attempt, self.tls_context)
         finally:

@@ -37,6 +37,11 @@ Issue 31 (bench/subscriptions.py, printed after issue 33's):
  19. reading a subscription's page / reading GET /events with the same filter
 Issue 34 (bench/metrics.py, printed after issue 31's): GET with metrics / without
 (--no-metrics), and a scrape's time at 1 and 2 processes and over issue 31's database.
+Issue 32 (bench/webhooks.py, printed after issue 31's):
+ 20. commit-to-receipt latency of a webhook delivery, p50/p99 ms, at 1 process (target p99
+     at most 500 ms) and at 2
+ 21. deliveries of a backlog, events/s, with MaxEvents 1 and 100 / the feed's own read
+     through Next at the same limit
 Issue 11 (bench/postgres.py, printed last): PostgreSQL against SQLite, P1-P7.
 Issue 4:
   export and import events/s / raw sqlite3 read and executemany of the same rows,
@@ -71,6 +76,7 @@ import metrics  # noqa: E402  (bench/metrics.py)
 import postgres  # noqa: E402  (bench/postgres.py)
 import schemas  # noqa: E402  (bench/schemas.py)
 import subscriptions  # noqa: E402  (bench/subscriptions.py)
+import webhooks  # noqa: E402  (bench/webhooks.py)
 
 TARGETS = {  # figure -> (lowest acceptable ratio, or highest for RSS growth)
     "1. PUT vs baseline app": (">=", 0.5),
@@ -403,6 +409,7 @@ def main():
     event_types.main(options.events, options.seconds)
     schemas.main(min(options.events, 100_000), options.seconds)
     subscriptions.main(options.events, options.seconds)
+    webhooks.main()
     metrics.main(options.seconds, options.events)
     postgres.main(options.events, options.seconds)  # last: it starts a PostgreSQL cluster of its own
 

@@ -913,3 +913,54 @@ def test_serve_py_takes_the_webhook_options_from_flags_and_the_environment():
     assert (args.webhook_allow_hosts, args.webhook_pause_after, args.webhook_delivery) == (["c.example"], 60, True)
     with pytest.raises(SystemExit):
         serve.parse_args(["--webhook-max-backoff", "0"], {})
+
+
+def test_a_delivery_holds_at_most_a_few_mib_whatever_maxevents_says(hooks, receiver):
+    admin = hooks.client("admin")
+    for n in range(10):  # 10 events of 600 KB: 6 MB in all, past the bound of one body
+        admin.put_json(f"/events/FOO-{n}", event_body(EventData={"n": n, "pad": "x" * 600_000}))
+    subscribe(admin, "lms", receiver.url, MaxEvents=1000)
+    eventually(lambda: state(admin, "lms")["Behind"] == 0, "delivered")
+    assert [e["EventId"] for d in receiver.accepted() for e in d.events] == [f"FOO-{n}" for n in range(10)]
+    assert len(receiver.accepted()) >= 2
+    assert all(len(d.body) <= webhooks.MAX_BATCH_BYTES + 700_000 for d in receiver.accepted())
+    assert all(d.json["data"]["Through"] == d.events[-1]["Sequence"] for d in receiver.accepted())
+
+
+def test_allowed_hosts_are_compared_as_written_localhost_is_not_127_0_0_1(db, no_network):
+    registry = Registry(db, webhook_delivery=False, webhook_allow_hosts=["127.0.0.1"])
+    try:
+        writer = registry.client("writer")
+        writer.put_json("/subscriptions/a", {"Webhook": {"Url": "http://127.0.0.1:9/h", "Active": False}}, status=201)
+        writer.put_json("/subscriptions/b", {"Webhook": {"Url": "http://localhost:9/h"}}, status=403)
+        writer.put_json("/subscriptions/c", {"Webhook": {"Url": "http://127.0.0.2:9/h"}}, status=403)
+    finally:
+        registry.close()
+
+
+@pytest.mark.parametrize("option", ["webhook_max_backoff", "webhook_pause_after"])
+def test_make_app_takes_whole_seconds(tmp_path, option):
+    for bad in (0, 1.5, True, "60"):
+        with pytest.raises(ValueError):
+            eventstore.make_app(tmp_path / "x.db", **{option: bad})
+
+
+def test_a_webhook_is_given_whole_and_a_new_filter_ends_the_batch_in_progress(hooks):
+    healthy = threading.Event()
+    receiver = Receiver(lambda delivery, n: 200 if healthy.is_set() else 503)
+    try:
+        admin = hooks.client("admin")
+        publish(admin, 1)
+        bar = publish(admin, 2, program="BAR")
+        subscribe(admin, "lms", receiver.url, MaxEvents=7)
+        eventually(lambda: state(admin, "lms")["Webhook"]["ConsecutiveFailures"] >= 1, "a batch in flight, failing")
+        assert len(receiver.deliveries[0].events) == 2
+        changed = admin.put_json("/subscriptions/lms", {"Filter": {"ProgramId": ["BAR"]},
+                                                        "Webhook": {"Url": receiver.url}}).json
+        assert changed["Webhook"]["MaxEvents"] == 100 and changed["Webhook"]["ConsecutiveFailures"] >= 1  # kept
+        healthy.set()
+        eventually(lambda: receiver.accepted(), "delivered")
+        assert [e["Sequence"] for e in receiver.accepted()[0].events] == bar  # a new batch, of the new filter
+        assert receiver.accepted()[0].headers["webhook-id"] == f"lms_{bar[0]}_{bar[0]}"
+    finally:
+        receiver.close()
