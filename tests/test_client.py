@@ -34,7 +34,7 @@ def admin_client(server, **options):
     return Client(f"http://127.0.0.1:{server.port}", "admin", server.admin_key, **options)
 
 
-def requests_logged(server, method, path_prefix, at_least=0, timeout=5):
+def requests_logged(server, method, path_prefix, at_least=0, timeout=30):
     """How many requests the server's access log shows for this method and path,
     once it shows ``at_least`` (a line is written after its answer is sent)."""
     deadline = time.monotonic() + timeout
