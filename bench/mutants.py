@@ -445,8 +445,8 @@ MUTANTS = [
         ('    if path is None or not hasattr(fcntl, "F_OFD_SETLK"):', "    if True:"),
     ], ["tests/test_metrics.py"]),
     ("metrics: new series added without the process's lock", "eventstore_metrics.py", [
-        ("    def _add(self, family, values, amount=1.0):\n        with self._lock:",
-         "    def _add(self, family, values, amount=1.0):\n        if True:"),
+        ("        if found is _MISSING:\n            with self._lock:\n                found = self._indexes(family, values)",
+         "        if found is _MISSING:\n            found = self._indexes(family, values)"),
     ], ["tests/test_metrics.py"]),
     ("metrics: a region's blocks not allocated when it is taken (SIGBUS on a full disk)", "eventstore_metrics.py", [
         ("                    os.posix_fallocate(self._fd, self._start(self.region), self.REGION)", "                    pass"),
