@@ -162,6 +162,8 @@ def test_the_console_in_a_real_browser(served, tmp_path):
     admin = {"user": "admin", "key": key}
     assert served.request("PUT", "/events/BAR-early", event_body("BAR", EventType="Enrolled"), **admin)[0] == 200
     assert served.request("PUT", "/subscriptions/nightly", {"Filter": {"ProgramId": ["FOO"]}}, **admin)[0] == 201
+    hooked = {"Filter": {"ProgramId": ["FOO"]}, "Webhook": {"Url": "http://127.0.0.1:9/nobody-listens"}}
+    assert served.request("PUT", "/subscriptions/hooked", hooked, **admin)[0] == 201
     profile = tmp_path / "profile"
     driver = start_browser(profile)
     try:
@@ -214,6 +216,10 @@ def test_the_console_in_a_real_browser(served, tmp_path):
             By.CSS_SELECTOR, '#subscriptions tr[data-subscription="nightly"] td.behind').text == "2" and
             d.find_element(By.CSS_SELECTOR, '#subscriptions tr[data-subscription="nightly"]'), "the subscription's lag")
         assert lag.text.split()[:3] == ["nightly", "admin", "0"] and "read by its consumer" in lag.text
+        hook = wait(driver, 20, lambda d: d.find_element(
+            By.CSS_SELECTOR, '#subscriptions tr[data-subscription="hooked"] td.error').text and d.find_element(
+            By.CSS_SELECTOR, '#subscriptions tr[data-subscription="hooked"]'), "the webhook's last delivery error")
+        assert "Active" in hook.text
 
         # A filter: the tail starts again with only that program.
         driver.find_element(By.ID, "filter-program").send_keys("BAR")
