@@ -98,11 +98,14 @@ def start_browser(profile):
 
 
 def wait(driver, seconds, condition, what):
-    """A bounded wait for ``condition(driver)`` (a value, or false to go on waiting)."""
-    from selenium.common.exceptions import TimeoutException
+    """A bounded wait for ``condition(driver)`` (a value, or false to go on waiting);
+    an element the page has just drawn anew (the lists are redrawn as they refresh)
+    is looked for again."""
+    from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
     try:
-        return WebDriverWait(driver, seconds, poll_frequency=0.05).until(condition)
+        return WebDriverWait(driver, seconds, poll_frequency=0.05,
+                             ignored_exceptions=[StaleElementReferenceException]).until(condition)
     except TimeoutException:
         pytest.fail(f"not within {seconds} s: {what}")
 
@@ -189,13 +192,14 @@ def test_the_console_in_a_real_browser(served, tmp_path):
         assert json.loads(shown) == served.request("GET", "/events/FOO-live-1", **admin)[2]
         assert not driver.find_elements(By.CSS_SELECTOR, '#tail li[data-event-id="BAR-early"]')  # from now on
 
-        # The type chart has its bar, as long as its count says.
-        bar = wait(driver, 10, css('.type[data-type="CourseCompleted"] .bar-row[data-program="FOO"][data-events="1"]'),
-                   "the type chart's bar for FOO")
-        assert bar.find_element(By.CLASS_NAME, "bar-count").text == "1"
-        assert bar.find_element(By.CLASS_NAME, "bar").size["width"] > 0
-        other = driver.find_element(By.CSS_SELECTOR, '.type[data-type="Enrolled"] .bar-row[data-program="BAR"]')
-        assert other.find_element(By.CLASS_NAME, "bar").size["width"] > 0
+        # The type chart has its bar, as long as its count says (read at once: the chart is redrawn).
+        bars = wait(driver, 10, lambda d: d.execute_script("""
+            const row = document.querySelector('.type[data-type="CourseCompleted"] .bar-row[data-program="FOO"]');
+            const other = document.querySelector('.type[data-type="Enrolled"] .bar-row[data-program="BAR"]');
+            return row && other && [row.querySelector('.bar-count').textContent,
+                row.querySelector('.bar').getBoundingClientRect().width,
+                other.querySelector('.bar').getBoundingClientRect().width];"""), "the type chart's bars")
+        assert bars[0] == "1" and bars[1] > 0 and bars[2] > 0
 
         # Markup in the data is shown as its characters and runs nothing.
         marked = event_body("FOO", ProgramMemberId=MARKUP_MEMBER, EventData=MARKUP_DATA)
@@ -212,14 +216,15 @@ def test_the_console_in_a_real_browser(served, tmp_path):
         assert driver.find_elements(By.CSS_SELECTOR, "main img, main script") == []
 
         # The subscription's lag: FOO's two events wait for it.
-        lag = wait(driver, 10, lambda d: d.find_element(
-            By.CSS_SELECTOR, '#subscriptions tr[data-subscription="nightly"] td.behind').text == "2" and
-            d.find_element(By.CSS_SELECTOR, '#subscriptions tr[data-subscription="nightly"]'), "the subscription's lag")
-        assert lag.text.split()[:3] == ["nightly", "admin", "0"] and "read by its consumer" in lag.text
-        hook = wait(driver, 20, lambda d: d.find_element(
-            By.CSS_SELECTOR, '#subscriptions tr[data-subscription="hooked"] td.error').text and d.find_element(
-            By.CSS_SELECTOR, '#subscriptions tr[data-subscription="hooked"]'), "the webhook's last delivery error")
-        assert "Active" in hook.text
+        def row(name, ready):
+            """The cells of a subscription's row once ``ready(cells)``, read at once (the table is redrawn)."""
+            return lambda d: (lambda cells: cells if cells and ready(cells) else None)(d.execute_script(
+                "const row = document.querySelector(`#subscriptions tr[data-subscription='${arguments[0]}']`);"
+                "return row && [...row.cells].map(cell => cell.textContent);", name))
+        lag = wait(driver, 10, row("nightly", lambda cells: cells[3] == "2"), "the subscription's lag")
+        assert lag[:3] == ["nightly", "admin", "0"] and lag[5] == "read by its consumer"
+        hook = wait(driver, 20, row("hooked", lambda cells: cells[6]), "the webhook's last delivery error")
+        assert hook[5] == "Active"
 
         # A filter: the tail starts again with only that program.
         driver.find_element(By.ID, "filter-program").send_keys("BAR")
