@@ -57,7 +57,7 @@ from eventstore_sqlite import SQLiteStorage
 from eventstore_storage import (POSTGRES_SCHEMES, SCHEMA_VERSION, EventInput, FeedBacklog, FeedQuery, StorageOpenError,
                                 SubscriptionRow, TypeRules, data_path, erase_events, now_us, safe_db_name)
 from eventstore_throttle import shared_throttle
-from eventstore_webhooks import (ACTIVE, MAX_EVENTS, PAUSED, TIMEOUT_SECONDS, WebhookDeliverer, ended_batch,
+from eventstore_webhooks import (MAX_EVENTS, PAUSED, TIMEOUT_SECONDS, WebhookDeliverer, ended_batch,
                                  may_set_url, new_secret, new_webhook, restarted, rotated, url_error)
 from eventstore_writer import GroupCommitWriter, Later
 
@@ -489,10 +489,23 @@ def event_type_error(event_type):
 
 # Line feed and tab are the control characters a description may hold.
 DESCRIPTION_CONTROL_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def description_error(value):
+    """What is wrong with a Description (of a type, of a subscription), or None."""
+    message = _text_error(value, 1, 2000)
+    if not message and DESCRIPTION_CONTROL_RE.search(value):
+        message = "must not contain control characters other than line feed and tab"
+    return message
 EVENT_TYPE_FIELDS = ("Description", "Schema", "RetainDays")
 MAX_RETAIN_DAYS = 36500
 MAX_SCHEMA_DEPTH = 64  # a Schema's nesting: checking and compiling it recurse
-ABSENT = object()  # a field the body does not have (null is another thing: it removes)
+class _Absent:
+    def __repr__(self):
+        return "ABSENT"
+
+
+ABSENT = _Absent()  # a field a body leaves out: a change keeps its value (null is another thing: it removes)
 
 
 @dataclass(frozen=True)
@@ -518,12 +531,8 @@ def validate_event_type_body(body):
     description = body.get("Description", ABSENT)
     if description is None:
         description = ABSENT  # a description cannot be removed: null counts as absent
-    if description is not ABSENT:
-        message = _text_error(description, 1, 2000)
-        if not message and DESCRIPTION_CONTROL_RE.search(description):
-            message = "must not contain control characters other than line feed and tab"
-        if message:
-            errors.append(field_error("Description", message))
+    if description is not ABSENT and description_error(description):
+        errors.append(field_error("Description", description_error(description)))
     retain_days = body.get("RetainDays", ABSENT)
     if retain_days not in (ABSENT, None):
         given, retain_days = retain_days, whole_number(retain_days)
@@ -960,8 +969,9 @@ def put_event_later(tx, event, preconditions=None, schemas=None, checked=None):
                           [unregistered_type_error(tx, event.program_id, event.event_type)])
     violations = schema_violations(tx, schemas or SchemaCache(), event, checked)
     if violations:
+        listed = f"the first {MAX_LISTED} are listed" if len(violations) >= MAX_LISTED else "see errors"
         raise bad_request(f"The EventData does not validate against the Schema of {event.event_type!r}; "
-                          "see errors.", violations)
+                          f"{listed}.", violations)
     current = None
     if preconditions:
         current = tx.current(event.event_id)
@@ -1212,21 +1222,13 @@ MAX_BEHIND = 1000  # Behind is counted exactly up to this many changes
 START_FROM_RULE = 'expected "beginning", "now", {"Sequence": n} or {"TimeUTC": "2026-03-01T09:30:00Z"}'
 
 
-class _Keep:
-    def __repr__(self):
-        return "KEEP"
-
-
-KEEP = _Keep()  # a field a PUT leaves out: a change keeps its value
-
-
 class SubscriptionChange(NamedTuple):
-    """A ``PUT /subscriptions/{Name}`` body, validated; KEEP for each field left out."""
+    """A ``PUT /subscriptions/{Name}`` body, validated; ABSENT for each field left out."""
 
     filter: object       # (ProgramIds, EventTypes), each a tuple, empty for every
     start_from: object   # "beginning", "now", ("Sequence", n) or ("TimeUTC", microseconds)
     description: object  # the text, or None (no description)
-    webhook: object = KEEP  # a WebhookChange, or None (no webhook)
+    webhook: object = ABSENT  # a WebhookChange, or None (no webhook)
 
 
 class WebhookChange(NamedTuple):
@@ -1259,10 +1261,10 @@ def validate_subscription_body(body, allow_hosts=()):
     errors = [field_error(name, "unknown field; accepted fields are " + ", ".join(SUBSCRIPTION_FIELDS))
               for name in body if name not in SUBSCRIPTION_FIELDS]
     change = SubscriptionChange(
-        filter=KEEP if "Filter" not in body else _subscription_filter(body["Filter"], errors),
+        filter=ABSENT if "Filter" not in body else _subscription_filter(body["Filter"], errors),
         start_from=_start_from(body.get("StartFrom"), errors),
-        description=KEEP if "Description" not in body else _subscription_description(body["Description"], errors),
-        webhook=KEEP if "Webhook" not in body else _webhook(body["Webhook"], errors, allow_hosts))
+        description=ABSENT if "Description" not in body else _subscription_description(body["Description"], errors),
+        webhook=ABSENT if "Webhook" not in body else _webhook(body["Webhook"], errors, allow_hosts))
     if errors:
         raise bad_request("The subscription is not valid; see errors.", errors)
     return change
@@ -1285,7 +1287,7 @@ def _webhook(value, errors, allow_hosts):
         errors.append(field_error("Webhook/Url", problem))
     numbers = []
     for name, (low, high, default) in (("MaxEvents", MAX_EVENTS), ("TimeoutSeconds", TIMEOUT_SECONDS)):
-        number = _sequence(value.get(name, default))
+        number = whole_number(value.get(name, default))
         if number is None or not low <= number <= high:
             errors.append(field_error(f"Webhook/{name}", f"expected a whole number from {low} to {high}"))
         numbers.append(number)
@@ -1327,7 +1329,7 @@ def _filter_list(name, values, errors, rule):
 
 def _start_from(value, errors):
     if value is None:
-        return KEEP
+        return ABSENT
     if value in ("beginning", "now"):
         return value
     if isinstance(value, dict) and len(value) == 1:
@@ -1336,13 +1338,13 @@ def _start_from(value, errors):
             if _sequence(given) is not None:
                 return form, _sequence(given)
             errors.append(field_error("StartFrom/Sequence", f"expected a whole number from 0 to {MAX_SEQUENCE}"))
-            return KEEP
+            return ABSENT
         if form == "TimeUTC":
             moment = _parse_field_datetime("StartFrom/TimeUTC", given, lambda name, message: errors.append(
                 field_error(name, message)))
-            return KEEP if moment is None else (form, moment)
+            return ABSENT if moment is None else (form, moment)
     errors.append(field_error("StartFrom", START_FROM_RULE))
-    return KEEP
+    return ABSENT
 
 
 def _sequence(value):
@@ -1352,13 +1354,8 @@ def _sequence(value):
 
 
 def _subscription_description(value, errors):
-    if value is None:
-        return None
-    message = _text_error(value, 1, 2000)
-    if not message and DESCRIPTION_CONTROL_RE.search(value):
-        message = "must not contain control characters other than line feed and tab"
-    if message:
-        errors.append(field_error("Description", message))
+    if value is not None and description_error(value):
+        errors.append(field_error("Description", description_error(value)))
     return value
 
 
@@ -1407,8 +1404,12 @@ def visible_subscription(reads, user, name):
     another user's (the same answer: nothing tells them apart)."""
     row = reads.find_subscription(name)
     if row is None or not subscription_visible(user, row):
-        raise Problem(404, f"There is no subscription {name!r}.")
+        raise no_such_subscription(name)
     return row
+
+
+def no_such_subscription(name):
+    return Problem(404, f"There is no subscription {name!r}.")
 
 
 def principal_of(reads, user_id):
@@ -1417,18 +1418,24 @@ def principal_of(reads, user_id):
     return Principal(user.user_id, user.is_system, dict(user.grants))
 
 
+def readable_by_owner(owner, row):
+    """-> (the programs of the subscription its ``owner`` can read now: the
+    filter's, or with none named every program it can read, None: all, for
+    SYSTEM; those the filter names that it can no longer read)."""
+    if not row.programs:
+        return readable_programs(owner), []
+    denied = [program_id for program_id in row.programs if not owner.may("read", program_id)]
+    return [program_id for program_id in row.programs if program_id not in denied], denied
+
+
 def subscription_programs(owner, row):
-    """The programs a read of the subscription reads, by its ``owner``'s grants of
-    the moment: the filter's, or with none named every program the owner can
-    read (None: all, for SYSTEM). Problem 403 when the filter names one the owner
-    can no longer read, or the owner can read no program at all."""
-    if row.programs:
-        denied = [program_id for program_id in row.programs if not owner.may("read", program_id)]
-        if denied:
-            raise Problem(403, f"The subscription's owner {owner.user_id!r} can no longer read "
-                               f"{', '.join(denied)}, which its filter names.")
-        return list(row.programs)
-    programs = readable_programs(owner)
+    """The programs a read of the subscription reads (readable_by_owner); Problem
+    403 when the filter names one the owner can no longer read, or the owner can
+    read no program at all."""
+    programs, denied = readable_by_owner(owner, row)
+    if denied:
+        raise Problem(403, f"The subscription's owner {owner.user_id!r} can no longer read "
+                           f"{', '.join(denied)}, which its filter names.")
     if programs == []:
         raise Problem(403, f"The subscription's owner {owner.user_id!r} can read no program.")
     return programs
@@ -1438,10 +1445,7 @@ def subscription_backlog(reads, row, owner):
     """The FeedBacklog after the subscription's Position (up to MAX_BEHIND + 1
     changes), in the programs its ``owner`` can read now: a named program it can no
     longer read counts nothing."""
-    if row.programs:
-        programs = [program_id for program_id in row.programs if owner.may("read", program_id)]
-    else:
-        programs = readable_programs(owner)
+    programs, _ = readable_by_owner(owner, row)
     if programs == []:
         return FeedBacklog(0, None)
     return reads.feed_backlog(programs, FeedQuery(event_types=row.event_types, after=row.position, limit=MAX_BEHIND))
@@ -1506,23 +1510,23 @@ def put_subscription(tx, name, caller, change):
     if current is not None and not subscription_visible(caller, current):
         raise name_taken(name)
     owner = caller if current is None or current.owner == caller.user_id else principal_of(tx, current.owner)
-    if change.filter is not KEEP:
+    if change.filter is not ABSENT:
         denied = [program_id for program_id in change.filter[0] if not owner.may("read", program_id)]
         if denied:
             raise Problem(403, f"The subscription's owner {owner.user_id!r} has no read access to "
                                f"{', '.join(denied)}.")
     kept = current or SubscriptionRow(name, owner.user_id, None, (), (), 0, tx.now, None)
-    programs, event_types = (kept.programs, kept.event_types) if change.filter is KEEP else change.filter
+    programs, event_types = (kept.programs, kept.event_types) if change.filter is ABSENT else change.filter
     webhook, secret = changed_webhook(kept.webhook, change)
     if webhook is not None and kept.webhook is not None and (
-            (programs, event_types) != (kept.programs, kept.event_types) or change.start_from is not KEEP):
+            (programs, event_types) != (kept.programs, kept.event_types) or change.start_from is not ABSENT):
         webhook = ended_batch(webhook)  # a new Filter or Position ends the batch in progress
-        if change.start_from is not KEEP and webhook.restarts == kept.webhook.restarts:
+        if change.start_from is not ABSENT and webhook.restarts == kept.webhook.restarts:
             webhook = webhook._replace(restarts=webhook.restarts + 1)  # as a Rewind: _r{n} in webhook-id
     row = kept._replace(
         programs=programs, event_types=event_types,
-        description=kept.description if change.description is KEEP else change.description,
-        position=kept.position if change.start_from is KEEP else start_position(tx, change.start_from),
+        description=kept.description if change.description is ABSENT else change.description,
+        position=kept.position if change.start_from is ABSENT else start_position(tx, change.start_from),
         webhook=webhook)
     if not tx.put_subscription(row):  # another user's, created meanwhile (PostgreSQL: by another server)
         raise name_taken(name)
@@ -1533,7 +1537,7 @@ def changed_webhook(webhook, change):
     """A subscription's webhook as a PUT changes it -> (the WebhookRow or None, the
     secret of one just added, else None). A change keeps the secret, the state and
     the failures, unless ``Active`` is given: true restarts it, false pauses it."""
-    if change.webhook is KEEP:
+    if change.webhook is ABSENT:
         return webhook, None
     if change.webhook is None:
         return None, None
@@ -1567,14 +1571,21 @@ def start_position(reads, start_from):
     return value if form == "Sequence" else reads.sequence_before(value)
 
 
+def locked_subscription(tx, name, caller):
+    """-> the SubscriptionRow named ``name``, locked until ``tx`` ends; Problem 404
+    when ``caller`` sees none of that name."""
+    current = tx.lock_subscription(name)
+    if current is None or not subscription_visible(caller, current):
+        raise no_such_subscription(name)
+    return current
+
+
 def acknowledge_subscription(tx, name, caller, through, rewind):
     """Move subscription ``name``'s Position to ``through`` -> the SubscriptionRow.
     Raises before writing: 400 past the largest Sequence committed, 404, and 409
     for a ``through`` below the Position at this commit, unless ``rewind``."""
     check_cursor(tx, "Through", through)
-    current = tx.lock_subscription(name)
-    if current is None or not subscription_visible(caller, current):
-        raise Problem(404, f"There is no subscription {name!r}.")
+    current = locked_subscription(tx, name, caller)
     webhook = current.webhook
     if webhook is not None and not rewind:
         raise Problem(409, f"The subscription {name!r} has a webhook, which acknowledges what it delivers; an "
@@ -1594,9 +1605,7 @@ def rotate_secret(tx, name, caller):
     """A new signing secret for subscription ``name``'s webhook -> (the
     SubscriptionRow, the secret); the old one signs too for 24 hours. 404, or 409
     without a webhook."""
-    current = tx.lock_subscription(name)
-    if current is None or not subscription_visible(caller, current):
-        raise Problem(404, f"There is no subscription {name!r}.")
+    current = locked_subscription(tx, name, caller)
     if current.webhook is None:
         raise Problem(409, f"The subscription {name!r} has no webhook, so no secret.")
     secret = new_secret()
@@ -1607,9 +1616,7 @@ def rotate_secret(tx, name, caller):
 
 def remove_subscription(tx, name, caller):
     """Delete subscription ``name``; Problem 404 when ``caller`` sees none of that name."""
-    current = tx.lock_subscription(name)
-    if current is None or not subscription_visible(caller, current):
-        raise Problem(404, f"There is no subscription {name!r}.")
+    locked_subscription(tx, name, caller)
     tx.delete_subscription(name)
 
 

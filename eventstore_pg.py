@@ -798,6 +798,7 @@ class PostgresTransaction(PostgresReads, Transaction):
     # Programs and event types
 
     def put_program(self, program_id, name, registered_types_only=None):
+        self.rules.forget()  # the writes after this one in the group read the rule anew
         self._programs = None  # read them from the table again
         return self._write(
             "INSERT INTO programs (program_id, name, created_us, registered_types_only)"
@@ -806,6 +807,7 @@ class PostgresTransaction(PostgresReads, Transaction):
             (program_id, name, self.now, registered_types_only, registered_types_only)).fetchone()[0]
 
     def register_event_type(self, event_type, description):
+        self.rules.forget()  # the writes after this one in the group read the rule anew
         self._write(
             "INSERT INTO event_types (event_type, description, created_us, updated_us) VALUES (%s, %s, %s, %s)"
             " ON CONFLICT (event_type) DO UPDATE SET description = excluded.description,"
@@ -846,6 +848,7 @@ class PostgresTransaction(PostgresReads, Transaction):
         return self._one("SELECT 1 FROM event_types WHERE event_type = %s FOR UPDATE", (event_type,)) is not None
 
     def set_type_schema(self, event_type, schema):
+        self.rules.forget()  # the writes after this one in the group read the rule anew
         version = None
         if schema is not None:
             version = self._write(
@@ -889,6 +892,7 @@ class PostgresTransaction(PostgresReads, Transaction):
                     (name, self.now, count))
 
     def delete_event_type(self, event_type):
+        self.rules.forget()  # the writes after this one in the group read the rule anew
         self._write("DELETE FROM event_types WHERE event_type = %s", (event_type,))
 
     # Users, keys, grants

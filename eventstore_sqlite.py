@@ -696,6 +696,7 @@ class SQLiteTransaction(SQLiteReads, Transaction):
     # Programs and event types
 
     def put_program(self, program_id, name, registered_types_only=None):
+        self.rules.forget()  # the writes after this one in the group read the rule anew
         return bool(self.conn.execute(
             "INSERT INTO programs (program_id, name, created_us, registered_types_only)"
             " VALUES (?, ?, ?, COALESCE(?, 0)) ON CONFLICT (program_id) DO UPDATE SET name = excluded.name,"
@@ -703,6 +704,7 @@ class SQLiteTransaction(SQLiteReads, Transaction):
             (program_id, name, self.now, registered_types_only, registered_types_only)).fetchone()[0])
 
     def register_event_type(self, event_type, description):
+        self.rules.forget()  # the writes after this one in the group read the rule anew
         self.conn.execute(
             "INSERT INTO event_types (event_type, description, created_us, updated_us) VALUES (?, ?, ?, ?)"
             " ON CONFLICT (event_type) DO UPDATE SET description = excluded.description,"
@@ -713,6 +715,7 @@ class SQLiteTransaction(SQLiteReads, Transaction):
         return self.type_registered(event_type)
 
     def set_type_schema(self, event_type, schema):
+        self.rules.forget()  # the writes after this one in the group read the rule anew
         version = None
         if schema is not None:
             version = self.conn.execute(
@@ -762,6 +765,7 @@ class SQLiteTransaction(SQLiteReads, Transaction):
             (event_type,)).fetchall()
 
     def delete_event_type(self, event_type):
+        self.rules.forget()  # the writes after this one in the group read the rule anew
         self.conn.execute("DELETE FROM event_types WHERE event_type = ?", (event_type,))
 
     # Users, keys, grants

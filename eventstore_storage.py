@@ -705,10 +705,17 @@ class Backups:
 class TypeRules:
     """What programs take, read from ``reads`` once per program and type and kept:
     one per write transaction (read under the write lock, so a rule changed by
-    any process is seen by the next transaction), or one per check of an import."""
+    any process is seen by the next transaction), or one per check of an import.
+    A transaction holds a whole group of writes: one of them that changes a
+    program or a type (its schema) calls ``forget``, so that the writes after it
+    in the group read the rule anew."""
 
     def __init__(self, reads):
         self.reads = reads
+        self.forget()
+
+    def forget(self):
+        """Read every rule anew from now on (a program or a type was just changed)."""
         self._strict = {}       # program id -> registered_types_only, or None: not registered
         self._types = {}        # event type -> its TypeState, or None: not registered
 

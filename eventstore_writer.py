@@ -146,7 +146,12 @@ class GroupCommitWriter:
             self._stopping = True
             self._wake.notify()
         if self._thread is not None:
-            self._thread.join()
+            # Bounded: a transaction held by the database (a lock another session keeps)
+            # must not hang the app's close(); the thread is a daemon.
+            self._thread.join(self.timeout + 5)
+            if self._thread.is_alive():
+                log.warning("the database writer did not finish its transaction within %g s; stopping without it",
+                            self.timeout + 5)
 
     def _run(self):
         batch = []

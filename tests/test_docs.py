@@ -72,3 +72,10 @@ def test_the_readme_curl_session_works_as_pasted_on_another_port_and_database(tm
     assert '"Name":"lms","Owner":"course-platform"' in out and '"HasMore":false,"Through":1}' in out
     assert '"Position":1,"Head":1,"Behind":0,' in out  # acknowledged
     assert not any("Traceback" in line or '" 500 ' in line for line in server.log)
+
+
+def test_the_api_reference_s_health_example_has_the_schema_version_of_the_code():
+    import eventstore_storage
+    text = (ROOT / "docs/API.md").read_text(encoding="utf-8")
+    assert f'"schemaVersion": {eventstore_storage.SCHEMA_VERSION},' in text
+
