@@ -5,6 +5,7 @@ each user, the tests' own SQL on either backend, and bounded waits."""
 import base64
 import contextlib
 import os
+import select
 import sys
 import threading
 import time
@@ -27,6 +28,14 @@ def basic(user_id, api_key):
 
 
 THREADED_HOST = {"wsgi.multithread": True}
+
+
+def line_within(stream, seconds):
+    """The next line a child process writes to ``stream`` (a text pipe), waited
+    for at most ``seconds``. For a child that writes a line and then waits: a
+    second line already in the buffer would not wake select."""
+    assert select.select([stream], [], [], seconds)[0], f"no line within {seconds} s"
+    return stream.readline()
 
 
 class Caller:

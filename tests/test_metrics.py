@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 
@@ -16,8 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import eventstore
 import eventstore_metrics
-from helpers import THREADED_HOST, basic, eventually, run_in_thread
-from server import ROOT, Server, event, event_body
+from helpers import THREADED_HOST, basic, eventually, line_within, run_in_thread
+from server import ROOT, Server, event_body
 
 SERIES = {  # every family /metrics has, and its type
     "eventstore_http_requests": "counter", "eventstore_http_request_duration_seconds": "histogram",
@@ -257,7 +256,7 @@ def test_a_dead_process_keeps_its_counts_but_not_its_gauges_and_its_successor_go
     child = subprocess.Popen([sys.executable, "-c", RECORDER.format(root=str(ROOT), path=path)],
                              stdout=subprocess.PIPE, text=True)
     try:
-        assert child.stdout.readline() == "counted\n"
+        assert line_within(child.stdout, 30) == "counted\n"
         health = lambda: value(parse(scraper.exposition({}).decode())[1],  # noqa: E731
                                "eventstore_http_requests_total", route="/health", method="GET", status="200")
         waiting = lambda: value(parse(scraper.exposition({}).decode())[1],  # noqa: E731

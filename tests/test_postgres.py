@@ -19,7 +19,7 @@ import eventstore
 import eventstore_errors
 import eventstore_storage
 import eventstore_writer
-from helpers import eventually, postgres_url
+from helpers import eventually, line_within, postgres_url
 from server import ROOT, PutLoad, Server, assert_seen_every_change_once_in_order, missing_from, publish_while_following, event
 
 
@@ -454,7 +454,6 @@ def test_an_upsert_held_by_a_row_lock_leaves_the_other_threads_running(url):
     thread of the process stops (reads, health checks, the very commit that
     would release the lock). In a process of its own, whose main thread must
     still say it is alive while the write waits."""
-    import select
     import psycopg
     from helpers import opened
     with opened(url) as session, session.transaction(eventstore.now_us(), seqs=1) as tx:
@@ -470,14 +469,10 @@ def test_an_upsert_held_by_a_row_lock_leaves_the_other_threads_running(url):
               "writer = threading.Thread(target=put); writer.start(); time.sleep(1)\n"
               "print('alive', flush=True); writer.join()\n")
     process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-
-    def next_line(timeout):
-        assert select.select([process.stdout], [], [], timeout)[0], f"no line within {timeout} s"
-        return process.stdout.readline().strip()
     try:
-        assert next_line(20) == "alive"  # while the upsert waits for the lock
+        assert line_within(process.stdout, 20) == "alive\n"  # while the upsert waits for the lock
         holder.rollback()
-        assert next_line(20) == "updated"
+        assert line_within(process.stdout, 20) == "updated\n"
         assert process.wait(20) == 0
     finally:
         process.kill()

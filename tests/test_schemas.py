@@ -388,6 +388,8 @@ def test_a_percent_encoded_slash_never_separates_segments(admin, registry):
     named = admin.get("/event-types/a%2Fschemas%2F1/schemas/1",
                       extra_environ={"REQUEST_URI": "/event-types/a%2Fschemas%2F1/schemas/1"}).json
     assert (named["EventType"], named["Schema"]) == ("a/schemas/1", SCORE)
+    # A host that gives only the decoded path (wsgiref; README, "%2F in a name") cannot tell them apart.
+    assert admin.get("/event-types/a%2Fschemas%2F1").json["EventType"] == "a"
 
 
 # --- Without the validator's packages ----------------------------------------------------------
