@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 
+from helpers import eventually
 from server import Server, event
 
 
@@ -127,23 +128,25 @@ def test_a_slow_body_does_not_hold_up_other_clients(tmp_path):
 
 
 def test_a_write_lock_held_by_another_process_is_503_and_nothing_stays_stuck(tmp_path):
-    import time
     server = Server(tmp_path / "locked.db")
     admin = {"user": "admin", "key": server.admin_key}
     try:
         server.register("FOO")
         blocker = sqlite3.connect(tmp_path / "locked.db", isolation_level=None)  # this test's own process
         blocker.execute("BEGIN IMMEDIATE")
-        started = time.monotonic()
         status, headers, problem = server.request("PUT", "/events/FOO-1", event(1), **admin)
-        assert (status, headers["retry-after"], problem["status"]) == (503, "1", 503)
-        assert time.monotonic() - started < 8  # the 5 s busy timeout, then an answer
+        # Busy after the 5 s busy timeout, as a rule. On a loaded machine SQLite's busy
+        # handler counts the sleeps it planned, not the time they took, and can outlast
+        # the 10 s write timeout: that 503 says so, with its own Retry-After.
+        retry_after = [retry for words, retry in (("is busy", "1"), ("did not confirm", "5"))
+                       if words in problem["detail"]]
+        assert (status, problem["status"], [headers["retry-after"]]) == (503, 503, retry_after)
         assert server.request("GET", "/events/FOO-0", **admin)[0] == 404  # readers are not blocked
         status, _, problem = server.request("GET", "/health")  # but the writer cannot write: it says so
         assert (status, "cannot take writes" in problem["detail"]) == (503, True)
         blocker.execute("ROLLBACK")
         blocker.close()
-        assert server.request("GET", "/health")[0] == 200
+        eventually(lambda: server.request("GET", "/health")[0] == 200, "the writer writes again", timeout=30)
         assert server.request("PUT", "/events/FOO-1", event(1), **admin)[0] == 200
         assert server.request("GET", "/events/FOO-1", **admin)[0] == 200
     finally:
