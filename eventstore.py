@@ -2376,7 +2376,7 @@ class EventStore:
                  max_waiting_writes=4, busy_timeout_ms=5000, auth_cache_seconds=AUTH_CACHE_SECONDS,
                  max_auth_failures=10, poll_interval=0.025, retention_interval=3600, metrics=True,
                  metrics_public=False, webhook_allow_hosts=(), webhook_max_backoff=3600, webhook_pause_after=259200,
-                 webhook_delivery=True, clock=now_us, throttle=None, openapi=None, routes=ROUTES):
+                 webhook_delivery=True, clock=now_us, throttle=None, make_deliverer=None, openapi=None, routes=ROUTES):
         for name, seconds in (("retention_interval", retention_interval), ("webhook_max_backoff", webhook_max_backoff),
                               ("webhook_pause_after", webhook_pause_after)):
             if isinstance(seconds, bool) or not isinstance(seconds, int) or seconds < 1:
@@ -2387,6 +2387,7 @@ class EventStore:
         self.webhook_allow_hosts = tuple(webhook_allow_hosts)
         self.webhook_max_backoff, self.webhook_pause_after = webhook_max_backoff, webhook_pause_after
         self.webhook_delivery = webhook_delivery
+        self.make_deliverer = make_deliverer or webhook_deliverer
         self.storage = open_storage(db, busy_timeout_ms)
         warn_if_no_users(self.storage)
         self.throttle = throttle if throttle is not None else shared_throttle(
@@ -2420,9 +2421,10 @@ class EventStore:
         self.engines = [RetentionSweeper(self.storage, self.writer, self.retention_interval, self.clock)]
         self.deliverer = None
         if self.webhook_delivery:
-            self.deliverer = webhook_deliverer(self.storage, self.writer, self.news, self.clock,
-                                               self.webhook_max_backoff, self.webhook_pause_after,
-                                               count=self.metrics.webhook_delivery)
+            self.deliverer = self.make_deliverer(self.storage, self.writer, self.news, clock=self.clock,
+                                                 max_backoff=self.webhook_max_backoff,
+                                                 pause_after=self.webhook_pause_after,
+                                                 count=self.metrics.webhook_delivery)
             self.engines.append(self.deliverer)
         self._engines_started = False
         self._pid = os.getpid()
@@ -2651,22 +2653,22 @@ class EventStore:
                         problem.status, problem.detail)
         return problem_response(problem, rid)
 
-def webhook_deliverer(storage, writer, news, clock=now_us, max_backoff=3600, pause_after=259200,
-                      count=lambda subscription, outcome: None):
+def webhook_deliverer(storage, writer, news, **options):
     """The webhook deliverer of one process (docs/API.md §11) over these, with the
     app's rules for what a subscription reads and how a change is represented:
-    the app's engine, and ``python eventstore.py deliver``'s. ``count``: the
-    metrics' eventstore_webhook_deliveries_total (Metrics.webhook_delivery)."""
+    the app's engine (make_app's default ``make_deliverer``), and ``python
+    eventstore.py deliver``'s. ``options``: WebhookDeliverer's (``clock``,
+    ``max_backoff``, ``pause_after``, ``count``: the metrics'
+    eventstore_webhook_deliveries_total, ``on_error``)."""
     return WebhookDeliverer(storage, writer, news, programs_of=webhook_programs, render=render_event,
-                            format_time=format_datetime, clock=clock, max_backoff=max_backoff,
-                            pause_after=pause_after, count=count)
+                            format_time=format_datetime, **options)
 
 
 def make_app(db, *, max_body_bytes=DEFAULT_MAX_BODY, max_waiting=None, write_timeout=10.0, max_waiting_writes=4,
              busy_timeout_ms=5000, auth_cache_seconds=AUTH_CACHE_SECONDS, max_auth_failures=10,
              poll_interval=0.025, retention_interval=3600, metrics=True, metrics_public=False,
              webhook_allow_hosts=(), webhook_max_backoff=3600, webhook_pause_after=259200, webhook_delivery=True,
-             clock=now_us, throttle=None, openapi=None, routes=ROUTES):
+             clock=now_us, throttle=None, make_deliverer=None, openapi=None, routes=ROUTES):
     """The WSGI application over ``db``: a SQLite file (created if missing), a
     ``postgresql://`` URL, or a storage object.
 
@@ -2707,7 +2709,9 @@ def make_app(db, *, max_body_bytes=DEFAULT_MAX_BODY, max_waiting=None, write_tim
 
     Collaborators, for tests and extensions: ``clock`` (microseconds since the
     epoch), ``throttle`` (an AuthThrottle, in place of the one made from
-    ``max_auth_failures``), ``openapi`` (the document's bytes), ``routes``
+    ``max_auth_failures``), ``make_deliverer`` (makes each process's webhook
+    deliverer, called as ``webhook_deliverer``, the default, is: a test hands
+    it its own ``on_error``), ``openapi`` (the document's bytes), ``routes``
     (the route table)."""
     return EventStore(db, max_body_bytes=max_body_bytes, max_waiting=max_waiting, write_timeout=write_timeout,
                       max_waiting_writes=max_waiting_writes, busy_timeout_ms=busy_timeout_ms,
@@ -2716,7 +2720,8 @@ def make_app(db, *, max_body_bytes=DEFAULT_MAX_BODY, max_waiting=None, write_tim
                       retention_interval=retention_interval, metrics=metrics, metrics_public=metrics_public,
                       webhook_allow_hosts=webhook_allow_hosts, webhook_max_backoff=webhook_max_backoff,
                       webhook_pause_after=webhook_pause_after, webhook_delivery=webhook_delivery,
-                      clock=clock, throttle=throttle, openapi=openapi, routes=routes)
+                      clock=clock, throttle=throttle, make_deliverer=make_deliverer, openapi=openapi,
+                      routes=routes)
 
 
 if __name__ == "__main__":  # the admin command line lives in eventstore_admin.py

@@ -431,14 +431,18 @@ class WebhookDeliverer:
     lost a grant its filter needs; ``render(event_row)``, a change's representation
     (JSON text); ``format_time(us)``, RFC 3339; ``count(subscription, outcome)``,
     called once per attempt (the metrics' webhook deliveries; outcome ok,
-    http_error, timeout or refused)."""
+    http_error, timeout or refused); ``on_error(exc)``, called with each failure
+    of the deliverer's own (the database, a bug; not a receiver's) once it is
+    logged."""
 
     def __init__(self, storage, writer, news, *, programs_of, render, format_time, clock=now_us,
                  max_backoff=3600, pause_after=259200, count=lambda subscription, outcome: None,
-                 lease_seconds=LEASE_SECONDS, recheck_seconds=RECHECK_SECONDS, tls_context=None, rng=None):
+                 on_error=lambda exc: None, lease_seconds=LEASE_SECONDS, recheck_seconds=RECHECK_SECONDS,
+                 tls_context=None, rng=None):
         self.storage, self.writer, self.news = storage, writer, news
         self.programs_of, self.render, self.format_time = programs_of, render, format_time
         self.clock, self.max_backoff, self.pause_after, self.count = clock, max_backoff, pause_after, count
+        self.on_error = on_error
         self.lease_seconds, self.recheck_seconds = lease_seconds, recheck_seconds
         self.tls_context, self.rng = tls_context, rng or random.Random()
         self.sessions = _Sessions(storage)
@@ -452,7 +456,6 @@ class WebhookDeliverer:
         self._watching = False
         self._next_recheck = 0.0
         self._rechecking = False
-        self.errors = []  # what went wrong on this side (the database, a bug), for the tests: the last 20
 
     # --- life ---
 
@@ -606,7 +609,7 @@ class WebhookDeliverer:
                 self.sessions.close_idle()
         except Exception as exc:  # the database is away, say: the next re-check tries again
             log.warning("webhooks: the re-check failed: %r", exc)
-            self.errors = self.errors[-19:] + [exc]
+            self.on_error(exc)
         finally:
             with self._changed:
                 self._rechecking = False
@@ -646,7 +649,7 @@ class WebhookDeliverer:
             retry_in = self._deliver(sub)
         except Exception as exc:  # the database is away, say: try again in a while
             log.warning("webhook %s: delivery failed: %r; trying again in %g s", sub.name, exc, self.recheck_seconds)
-            self.errors = self.errors[-19:] + [exc]
+            self.on_error(exc)
             retry_in = self.recheck_seconds
         finally:
             if sub.lease.held:

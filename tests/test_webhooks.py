@@ -27,23 +27,26 @@ from server import Server, event
 sys.path.insert(0, str(ROOT / "docs" / "examples"))
 import webhook_receiver  # noqa: E402  (the README's receiver, standard library only)
 
-FAST = {"webhook_max_backoff": 1}  # back-off capped at a second: the tests' receivers recover quickly
+DELIVERER_ERRORS = []  # what the deliverers of this module's apps failed at for their own reasons
+
+
+def checked_deliverer(*args, **options):
+    """The app's webhook deliverer (make_app's ``make_deliverer``), handing its own
+    failures (the database, a bug; not a receiver's) to DELIVERER_ERRORS."""
+    return eventstore.webhook_deliverer(*args, on_error=DELIVERER_ERRORS.append, **options)
+
+
+CHECKED = {"make_deliverer": checked_deliverer}  # every app of these tests takes it
+FAST = {"webhook_max_backoff": 1, **CHECKED}  # back-off capped at a second: the tests' receivers recover quickly
 
 
 @pytest.fixture(autouse=True)
-def no_failed_deliveries(monkeypatch):
-    """A delivery or re-check that failed for the deliverer's own reasons (the
-    database, a bug; not the receiver's) is a bug here: every deliverer this test
-    makes is looked at after it."""
-    made = []
-    deliverer = eventstore.WebhookDeliverer
-
-    def recorded(*args, **kwargs):
-        made.append(deliverer(*args, **kwargs))
-        return made[-1]
-    monkeypatch.setattr(eventstore, "WebhookDeliverer", recorded)
+def no_failed_deliveries():
+    """A delivery or re-check that failed for the deliverer's own reasons is a bug
+    here: what each deliverer of the test handed over is looked at after it."""
+    DELIVERER_ERRORS.clear()
     yield
-    assert not [error for each in made for error in each.errors]
+    assert DELIVERER_ERRORS == []
 
 
 @pytest.fixture
@@ -229,7 +232,7 @@ def no_network(monkeypatch):
 @pytest.fixture
 def undelivered(db):
     """A registry that delivers nothing (webhook_delivery=False), allowing hooks.example.org."""
-    registry = Registry(db, webhook_delivery=False, webhook_allow_hosts=["Hooks.Example.org", "[::1]"])
+    registry = Registry(db, webhook_delivery=False, webhook_allow_hosts=["Hooks.Example.org", "[::1]"], **CHECKED)
     yield registry
     registry.close()
 
@@ -390,7 +393,7 @@ def test_a_410_disables_the_webhook_and_active_true_starts_it_again(hooks):
 
 
 def test_retry_after_is_honoured_within_the_cap(db):
-    registry = Registry(db, webhook_max_backoff=3)
+    registry = Registry(db, webhook_max_backoff=3, **CHECKED)
     answers = iter([(503, {"Retry-After": "2"}), (429, {"Retry-After": "3600"}), 200])
     receiver = Receiver(lambda delivery, n: next(answers))
     try:
@@ -424,7 +427,7 @@ def test_backoff_grows_with_jitter_and_never_passes_the_cap():
 
 
 def test_a_failing_webhook_waits_at_most_the_cap_between_attempts(db):
-    registry = Registry(db, webhook_max_backoff=1)
+    registry = Registry(db, webhook_max_backoff=1, **CHECKED)
     receiver = Receiver(lambda delivery, n: 500)
     try:
         admin = registry.client("admin")
@@ -459,7 +462,7 @@ def test_after_attempt_caps_the_wait_and_stops_at_a_410():
 
 
 def test_failing_for_the_pause_time_pauses_it_and_active_true_resumes_it(db):
-    registry = Registry(db, webhook_max_backoff=1, webhook_pause_after=2)
+    registry = Registry(db, webhook_max_backoff=1, webhook_pause_after=2, **CHECKED)
     healthy = threading.Event()
     receiver = Receiver(lambda delivery, n: 200 if healthy.is_set() else 500)
     try:
@@ -817,7 +820,7 @@ def test_a_version_4_sqlite_database_is_upgraded_idempotently(tmp_path, receiver
     path = tmp_path / "v4.db"
     shutil.copy(ROOT / "tests" / "data" / "schema-v4.db", path)
     receiver.events = lambda: [e for d in receiver.accepted() for e in d.events]
-    app = eventstore.make_app(path)
+    app = eventstore.make_app(path, **CHECKED)
     try:
         _check_upgraded(app, create_user(path, "upgrader", {}, is_system=True), receiver)
     finally:
@@ -844,7 +847,7 @@ def test_a_version_4_postgresql_database_is_upgraded_idempotently(db, receiver):
         assert conn.execute("SELECT version FROM eventstore_schema").fetchone() == (4,)
         conn.execute("UPDATE events SET xid = '3'")  # the dumping cluster's transaction ids: older than any here
     receiver.events = lambda: [e for d in receiver.accepted() for e in d.events]
-    app = eventstore.make_app(db)
+    app = eventstore.make_app(db, **CHECKED)
     try:
         _check_upgraded(app, create_user(db, "upgrader", {}, is_system=True), receiver)
     finally:
@@ -872,7 +875,7 @@ def test_a_commit_wakes_the_deliverer_in_this_process_and_from_another(db, recei
     safety re-check (pushed out of the way here: it runs once, at the start)."""
     registry = Registry(db, **FAST)
     registry.app.deliverer.recheck_seconds = 3600
-    other = eventstore.make_app(db, webhook_delivery=False)
+    other = eventstore.make_app(db, webhook_delivery=False, **CHECKED)
     try:
         admin = registry.client("admin")
         subscribe(admin, "lms", receiver.url, MaxEvents=1)
@@ -885,6 +888,28 @@ def test_a_commit_wakes_the_deliverer_in_this_process_and_from_another(db, recei
         eventually(lambda: receiver.sequences() == mine + [theirs], "another process's commit delivered")
     finally:
         other.close()
+        registry.close()
+
+
+def test_the_app_makes_its_deliverer_with_the_collaborator_it_is_given(db, receiver):
+    """make_app's ``make_deliverer``: here a deliverer whose reading of the owner's
+    grants fails (a bug, say), handing that failure to its own ``on_error``."""
+    failures = []
+
+    def broken(reads, row):
+        raise RuntimeError("a bug in programs_of")
+
+    def make_deliverer(storage, writer, news, **options):
+        return webhooks.WebhookDeliverer(storage, writer, news, programs_of=broken, render=eventstore.render_event,
+                                         format_time=eventstore.format_datetime, on_error=failures.append, **options)
+    registry = Registry(db, make_deliverer=make_deliverer, webhook_max_backoff=1)
+    try:
+        admin = registry.client("admin")
+        publish(admin, 1)
+        subscribe(admin, "lms", receiver.url)
+        eventually(lambda: failures, "the failure handed over")
+        assert isinstance(failures[0], RuntimeError) and receiver.deliveries == []
+    finally:
         registry.close()
 
 
@@ -928,7 +953,7 @@ def test_a_delivery_holds_at_most_a_few_mib_whatever_maxevents_says(hooks, recei
 
 
 def test_allowed_hosts_are_compared_as_written_localhost_is_not_127_0_0_1(db, no_network):
-    registry = Registry(db, webhook_delivery=False, webhook_allow_hosts=["127.0.0.1"])
+    registry = Registry(db, webhook_delivery=False, webhook_allow_hosts=["127.0.0.1"], **CHECKED)
     try:
         writer = registry.client("writer")
         writer.put_json("/subscriptions/a", {"Webhook": {"Url": "http://127.0.0.1:9/h", "Active": False}}, status=201)
