@@ -57,8 +57,8 @@ from eventstore_sqlite import SQLiteStorage
 from eventstore_storage import (POSTGRES_SCHEMES, SCHEMA_VERSION, EventInput, FeedBacklog, FeedQuery, StorageOpenError,
                                 SubscriptionRow, TypeRules, data_path, erase_events, now_us, safe_db_name)
 from eventstore_throttle import shared_throttle
-from eventstore_webhooks import (MAX_EVENTS, PAUSED, TIMEOUT_SECONDS, WebhookDeliverer, ended_batch,
-                                 may_set_url, new_secret, new_webhook, restarted, rotated, url_error)
+from eventstore_webhooks import (MAX_EVENTS, PAUSED, TIMEOUT_SECONDS, GrantLost, WebhookDeliverer,
+                                 ended_batch, may_set_url, new_secret, new_webhook, restarted, rotated, url_error)
 from eventstore_writer import GroupCommitWriter, Later
 
 __all__ = ["make_app", "end_long_polls", "EventStore", "Problem"]
@@ -1488,8 +1488,12 @@ def webhook_json(webhook):
 
 def webhook_programs(reads, row):
     """What a delivery of subscription ``row`` reads now, by its owner's grants
-    (subscription_programs: Problem 403 when the owner lost one its filter needs)."""
-    return subscription_programs(principal_of(reads, row.owner), row)
+    (subscription_programs); the deliverer's GrantLost, saying why, where a read
+    of the subscription would answer 403."""
+    try:
+        return subscription_programs(principal_of(reads, row.owner), row)
+    except Problem as refused:
+        raise GrantLost(refused.detail) from None
 
 
 def _optional_time(micros):

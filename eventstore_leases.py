@@ -18,17 +18,17 @@ import secrets
 import socket
 import time
 
-from eventstore_errors import Problem
-
 MAX_SECONDS = 30  # a dead holder's lease is free again within this
 CLOCK_SKEW = 2    # seconds servers' clocks may differ: safe_until keeps this far from the expiry
 
 
-class LeaseLost(Problem):
-    """The lease is no longer this holder's: the work's transaction wrote nothing."""
+class LeaseLost(Exception):
+    """The lease is no longer this holder's: the work's transaction wrote nothing.
+    The engines' own exception, no HTTP error (the group-commit writer rolls its
+    group back and runs each change alone again: a rare event)."""
 
     def __init__(self, name):
-        super().__init__(409, f"the lease {name!r} is no longer held by this process")
+        super().__init__(f"the lease {name!r} is no longer held by this process")
 
 
 class Lease:

@@ -50,7 +50,6 @@ import time
 import urllib.parse
 from typing import NamedTuple
 
-from eventstore_errors import Problem
 from eventstore_forks import FORK_GUARD
 from eventstore_leases import Lease, LeaseLost
 from eventstore_storage import FeedQuery, WebhookRow, now_us
@@ -163,6 +162,12 @@ def signature(secret, msg_id, timestamp, body):
 
 
 # --- The delivery -----------------------------------------------------------------------
+
+class GrantLost(Exception):
+    """What ``programs_of`` raises when the subscription's owner can no longer read
+    a program its filter names (or any program): the webhook is paused, saying why
+    (the exception's text)."""
+
 
 class Batch(NamedTuple):
     """A delivery: the changes after the Position up to ``last`` (its Through)."""
@@ -427,7 +432,7 @@ class WebhookDeliverer:
     """Delivers every webhook subscription's changes (see the module's docstring).
 
     Collaborators: ``programs_of(reads, row)``, the programs a delivery of the
-    subscription ``row`` reads now (None: all), raising Problem(403) when its owner
+    subscription ``row`` reads now (None: all), raising GrantLost when its owner
     lost a grant its filter needs; ``render(event_row)``, a change's representation
     (JSON text); ``format_time(us)``, RFC 3339; ``count(subscription, outcome)``,
     called once per attempt (the metrics' webhook deliveries; outcome ok,
@@ -715,8 +720,8 @@ class WebhookDeliverer:
         def read(reads):
             try:
                 programs = self.programs_of(reads, row)
-            except Problem:
-                return True  # a lost grant: the webhook is to be paused
+            except GrantLost:
+                return True  # the webhook is to be paused
             return bool(reads.read_feed(programs, FeedQuery(event_types=row.event_types, after=row.position,
                                                             limit=1)))
         return self._read(read)
@@ -746,8 +751,8 @@ class WebhookDeliverer:
 
         try:
             found = self._read(read)
-        except Problem as problem:  # the owner can no longer read a program the filter names
-            self._pause(sub, row, problem.detail)
+        except GrantLost as lost:  # the owner can no longer read a program the filter names
+            self._pause(sub, row, str(lost))
             return None
         if found is None:
             return None

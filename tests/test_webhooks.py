@@ -20,6 +20,8 @@ import webtest
 
 import eventstore
 import eventstore_webhooks as webhooks
+from eventstore_errors import Problem
+from eventstore_leases import LeaseLost
 from helpers import ROOT, THREADED_HOST, Registry, basic, create_user, event_body, eventually
 from receiver import Receiver
 from server import Server, event
@@ -533,6 +535,20 @@ def test_a_lost_grant_pauses_the_webhook_before_its_next_delivery(db, receiver):
         assert receiver.sequences() == first  # nothing more was posted
     finally:
         registry.close()
+
+
+def test_the_engines_steer_by_exceptions_of_their_own_not_by_http_errors(undelivered):
+    """A lost grant reaches the deliverer as GrantLost, a lost lease as LeaseLost:
+    neither is a Problem (an HTTP answer); the app's own answer stays a 403."""
+    assert not issubclass(LeaseLost, Problem) and not issubclass(webhooks.GrantLost, Problem)
+    reader = undelivered.client("reader")
+    reader.put_json("/subscriptions/mine", {"Filter": {"ProgramId": ["FOO"]}})
+    with undelivered.transaction() as tx:
+        tx.revoke_grant("reader", "FOO")
+    row = undelivered.storage.reads().find_subscription("mine")
+    with pytest.raises(webhooks.GrantLost, match="can no longer read FOO"):
+        eventstore.webhook_programs(undelivered.storage.reads(), row)
+    assert "can no longer read FOO" in reader.get("/subscriptions/mine/events", status=403).json["detail"]
 
 
 # --- A receiver costs only its own subscription's time ----------------------------------------------
