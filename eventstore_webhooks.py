@@ -727,18 +727,24 @@ class WebhookDeliverer:
         return self._read(read)
 
     def _batch(self, sub, row):
-        """The batch to send now: the one in flight (the same bytes while this process
-        keeps it; formed again from the Position, up to its last Sequence, after
-        another process tried it), or a new one of up to MaxEvents -> a Batch, or None
-        when there is nothing to deliver (or the owner lost a grant: paused)."""
+        """The batch to send now -> a Batch, or None when there is nothing to deliver
+        (or the owner lost a grant: paused). The owner's grants are read first, at
+        every attempt, a retry's too: the batch in flight goes again byte for byte
+        while this process keeps it and the programs it reads are the same; else it
+        is formed again from the Position, up to its last Sequence (after another
+        process tried it, or a grant changed); else a new one of up to MaxEvents."""
         webhook = row.webhook
+        try:
+            programs = self._read(lambda reads: self.programs_of(reads, row))
+        except GrantLost as lost:  # the owner can no longer read a program the filter names
+            self._pause(sub, row, str(lost))
+            return None
         key = (webhook.batch_first, webhook.batch_last, webhook.batch_first_attempt_us, webhook.restarts,
-               row.position, row.programs, row.event_types)
+               row.position, programs, row.event_types)
         if webhook.batch_last is not None and sub.cached is not None and sub.cached[0] == key:
             return sub.cached[1]
 
         def read(reads):
-            programs = self.programs_of(reads, row)
             if webhook.batch_last is not None:  # all of it is within MAX_EVENTS' most after the Position
                 rows = reads.read_feed(programs, FeedQuery(event_types=row.event_types, after=row.position,
                                                            limit=MAX_EVENTS[1]))
@@ -749,11 +755,7 @@ class WebhookDeliverer:
                                                        limit=webhook.max_events))[:webhook.max_events]
             return (rows[0].seq, rows[-1].seq, None, rows) if rows else None
 
-        try:
-            found = self._read(read)
-        except GrantLost as lost:  # the owner can no longer read a program the filter names
-            self._pause(sub, row, str(lost))
-            return None
+        found = self._read(read)
         if found is None:
             return None
         first, last, first_attempt_us, rows = found
@@ -768,8 +770,8 @@ class WebhookDeliverer:
         body = delivery_body(row.name, events, last, self.format_time(first_attempt_us))
         batch = Batch(first, last, first_attempt_us, delivery_id(row.name, first, last, webhook.restarts), body,
                       len(events))
-        sub.cached = ((first, last, first_attempt_us, webhook.restarts, row.position, row.programs,
-                       row.event_types), batch)
+        sub.cached = ((first, last, first_attempt_us, webhook.restarts, row.position, programs, row.event_types),
+                      batch)
         return batch
 
     def _post(self, sub, row, batch):

@@ -553,6 +553,16 @@ MUTANTS = [
     ("webhooks: ack without Rewind taken on a webhook subscription", "eventstore.py", [
         ("    if webhook is not None and not rewind:\n", "    if False:\n"),
     ], ["tests/test_webhooks.py"]),
+    # Issue 32's review.
+    ("webhooks: a retry sends the batch kept in memory without reading the owner's grants", "eventstore_webhooks.py", [
+        ("        webhook = row.webhook\n        try:\n            programs = self._read(",
+         "        webhook = row.webhook\n"
+         "        if webhook.batch_last is not None and sub.cached is not None and sub.cached[0][:5] == (\n"
+         "                webhook.batch_first, webhook.batch_last, webhook.batch_first_attempt_us, webhook.restarts,\n"
+         "                row.position):\n"
+         "            return sub.cached[1]\n"
+         "        try:\n            programs = self._read("),
+    ], ["tests/test_webhooks.py"]),
 ]
 
 

@@ -537,6 +537,39 @@ def test_a_lost_grant_pauses_the_webhook_before_its_next_delivery(db, receiver):
         registry.close()
 
 
+@pytest.mark.parametrize("named", [True, False], ids=["filter-names-both", "no-filter"])
+def test_a_retry_checks_the_owners_grants_first(db, named):
+    """The first attempt of FOO-1 and BAR-1 fails; BAR's grant is revoked while it is
+    in flight. The retry reads the grants again: with a filter naming BAR the webhook
+    is paused and nothing more is posted; without a filter it carries FOO's change
+    alone (the programs the owner reads then)."""
+    revoked = threading.Event()
+    receiver = Receiver(lambda delivery, n: 500 if n == 0 and revoked.wait(10) else 200)
+    registry = Registry(db, webhook_allow_hosts=["127.0.0.1"], **FAST)
+    try:
+        admin, reader = registry.client("admin"), registry.client("reader")
+        with registry.transaction() as tx:
+            tx.set_grants("reader", {"BAR": "read"})
+        publish(admin, 1), publish(admin, 1, program="BAR")
+        reader.put_json("/subscriptions/mine", {"Filter": {"ProgramId": ["FOO", "BAR"] if named else []},
+                                                "Webhook": {"Url": receiver.url}})
+        eventually(lambda: receiver.deliveries, "the first attempt in flight")
+        assert [e["EventId"] for e in receiver.deliveries[0].events] == ["FOO-1", "BAR-1"]
+        with registry.transaction() as tx:
+            tx.revoke_grant("reader", "BAR")
+        revoked.set()
+        if named:
+            eventually(lambda: state(admin, "mine")["Webhook"]["State"] == "Paused", "paused")
+            assert "can no longer read BAR" in state(admin, "mine")["Webhook"]["LastError"]
+            assert len(receiver.deliveries) == 1 and state(admin, "mine")["Position"] == 0  # nothing more posted
+        else:
+            eventually(lambda: state(admin, "mine")["Behind"] == 0 and receiver.accepted(), "delivered")
+            assert [e["EventId"] for d in receiver.deliveries[1:] for e in d.events] == ["FOO-1"]
+    finally:
+        receiver.close()
+        registry.close()
+
+
 def test_the_engines_steer_by_exceptions_of_their_own_not_by_http_errors(undelivered):
     """A lost grant reaches the deliverer as GrantLost, a lost lease as LeaseLost:
     neither is a Problem (an HTTP answer); the app's own answer stays a 403."""
