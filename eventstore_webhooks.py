@@ -745,14 +745,13 @@ class WebhookDeliverer:
             return sub.cached[1]
 
         def read(reads):
-            if webhook.batch_last is not None:  # all of it is within MAX_EVENTS' most after the Position
-                rows = reads.read_feed(programs, FeedQuery(event_types=row.event_types, after=row.position,
-                                                           limit=MAX_EVENTS[1]))
-                rows = [event for event in rows if event.seq <= webhook.batch_last]
-                if rows:
-                    return webhook.batch_first, webhook.batch_last, webhook.batch_first_attempt_us, rows
             rows = reads.read_feed(programs, FeedQuery(event_types=row.event_types, after=row.position,
-                                                       limit=webhook.max_events))[:webhook.max_events]
+                                                       limit=webhook.max_events))  # up to MaxEvents + 1
+            if webhook.batch_last is not None:  # the batch in flight, formed again up to its last Sequence
+                kept = [event for event in rows if event.seq <= webhook.batch_last]
+                if 0 < len(kept) <= webhook.max_events:  # every matching change up to its last: the same Through
+                    return kept[0].seq, webhook.batch_last, webhook.batch_first_attempt_us, kept
+            rows = rows[:webhook.max_events]  # a new batch (or one that now holds more: its first MaxEvents)
             return (rows[0].seq, rows[-1].seq, None, rows) if rows else None
 
         found = self._read(read)

@@ -563,6 +563,9 @@ MUTANTS = [
          "            return sub.cached[1]\n"
          "        try:\n            programs = self._read("),
     ], ["tests/test_webhooks.py"]),
+    ("webhooks: a batch formed again keeps its recorded Through whatever it holds", "eventstore_webhooks.py", [
+        ("                if 0 < len(kept) <= webhook.max_events:", "                if kept:"),
+    ], ["tests/test_webhooks.py"]),
 ]
 
 

@@ -570,6 +570,44 @@ def test_a_retry_checks_the_owners_grants_first(db, named):
         registry.close()
 
 
+def test_a_batch_formed_again_by_another_process_holds_at_most_maxevents_and_skips_nothing(db):
+    """MaxEvents 2; the owner reads FOO, not the 1000 BAR changes between FOO-first and
+    FOO-last: the first attempt holds those two (Through FOO-last) and fails. Another
+    process then forms the batch again, the owner reading BAR too by then: it holds
+    FOO-first and BAR-0 (Through BAR-0's Sequence), and every change follows in order."""
+    healthy = threading.Event()
+    receiver = Receiver(lambda delivery, n: 200 if healthy.is_set() else 500)
+    registry = Registry(db, webhook_allow_hosts=["127.0.0.1"], **FAST)
+    second = None
+    try:
+        names = ["FOO-first"] + [f"BAR-{n}" for n in range(1000)] + ["FOO-last"]
+        with registry.transaction(seqs=len(names)) as tx:
+            tx.insert_events([(eventstore.validate_event(name, event_body(name[:3])), tx.take_seq())
+                              for name in names])
+        admin, writer = registry.client("admin"), registry.client("writer")
+        writer.put_json("/subscriptions/w", {"Webhook": {"Url": receiver.url, "MaxEvents": 2}})
+        eventually(lambda: state(admin, "w")["Webhook"]["ConsecutiveFailures"] >= 1, "the first attempt failed")
+        registry.app.deliverer.stop()  # this process's deliverer goes, its batch in memory with it
+        first = receiver.deliveries[0]
+        assert [e["EventId"] for e in first.events] == ["FOO-first", "FOO-last"]
+        assert first.json["data"]["Through"] == first.events[-1]["Sequence"]
+        with registry.transaction() as tx:
+            tx.set_grants("writer", {"BAR": "read"})
+        healthy.set()
+        second = eventstore.make_app(db, **FAST)
+        webtest.TestApp(second, extra_environ=THREADED_HOST).get("/health")  # starts its engines
+        eventually(lambda: state(admin, "w")["Behind"] == 0, "delivered", timeout=60)
+        accepted = receiver.accepted()
+        assert all(len(d.events) <= 2 for d in receiver.deliveries)
+        assert all(d.json["data"]["Through"] == d.events[-1]["Sequence"] for d in accepted)
+        assert [e["EventId"] for d in accepted for e in d.events] == names  # in order, none skipped
+    finally:
+        receiver.close()
+        if second is not None:
+            second.close()
+        registry.close()
+
+
 def test_the_engines_steer_by_exceptions_of_their_own_not_by_http_errors(undelivered):
     """A lost grant reaches the deliverer as GrantLost, a lost lease as LeaseLost:
     neither is a Problem (an HTTP answer); the app's own answer stays a 403."""
