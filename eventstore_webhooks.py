@@ -59,6 +59,7 @@ log = logging.getLogger("eventstore")
 ACTIVE, PAUSED, DISABLED = "Active", "Paused", "Disabled"
 SECRET_PREFIX = "whsec_"
 OLD_SECRET_SECONDS = 24 * 3600   # after a rotation, deliveries carry the old signature too this long
+MIN_WAIT = 1.0                   # seconds between attempts at least: the back-off's first, Retry-After's floor
 MAX_EVENTS = (1, 1000, 100)      # a webhook's MaxEvents: lowest, highest, default
 TIMEOUT_SECONDS = (1, 60, 10)    # its TimeoutSeconds: lowest, highest, default
 MAX_URL = 2000
@@ -233,8 +234,9 @@ def after_attempt(webhook, batch, answer, started_us, now, max_backoff, pause_af
     """The webhook once an attempt that began at ``started_us`` ended with ``answer``
     (recorded at ``now``): a 2xx clears the failures and the batch; a failure counts,
     keeps the batch, and schedules the next attempt (back-off, or the Retry-After of
-    a 429 or 503, never past ``max_backoff``); a 410 disables it; failing without a
-    2xx for ``pause_after`` seconds pauses it."""
+    a 429 or 503, never past ``max_backoff`` nor below MIN_WAIT: a Retry-After of 0
+    or in the past does not make it spin); a 410 disables it; failing without a 2xx
+    for ``pause_after`` seconds pauses it."""
     tried = webhook._replace(last_attempt_us=started_us, last_status=answer.status, last_error=answer.error)
     if answer.ok:
         return tried._replace(failures=0, next_attempt_us=None, failing_since_us=None, batch_first=None,
@@ -251,7 +253,7 @@ def after_attempt(webhook, batch, answer, started_us, now, max_backoff, pause_af
                                                              "(--webhook-pause-after)")
     wait = answer.retry_after if answer.retry_after is not None else backoff_seconds(failed.failures, max_backoff,
                                                                                       rng)
-    return failed._replace(next_attempt_us=now + int(min(wait, max_backoff) * 1_000_000))
+    return failed._replace(next_attempt_us=now + int(max(MIN_WAIT, min(wait, max_backoff)) * 1_000_000))
 
 
 def new_webhook(url, max_events, timeout_seconds):

@@ -518,8 +518,8 @@ MUTANTS = [
     ], ["tests/test_webhooks.py"]),
     ("webhooks: back-off without a cap", "eventstore_webhooks.py", [
         ("    return min(rng.uniform(base, 1.5 * base), cap)", "    return rng.uniform(base, 1.5 * base)"),
-        ("    return failed._replace(next_attempt_us=now + int(min(wait, max_backoff) * 1_000_000))",
-         "    return failed._replace(next_attempt_us=now + int(wait * 1_000_000))"),
+        ("    return failed._replace(next_attempt_us=now + int(max(MIN_WAIT, min(wait, max_backoff)) * 1_000_000))",
+         "    return failed._replace(next_attempt_us=now + int(max(MIN_WAIT, wait) * 1_000_000))"),
     ], ["tests/test_webhooks.py"]),
     ("webhooks: a 410 retried", "eventstore_webhooks.py", [
         ("    if answer.status == 410:\n", "    if False:\n"),
@@ -562,6 +562,9 @@ MUTANTS = [
          "                row.position):\n"
          "            return sub.cached[1]\n"
          "        try:\n            programs = self._read("),
+    ], ["tests/test_webhooks.py"]),
+    ("webhooks: a Retry-After of 0 or in the past taken as it is (no floor under the wait)", "eventstore_webhooks.py", [
+        ("int(max(MIN_WAIT, min(wait, max_backoff)) * 1_000_000)", "int(min(wait, max_backoff) * 1_000_000)"),
     ], ["tests/test_webhooks.py"]),
     ("webhooks: a batch formed again keeps its recorded Through whatever it holds", "eventstore_webhooks.py", [
         ("                if 0 < len(kept) <= webhook.max_events:", "                if kept:"),

@@ -394,23 +394,55 @@ def test_a_410_disables_the_webhook_and_active_true_starts_it_again(hooks):
         receiver.close()
 
 
+def noting(client, name, answers, seen):
+    """A receiver's ``answer``: ``answers(n)``, noting in ``seen`` the webhook ``name`` as
+    recorded when each attempt arrives (``seen[n]``: the outcome of attempt n - 1)."""
+    def answer(delivery, n):
+        seen.append(state(client, name)["Webhook"])
+        return answers(n)
+    return answer
+
+
+def retries(receiver, seen):
+    """For each retry, in order: (the seconds from the LastAttemptUTC recorded before it
+    to the NextAttemptUTC recorded with it, whether it came no earlier than that)."""
+    found = []
+    for delivery, recorded in zip(receiver.deliveries[1:], seen[1:]):
+        last, scheduled = (eventstore.parse_datetime(recorded[k]) for k in ("LastAttemptUTC", "NextAttemptUTC"))
+        found.append(((scheduled - last) / 1e6, delivery.arrived_us >= scheduled))
+    return found
+
+
 def test_retry_after_is_honoured_within_the_cap(db):
     registry = Registry(db, webhook_max_backoff=3, **CHECKED)
-    answers = iter([(503, {"Retry-After": "2"}), (429, {"Retry-After": "3600"}), 200])
-    receiver = Receiver(lambda delivery, n: next(answers))
+    admin, seen = registry.client("admin"), []
+    answers = [(503, {"Retry-After": "2"}), (429, {"Retry-After": "3600"}), 200]
+    receiver = Receiver(noting(admin, "lms", lambda n: answers[min(n, 2)], seen))
     try:
-        admin = registry.client("admin")
         publish(admin, 1)
         subscribe(admin, "lms", receiver.url)
-        eventually(lambda: len(receiver.deliveries) == 1, "the first attempt")
-        eventually(lambda: state(admin, "lms")["Webhook"]["NextAttemptUTC"] is not None, "the retry scheduled")
-        hook = state(admin, "lms")["Webhook"]
-        wait = (eventstore.parse_datetime(hook["NextAttemptUTC"]) - eventstore.parse_datetime(hook["LastAttemptUTC"]))
-        assert 2_000_000 <= wait <= 2_000_000 + 1_000_000  # Retry-After: 2, not a second's back-off
-        eventually(lambda: len(receiver.deliveries) == 3, "the retries", timeout=20)
-        assert receiver.deliveries[1].arrived - receiver.deliveries[0].arrived >= 2
-        assert receiver.deliveries[2].arrived - receiver.deliveries[1].arrived >= 3  # an hour, cut to the cap
-        eventually(lambda: state(admin, "lms")["Behind"] == 0, "delivered")
+        eventually(lambda: state(admin, "lms")["Behind"] == 0, "delivered after two retries", timeout=20)
+        (after_2, came), (after_3600, came_too) = retries(receiver, seen)
+        assert after_2 >= 2 and came  # Retry-After: 2, not the first second of back-off
+        assert 3 <= after_3600 < 3600 and came_too  # an hour, cut to the cap
+        assert len(receiver.deliveries) == 3
+    finally:
+        receiver.close()
+        registry.close()
+
+
+def test_a_retry_after_of_0_or_in_the_past_still_waits_a_second(db):
+    """Neither makes the deliverer spin (it made 3,071 attempts in 3 s): the wait has
+    the back-off's first second as its floor."""
+    registry = Registry(db, **FAST)
+    admin, seen = registry.client("admin"), []
+    receiver = Receiver(noting(admin, "lms", lambda n: (503, {"Retry-After": "0" if n % 2 else
+                                                              "Wed, 21 Oct 2015 07:28:00 GMT"}), seen))
+    try:
+        publish(admin, 1)
+        subscribe(admin, "lms", receiver.url)
+        eventually(lambda: len(seen) >= 4, "three retries")
+        assert [(wait >= 1, came) for wait, came in retries(receiver, seen)[:3]] == [(True, True)] * 3
     finally:
         receiver.close()
         registry.close()
@@ -430,16 +462,18 @@ def test_backoff_grows_with_jitter_and_never_passes_the_cap():
 
 def test_a_failing_webhook_waits_at_most_the_cap_between_attempts(db):
     registry = Registry(db, webhook_max_backoff=1, **CHECKED)
-    receiver = Receiver(lambda delivery, n: 500)
+    admin, seen = registry.client("admin"), []
+    receiver = Receiver(noting(admin, "lms", lambda n: 500, seen))
     try:
-        admin = registry.client("admin")
         publish(admin, 1)
-        subscribe(admin, "lms", receiver.url)
-        eventually(lambda: state(admin, "lms")["Webhook"]["ConsecutiveFailures"] >= 6, "six failures", timeout=30)
+        subscribe(admin, "lms", receiver.url, TimeoutSeconds=1)
+        eventually(lambda: len(seen) >= 8, "seven failures", timeout=30)
+        waits = retries(receiver, seen)[:7]
+        assert all(came for _, came in waits)
+        # The n-th failure's back-off is 2^(n-1) s at least uncapped: 32 s for the sixth. From
+        # the attempt's start the cap of 1 s and the attempt (TimeoutSeconds 1) are far less.
+        assert all(1 <= wait < 2 ** (n - 1) for n, (wait, _) in enumerate(waits, 1) if n >= 6)
         hook = state(admin, "lms")["Webhook"]
-        if hook["NextAttemptUTC"] is not None:  # (or being attempted right now)
-            wait = eventstore.parse_datetime(hook["NextAttemptUTC"]) - eventstore.parse_datetime(hook["LastAttemptUTC"])
-            assert wait <= 1_000_000 + 10 * 1_000_000  # the cap, and the attempt's own time at most
         assert hook["LastError"] == "HTTP 500" and state(admin, "lms")["Position"] == 0
     finally:
         receiver.close()
@@ -459,6 +493,10 @@ def test_after_attempt_caps_the_wait_and_stops_at_a_410():
     waited = webhooks.after_attempt(hook, batch, webhooks.Answer("http_error", 503, 7200.0, "HTTP 503"), 10, 20,
                                     max_backoff=60, pause_after=10**9)
     assert waited.next_attempt_us == 20 + 60_000_000
+    for now in (0.0, webhooks.retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT", 1445412480 + 60)):
+        at_once = webhooks.after_attempt(hook, batch, webhooks.Answer("http_error", 503, now, "HTTP 503"), 10, 20,
+                                         max_backoff=60, pause_after=10**9)
+        assert at_once.next_attempt_us == 20 + 1_000_000  # never sooner than the back-off's first second
     ok = webhooks.after_attempt(failed, batch, webhooks.Answer("ok", 204, None, None), 30, 40, 60, 10**9)
     assert (ok.failures, ok.next_attempt_us, ok.batch_last, ok.failing_since_us) == (0, None, None, None)
 
