@@ -16,6 +16,7 @@ nothing of it.
 import os
 import secrets
 import socket
+import threading
 import time
 
 MAX_SECONDS = 30  # a dead holder's lease is free again within this
@@ -42,9 +43,17 @@ class Lease:
         self.held = False
         self._renew_at = 0.0
         self.safe_until = 0.0  # time.monotonic() before which the lease is surely still held, while held
+        # take, keep and give_up one at a time (from a worker and a renewing thread): a
+        # renewal answered after a release committed would leave ``held`` true. Never
+        # taken by ``check``, which runs in the writer's thread those wait for.
+        self._changing = threading.Lock()
 
     def take(self):
         """Take (or renew) the lease -> whether this holder has it now."""
+        with self._changing:
+            return self._take()
+
+    def _take(self):
         started = time.monotonic()
         self.held = self.writer.submit(lambda tx: tx.take_lease(self.name, self.holder, self.seconds),
                                        touched=lambda result: False, seqs=0)
@@ -61,9 +70,10 @@ class Lease:
 
     def keep(self):
         """Renew the lease once a third of its time has passed -> whether it is still held."""
-        if self.held and time.monotonic() >= self._renew_at:
-            return self.take()
-        return self.held
+        with self._changing:
+            if self.held and time.monotonic() >= self._renew_at:
+                return self._take()
+            return self.held
 
     def check(self, tx):
         """In the transaction of work done under the lease, before it writes:
@@ -73,8 +83,10 @@ class Lease:
             raise LeaseLost(self.name)
 
     def give_up(self):
-        """Release the lease if held (a clean stop, or the work is done)."""
-        if self.held:
-            self.held = False
-            self.writer.submit(lambda tx: tx.release_lease(self.name, self.holder),
-                               touched=lambda result: False, seqs=0)
+        """Release the lease if held (a clean stop, or the work is done), after any
+        renewal in flight."""
+        with self._changing:
+            if self.held:
+                self.held = False
+                self.writer.submit(lambda tx: tx.release_lease(self.name, self.holder),
+                                   touched=lambda result: False, seqs=0)

@@ -566,6 +566,10 @@ MUTANTS = [
     ("webhooks: a Retry-After of 0 or in the past taken as it is (no floor under the wait)", "eventstore_webhooks.py", [
         ("int(max(MIN_WAIT, min(wait, max_backoff)) * 1_000_000)", "int(min(wait, max_backoff) * 1_000_000)"),
     ], ["tests/test_webhooks.py"]),
+    ("leases: a release not ordered after a renewal in flight", "eventstore_leases.py", [
+        ("        with self._changing:\n            if self.held:\n                self.held = False",
+         "        if True:\n            if self.held:\n                self.held = False"),
+    ], ["tests/test_retention.py"]),
     ("webhooks: a batch formed again keeps its recorded Through whatever it holds", "eventstore_webhooks.py", [
         ("                if 0 < len(kept) <= webhook.max_events:", "                if kept:"),
     ], ["tests/test_webhooks.py"]),

@@ -1,6 +1,8 @@
 """docs/API.md §5b: RetainDays and the retention sweeper (an engine of its own,
 under a lease in the database), the leases themselves, and the engines' life."""
 
+import threading
+
 import pytest
 import webtest
 
@@ -177,6 +179,42 @@ def test_work_under_a_lease_lost_meanwhile_writes_nothing(registry):
     with pytest.raises(LeaseLost):
         registry.app.write(stale_work, touched=lambda result: False, seqs=0)
     assert registry.storage.reads().find_program("LATE") is None and not lease.held
+
+
+def test_a_renewal_answered_after_the_release_leaves_the_lease_released(registry):
+    """The webhook deliverer's manager renews a delivery's lease while the delivery's
+    thread gives it up. A renewal committed first and answered late must not leave
+    the holder believing it holds the lease it has released since (it delivered
+    again without one, beside the next holder)."""
+    writer, renewed, answer, released = registry.app.writer, threading.Event(), threading.Event(), threading.Event()
+
+    class LateAnswers:
+        """The app's writer; the renewal's answer comes once ``answer`` is set."""
+        renewing = False
+
+        def submit(self, change, **kwargs):
+            result = writer.submit(change, **kwargs)
+            if self.renewing:
+                self.renewing = False
+                renewed.set()
+                answer.wait(10)
+            elif renewed.is_set():
+                released.set()
+            return result
+
+    late = LateAnswers()
+    lease = Lease(late, "work", seconds=30)
+    assert lease.take()
+    late.renewing = True
+    renewal = run_in_thread(lease.take)
+    assert renewed.wait(10)
+    giving_up = run_in_thread(lease.give_up)
+    released.wait(2)  # a chance to release before the renewal's answer (not taken when the lease has a lock)
+    answer.set()
+    renewal(), giving_up()
+    assert not lease.held
+    with registry.transaction() as tx:
+        assert not tx.holds_lease("work", lease.holder)
 
 
 def test_a_lease_lasts_at_most_30_seconds(registry):
