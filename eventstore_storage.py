@@ -194,6 +194,14 @@ class WebhookRow(NamedTuple):
     batch_last: int | None
     batch_first_attempt_us: int | None  # and when it was first sent
 
+    def __repr__(self):  # a row may reach a log line or a traceback: never its secrets
+        shown = (f"{name}={'<hidden>' if name in SECRET_FIELDS and value is not None else repr(value)}"
+                 for name, value in zip(self._fields, self))
+        return f"WebhookRow({', '.join(shown)})"
+
+
+SECRET_FIELDS = ("secret", "old_secret")
+
 
 WEBHOOK_COLUMNS = ", ".join("webhook_" + name for name in (
     "url", "max_events", "timeout", "state", "secret", "old_secret", "old_secret_until_us", "restarts",

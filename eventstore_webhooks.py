@@ -88,9 +88,11 @@ def url_error(url, allow_hosts=()):
                 "a host in punycode)")
     try:
         parts = urllib.parse.urlsplit(url)
-        parts.port  # noqa: B018  (raises ValueError for a port that is not one)
+        port = parts.port  # raises ValueError for a port that is not one
     except ValueError as exc:
         return f"is not a URL ({exc})"
+    if port == 0:
+        return "is not a URL (port 0 is no port to connect to: expected 1-65535)"
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
         return "the scheme must be https (or http, to loopback or an allowed host)"
@@ -373,16 +375,18 @@ class _Sessions:
     """The deliverer's own small pool of storage sessions: borrowed for a read,
     inside the fork guard; at most ``size`` open; a broken one is closed."""
 
-    def __init__(self, storage, size=2):
-        self.storage, self.size = storage, size
+    def __init__(self, storage, size=2, wait_seconds=30.0):
+        self.storage, self.size, self.wait_seconds = storage, size, wait_seconds
         self._idle, self._open = [], 0
         self._changed = threading.Condition()
 
     @contextlib.contextmanager
     def reads(self):
+        """A session to read on; TimeoutError when none is free within ``wait_seconds``
+        (a read that hangs elsewhere: the caller's attempt fails and is tried again)."""
         with self._changed:
-            while not self._idle and self._open >= self.size:
-                self._changed.wait()
+            if not self._changed.wait_for(lambda: self._idle or self._open < self.size, self.wait_seconds):
+                raise TimeoutError(f"no storage session came free within {self.wait_seconds:g} s")
             session = self._idle.pop() if self._idle else None
             if session is None:
                 self._open += 1

@@ -503,6 +503,13 @@ MUTANTS = [
         ('"console" = "eventstore_data/console"\n', ""),
     ], ["tests/test_install.py"]),
     # Issue 32: webhooks.
+    ("webhooks: a webhook row's repr shows its secrets", "eventstore_storage.py", [
+        ("    def __repr__(self):  # a row may reach a log line or a traceback: never its secrets\n",
+         "    def _unused_repr(self):\n"),
+    ], ["tests/test_webhooks.py"]),
+    ("webhooks: port 0 accepted in a Url", "eventstore_webhooks.py", [
+        ("    if port == 0:\n", "    if port == -1:\n"),
+    ], ["tests/test_webhooks.py"]),
     ("webhooks: the Position moved before a 2xx", "eventstore_webhooks.py", [
         ("            if answer.ok:\n                tx.acknowledge(row.name, batch.last, tx.now)",
          "            tx.acknowledge(row.name, batch.last, tx.now)"),

@@ -244,7 +244,7 @@ def undelivered(db):
     "https://user:pw@example.com/hook", "https://user@example.com/hook", "https://example.com/hook#frag",
     "https://example.com/hook#", "https:///hook", "https://", "http://example.com/hook", "http://10.0.0.1/hook",
     "http://169.254.169.254/latest", "http://[::ffff:127.0.0.1]/", "http://127.1/hook", "http://localhost./hook",
-    "https://example.com:99999/", "https://exa mple.com/", "https://ex\u00e4mple.com/", "https://[::1/", 5, None,
+    "https://example.com:99999/", "https://example.com:0/", "http://localhost:0/hook", "https://exa mple.com/", "https://ex\u00e4mple.com/", "https://[::1/", 5, None,
     "https://example.com/" + "a" * 2000, "https://evil.example\\@127.0.0.1/",
 ])
 def test_a_url_of_the_wrong_form_is_a_400_on_webhook_url(undelivered, no_network, url):
@@ -1114,3 +1114,28 @@ def test_a_webhook_is_given_whole_and_a_new_filter_ends_the_batch_in_progress(ho
         assert receiver.accepted()[0].headers["webhook-id"] == f"lms_{bar[0]}_{bar[0]}"
     finally:
         receiver.close()
+
+
+def test_a_webhook_row_shown_in_a_log_line_or_a_traceback_hides_its_secrets(undelivered):
+    admin = undelivered.client("admin")
+    secret = admin.put_json("/subscriptions/s", {"Webhook": {"Url": "https://example.com/hook"}}).json["Secret"]
+    admin.post("/subscriptions/s/secret")  # now an old secret too
+    session = undelivered.app.storage.session()
+    row = session.find_subscription("s")
+    session.close()
+    assert row.webhook.old_secret == secret and row.webhook.secret.startswith("whsec_")
+    for shown in (repr(row), repr(row.webhook), str(row), f"{row!r}"):
+        assert "whsec_" not in shown and secret not in shown
+        assert "secret=<hidden>" in shown and "old_secret=<hidden>" in shown and "url='https://example.com/hook'" in shown
+
+
+def test_a_deliverer_waiting_for_a_storage_session_gives_up_after_its_bound(undelivered):
+    sessions = webhooks._Sessions(undelivered.app.storage, size=1, wait_seconds=0.2)
+    with sessions.reads() as held:
+        assert held.last_sequence() == 0
+        with pytest.raises(TimeoutError, match="no storage session came free within 0.2 s"):
+            with sessions.reads():
+                pass
+    with sessions.reads() as again:  # the one session is free again: taken at once
+        assert again is held
+    sessions.close_idle()
