@@ -783,11 +783,15 @@ class WebhookDeliverer:
         """Send the batch -> its Answer, or None when it was cut by a stop or for the
         lease (sent again later: nothing is recorded)."""
         webhook, now = row.webhook, self.clock()
+        # The secrets as they are now, read after the batch's changes were: ``row`` may
+        # be older than a rotation whose 200 came before a change this batch holds.
+        current = self._read(lambda reads: reads.find_subscription(row.name))
+        secrets = current.webhook if current is not None and current.webhook is not None else webhook
         timestamp = now // 1_000_000
         headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT, "Connection": "close",
                    "webhook-id": batch.msg_id, "webhook-timestamp": str(timestamp),
                    "webhook-signature": " ".join(signature(secret, batch.msg_id, timestamp, batch.body)
-                                                 for secret in signing_secrets(webhook, now))}
+                                                 for secret in signing_secrets(secrets, now))}
         attempt = _Attempt(webhook.timeout_seconds, sub.lease, lambda: self._stop_by)
         with self._changed:
             sub.attempt = attempt

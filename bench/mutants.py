@@ -507,6 +507,9 @@ MUTANTS = [
         ("    def __repr__(self):  # a row may reach a log line or a traceback: never its secrets\n",
          "    def _unused_repr(self):\n"),
     ], ["tests/test_webhooks.py"]),
+    ("webhooks: signed with the secrets read before the batch's changes", "eventstore_webhooks.py", [
+        ("for secret in signing_secrets(secrets, now))}", "for secret in signing_secrets(webhook, now))}"),
+    ], ["tests/test_webhooks.py"]),
     ("webhooks: port 0 accepted in a Url", "eventstore_webhooks.py", [
         ("    if port == 0:\n", "    if port == -1:\n"),
     ], ["tests/test_webhooks.py"]),

@@ -175,6 +175,36 @@ def test_the_secret_is_shown_once_and_a_rotation_signs_with_both_for_24_hours(ho
         verified(secret, third)
 
 
+def test_a_change_committed_after_a_rotation_is_signed_with_both_secrets(db, receiver):
+    """Even when the deliverer read the subscription before the rotation: here the
+    rotation commits while the batch holding FOO-2 is formed (in its render)."""
+    rotations = []
+
+    def render(row):
+        if row.event_id == "FOO-2" and not rotations:
+            rotations.append(registry.client("admin").post("/subscriptions/lms/secret").json["Secret"])
+        return eventstore.render_event(row)
+
+    def deliverer(*args, **options):
+        return webhooks.WebhookDeliverer(*args, programs_of=eventstore.webhook_programs, render=render,
+                                         format_time=eventstore.format_datetime, on_error=DELIVERER_ERRORS.append,
+                                         **options)
+
+    registry = Registry(db, make_deliverer=deliverer, webhook_max_backoff=1)
+    try:
+        admin = registry.client("admin")
+        old = subscribe(admin, "lms", receiver.url)["Secret"]
+        publish(admin, 1)
+        eventually(lambda: len(receiver.accepted()) == 1, "delivered")
+        publish(admin, 2)
+        eventually(lambda: any(b"FOO-2" in d.body for d in receiver.accepted()), "FOO-2 delivered")
+        delivery = next(d for d in receiver.deliveries if b"FOO-2" in d.body)
+        assert len(delivery.headers["webhook-signature"].split(" ")) == 2
+        verified(rotations[0], delivery), verified(old, delivery)
+    finally:
+        registry.close()
+
+
 def test_after_24_hours_only_the_new_secret_signs(db, receiver):
     clock = {"offset": 0}
     registry = Registry(db, clock=lambda: eventstore.now_us() + clock["offset"], **FAST)
