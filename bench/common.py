@@ -1,7 +1,7 @@
 """What the benchmarks share: wrk and its Lua scripts, the event body, rounds
 taken in turn, the baseline app, CPU and RSS readings, pulling a feed, the
 cross-process wake-up and percentiles. bench/run.py, bench/postgres.py,
-bench/event_types.py, bench/schemas.py and bench/subscriptions.py import this;
+bench/event_types.py, bench/schemas.py, bench/subscriptions.py and bench/cost.py import this;
 none of them imports another (run.py runs the others).
 
 The servers are started as the end-to-end tests start them (tests/server.py),
@@ -67,18 +67,19 @@ def event_body(n):
                             EventData={"course": f"CPR-{n % 300}", "score": n % 100, "passed": True})
 
 
-def wrk(port, lua, seconds, connections=16, args=(), expect_errors=False, timeouts_allowed=False):
+def wrk(port, lua, seconds, connections=16, args=(), expect_errors=False, timeouts_allowed=False, cpu=None):
     """-> (requests/s, p50 ms, p99 ms, total requests, wrk's own CPU seconds per
     request); fails on any non-2xx (unless ``expect_errors``) and on any socket
     error (but requests that took over wrk's 2 s, with ``timeouts_allowed``: they
-    are said, and count in p99)."""
+    are said, and count in p99). ``cpu``: the CPU wrk is kept to (taskset)."""
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(lua)
     try:
         result = subprocess.run(
-            ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", script.name,
-             f"http://127.0.0.1:{port}", "--", *args], capture_output=True, text=True, check=True)
+            [*(("taskset", "-c", str(cpu)) if cpu is not None else ()), "wrk", "-t1", f"-c{connections}",
+             f"-d{seconds}s", "--latency", "-s", script.name, f"http://127.0.0.1:{port}", "--", *args],
+            capture_output=True, text=True, check=True)
     finally:
         os.unlink(script.name)
     out = result.stdout
@@ -129,8 +130,13 @@ def median_run(runs):
 
 def cpu_seconds(pid):
     """CPU seconds (user + system) process ``pid`` has used so far."""
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid):
+    """(user, system) CPU seconds process ``pid`` (all its threads) has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid):

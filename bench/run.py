@@ -42,6 +42,10 @@ Issue 32 (bench/webhooks.py, printed after issue 31's):
      at most 500 ms) and at 2
  21. deliveries of a backlog, events/s, with MaxEvents 1 and 100 / the feed's own read
      through Next at the same limit
+Issue 35 (bench/cost.py, printed after issue 34's): CPU microseconds per request of
+the serving process, PUT and GET, against the baseline app's (C1, C2), per event of a
+batch POST and of the pull through Next (C3, C4), and PUT and GET with this round's
+features in use against without (C5).
 Issue 11 (bench/postgres.py, printed last): PostgreSQL against SQLite, P1-P7.
 Issue 4:
   export and import events/s / raw sqlite3 read and executemany of the same rows,
@@ -70,6 +74,7 @@ from common import (GET_LUA, NO_AUTH_LUA, PUT_LUA, PYTHON, ROOT, ROUNDS, Baselin
 import eventstore  # noqa: E402  (common put the repository on sys.path)
 import eventstore_sqlite  # noqa: E402
 import eventstore_storage  # noqa: E402
+import cost  # noqa: E402  (bench/cost.py)
 import event_types  # noqa: E402  (bench/event_types.py)
 import feed  # noqa: E402  (bench/feed.py)
 import metrics  # noqa: E402  (bench/metrics.py)
@@ -411,6 +416,7 @@ def main():
     subscriptions.main(options.events, options.seconds)
     webhooks.main()
     metrics.main(options.seconds, options.events)
+    cost.main(min(options.seconds, 6))
     postgres.main(options.events, options.seconds)  # last: it starts a PostgreSQL cluster of its own
 
 
