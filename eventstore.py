@@ -151,6 +151,12 @@ def has_lone_surrogate(value):
 SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89abcdefABCDEF]")
 
 
+# PERF: built once; json.loads with these hooks builds a decoder and its scanner
+# at every call (docs/DESIGN.md, "Measured choices").
+_STRICT_DECODER = json.JSONDecoder(object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant,
+                                   parse_float=_finite_float)
+
+
 def parse_json(body):
     """Request body bytes -> parsed JSON, or Problem(400) saying what is wrong."""
     try:
@@ -158,12 +164,9 @@ def parse_json(body):
     except UnicodeDecodeError as exc:
         raise bad_request(f"The body is not valid UTF-8 (byte {exc.start}).") from None
     try:
-        value = json.loads(
-            text,
-            object_pairs_hook=_reject_duplicates,
-            parse_constant=_reject_constant,
-            parse_float=_finite_float,
-        )
+        if text.startswith("\ufeff"):  # as json.loads says it
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        value = _STRICT_DECODER.decode(text)
     except RecursionError:
         raise bad_request("The body is not valid JSON: it is nested too deeply.") from None
     except ValueError as exc:  # JSONDecodeError is a ValueError
@@ -1719,14 +1722,15 @@ class Request:
 
     def json_body(self):
         """The body as strict JSON: 415 for a non-JSON type, 413 over the limit."""
-        media_type, _, params = (self.header("Content-Type") or "application/json").partition(";")
-        charset = re.search(r"charset\s*=\s*\"?([^\";\s]+)", params, re.I)
-        if media_type.strip().lower() != "application/json" or (
-                charset and charset.group(1).lower() not in ("utf-8", "utf8")):
-            raise Problem(415, "The body must be JSON: send Content-Type: application/json (UTF-8).")
+        content_type = self.environ.get("CONTENT_TYPE")
+        if content_type and content_type != "application/json":
+            media_type, _, params = content_type.partition(";")
+            charset = re.search(r"charset\s*=\s*\"?([^\";\s]+)", params, re.I)
+            if media_type.strip().lower() != "application/json" or (
+                    charset and charset.group(1).lower() not in ("utf-8", "utf8")):
+                raise Problem(415, "The body must be JSON: send Content-Type: application/json (UTF-8).")
         limit = self.app.max_body_bytes
-        too_large = Problem(413, f"The body is larger than the limit of {limit} bytes.")
-        length = self.header("Content-Length")
+        length = self.environ.get("CONTENT_LENGTH")
         stream = self.environ["wsgi.input"]
         if length:
             # Checked here, not left to the server: ASCII digits only (str.isdigit
@@ -1736,18 +1740,22 @@ class Request:
                                   [field_error("Content-Length", "expected ASCII digits")])
             digits = length.lstrip("0") or "0"
             if len(digits) > 18 or int(digits) > limit:
-                raise too_large
+                raise _too_large(limit)
             body = stream.read(int(digits))
         elif self.environ.get("wsgi.input_terminated"):  # the server ends the input (a chunked body, say)
             body = stream.read(limit + 1)
             if len(body) > limit:
-                raise too_large
+                raise _too_large(limit)
         else:  # reading on would wait for bytes that may never come (PEP 3333)
             raise Problem(411, "Send the body with a Content-Length header.")
         return parse_json(body)
 
 
 CONTENT_LENGTH_RE = re.compile(r"[0-9]+", re.ASCII)
+
+
+def _too_large(limit):
+    return Problem(413, f"The body is larger than the limit of {limit} bytes.")
 
 
 # ============================================================================
@@ -2266,6 +2274,8 @@ class Router:
             if claimed and not route.raw:
                 continue  # the path as sent is a RAW_PATH route's: no decoded reading of it counts
             if route.raw:
+                if callable(raw_path):
+                    raw_path = raw_path()
                 found = route.pattern.fullmatch(raw_path or urllib.parse.quote(path, safe="/"))
                 try:
                     params = found and {name: urllib.parse.unquote(value, errors="strict")
