@@ -368,6 +368,16 @@ MUTANTS = [
     ("schema: compiled validators keyed without the version", "eventstore_schemas.py", [
         ("        key = (event_type, version)", "        key = event_type"),
     ], ["tests/test_schemas.py"]),
+    ("schema: the fast pass takes a number below the minimum", "eventstore_schemas.py", [
+        ("        return lambda instance: not is_number(instance) or not instance < value\n",
+         "        return lambda instance: True\n"),
+    ], ["tests/test_schemas.py"]),
+    ("schema: the fast pass skips a property's subschema", "eventstore_schemas.py", [
+        ("            if name in instance and not check(instance[name]):", "            if False:"),
+    ], ["tests/test_schemas.py"]),
+    ("schema: the fast pass without the budget's bound", "eventstore_schemas.py", [
+        ("    return check if steps[0] < MAX_STEPS else None", "    return check"),
+    ], ["tests/test_schemas.py"]),
     ("retention: erases events that have not expired", "eventstore_sqlite.py", [
         ('            " AND e.updated_us < ? - t.retain_days * 86400000000"',
          '            " AND e.updated_us < ? + 0 * t.retain_days"'),

@@ -373,6 +373,67 @@ def test_a_schema_that_blows_up_is_refused_per_event_not_hung(admin, writer):
     assert fields(put(writer, "FOO-2", {}, status=400, event_type="Endless")) == ["EventData"]
 
 
+
+# --- The fast pass (eventstore_schemas.fast_pass): valid means what jsonschema says ------------
+
+FAST_SCHEMAS = [
+    SCORE,
+    {"type": ["integer", "null"], "exclusiveMinimum": -1, "exclusiveMaximum": 10, "multipleOf": 2},
+    {"type": "number", "minimum": 0.5, "maximum": 1e300},
+    {"type": "string", "minLength": 2, "maxLength": 3, "pattern": "^a", "format": "email", "title": "t"},
+    {"$schema": "http://json-schema.org/draft-07/schema#", "type": "integer", "enum": [1, 2.0, True]},
+    {"$schema": "https://json-schema.org/draft/2019-09/schema", "const": {"a": [1, False]}},
+    {"type": "object", "required": ["a"], "minProperties": 1, "maxProperties": 2, "dependentRequired": {"a": ["b"]},
+     "properties": {"a": True, "b": False, "c": {}, "d": {"properties": {"e": {"type": "array", "uniqueItems": True,
+                                                                              "maxItems": 3, "minItems": 1}}}},
+     "$defs": {"unused": {"$ref": "#"}}, "x-unknown": {"$ref": "#"}},
+    {},
+]
+FAST_INSTANCES = [None, True, False, 0, 1, -1, 2, 1.0, 2.0, 0.5, -0.0, 1e301, 10**40, float("nan"), float("inf"),
+                  "", "a", "ab", "abc", "abcd", "b😀", "😀😀😀", [], [1, 1.0], [1, True],
+                  {}, {"a": 1}, {"a": 1, "b": 2}, {"b": 2}, {"c": None}, {"a": [1, False]}, {"d": {"e": [1, 1]}},
+                  {"d": {"e": [1, 2]}}, {"d": {"e": []}}, {"d": 5}, {"course": "x", "score": 0},
+                  {"course": "x", "score": 100.0}, {"course": "x", "score": 101}, {"course": "x", "score": -1},
+                  {"course": "x", "score": True}, {"course": 1, "score": 5}, {"course": "x"}, {"score": 5}]
+
+
+@pytest.mark.parametrize("schema", FAST_SCHEMAS)
+def test_the_fast_pass_finds_valid_exactly_what_jsonschema_finds_valid(schema):
+    """The fast pass answers for most events (eventstore_schemas.fast_pass): it must
+    find valid what jsonschema's own validator finds valid, and nothing else."""
+    import jsonschema
+    compiled = eventstore_schemas.CompiledSchema(schema)
+    assert compiled.valid is not None  # these schemas are all ones the fast pass takes
+    reference = jsonschema.validators.validator_for(schema)(schema)
+    for instance in FAST_INSTANCES:
+        assert compiled.valid(instance) == reference.is_valid(instance), (schema, instance)
+        assert (compiled.violations(instance) == []) == reference.is_valid(instance), (schema, instance)
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "object", "additionalProperties": {"type": "string"}},
+    {"type": "array", "items": {"type": "integer"}},
+    {"properties": {"a": {"allOf": [{"type": "string"}]}}},
+    {"$defs": {"s": {"type": "string"}}, "properties": {"a": {"$ref": "#/$defs/s"}}},
+    {"type": "object", "patternProperties": {"^a": {"type": "integer"}}},
+])
+def test_a_schema_the_fast_pass_does_not_take_is_left_to_jsonschema(schema):
+    """Keywords whose work grows with the event (items, additionalProperties...) or that
+    follow references count against the budget: jsonschema runs those, with it."""
+    assert eventstore_schemas.CompiledSchema(schema).valid is None
+
+
+def test_a_schema_that_could_reach_the_step_budget_gets_no_fast_pass(monkeypatch):
+    """The fast pass keeps no budget: it is only taken where the schema's own size
+    bounds an event's steps below MAX_STEPS."""
+    assert eventstore_schemas.CompiledSchema(SCORE).valid is not None
+    monkeypatch.setattr(eventstore_schemas, "MAX_STEPS", 2)
+    assert eventstore_schemas.CompiledSchema(SCORE).valid is None
+    compiled = eventstore_schemas.CompiledSchema({"properties": {"a": {"properties": {"b": {"type": "string"}}}}})
+    assert compiled.valid is None
+    assert "steps" in compiled.violations({"a": {"b": "x"}})[0]["message"]  # and the budget still stops the rest
+
+
 # --- Routes: %2F in a type's name ------------------------------------------------------------
 
 def test_a_percent_encoded_slash_never_separates_segments(admin, registry):
