@@ -99,13 +99,21 @@ def during(load, action, settle=1.0):
     """Run ``load()`` (a wrk run) in a thread; ``settle`` s after it starts, time
     ``action()`` -> (the action's seconds, its result, the load's outcome)."""
     outcome = {}
-    thread = threading.Thread(target=lambda: outcome.update(result=load()))
+
+    def run():
+        try:
+            outcome["result"] = load()
+        except BaseException as exc:  # wrk's errors end in SystemExit, which a thread drops silently
+            outcome["error"] = exc
+    thread = threading.Thread(target=run)
     thread.start()
     time.sleep(settle)
     started = time.monotonic()
     result = action()
     took = time.monotonic() - started
     thread.join()
+    if "error" in outcome:
+        raise SystemExit(f"the load beside the action failed (the action took {took:.2f} s): {outcome['error']}")
     return took, result, outcome["result"]
 
 
