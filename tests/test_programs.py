@@ -65,8 +65,11 @@ def test_health_is_503_when_the_database_does_not_answer(tmp_path):
     app = eventstore.make_app(tmp_path / "gone.db")
     (tmp_path / "gone.db").write_bytes(b"this is not a database" * 100)
     import webtest
-    response = webtest.TestApp(app).get("/health", status=503)
-    assert response.content_type == "application/problem+json"
+    try:
+        response = webtest.TestApp(app).get("/health", status=503)
+        assert response.content_type == "application/problem+json"
+    finally:
+        app.close()  # its engines, started by the request, stop with it
 
 
 def test_openapi_document_describes_every_route(registry):
@@ -184,10 +187,13 @@ def test_an_unexpected_error_is_a_bare_500_and_logged(tmp_path, caplog):
         raise RuntimeError("secret internals /var/db/path")
 
     app = eventstore.make_app(tmp_path / "boom.db", routes=[("GET", "/boom", explode, eventstore.OPEN, eventstore.NO_QUERY)])
-    response = webtest.TestApp(app).get("/boom", headers={"X-Request-Id": "boom-1"}, status=500)
-    assert response.json == {"type": "about:blank", "title": "Internal Server Error", "status": 500,
-                             "detail": "Internal error.", "requestId": "boom-1"}
-    assert "secret internals" in caplog.text
+    try:
+        response = webtest.TestApp(app).get("/boom", headers={"X-Request-Id": "boom-1"}, status=500)
+        assert response.json == {"type": "about:blank", "title": "Internal Server Error", "status": 500,
+                                 "detail": "Internal error.", "requestId": "boom-1"}
+        assert "secret internals" in caplog.text
+    finally:
+        app.close()
 
 
 def test_location_includes_the_mount_point(writer):
