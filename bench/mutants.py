@@ -289,6 +289,10 @@ MUTANTS = [
     ("serve.py: a long poll whose client left waits on", "serve.py", [
         ("channel_request_lookahead=1, ", ""),
     ], ["tests/test_client.py"]),
+    # Issue 35: the JSON access line written out field by field.
+    ("serve.py: a JSON access line's user written unescaped", "serve.py", [
+        ('f\'"user": {text(user)}, ', 'f\'"user": "{user}", '),
+    ], ["tests/test_server.py"]),
     # Issue 29's fixes, each broken again.
     ("serve.py: a second server on another spelling of the address is let in", "serve.py", [
         ("    if port:\n        for family, address in addresses:", "    if False:\n        for family, address in addresses:"),

@@ -297,6 +297,32 @@ def test_the_access_log_quotes_exactly_what_urllib_quotes():
     assert odd_method.split()[3:5] == ["G?E?T", "/"]
 
 
+def test_a_json_access_line_is_what_json_dumps_gives():
+    """The JSON line is written out field by field (PERF): it is the text json.dumps
+    gives for the same fields, also for a user and an address with quotes,
+    backslashes, control and non-ASCII characters, and with no answer (status null)."""
+    import io
+    import serve
+    stream = io.StringIO()
+    log = serve.AccessLog(lambda environ, start_response: [], stream, clock=lambda: 0.0, json_lines=True,
+                          flush_interval=60)
+    odd = 'a"b\\c\x01\u00e9\u2028\U0001f600'
+    environ = {"REQUEST_METHOD": "PUT", "PATH_INFO": "/events/FOO-1", "QUERY_STRING": "x=1",
+               "REMOTE_ADDR": odd, "eventstore.user_id": odd, "eventstore.request_id": "r-1"}
+    log.write(environ, ("201 Created", [("Content-Length", "17")]), 0, -0.00125)
+    log.write({"REQUEST_METHOD": "GET", "PATH_INFO": "/"}, None, 5, 0.0)
+    log.close()
+    lines = stream.getvalue().splitlines()
+    fields = [json.loads(line) for line in lines]
+    assert [line == json.dumps(field) for line, field in zip(lines, fields)] == [True, True]
+    assert {k: fields[0][k] for k in ("remoteAddr", "user", "method", "path", "status", "bytes", "durationMs",
+                                      "requestId")} == {
+        "remoteAddr": odd, "user": odd, "method": "PUT", "path": "/events/FOO-1?x=1", "status": 201, "bytes": 17,
+        "durationMs": 1.2, "requestId": "r-1"}
+    assert {k: fields[1][k] for k in ("remoteAddr", "user", "status", "bytes", "requestId")} == {
+        "remoteAddr": "-", "user": "-", "status": None, "bytes": 5, "requestId": "-"}
+
+
 def test_a_chunked_put_over_waitress_is_written(server):
     """waitress ends a chunked body itself (wsgi.input_terminated): the PUT is
     read and written, not refused for its missing Content-Length."""
