@@ -17,7 +17,9 @@ cannot run (a backreference, a lookaround) is refused when the schema is set.
 jsonschema calls ``re.search`` in four modules (pattern, patternProperties,
 additionalProperties, unevaluatedProperties); each of those modules is handed
 a ``re`` whose ``search`` is RE2's for any pattern RE2 compiles. uniqueItems is
-done by hashing (jsonschema compares every pair: quadratic). And every keyword
+done by hashing (jsonschema compares every pair: quadratic); multipleOf of an
+integer past float range by fractions (jsonschema 4.26 raises OverflowError
+there). And every keyword
 evaluated counts against a budget of MAX_STEPS per event (a schema can refer to
 itself in ways that make one event cost exponentially many evaluations): past
 it, the event does not validate (one violation saying so), whatever it holds.
@@ -35,6 +37,7 @@ import json
 import re
 import threading
 from collections import OrderedDict
+from fractions import Fraction
 
 from eventstore_errors import Problem, bad_request, field_error
 
@@ -82,6 +85,7 @@ class _Toolkit:
     """jsonschema's validator classes for the three drafts, extended for bounded work."""
 
     def __init__(self):
+        import attrs
         import jsonschema
         import jsonschema._keywords
         import jsonschema._legacy_keywords
@@ -102,7 +106,8 @@ class _Toolkit:
         for module in (jsonschema._keywords, jsonschema._legacy_keywords, jsonschema._utils):
             if not isinstance(module.re, _RE2Search):
                 module.re = _RE2Search(self.regex)
-        overrides = {"uniqueItems": self._unique_items}
+        self.jsonschema_multiple_of = jsonschema._keywords.multipleOf
+        overrides = {"uniqueItems": self._unique_items, "multipleOf": self._multiple_of}
         self.classes = {}
         self.metaschema_checkers = {}
         self.fast_parts = {}  # draft -> (its keywords' functions, uncounted; its type checker's functions)
@@ -118,6 +123,9 @@ class _Toolkit:
             # format_checker None: the metaschema's "format": "regex" would compile
             # patterns with Python's re, which refuses some RE2 takes (\p{L}).
             self.metaschema_checkers[uri] = meta(base.META_SCHEMA, registry=METASCHEMAS, format_checker=None)
+        extended_of = {getattr(jsonschema, name): self.classes[uri] for uri, name in DRAFTS.items()}
+        for extended in self.classes.values():
+            extended.evolve = _evolve_within(extended, extended_of, jsonschema.validators.validator_for, attrs)
 
     @functools.lru_cache(maxsize=1024)
     def regex(self, pattern):
@@ -136,6 +144,16 @@ class _Toolkit:
                     yield self.ValidationError(f"{_short(instance)} has non-unique elements")
                     return
                 seen.add(key)
+
+    def _multiple_of(self, validator, divisor, instance, schema):
+        """jsonschema's multipleOf; but where a float divisor's quotient is no float (an
+        integer past 1e308: jsonschema 4.26 divides outside its try and raises
+        OverflowError, a 500), decided exactly as its own overflow fallback does."""
+        try:
+            yield from self.jsonschema_multiple_of(validator, divisor, instance, schema)
+        except OverflowError:
+            if (Fraction(instance) / Fraction(divisor)).denominator != 1:
+                yield self.ValidationError(f"{instance!r} is not a multiple of {divisor}")
 
 
 class _RE2Search:
@@ -187,6 +205,24 @@ def _direct_is_type(is_type, checker):
         function = direct.get(type)
         return function(instance) if function is not None else is_type(self, instance, type)
     return is_type_directly
+
+
+def _evolve_within(cls, extended_of, validator_for, attrs):
+    """jsonschema's ``evolve`` (descend's and references' way to a subschema's
+    validator), but always to one of the extended classes: for a subschema naming
+    its own $schema, jsonschema's picks that draft's plain class, whose keywords
+    count no steps (a schema could run past the budget: 2**15 evaluations of an
+    event went unbounded). A $schema of an accepted draft gets that draft's
+    extended class (as jsonschema would switch drafts); any other, the class at hand."""
+    fields = [(field.name, field.alias) for field in attrs.fields(cls) if field.init]
+
+    def evolve(self, **changes):
+        schema = changes.setdefault("schema", self.schema)
+        chosen = extended_of.get(validator_for(schema, default=type(self)), type(self))
+        for name, alias in fields:
+            changes.setdefault(alias, getattr(self, name))
+        return chosen(**changes)
+    return evolve
 
 
 def _leaf_descend(descend, keywords):
@@ -273,8 +309,8 @@ def _fast_subschema(schema, keywords, types, validator, steps, depth):
         return _always
     if schema is False:
         return _never
-    if not isinstance(schema, dict) or depth > FAST_NESTING:
-        raise _NoFastPass()
+    if not isinstance(schema, dict) or depth > FAST_NESTING or (depth and "$schema" in schema):
+        raise _NoFastPass()  # a subschema's own $schema switches jsonschema to that draft's rules
     steps[0] += 1 + len(schema)
     checks = []
     for keyword, value in schema.items():

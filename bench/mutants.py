@@ -382,6 +382,24 @@ MUTANTS = [
     ("schema: the fast pass without the budget's bound", "eventstore_schemas.py", [
         ("    return check if steps[0] < MAX_STEPS else None", "    return check"),
     ], ["tests/test_schemas.py"]),
+    ("schema: the fast pass takes a subschema naming its own draft", "eventstore_schemas.py", [
+        (' or (depth and "$schema" in schema):', ":"),
+    ], ["tests/test_schemas.py"]),
+    ("schema: a subschema naming its own draft runs without the budget", "eventstore_schemas.py", [
+        ("            extended.evolve = _evolve_within(", "            _unused = _evolve_within("),
+    ], ["tests/test_schemas.py"]),
+    ("schema: multipleOf past float range is a 500", "eventstore_schemas.py", [
+        ('overrides = {"uniqueItems": self._unique_items, "multipleOf": self._multiple_of}',
+         'overrides = {"uniqueItems": self._unique_items}'),
+    ], ["tests/test_schemas.py"]),
+    ("schema: the fast pass's exclusiveMaximum takes the bound itself", "eventstore_schemas.py", [
+        ("        return lambda instance: not is_number(instance) or not instance >= value\n",
+         "        return lambda instance: not is_number(instance) or not instance > value\n"),
+    ], ["tests/test_schemas.py"]),
+    ("schema: the fast pass's maxLength counts UTF-16 units", "eventstore_schemas.py", [
+        ("        return lambda instance: not (is_string(instance) and len(instance) > value)\n",
+         "        return lambda instance: not (is_string(instance) and len(instance.encode('utf-16-le')) // 2 > value)\n"),
+    ], ["tests/test_schemas.py"]),
     ("retention: erases events that have not expired", "eventstore_sqlite.py", [
         ('            " AND e.updated_us < ? - t.retain_days * 86400000000"',
          '            " AND e.updated_us < ? + 0 * t.retain_days"'),

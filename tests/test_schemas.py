@@ -434,6 +434,276 @@ def test_a_schema_that_could_reach_the_step_budget_gets_no_fast_pass(monkeypatch
     assert "steps" in compiled.violations({"a": {"b": "x"}})[0]["message"]  # and the budget still stops the rest
 
 
+D7, D2019, D2020 = ("http://json-schema.org/draft-07/schema#", "https://json-schema.org/draft/2019-09/schema",
+                    "https://json-schema.org/draft/2020-12/schema")
+
+
+def test_a_subschema_naming_another_draft_is_decided_by_that_draft():
+    """jsonschema validates a subschema with its own $schema by that draft's rules:
+    here draft 2020-12's dependentRequired inside a draft-07 schema (draft-07 has no
+    such keyword). The fast pass knew only the root's draft and found valid."""
+    schema = {"$schema": D7, "properties": {"a": {"$schema": D2020, "dependentRequired": {"x": ["y"]}}}}
+    eventstore_schemas.check_schema(schema, len(json.dumps(schema)))  # a schema that can be set
+    compiled = eventstore_schemas.CompiledSchema(schema)
+    assert [e["field"] for e in compiled.violations({"a": {"x": 1}})] == ["EventData/a/y"]
+    assert compiled.violations({"a": {"x": 1, "y": 2}}) == []
+    inverse = {"properties": {"a": {"$schema": D7, "dependentRequired": {"x": ["y"]}}}}
+    assert eventstore_schemas.CompiledSchema(inverse).violations({"a": {"x": 1}}) == []
+
+
+def test_a_subschema_naming_its_own_draft_still_counts_steps():
+    """jsonschema gives a subschema with its own $schema its draft's plain validator
+    class; the budget must hold there too (2**16 evaluations for a string)."""
+    defs = {f"d{i}": {"$schema": D2020, "allOf": [{"$ref": f"#/$defs/d{i + 1}"}, {"$ref": f"#/$defs/d{i + 1}"}]}
+            for i in range(16)}
+    schema = {"$defs": {**defs, "d16": {"type": "string"}}, "$ref": "#/$defs/d0"}
+    eventstore_schemas.check_schema(schema, len(json.dumps(schema)))
+    assert "steps" in eventstore_schemas.CompiledSchema(schema).violations("x")[0]["message"]
+
+
+def test_multiple_of_a_float_for_an_integer_past_float_range_is_an_answer_not_an_error(admin, writer):
+    """jsonschema 4.26's multipleOf divides a huge integer by a float divisor outside its
+    overflow fallback (OverflowError: a 500); it is decided as that fallback does."""
+    compiled = eventstore_schemas.CompiledSchema({"multipleOf": 0.5})
+    assert compiled.violations(10 ** 400) == [] and compiled.valid(10 ** 400)
+    assert compiled.violations(10 ** 400 + 1) == []  # every integer is a multiple of 0.5
+    thirds = eventstore_schemas.CompiledSchema({"multipleOf": 0.3})  # the float 0.3 is not 3/10
+    assert [e["field"] for e in thirds.violations(10 ** 400)] == ["EventData"] and not thirds.valid(10 ** 400)
+    set_type(admin, {"properties": {"n": {"multipleOf": 0.1}}})
+    answer = put(writer, "FOO-1", {"n": 10 ** 400}, status=400)
+    assert fields(answer) == ["EventData/n"]
+
+
+# The differential property test: schemas of the keywords the fast pass takes (and a few it
+# does not), on every draft, against values at the edges; its verdict must be jsonschema's.
+# HYPOTHESIS_PROFILE=thorough runs many more.
+
+FAST_NAMES = ["a", "b", "é", "😀"]
+FAST_NUMBERS = [0, 1, -1, 2, 3, 7, 1.0, 2.0, -0.0, 0.0, 0.1, 0.01, 0.3, 0.30000000000000004, 1.5, 2.5, 1e308, -1e308,
+                1e-300, 2 ** 53, 2 ** 53 + 1, 9007199254740992.0, 10 ** 30, 1e30, 10 ** 400, -(10 ** 400)]
+FAST_STRINGS = ["", "a", "ab", "abc", "é", "e\u0301", "\u0301", "😀", "😀😀", "a😀", "aé", "\n", "a\nb", "1", "A",
+                "ä", "日本"]
+FAST_PATTERNS = ["^a", "a$", "^a$", "^$", "^.$", "^..$", "\\d", "^\\p{L}+$", "é", "e\u0301", "😀", "^[😀a]+$",
+                 "(?i)^a", "^\\w*$", "\\Aa", "a\\z", "^(a|ab)$", "[^a]"]
+FAST_TYPES = ["null", "boolean", "integer", "number", "string", "array", "object"]
+
+
+def _fast_pass_strategies():
+    from hypothesis import strategies as st
+
+    edges = st.sampled_from(FAST_NUMBERS)
+    numbers = st.one_of(edges, edges, edges, st.integers(), st.floats(allow_nan=False, allow_infinity=False))
+    strings = st.sampled_from(FAST_STRINGS) | st.text(st.sampled_from("ae😀\u0301日1"), max_size=4)
+    scalars = st.none() | st.booleans() | numbers | strings
+    values = st.recursive(scalars, lambda children: st.lists(children, max_size=3) | st.dictionaries(
+        st.sampled_from(FAST_NAMES), children, max_size=3), max_leaves=8)
+    names = st.sampled_from(FAST_NAMES)
+    sizes = st.sampled_from([0, 1, 2, 3, 2.0])
+    positive = st.sampled_from([0.1, 0.01, 0.5, 1, 2, 3, 1.5, 1e-300, 1e308, 2 ** 53 + 1, 10 ** 30, 7.0]) | \
+        st.floats(min_value=1e-6, max_value=1e6) | st.integers(min_value=1, max_value=10 ** 20)
+    leaf = {
+        "type": st.sampled_from(FAST_TYPES) | st.lists(st.sampled_from(FAST_TYPES), min_size=1, max_size=3,
+                                                        unique=True),
+        "required": st.lists(names, max_size=4),  # duplicates too (the metaschema refuses them; same verdict)
+        "minimum": numbers, "maximum": numbers, "exclusiveMinimum": numbers, "exclusiveMaximum": numbers,
+        "multipleOf": positive, "minLength": sizes, "maxLength": sizes, "pattern": st.sampled_from(FAST_PATTERNS),
+        "enum": st.lists(values, min_size=1, max_size=4), "const": values,
+        "minItems": sizes, "maxItems": sizes, "uniqueItems": st.booleans(),
+        "minProperties": sizes, "maxProperties": sizes,
+        "dependentRequired": st.dictionaries(names, st.lists(names, max_size=2), max_size=2),
+        "format": st.sampled_from(["email", "date", "uri", "regex"]),
+        "title": strings, "description": strings, "default": values, "examples": st.lists(values, max_size=2),
+        "deprecated": st.booleans(), "readOnly": st.booleans(), "writeOnly": st.booleans(), "$comment": strings,
+        "contentEncoding": st.just("base64"), "contentMediaType": st.just("application/json"),
+        "x-unknown": values, "$defs": st.just({"unused": {"type": "string"}}),
+        # Keywords the fast pass leaves to jsonschema (the whole path must still say what it says);
+        # a subschema's own $schema switches jsonschema to that draft (the root's is set below).
+        "items": st.just({"type": "integer"}), "$schema": st.sampled_from([D7, D2019, D2020]),
+    }
+    rare = {"items"}
+    ASSERTIONS = ["type", "required", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
+                  "minLength", "maxLength", "pattern", "enum", "const", "uniqueItems", "dependentRequired", "minItems",
+                  "maxItems", "minProperties", "maxProperties"] * 3
+
+    def subschema(children):
+        # A subschema naming its own draft, with the keyword only some drafts have:
+        switched = st.fixed_dictionaries({"$schema": leaf["$schema"], "dependentRequired": leaf["dependentRequired"]})
+
+        def build(chosen):
+            return st.fixed_dictionaries({}, optional={k: v for k, v in leaf.items() if k in chosen}) | \
+                st.fixed_dictionaries({"properties": st.dictionaries(names, st.sampled_from(
+                    [children] * 3 + [switched]).flatmap(lambda child: child), max_size=3)},
+                                      optional={k: v for k, v in leaf.items() if k in chosen})
+        common = st.lists(st.sampled_from(sorted(leaf.keys() - rare) + ASSERTIONS), max_size=5, unique=True)
+        with_rare = st.lists(st.sampled_from(sorted(leaf.keys())), max_size=5, unique=True)
+        return st.sampled_from([common] * 7 + [with_rare]).flatmap(lambda keys: keys).flatmap(build)
+
+    def leafy(chosen_keys):
+        return st.fixed_dictionaries({}, optional={k: leaf[k] for k in chosen_keys})
+    base = st.booleans() | st.lists(st.sampled_from(sorted(leaf.keys() - rare) + ASSERTIONS), max_size=4,
+                                    unique=True).flatmap(leafy) | \
+        st.lists(st.sampled_from(ASSERTIONS), min_size=1, max_size=3, unique=True).flatmap(leafy)
+    schemas = st.recursive(base, subschema, max_leaves=6).filter(lambda s: isinstance(s, dict))
+    drafts = st.sampled_from([None, D7, D7.rstrip("#"), D2019, D2020, D2020 + "#"])
+    roots = st.tuples(drafts, schemas).map(
+        lambda pair: {**pair[1], "$schema": pair[0]} if pair[0] else {k: v for k, v in pair[1].items()
+                                                                       if k != "$schema"})
+    arrays = st.lists(st.sampled_from([1, 1.0, True, 0, -0.0, False, "a", None, [1], [1.0], [True], {"a": 1},
+                                       {"a": 1.0}, {"a": True}, {"a": 1, "b": 2}, {"b": 2, "a": 1}]), max_size=4)
+
+    def aimed_at(schema):
+        """Values aimed at ``schema``: its property names, its bounds and constants and
+        their twins (1, 1.0, true; a number past float range), beside any value."""
+        if not isinstance(schema, dict):
+            return values
+        options = [values, arrays]
+        properties = schema.get("properties")
+        if isinstance(properties, dict) and properties:
+            named = st.fixed_dictionaries({}, optional={name: aimed_at(child) for name, child in properties.items()})
+            options += [st.tuples(named, st.dictionaries(names, values, max_size=2)).map(
+                lambda pair: {**pair[1], **pair[0]})] * 3
+        near = [twin for keyword in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
+                if isinstance(schema.get(keyword), (int, float)) for twin in _twins(schema[keyword])]
+        near += [twin for value in schema.get("enum", []) if isinstance(schema.get("enum"), list)
+                 for twin in _twins(value)] + (_twins(schema["const"]) if "const" in schema else [])
+        if near:
+            options += [st.sampled_from(near)] * 8
+        if schema.keys() & {"pattern", "minLength", "maxLength"}:
+            options += [strings] * 3
+        lengths = [int(schema[keyword]) + step for keyword in ("minLength", "maxLength")
+                   if isinstance(schema.get(keyword), (int, float)) for step in (-1, 0, 1)]
+        if lengths:  # astral characters and combining marks: one code point each (UTF-16 would say two)
+            options += [st.tuples(st.sampled_from([n for n in lengths if n >= 0]),
+                                  st.sampled_from(["a", "😀", "\u0301", "é", "e\u0301"]))
+                        .map(lambda pair: pair[1] * pair[0])] * 4
+        if schema.keys() & {"uniqueItems", "minItems", "maxItems"}:
+            options += [arrays] * 2
+        if "type" in schema:
+            options += [st.sampled_from([None, True, False, 0, 1, 1.0, -0.0, 1.5, 10 ** 400, 2 ** 53 + 1, 1e308,
+                                         "", "1", [], [1], {}, {"a": 1}])] * 2
+        wanted = [name for name in schema.get("required", []) if isinstance(name, str)] + \
+            [name for pair in schema.get("dependentRequired", {}).items() for name in [pair[0], *pair[1]]]
+        if wanted:
+            options += [st.dictionaries(st.sampled_from(wanted), values, min_size=1, max_size=3)] * 3
+        triggers = [name for name, needed in schema.get("dependentRequired", {}).items() if needed]
+        if triggers:
+            options += [st.sampled_from(triggers).map(lambda name: {name: 0})] * 3  # without what it needs
+        if schema.keys() & {"minProperties", "maxProperties"}:
+            options += [st.dictionaries(names, values, max_size=4)] * 2
+        return st.sampled_from(options).flatmap(lambda chosen: chosen)  # repeated: weighted
+    return roots.flatmap(lambda schema: st.tuples(st.just(schema), st.lists(aimed_at(schema), min_size=4,
+                                                                              max_size=12)))
+
+
+def _twins(value):
+    """``value`` and values jsonschema might confuse with it or that sit at its edge."""
+    if isinstance(value, bool):
+        return [value, int(value), float(value)]
+    if isinstance(value, (int, float)):
+        twins = [value, True, False, 10 ** 400, -10 ** 400, 10 ** 400 * 3]
+        for make in (lambda: -value, lambda: value * 2, lambda: value * 3, lambda: value / 2, lambda: value + 1,
+                     lambda: value - 1, lambda: float(value), lambda: int(value), lambda: float(value) + 1):
+            try:
+                twins.append(make())
+            except (OverflowError, ValueError):
+                pass  # no such number
+        return [twin for twin in twins if not isinstance(twin, float) or abs(twin) != float("inf")]
+    if isinstance(value, list):
+        return [value, [_twins(item)[-1] for item in value], value[::-1], [value]]
+    if isinstance(value, dict):
+        return [value, dict(reversed(list(value.items()))), {name: _twins(item)[-1] for name, item in value.items()}]
+    return [value]
+
+
+def _jsonschema_with_the_overrides(monkeypatch):
+    """The reference: jsonschema's own validator classes, with only the module's two
+    documented keyword overrides (uniqueItems by hashing: jsonschema's sorted
+    comparison finds [[true], [1], [true]] unique; multipleOf past float range),
+    in every draft's class (a subschema's own $schema picks its draft's class),
+    and none of the fast pass's or the budget's machinery."""
+    from fractions import Fraction
+
+    import jsonschema
+    toolkit = eventstore_schemas.packages()
+
+    def multiple_of(validator, divisor, instance, schema):
+        try:
+            yield from jsonschema._keywords.multipleOf(validator, divisor, instance, schema)
+        except OverflowError:  # what jsonschema's own fallback decides, past its division
+            if (Fraction(instance) / Fraction(divisor)).denominator != 1:
+                yield jsonschema.ValidationError("not a multiple")
+    for name in eventstore_schemas.DRAFTS.values():
+        keywords = getattr(jsonschema, name).VALIDATORS
+        monkeypatch.setitem(keywords, "uniqueItems", toolkit._unique_items)
+        monkeypatch.setitem(keywords, "multipleOf", multiple_of)
+    return lambda schema: getattr(jsonschema, eventstore_schemas.DRAFTS[eventstore_schemas.draft_of(schema)])(schema)
+
+
+def _fast_pass_profile():
+    import os
+
+    from hypothesis import HealthCheck, settings
+    settings.register_profile("fast-pass", max_examples=1000, deadline=None, derandomize=True, database=None,
+                              suppress_health_check=list(HealthCheck))
+    settings.register_profile("thorough", max_examples=20_000, deadline=None, database=None,
+                              suppress_health_check=list(HealthCheck))
+    return settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast-pass"))
+
+
+def test_the_fast_pass_decides_as_jsonschema_for_generated_schemas_and_values(monkeypatch):
+    """The fast pass's verdict is jsonschema's; so is the whole path's (fast pass, then
+    jsonschema with the budget for what it refuses or does not take)."""
+    import collections
+
+    from hypothesis import example, given
+    cases = _fast_pass_strategies()
+    reference_for = _jsonschema_with_the_overrides(monkeypatch)
+    reached = collections.Counter()  # (keyword, its verdict): every one must be reached both ways
+    fast_leaf = eventstore_schemas._fast_leaf
+
+    def counted_leaf(keyword, *rest):
+        check = fast_leaf(keyword, *rest)
+
+        def counted(instance):
+            verdict = check(instance)
+            reached[keyword, verdict] += 1
+            return verdict
+        return counted
+    monkeypatch.setattr(eventstore_schemas, "_fast_leaf", counted_leaf)
+
+    @_fast_pass_profile()
+    @given(cases)
+    # The edges, every run, beside what is generated: lengths count code points (an astral
+    # character and a combining mark are one each); number twins; a subschema's own draft.
+    @example(({"maxLength": 1, "minLength": 1}, ["😀", "😀😀", "e\u0301", "\u0301", "", "a"]))
+    @example(({"multipleOf": 0.1, "maximum": 1e308}, [10 ** 400, 0.30000000000000004, 0.3, 1e308, True, 2 ** 53]))
+    @example(({"exclusiveMinimum": 1, "exclusiveMaximum": 2 ** 53 + 1}, [1, 1.0, True, 2 ** 53, float(2 ** 53 + 1)]))
+    @example(({"$schema": D7, "properties": {"a": {"$schema": D2020, "dependentRequired": {"x": ["y"]}}}},
+              [{"a": {"x": 1}}, {"a": {"x": 1, "y": 2}}]))
+    @example(({"uniqueItems": True, "type": ["integer", "array"]},
+              [[1, 1.0], [1, True], [[1], [True]], [[True], [1], [True]], [{"a": 1, "b": 2}, {"b": 2, "a": 1.0}], 1.0,
+               True]))
+    @example(({"enum": [1, [1.0], {"a": True}], "required": ["a", "a"], "pattern": "^\\p{L}$"},
+              [1.0, True, [1], [True], {"a": 1}, {"a": True}, "é", "e\u0301"]))
+    @example(({"dependentRequired": {"a": ["b"]}, "minProperties": 1, "maxProperties": 1, "minItems": 1,
+               "maxItems": 1, "minimum": 0, "maximum": 1, "const": 1},
+              [{"a": 1}, {"a": 1, "b": 2}, {}, [], [1, 2], [1], -1, 2, 1.0, True]))
+    def check(case):
+        schema, values = case
+        compiled = eventstore_schemas.CompiledSchema(schema)
+        reference = reference_for(schema)
+        for value in values:
+            expected = reference.is_valid(value)
+            if compiled.valid is not None:
+                assert compiled.valid(value) == expected, (schema, value)
+            assert (compiled.violations(value) == []) == expected, (schema, value)
+    check()
+    keywords = {"type", "required", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength",
+                "maxLength", "multipleOf", "pattern", "enum", "const", "uniqueItems", "minItems", "maxItems",
+                "minProperties", "maxProperties", "dependentRequired"}
+    assert {(keyword, verdict) for keyword in keywords for verdict in (True, False)} - reached.keys() == set()
+
+
 # --- Routes: %2F in a type's name ------------------------------------------------------------
 
 def test_a_percent_encoded_slash_never_separates_segments(admin, registry):
