@@ -872,9 +872,10 @@ class AccessLog:
         self.flush()
 
 
+JSON_STRING = json.encoder.encode_basestring_ascii  # a str -> its JSON string (json.dumps's)
+
 # The characters urllib.parse.quote keeps as they are, given LOGGED_PATH_SAFE as
 # its safe set: a target made of these only is logged as it is, without quote().
-JSON_STRING = json.encoder.encode_basestring_ascii  # a str -> its JSON string (json.dumps's)
 LOGGED_PATH_SAFE = "/:@!$&'()*+,;=-._~%"
 LOGGED_PATH = re.compile(r"[A-Za-z0-9_.~/:@!$&'()*+,;=%-]*")
 LOGGED_QUERY = re.compile(r"[A-Za-z0-9_.~/:@!$&'()*+,;=%?-]*")
