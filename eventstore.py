@@ -2667,6 +2667,7 @@ class EventStore:
                         problem.status, problem.detail)
         return problem_response(problem, rid)
 
+
 def webhook_deliverer(storage, writer, news, **options):
     """The webhook deliverer of one process (docs/API.md §11) over these, with the
     app's rules for what a subscription reads and how a change is represented:
