@@ -25,8 +25,9 @@ itself in ways that make one event cost exponentially many evaluations): past
 it, the event does not validate (one violation saying so), whatever it holds.
 
 Most events are valid: a schema of "properties" and assertion keywords only is
-also compiled into plain predicates that answer valid or not (fast_pass), and
-only an event they refuse goes through jsonschema, for its errors.
+also walked without jsonschema's error machinery (fast_pass): each keyword still
+decided by jsonschema's own keyword function or type checker; only an event
+refused there goes through jsonschema's iter_errors, for its errors.
 
 Below the app; imports nothing of it. Compiled validators are kept per process
 by (event type, SchemaVersion): see SchemaCache.
@@ -273,11 +274,11 @@ def _counted(keyword, steps):
 # machinery (a generator per keyword, error bookkeeping, a validator per non-leaf
 # subschema): 35 µs for a 20-property event, where the checks themselves are a
 # few. Most events are valid, so a schema made of "properties" and LEAF_KEYWORDS
-# only is also compiled into plain predicates that answer valid or not; only an
-# event they find invalid goes through jsonschema, whose errors are the answer.
-# They decide exactly as jsonschema's keyword functions do (the simple ones are
-# those functions' own expressions, with the type checker's own functions; any
-# other leaf keyword calls jsonschema's function), so "valid" means what it meant.
+# only is also compiled into a walk of its "properties" that asks jsonschema's own
+# keyword functions (and its type checker's functions, for "type") about each
+# leaf keyword, stopping at the first error; only an event refused there goes
+# through jsonschema's iter_errors, whose errors are the answer. No value is judged
+# by code of ours (issue 33: no validator by hand), so "valid" means what it meant.
 # The budget: such a schema visits each of its subschemas once per event, so an
 # event costs at most as many steps as the schema has keywords and subschemas,
 # counted at compile time: a schema that could reach MAX_STEPS gets no fast pass.
@@ -368,9 +369,9 @@ def _fast_properties(children, is_object):
 
 
 def _fast_leaf(keyword, value, schema, function, types, validator):
-    """One leaf keyword as a predicate: jsonschema's own test for the common ones
-    (the same expressions as its keyword functions), its function for the others."""
-    is_number, is_string, is_object = types["number"], types["string"], types["object"]
+    """One leaf keyword as a predicate, decided by jsonschema itself: ``type`` by
+    the type checker's own functions, every other keyword by its keyword function
+    (whose first error, if any, is the answer). Nothing here judges a value."""
     if keyword == "type":
         names = value if isinstance(value, list) else [value]
         if all(isinstance(name, str) and name in types for name in names):
@@ -378,21 +379,6 @@ def _fast_leaf(keyword, value, schema, function, types, validator):
             if len(functions) == 1:
                 return functions[0]
             return lambda instance: any(is_type(instance) for is_type in functions)
-    elif keyword == "required" and isinstance(value, list) and all(isinstance(name, str) for name in value):
-        names = frozenset(value)
-        return lambda instance: not is_object(instance) or instance.keys() >= names
-    elif keyword == "minimum":
-        return lambda instance: not is_number(instance) or not instance < value
-    elif keyword == "maximum":
-        return lambda instance: not is_number(instance) or not instance > value
-    elif keyword == "exclusiveMinimum":
-        return lambda instance: not is_number(instance) or not instance <= value
-    elif keyword == "exclusiveMaximum":
-        return lambda instance: not is_number(instance) or not instance >= value
-    elif keyword == "minLength":
-        return lambda instance: not (is_string(instance) and len(instance) < value)
-    elif keyword == "maxLength":
-        return lambda instance: not (is_string(instance) and len(instance) > value)
 
     def by_jsonschema(instance):
         for _ in function(validator, value, instance, schema) or ():

@@ -372,9 +372,9 @@ MUTANTS = [
     ("schema: compiled validators keyed without the version", "eventstore_schemas.py", [
         ("        key = (event_type, version)", "        key = event_type"),
     ], ["tests/test_schemas.py"]),
-    ("schema: the fast pass takes a number below the minimum", "eventstore_schemas.py", [
-        ("        return lambda instance: not is_number(instance) or not instance < value\n",
-         "        return lambda instance: True\n"),
+    ("schema: the fast pass takes what a leaf keyword refuses", "eventstore_schemas.py", [
+        ("        for _ in function(validator, value, instance, schema) or ():\n            return False\n",
+         "        for _ in function(validator, value, instance, schema) or ():\n            return True\n"),
     ], ["tests/test_schemas.py"]),
     ("schema: the fast pass skips a property's subschema", "eventstore_schemas.py", [
         ("            if name in instance and not check(instance[name]):", "            if False:"),
@@ -391,14 +391,6 @@ MUTANTS = [
     ("schema: multipleOf past float range is a 500", "eventstore_schemas.py", [
         ('overrides = {"uniqueItems": self._unique_items, "multipleOf": self._multiple_of}',
          'overrides = {"uniqueItems": self._unique_items}'),
-    ], ["tests/test_schemas.py"]),
-    ("schema: the fast pass's exclusiveMaximum takes the bound itself", "eventstore_schemas.py", [
-        ("        return lambda instance: not is_number(instance) or not instance >= value\n",
-         "        return lambda instance: not is_number(instance) or not instance > value\n"),
-    ], ["tests/test_schemas.py"]),
-    ("schema: the fast pass's maxLength counts UTF-16 units", "eventstore_schemas.py", [
-        ("        return lambda instance: not (is_string(instance) and len(instance) > value)\n",
-         "        return lambda instance: not (is_string(instance) and len(instance.encode('utf-16-le')) // 2 > value)\n"),
     ], ["tests/test_schemas.py"]),
     ("retention: erases events that have not expired", "eventstore_sqlite.py", [
         ('            " AND e.updated_us < ? - t.retain_days * 86400000000"',
