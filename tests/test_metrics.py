@@ -204,29 +204,27 @@ def test_no_label_carries_an_event_id_a_member_or_a_path(registry, admin, writer
                 assert label in ("le", "subscription"), label
 
 
-def test_counting_from_many_threads_loses_nothing(tmp_path):
-    metrics = eventstore_metrics.Metrics(str(tmp_path / "threads-metrics"))
+def in_four_threads_switching_often(work):
+    """``work(t)`` in four threads t at once, the interpreter switching threads as
+    often as it can (a lost addition needs a switch inside it); waits for all."""
     switching = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)
     try:
-        waits = [run_in_thread(lambda: [metrics.request("/health", "GET", 200, 0.001) for _ in range(2000)])
-                 for _ in range(4)]
+        waits = [run_in_thread(work, t) for t in range(4)]
         for wait in waits:
             wait()
     finally:
         sys.setswitchinterval(switching)
+
+
+def test_counting_from_many_threads_loses_nothing(tmp_path):
+    metrics = eventstore_metrics.Metrics(str(tmp_path / "threads-metrics"))
+    in_four_threads_switching_often(lambda t: [metrics.request("/health", "GET", 200, 0.001) for _ in range(2000)])
     _, samples = parse(metrics.exposition({}).decode())
     assert value(samples, "eventstore_http_requests_total", route="/health", method="GET", status="200") == 8000
     assert value(samples, "eventstore_http_request_duration_seconds_count", route="/health") == 8000
     # New series from many threads at once: each gets a record of its own in the region.
-    sys.setswitchinterval(1e-6)
-    try:
-        waits = [run_in_thread(lambda t=t: [metrics.webhook_delivery(f"s{t}-{n}", "ok") for n in range(300)])
-                 for t in range(4)]
-        for wait in waits:
-            wait()
-    finally:
-        sys.setswitchinterval(switching)
+    in_four_threads_switching_often(lambda t: [metrics.webhook_delivery(f"s{t}-{n}", "ok") for n in range(300)])
     _, samples = parse(metrics.exposition({}).decode())
     metrics.close()
     delivered = {dict(labels)["subscription"]: count for (name, labels), count in samples.items()
