@@ -534,8 +534,8 @@ def validate_event_type_body(body):
     description = body.get("Description", ABSENT)
     if description is None:
         description = ABSENT  # a description cannot be removed: null counts as absent
-    if description is not ABSENT and description_error(description):
-        errors.append(field_error("Description", description_error(description)))
+    if description is not ABSENT and (message := description_error(description)):
+        errors.append(field_error("Description", message))
     retain_days = body.get("RetainDays", ABSENT)
     if retain_days not in (ABSENT, None):
         given, retain_days = retain_days, whole_number(retain_days)
@@ -651,6 +651,7 @@ REPEATABLE = ("ProgramId", "EventType")
 MAX_REPEATED = 100  # values of one repeatable parameter: each one is an index range to walk
 MAX_LIMIT = 1000
 MAX_WAIT = 30
+MAX_SEQUENCE = 2**63 - 1  # a Sequence is a signed 64-bit integer on both backends
 
 
 def _whole_number(name, text, low, high, errors):
@@ -690,7 +691,7 @@ def parse_feed_query(pairs):
             except ValueError as exc:
                 errors.append(field_error(name, str(exc)))
     after = AFTER_NOW if values.get("after") == AFTER_NOW else _whole_number(
-        "after", values.get("after", "0"), 0, 2**63 - 1, errors)
+        "after", values.get("after", "0"), 0, MAX_SEQUENCE, errors)
     limit = _whole_number("limit", values.get("limit", "100"), 1, MAX_LIMIT, errors)
     wait = _whole_number("wait", values.get("wait", "0"), 0, MAX_WAIT, errors)
     if errors:
@@ -1220,7 +1221,6 @@ FILTER_FIELDS = ("ProgramId", "EventType")
 WEBHOOK_FIELDS = ("Url", "MaxEvents", "TimeoutSeconds", "Active")
 ACK_FIELDS = ("Through", "Rewind")
 SUBSCRIPTION_READ_PARAMETERS = ("limit", "wait")
-MAX_SEQUENCE = 2**63 - 1
 MAX_BEHIND = 1000  # Behind is counted exactly up to this many changes
 START_FROM_RULE = 'expected "beginning", "now", {"Sequence": n} or {"TimeUTC": "2026-03-01T09:30:00Z"}'
 
@@ -1338,8 +1338,8 @@ def _start_from(value, errors):
     if isinstance(value, dict) and len(value) == 1:
         (form, given), = value.items()
         if form == "Sequence":
-            if _sequence(given) is not None:
-                return form, _sequence(given)
+            if (sequence := _sequence(given)) is not None:
+                return form, sequence
             errors.append(field_error("StartFrom/Sequence", f"expected a whole number from 0 to {MAX_SEQUENCE}"))
             return ABSENT
         if form == "TimeUTC":
@@ -1357,8 +1357,8 @@ def _sequence(value):
 
 
 def _subscription_description(value, errors):
-    if value is not None and description_error(value):
-        errors.append(field_error("Description", description_error(value)))
+    if value is not None and (message := description_error(value)):
+        errors.append(field_error("Description", message))
     return value
 
 
@@ -2274,8 +2274,6 @@ class Router:
             if claimed and not route.raw:
                 continue  # the path as sent is a RAW_PATH route's: no decoded reading of it counts
             if route.raw:
-                if callable(raw_path):
-                    raw_path = raw_path()
                 found = route.pattern.fullmatch(raw_path or urllib.parse.quote(path, safe="/"))
                 try:
                     params = found and {name: urllib.parse.unquote(value, errors="strict")
@@ -2407,7 +2405,9 @@ class EventStore:
         self.throttle = throttle if throttle is not None else shared_throttle(
             self.storage.local_file("throttle"), threshold=max_auth_failures)
         self.auth_cache_seconds = auth_cache_seconds
-        self.router = Router(routes)
+        # /metrics needs credentials unless the app was made with metrics_public: decided here, once.
+        self.router = Router([(method, pattern, handler, (not metrics_public) if auth is SYSTEM_UNLESS_PUBLIC else auth,
+                               query) for method, pattern, handler, auth, query in routes])
         self.max_body_bytes = max_body_bytes
         self.clock = clock
         self.openapi = openapi if openapi is not None else OPENAPI_PATH.read_bytes()
@@ -2415,7 +2415,6 @@ class EventStore:
         self.poll_interval, self.max_waiting, self.write_timeout = poll_interval, max_waiting, write_timeout
         self.max_waiting_writes = max_waiting_writes
         self.metrics = (Metrics if metrics else NoMetrics)(self.storage.local_file(METRICS_FILE))
-        self.metrics_public = metrics_public
         self._start_process()
         _APPS.add(self)
 
@@ -2571,7 +2570,7 @@ class EventStore:
         query_string = environ.get("QUERY_STRING")
         query = urllib.parse.parse_qsl(query_string, keep_blank_values=True) if query_string else []
         req = Request(self, method, path, params, query, environ)
-        if route.needs_auth is True or (route.needs_auth is SYSTEM_UNLESS_PUBLIC and not self.metrics_public):
+        if route.needs_auth:
             req.user = self.authenticate(environ.get("HTTP_AUTHORIZATION"), environ.get("REMOTE_ADDR", ""))
             # For the server's access log (serve.py): who the request was, once authenticated.
             environ["eventstore.user_id"] = req.user.user_id
