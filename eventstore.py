@@ -2427,9 +2427,8 @@ class EventStore:
         self._slots = threading.Lock()
         self._held = 0  # long polls holding a slot (host_long_poll_slots), under _slots
         self._auth_cache = {}
-        self.writer = GroupCommitWriter(self.storage.session, self.clock, on_commit=self.news.committed,
-                                        timeout=self.write_timeout, max_waiting=self.max_waiting_writes)
-        self.writer.observers.append(self.metrics.group_commit)
+        self.writer = process_writer(self.storage, self.news, self.metrics, self.clock, timeout=self.write_timeout,
+                                     max_waiting=self.max_waiting_writes)
         self.schemas = SchemaCache()
         self.engines = [RetentionSweeper(self.storage, self.writer, self.retention_interval, self.clock)]
         self.deliverer = None
@@ -2665,6 +2664,15 @@ class EventStore:
             log.warning("%r %r answered %d: %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"),
                         problem.status, problem.detail)
         return problem_response(problem, rid)
+
+
+def process_writer(storage, news, metrics, clock=now_us, **options):
+    """A process's group-commit writer (the app's, and ``python eventstore.py
+    deliver``'s): its commits wake ``news``, each group is counted in ``metrics``.
+    ``options``: GroupCommitWriter's."""
+    writer = GroupCommitWriter(storage.session, clock, on_commit=news.committed, **options)
+    writer.observers.append(metrics.group_commit)
+    return writer
 
 
 def webhook_deliverer(storage, writer, news, **options):

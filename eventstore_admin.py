@@ -18,8 +18,8 @@ from pathlib import Path
 from eventstore import (DEFAULT_DB, EVENT_ID_RE, EVENT_ID_RULE, USER_ID_RE, _text_error, add_key, add_user,
                         compiled_schema, event_type_error, format_datetime, import_tombstone, open_storage, parse_json,
                         program_id_error, program_of, put_event_later, put_event_type, render_event,
-                        subscriptions_json, unregister_event_type, unregistered_type_error, validate_event,
-                        validate_event_type_body, webhook_deliverer)
+                        process_writer, subscriptions_json, unregister_event_type, unregistered_type_error,
+                        validate_event, validate_event_type_body, webhook_deliverer)
 from eventstore_metrics import FILE_SUFFIX as METRICS_FILE
 from eventstore_metrics import Metrics
 from eventstore_news import CommitNews
@@ -27,7 +27,7 @@ from eventstore_schemas import SchemaCache
 from eventstore_errors import Problem, bad_request
 from eventstore_storage import (POSTGRES_SCHEMES, Backups, StorageOpenError, TypeRules, now_us, safe_db_name,
                                 safe_text)
-from eventstore_writer import GroupCommitWriter, Later
+from eventstore_writer import Later
 
 
 class CommandError(Exception):
@@ -453,8 +453,8 @@ def cmd_deliver(session, args, out):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     storage = session.storage
     news = CommitNews(storage)
-    writer = GroupCommitWriter(storage.session, now_us, on_commit=news.committed)
     metrics = Metrics(storage.local_file(METRICS_FILE))  # its deliveries count in the servers' /metrics
+    writer = process_writer(storage, news, metrics)
     deliverer = webhook_deliverer(storage, writer, news, max_backoff=args.webhook_max_backoff,
                                   pause_after=args.webhook_pause_after, count=metrics.webhook_delivery)
     stopping = threading.Event()

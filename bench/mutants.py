@@ -58,8 +58,8 @@ MUTANTS = [
          '        cache_key = (parse_basic_auth(header) or (None,))[0]'),
     ], ["tests/test_auth.py"]),
     ("no in-process wake-up of long polls on commit", "eventstore.py", [
-        ("GroupCommitWriter(self.storage.session, self.clock, on_commit=self.news.committed,",
-         "GroupCommitWriter(self.storage.session, self.clock, on_commit=lambda touched: None,"),
+        ("GroupCommitWriter(storage.session, clock, on_commit=news.committed, **options)",
+         "GroupCommitWriter(storage.session, clock, on_commit=lambda touched: None, **options)"),
     ], ["tests/test_feed.py"]),
     ("synchronous=NORMAL", "eventstore_sqlite.py", [
         ('conn.execute("PRAGMA synchronous = FULL")', 'conn.execute("PRAGMA synchronous = NORMAL")'),
