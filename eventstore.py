@@ -57,8 +57,8 @@ from eventstore_sqlite import SQLiteStorage
 from eventstore_storage import (POSTGRES_SCHEMES, SCHEMA_VERSION, EventInput, FeedBacklog, FeedQuery, StorageOpenError,
                                 SubscriptionRow, TypeRules, data_path, erase_events, now_us, safe_db_name)
 from eventstore_throttle import shared_throttle
-from eventstore_webhooks import (MAX_EVENTS, PAUSED, TIMEOUT_SECONDS, GrantLost, WebhookDeliverer,
-                                 ended_batch, may_set_url, new_secret, new_webhook, restarted, rotated, url_error)
+from eventstore_webhooks import (MAX_BACKOFF, MAX_EVENTS, PAUSE_AFTER, PAUSED, TIMEOUT_SECONDS, GrantLost,
+                                 WebhookDeliverer, ended_batch, may_set_url, new_secret, new_webhook, restarted, rotated, url_error)
 from eventstore_writer import GroupCommitWriter, Later
 
 __all__ = ["make_app", "end_long_polls", "EventStore", "Problem"]
@@ -2387,8 +2387,8 @@ class EventStore:
     def __init__(self, db, *, max_body_bytes=DEFAULT_MAX_BODY, max_waiting=None, write_timeout=10.0,
                  max_waiting_writes=4, busy_timeout_ms=5000, auth_cache_seconds=AUTH_CACHE_SECONDS,
                  max_auth_failures=10, poll_interval=0.025, retention_interval=3600, metrics=True,
-                 metrics_public=False, webhook_allow_hosts=(), webhook_max_backoff=3600, webhook_pause_after=259200,
-                 webhook_delivery=True, clock=now_us, throttle=None, make_deliverer=None, openapi=None, routes=ROUTES):
+                 metrics_public=False, webhook_allow_hosts=(), webhook_max_backoff=MAX_BACKOFF,
+                 webhook_pause_after=PAUSE_AFTER, webhook_delivery=True, clock=now_us, throttle=None, make_deliverer=None, openapi=None, routes=ROUTES):
         for name, seconds in (("retention_interval", retention_interval), ("webhook_max_backoff", webhook_max_backoff),
                               ("webhook_pause_after", webhook_pause_after)):
             if isinstance(seconds, bool) or not isinstance(seconds, int) or seconds < 1:
@@ -2689,8 +2689,8 @@ def webhook_deliverer(storage, writer, news, **options):
 def make_app(db, *, max_body_bytes=DEFAULT_MAX_BODY, max_waiting=None, write_timeout=10.0, max_waiting_writes=4,
              busy_timeout_ms=5000, auth_cache_seconds=AUTH_CACHE_SECONDS, max_auth_failures=10,
              poll_interval=0.025, retention_interval=3600, metrics=True, metrics_public=False,
-             webhook_allow_hosts=(), webhook_max_backoff=3600, webhook_pause_after=259200, webhook_delivery=True,
-             clock=now_us, throttle=None, make_deliverer=None, openapi=None, routes=ROUTES):
+             webhook_allow_hosts=(), webhook_max_backoff=MAX_BACKOFF, webhook_pause_after=PAUSE_AFTER,
+             webhook_delivery=True, clock=now_us, throttle=None, make_deliverer=None, openapi=None, routes=ROUTES):
     """The WSGI application over ``db``: a SQLite file (created if missing), a
     ``postgresql://`` URL, or a storage object.
 

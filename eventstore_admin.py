@@ -27,6 +27,7 @@ from eventstore_schemas import SchemaCache
 from eventstore_errors import Problem, bad_request
 from eventstore_storage import (POSTGRES_SCHEMES, Backups, StorageOpenError, TypeRules, now_us, safe_db_name,
                                 safe_text)
+from eventstore_webhooks import MAX_BACKOFF, PAUSE_AFTER
 from eventstore_writer import Later
 
 
@@ -574,9 +575,9 @@ def build_parser():
 
     sub = command(groups, "deliver", cmd_deliver,
                   "deliver webhooks until SIGTERM or SIGINT, apart from the servers (serve.py --no-webhook-delivery)")
-    sub.add_argument("--webhook-max-backoff", type=_positive_int, default=3600, metavar="SECONDS",
+    sub.add_argument("--webhook-max-backoff", type=_positive_int, default=MAX_BACKOFF, metavar="SECONDS",
                      help="the longest wait between a failing webhook's attempts (default: %(default)s)")
-    sub.add_argument("--webhook-pause-after", type=_positive_int, default=259200, metavar="SECONDS",
+    sub.add_argument("--webhook-pause-after", type=_positive_int, default=PAUSE_AFTER, metavar="SECONDS",
                      help="pause a webhook that has had no 2xx answer this long (default: %(default)s)")
     sub = command(groups, "backup", cmd_backup,
                   "copy the database consistently while it is in use, verified before it says ok")

@@ -59,6 +59,8 @@ log = logging.getLogger("eventstore")
 ACTIVE, PAUSED, DISABLED = "Active", "Paused", "Disabled"
 SECRET_PREFIX = "whsec_"
 OLD_SECRET_SECONDS = 24 * 3600   # after a rotation, deliveries carry the old signature too this long
+MAX_BACKOFF = 3600               # seconds: --webhook-max-backoff's default
+PAUSE_AFTER = 259200             # seconds failing before a webhook pauses: --webhook-pause-after's default
 MIN_WAIT = 1.0                   # seconds between attempts at least: the back-off's first, Retry-After's floor
 MAX_EVENTS = (1, 1000, 100)      # a webhook's MaxEvents: lowest, highest, default
 TIMEOUT_SECONDS = (1, 60, 10)    # its TimeoutSeconds: lowest, highest, default
@@ -447,7 +449,7 @@ class WebhookDeliverer:
     logged."""
 
     def __init__(self, storage, writer, news, *, programs_of, render, format_time, clock=now_us,
-                 max_backoff=3600, pause_after=259200, count=lambda subscription, outcome: None,
+                 max_backoff=MAX_BACKOFF, pause_after=PAUSE_AFTER, count=lambda subscription, outcome: None,
                  on_error=lambda exc: None, lease_seconds=LEASE_SECONDS, recheck_seconds=RECHECK_SECONDS,
                  tls_context=None, rng=None):
         self.storage, self.writer, self.news = storage, writer, news

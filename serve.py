@@ -54,6 +54,7 @@ except ImportError:
 
 import eventstore
 import eventstore_metrics
+import eventstore_webhooks
 from eventstore_storage import POSTGRES_SCHEMES, StorageOpenError, safe_db_name, safe_text
 
 
@@ -116,9 +117,11 @@ def build_parser():
     parser.add_argument("--webhook-allow-host", dest="webhook_allow_hosts", action="append", default=[],
                         metavar="HOST", help="a host any user may point a webhook at (others: SYSTEM users only), "
                                              "also over http://; compared as written, no DNS (repeatable)")
-    parser.add_argument("--webhook-max-backoff", type=at_least(1, int), default=3600, metavar="SECONDS",
+    parser.add_argument("--webhook-max-backoff", type=at_least(1, int), default=eventstore_webhooks.MAX_BACKOFF,
+                        metavar="SECONDS",
                         help="the longest wait between a failing webhook's attempts (default: %(default)s)")
-    parser.add_argument("--webhook-pause-after", type=at_least(1, int), default=259200, metavar="SECONDS",
+    parser.add_argument("--webhook-pause-after", type=at_least(1, int), default=eventstore_webhooks.PAUSE_AFTER,
+                        metavar="SECONDS",
                         help="pause a webhook that has had no 2xx answer this long (default: %(default)s, 3 days)")
     parser.add_argument("--no-webhook-delivery", dest="webhook_delivery", action="store_false",
                         help="deliver no webhooks from this server (python eventstore.py deliver does, apart)")
