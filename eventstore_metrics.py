@@ -376,19 +376,8 @@ class Metrics:
 
     def request(self, route, method, status, seconds):
         """A request answered: ``route`` its template (or "unmatched")."""
-        counted = self._series(REQUESTS, (route, method if method in METHODS else "other", str(status)))
-        timed = self._series(DURATION, (route,))
-        if counted is not None:
-            index = counted[0]
-            with self._lock:
-                self.table.values[index] += 1
-        if timed is not None:
-            bucket, total, count = timed[bisect.bisect_left(DURATION.buckets, seconds)], timed[-2], timed[-1]
-            with self._lock:
-                table = self.table.values
-                table[bucket] += 1
-                table[total] += seconds
-                table[count] += 1
+        self._add(REQUESTS, (route, method if method in METHODS else "other", str(status)))
+        self._observe(DURATION, (route,), seconds)
 
     def write_committed(self):
         self._add(WRITES, ())
