@@ -40,8 +40,9 @@ from psycopg import pq
 from eventstore_storage import (EVENT_COLUMNS, SCHEMA_VERSION, Change, CommitWatch, EventKey, EventRow, EventState,
                                 FeedBacklog, Failure, KeyInfo, KeyRow, LiveEvent, ProgramRow, Reads, SchemaRow,
                                 SequencesExhausted, Session, Storage, StorageOpenError, SubscriptionRow, SweepRow,
-                                Transaction, TypeRules, TypeState, UserRow, WEBHOOK_COLUMNS, data_path, event_row,
-                                safe_db_name, webhook_of)
+                                Transaction, TypeRules, TypeState, UserRow, SUBSCRIPTION_COLUMN_NAMES,
+                                SUBSCRIPTION_COLUMNS, WEBHOOK_COLUMN_NAMES, data_path, event_row,
+                                safe_db_name, webhook_of, webhook_values)
 
 SCHEMA_PATH = data_path("schema-postgres.sql")
 SCHEMA_LOCK = 7310581      # advisory lock id: one process applies the schema at a time
@@ -53,10 +54,6 @@ READ_ONLY = "-c default_transaction_read_only=on"  # request threads read; every
 BARRIER = "xid < pg_snapshot_xmin(pg_current_snapshot())"
 
 log = logging.getLogger("eventstore")
-
-
-SUBSCRIPTION_COLUMNS = ("name, owner, description, programs, event_types, position, created_us, last_ack_us, "
-                        + WEBHOOK_COLUMNS)
 
 
 def _subscription(row):
@@ -937,17 +934,17 @@ class PostgresTransaction(PostgresReads, Transaction):
         """A new name two servers create at once: the second waits for the first's
         commit, then writes nothing unless it is the same owner's."""
         return bool(self._write(
-            f"INSERT INTO subscriptions ({SUBSCRIPTION_COLUMNS}) VALUES ({', '.join(['%s'] * 26)})"
+            f"INSERT INTO subscriptions ({SUBSCRIPTION_COLUMNS}) VALUES ({', '.join(['%s'] * len(SUBSCRIPTION_COLUMN_NAMES))})"
             " ON CONFLICT (name) DO UPDATE SET description = excluded.description, programs = excluded.programs,"
             " event_types = excluded.event_types, position = excluded.position, "
-            + ", ".join(f"{column} = excluded.{column}" for column in WEBHOOK_COLUMNS.split(", "))
+            + ", ".join(f"{column} = excluded.{column}" for column in WEBHOOK_COLUMN_NAMES)
             + " WHERE subscriptions.owner = excluded.owner",
             (row.name, row.owner, row.description, list(row.programs), list(row.event_types), row.position,
-             row.created_us, row.last_ack_us, *(row.webhook or (None,) * 18))).rowcount)
+             row.created_us, row.last_ack_us, *webhook_values(row.webhook))).rowcount)
 
     def set_webhook(self, name, webhook):
-        self._write(f"UPDATE subscriptions SET {', '.join(c + ' = %s' for c in WEBHOOK_COLUMNS.split(', '))}"
-                    " WHERE name = %s", (*(webhook or (None,) * 18), name))
+        self._write(f"UPDATE subscriptions SET {', '.join(c + ' = %s' for c in WEBHOOK_COLUMN_NAMES)}"
+                    " WHERE name = %s", (*webhook_values(webhook), name))
 
     def acknowledge(self, name, position, when):
         self._write("UPDATE subscriptions SET position = %s, last_ack_us = %s WHERE name = %s",

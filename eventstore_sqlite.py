@@ -21,7 +21,8 @@ import itertools
 from eventstore_storage import (EVENT_COLUMNS, SCHEMA_VERSION, Backups, Change, CommitWatch, EventRow, EventState,
                                 EventKey, FeedBacklog, Failure, KeyInfo, KeyRow, LiveEvent, ProgramRow, Reads,
                                 SchemaRow, Session, Storage, StorageOpenError, SubscriptionRow, SweepRow, Transaction,
-                                TypeRules, TypeState, UserRow, WEBHOOK_COLUMNS, data_path, event_row, webhook_of)
+                                TypeRules, TypeState, UserRow, SUBSCRIPTION_COLUMN_NAMES, SUBSCRIPTION_COLUMNS,
+                                WEBHOOK_COLUMN_NAMES, data_path, event_row, webhook_of, webhook_values)
 
 SCHEMA_PATH = data_path("schema.sql")
 
@@ -217,7 +218,7 @@ def _upgrade_statements(conn, version):
             yield f"ALTER TABLE event_types ADD COLUMN {column} INTEGER"
     columns = {row[1] for row in conn.execute("PRAGMA table_info(subscriptions)")}
     if columns:  # a version-4 subscriptions table: its webhook's columns
-        for column in WEBHOOK_COLUMNS.split(", "):
+        for column in WEBHOOK_COLUMN_NAMES:
             if column not in columns:
                 kind = "TEXT" if column.endswith(("url", "state", "secret", "error", "reason")) else "INTEGER"
                 yield f"ALTER TABLE subscriptions ADD COLUMN {column} {kind}"
@@ -256,10 +257,6 @@ def _rows_of(cursor, columns):
 
 def _event_row(cursor, row):
     return EventRow._make(row)
-
-
-SUBSCRIPTION_COLUMNS = ("name, owner, description, programs, event_types, position, created_us, last_ack_us, "
-                        + WEBHOOK_COLUMNS)
 
 
 def _subscription(row):
@@ -808,18 +805,18 @@ class SQLiteTransaction(SQLiteReads, Transaction):
 
     def put_subscription(self, row):
         return bool(self.conn.execute(
-            f"INSERT INTO subscriptions ({SUBSCRIPTION_COLUMNS}) VALUES ({', '.join('?' * 26)})"
+            f"INSERT INTO subscriptions ({SUBSCRIPTION_COLUMNS}) VALUES ({', '.join('?' * len(SUBSCRIPTION_COLUMN_NAMES))})"
             " ON CONFLICT (name) DO UPDATE SET description = excluded.description, programs = excluded.programs,"
             " event_types = excluded.event_types, position = excluded.position, "
-            + ", ".join(f"{column} = excluded.{column}" for column in WEBHOOK_COLUMNS.split(", "))
+            + ", ".join(f"{column} = excluded.{column}" for column in WEBHOOK_COLUMN_NAMES)
             + " WHERE owner = excluded.owner",
             (row.name, row.owner, row.description, json.dumps(list(row.programs)),
              json.dumps(list(row.event_types)), row.position, row.created_us, row.last_ack_us,
-             *(row.webhook or (None,) * 18))).rowcount)
+             *webhook_values(row.webhook))).rowcount)
 
     def set_webhook(self, name, webhook):
-        self.conn.execute(f"UPDATE subscriptions SET {', '.join(c + ' = ?' for c in WEBHOOK_COLUMNS.split(', '))}"
-                          " WHERE name = ?", (*(webhook or (None,) * 18), name))
+        self.conn.execute(f"UPDATE subscriptions SET {', '.join(c + ' = ?' for c in WEBHOOK_COLUMN_NAMES)}"
+                          " WHERE name = ?", (*webhook_values(webhook), name))
 
     def acknowledge(self, name, position, when):
         self.conn.execute("UPDATE subscriptions SET position = ?, last_ack_us = ? WHERE name = ?",

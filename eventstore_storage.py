@@ -203,15 +203,24 @@ class WebhookRow(NamedTuple):
 SECRET_FIELDS = ("secret", "old_secret")
 
 
-WEBHOOK_COLUMNS = ", ".join("webhook_" + name for name in (
+WEBHOOK_COLUMN_NAMES = tuple("webhook_" + name for name in (
     "url", "max_events", "timeout", "state", "secret", "old_secret", "old_secret_until_us", "restarts",
     "last_attempt_us", "last_status", "last_error", "failures", "next_attempt_us", "failing_since_us",
-    "disabled_reason", "batch_first", "batch_last", "batch_first_attempt_us"))
+    "disabled_reason", "batch_first", "batch_last", "batch_first_attempt_us"))  # WebhookRow's fields, in order
+WEBHOOK_COLUMNS = ", ".join(WEBHOOK_COLUMN_NAMES)
+SUBSCRIPTION_COLUMN_NAMES = ("name", "owner", "description", "programs", "event_types", "position", "created_us",
+                             "last_ack_us") + WEBHOOK_COLUMN_NAMES
+SUBSCRIPTION_COLUMNS = ", ".join(SUBSCRIPTION_COLUMN_NAMES)
 
 
 def webhook_of(columns):
     """WEBHOOK_COLUMNS' values -> a WebhookRow, or None when there is no webhook."""
     return None if columns[0] is None else WebhookRow._make(columns)
+
+
+def webhook_values(webhook):
+    """A WebhookRow, or None -> WEBHOOK_COLUMNS' values (all None without a webhook)."""
+    return tuple(webhook) if webhook is not None else (None,) * len(WEBHOOK_COLUMN_NAMES)
 
 
 class SubscriptionRow(NamedTuple):
