@@ -107,15 +107,15 @@ class RetentionSweeper:
             keys = self.writer.submit(self._erase_some, touched=lambda keys: {
                 (key.program_id, key.event_type) for key in keys}, seqs=self.BATCH)
             erased += len(keys)
-            # As long again before the next: the writer's groups between two sweep
-            # transactions commit without one, so a write waits for at most one.
-            self._stop.wait(time.monotonic() - started)
             if len(keys) < self.BATCH:
                 self.writer.submit(lambda tx: (self.lease.check(tx), tx.record_sweep(self.NAME, erased)),
                                    touched=lambda result: False, seqs=0)
                 if erased:
                     log.info("retention: erased %d expired events", erased)
                 break
+            # As long again before the next: the writer's groups between two sweep
+            # transactions commit without one, so a write waits for at most one.
+            self._stop.wait(time.monotonic() - started)
         return erased
 
     def _erase_some(self, tx):
