@@ -1427,8 +1427,13 @@ def readable_by_owner(owner, row):
     SYSTEM; those the filter names that it can no longer read)."""
     if not row.programs:
         return readable_programs(owner), []
-    denied = [program_id for program_id in row.programs if not owner.may("read", program_id)]
+    denied = unreadable(owner, row.programs)
     return [program_id for program_id in row.programs if program_id not in denied], denied
+
+
+def unreadable(owner, programs):
+    """Those of ``programs`` that ``owner`` may not read."""
+    return [program_id for program_id in programs if not owner.may("read", program_id)]
 
 
 def subscription_programs(owner, row):
@@ -1518,8 +1523,7 @@ def put_subscription(tx, name, caller, change):
         raise name_taken(name)
     owner = caller if current is None or current.owner == caller.user_id else principal_of(tx, current.owner)
     if change.filter is not ABSENT:
-        denied = [program_id for program_id in change.filter[0] if not owner.may("read", program_id)]
-        if denied:
+        if denied := unreadable(owner, change.filter[0]):
             raise Problem(403, f"The subscription's owner {owner.user_id!r} has no read access to "
                                f"{', '.join(denied)}.")
     kept = current or SubscriptionRow(name, owner.user_id, None, (), (), 0, tx.now, None)
@@ -1885,6 +1889,13 @@ def _feed_rows(req, programs, query):
     return req.app.wait_for_feed(programs, query, req.environ)
 
 
+def _page(rows, limit):
+    """Up to ``limit + 1`` feed rows -> (the page's rows, whether more follow, the
+    page's events as JSON text)."""
+    page = rows[:limit]
+    return page, len(rows) > limit, ",".join(map(render_event, page))
+
+
 def list_events_handler(req):
     _require_read_on_requested_programs(req)
     query = parse_feed_query(req.query)
@@ -1892,14 +1903,12 @@ def list_events_handler(req):
     query = replace(query, after=feed_cursor(req.reads, query.after))
     programs = query.programs or readable_programs(req.user)
     rows, headers = ([], []) if now and not query.wait else _feed_rows(req, programs, query)
-    has_more = len(rows) > query.limit
-    rows = rows[:query.limit]
+    rows, has_more, events = _page(rows, query.limit)
     last = rows[-1].seq if rows else query.after
     kept = [(name, value) for name, value in req.query if name not in ("after", "wait")]
     next_url = req.url("/events?" + urllib.parse.urlencode(kept + [("after", last)]))
     if has_more:
         headers.append(("Link", f'<{next_url}>; rel="next"'))
-    events = ",".join(map(render_event, rows))
     body = f'{{"Events":[{events}],"Next":{json_text(next_url)},"HasMore":{json_text(has_more)}}}'
     return Response(200, headers, body.encode("utf-8"), "application/json")
 
@@ -2074,9 +2083,7 @@ def subscription_events_handler(req):
     programs = subscription_programs(principal_of(req.reads, row.owner), row)
     rows, headers = _feed_rows(req, programs, FeedQuery(programs=row.programs, event_types=row.event_types,
                                                         after=row.position, limit=limit, wait=wait))
-    has_more = len(rows) > limit
-    rows = rows[:limit]
-    events = ",".join(map(render_event, rows))
+    rows, has_more, events = _page(rows, limit)
     through = rows[-1].seq if rows else row.position
     body = f'{{"Events":[{events}],"HasMore":{json_text(has_more)},"Through":{through}}}'
     return Response(200, headers, body.encode("utf-8"), "application/json")
