@@ -465,6 +465,13 @@ def batch_errors(index, event_id, errors):
     return [{"index": index, "EventId": event_id, **error} for error in errors]
 
 
+def unknown_fields(body, accepted, prefix=""):
+    """The errors of the fields of ``body`` (a dict) not among ``accepted``;
+    ``prefix``: where the body stands in the request ("Webhook/", say)."""
+    return [field_error(prefix + name, "unknown field; accepted fields are " + ", ".join(accepted))
+            for name in body if name not in accepted]
+
+
 PROGRAM_FIELDS = ("Name", "RegisteredEventTypesOnly")
 
 
@@ -472,8 +479,7 @@ def validate_program_body(body):
     """``{"Name": "...", "RegisteredEventTypesOnly": true|false|null}`` -> (name,
     the setting or None to keep it), or Problem(400)."""
     require_object(body)
-    errors = [field_error(name, "unknown field; accepted fields are " + ", ".join(PROGRAM_FIELDS))
-              for name in body if name not in PROGRAM_FIELDS]
+    errors = unknown_fields(body, PROGRAM_FIELDS)
     name, strict = body.get("Name"), body.get("RegisteredEventTypesOnly")
     message = "is required" if name is None else _text_error(name, 1, 200, allow_controls=False)
     if message:
@@ -529,8 +535,7 @@ def validate_event_type_body(body):
     Problem(400) naming each bad field; 503 for a Schema when the validator's
     packages are missing."""
     require_object(body)
-    errors = [field_error(name, "unknown field; accepted fields are " + ", ".join(EVENT_TYPE_FIELDS))
-              for name in body if name not in EVENT_TYPE_FIELDS]
+    errors = unknown_fields(body, EVENT_TYPE_FIELDS)
     description = body.get("Description", ABSENT)
     if description is None:
         description = ABSENT  # a description cannot be removed: null counts as absent
@@ -664,20 +669,27 @@ def _whole_number(name, text, low, high, errors):
 AFTER_NOW = "now"  # after=now: the feed's head (feed_cursor() turns it into that Sequence)
 
 
-def parse_feed_query(pairs):
-    """Query string pairs of ``GET /events`` -> FeedQuery, or Problem(400). Its
-    ``after`` may be AFTER_NOW, until feed_cursor() reads the head."""
-    errors = []
+def query_values(pairs, accepted, errors, repeatable=()):
+    """Query pairs -> {name: value, or a list of values for a ``repeatable`` name};
+    an unknown name, or one given twice that is not repeatable, goes to ``errors``."""
     values = {}
     for name, value in pairs:
-        if name not in FEED_PARAMETERS:
-            errors.append(field_error(name, "unknown parameter; accepted: " + ", ".join(FEED_PARAMETERS)))
-        elif name in REPEATABLE:
+        if name not in accepted:
+            errors.append(field_error(name, "unknown parameter; accepted: " + ", ".join(accepted)))
+        elif name in repeatable:
             values.setdefault(name, []).append(value)
         elif name in values:
             errors.append(field_error(name, "given more than once"))
         else:
             values[name] = value
+    return values
+
+
+def parse_feed_query(pairs):
+    """Query string pairs of ``GET /events`` -> FeedQuery, or Problem(400). Its
+    ``after`` may be AFTER_NOW, until feed_cursor() reads the head."""
+    errors = []
+    values = query_values(pairs, FEED_PARAMETERS, errors, REPEATABLE)
     for name in REPEATABLE:
         if len(values.get(name, ())) > MAX_REPEATED:
             errors.append(field_error(name, f"at most {MAX_REPEATED} values, got {len(values[name])}"))
@@ -1261,8 +1273,7 @@ def validate_subscription_body(body, allow_hosts=()):
     counts as absent. ``allow_hosts``: the hosts a webhook may reach over http://
     besides loopback (--webhook-allow-host)."""
     require_object(body)
-    errors = [field_error(name, "unknown field; accepted fields are " + ", ".join(SUBSCRIPTION_FIELDS))
-              for name in body if name not in SUBSCRIPTION_FIELDS]
+    errors = unknown_fields(body, SUBSCRIPTION_FIELDS)
     change = SubscriptionChange(
         filter=ABSENT if "Filter" not in body else _subscription_filter(body["Filter"], errors),
         start_from=_start_from(body.get("StartFrom"), errors),
@@ -1282,8 +1293,7 @@ def _webhook(value, errors, allow_hosts):
         errors.append(field_error("Webhook", f'expected an object {{"Url": "https://...", ...}} or null, '
                                              f"got {_json_type(value)}"))
         return None
-    errors += [field_error(f"Webhook/{name}", "unknown field; accepted fields are " + ", ".join(WEBHOOK_FIELDS))
-               for name in value if name not in WEBHOOK_FIELDS]
+    errors += unknown_fields(value, WEBHOOK_FIELDS, "Webhook/")
     url = value.get("Url")
     problem = "is required" if url is None else url_error(url, allow_hosts)
     if problem:
@@ -1307,8 +1317,7 @@ def _subscription_filter(value, errors):
         errors.append(field_error("Filter", f'expected an object {{"ProgramId": [...], "EventType": [...]}}, '
                                             f"got {_json_type(value)}"))
         return (), ()
-    errors += [field_error(f"Filter/{name}", "unknown field; accepted fields are " + ", ".join(FILTER_FIELDS))
-               for name in value if name not in FILTER_FIELDS]
+    errors += unknown_fields(value, FILTER_FIELDS, "Filter/")
     programs = _filter_list("ProgramId", value.get("ProgramId"), errors,
                             lambda program_id: None if PROGRAM_ID_RE.fullmatch(program_id) else f"is not {PROGRAM_ID_RULE}")
     return programs, _filter_list("EventType", value.get("EventType"), errors, event_type_error)
@@ -1365,8 +1374,7 @@ def _subscription_description(value, errors):
 def validate_ack_body(body):
     """``{"Through": n, "Rewind": true|false}`` -> (n, rewind), or Problem(400)."""
     require_object(body)
-    errors = [field_error(name, "unknown field; accepted fields are " + ", ".join(ACK_FIELDS))
-              for name in body if name not in ACK_FIELDS]
+    errors = unknown_fields(body, ACK_FIELDS)
     through, rewind = _sequence(body.get("Through")), body.get("Rewind")
     if through is None:
         errors.append(field_error("Through", "is required" if body.get("Through") is None else
@@ -1380,14 +1388,8 @@ def validate_ack_body(body):
 
 def parse_subscription_read_query(pairs):
     """Query pairs of ``GET /subscriptions/{Name}/events`` -> (limit, wait), or Problem(400)."""
-    errors, values = [], {}
-    for name, value in pairs:
-        if name not in SUBSCRIPTION_READ_PARAMETERS:
-            errors.append(field_error(name, "unknown parameter; accepted: " + ", ".join(SUBSCRIPTION_READ_PARAMETERS)))
-        elif name in values:
-            errors.append(field_error(name, "given more than once"))
-        else:
-            values[name] = value
+    errors = []
+    values = query_values(pairs, SUBSCRIPTION_READ_PARAMETERS, errors)
     limit = _whole_number("limit", values.get("limit", "100"), 1, MAX_LIMIT, errors)
     wait = _whole_number("wait", values.get("wait", "0"), 0, MAX_WAIT, errors)
     if errors:
