@@ -200,7 +200,8 @@ async function follow() {
   if (tailController) tailController.abort();
   const controller = tailController = new AbortController();
   const session = running;
-  session.signal.addEventListener("abort", () => controller.abort());
+  // Removed with this tail (its own signal): a new filter's tail does not pile up listeners.
+  session.signal.addEventListener("abort", () => controller.abort(), { signal: controller.signal });
   replaceChildren($("tail"), []);
   let next = new URL(`events?${tailQuery()}`, API);
   let failures = 0;
