@@ -12,12 +12,10 @@ scrape's time with the files of 2 live and 8 dead processes (restarts) in the
 folder. Not part of make bench: it is the record of a choice.
 """
 
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -45,7 +45,8 @@ Issue 32 (bench/webhooks.py, printed after issue 31's):
 Issue 35 (bench/cost.py, printed after issue 34's): CPU microseconds per request of
 the serving process, PUT and GET, against the baseline app's (C1, C2), per event of a
 batch POST and of the pull through Next (C3, C4), and PUT and GET with this round's
-features in use against without (C5).
+features in use against without (C5); beside C1 and C2 the floor (bench/floor_server.py:
+the cheapest durable PUT and GET by id in this stack) against the same baseline.
 Issue 11 (bench/postgres.py, printed last): PostgreSQL against SQLite, P1-P7.
 Issue 4:
   export and import events/s / raw sqlite3 read and executemany of the same rows,
