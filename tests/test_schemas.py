@@ -12,7 +12,6 @@ import pytest
 import webtest
 
 import eventstore
-import eventstore_admin
 import eventstore_schemas
 from helpers import THREADED_HOST, Registry, basic, create_user, event_body, eventually, opened, run_in_thread
 

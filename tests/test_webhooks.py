@@ -4,7 +4,6 @@ anything beyond 127.0.0.0/8), signed, in order, one at a time, and never gives
 a change up."""
 
 import base64
-import json
 import os
 import random
 import signal
