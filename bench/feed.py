@@ -95,8 +95,8 @@ def commit_cpu(folder, followers, commits=1000, tag=0):
     stop = threading.Event()
 
     def follow(program):
-        while not stop.is_set():
-            call(app, f"/events?ProgramId={program}&after={EVENTS * 10}&wait=30", "admin", keys["admin"])
+        while not stop.is_set():  # from the head: a cursor past it is a 400
+            call(app, f"/events?ProgramId={program}&after={EVENTS}&wait=30", "admin", keys["admin"])
 
     threads = [threading.Thread(target=follow, args=(f"P{n + 1}",), daemon=True) for n in range(followers)]
     for thread in threads:
@@ -104,6 +104,7 @@ def commit_cpu(folder, followers, commits=1000, tag=0):
     deadline = time.monotonic() + 10
     while app.long_polls < followers and time.monotonic() < deadline:  # all waiting (once; wait=30)
         time.sleep(0.01)
+    assert app.long_polls == followers, f"{app.long_polls} of {followers} long polls waiting"
     body = b'{"ProgramId":"P0","ProgramMemberId":"m","EventType":"T","EventStartUTC":"2026-03-01T09:30:00Z"}'
     started = time.process_time()
     for n in range(commits):
