@@ -69,25 +69,33 @@ def event_body(n):
 
 def wrk(port, lua, seconds, connections=16, args=(), expect_errors=False, timeouts_allowed=False, cpu=None):
     """-> (requests/s, p50 ms, p99 ms, total requests, wrk's own CPU seconds per
-    request); fails on any non-2xx (unless ``expect_errors``) and on any socket
-    error (but requests that took over wrk's 2 s, with ``timeouts_allowed``: they
-    are said, and count in p99). ``cpu``: the CPU wrk is kept to (taskset)."""
+    request); fails on any non-2xx (with ``expect_errors``, on any answer that is
+    not an error: 401s expected, say) and on any socket
+    error (but, with ``timeouts_allowed``, requests that took over 2 s: they are
+    said, and count in p99, since wrk is given 30 s before it gives up on one and
+    leaves it out of its latencies). ``cpu``: the CPU wrk is kept to (taskset)."""
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(lua)
     try:
         result = subprocess.run(
             [*(("taskset", "-c", str(cpu)) if cpu is not None else ()), "wrk", "-t1", f"-c{connections}",
-             f"-d{seconds}s", "--latency", "-s", script.name, f"http://127.0.0.1:{port}", "--", *args],
+             f"-d{seconds}s", "--latency", *(("--timeout", "30s") if timeouts_allowed else ()),
+             "-s", script.name, f"http://127.0.0.1:{port}", "--", *args],
             capture_output=True, text=True, check=True)
     finally:
         os.unlink(script.name)
     out = result.stdout
     socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    if socket_errors and timeouts_allowed and not any(map(int, socket_errors.groups()[:3])):
-        say(f"note: {socket_errors.group(4)} requests took over 2 s (wrk's timeout) in this run")
-    elif socket_errors or ("Non-2xx" in out and not expect_errors):
+    if socket_errors and (not timeouts_allowed or any(map(int, socket_errors.groups()[:3]))):
         raise SystemExit(f"wrk saw errors:\n{out}")
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors and not expect_errors:  # whether or not some requests timed out too
+        raise SystemExit(f"wrk saw errors:\n{out}")
+    if expect_errors and (not errors or int(errors.group(1)) != int(re.search(r"(\d+) requests in", out).group(1))):
+        raise SystemExit(f"wrk saw answers that were not errors:\n{out}")
+    if socket_errors:
+        say(f"note: {socket_errors.group(4)} requests took over 30 s (wrk's timeout) in this run")
 
     def latency(percent):
         value, unit = re.search(rf"^\s+{percent}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M).groups()
@@ -176,6 +184,8 @@ class Baseline:
                 return
             except OSError:
                 time.sleep(0.05)
+        self.stop()
+        raise SystemExit("the baseline server did not answer within 10 s")
 
     def stop(self):
         self.process.terminate()
