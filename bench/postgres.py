@@ -120,13 +120,19 @@ def two_server_figures(url, key, seconds):
             results = [None, None]
 
             def load(i):
-                results[i] = common.wrk(servers[i].port, lua, seconds, connections=8, args=[f"two{name}{i}"])
+                try:
+                    results[i] = common.wrk(servers[i].port, lua, seconds, connections=8, args=[f"two{name}{i}"])
+                except BaseException as exc:  # wrk's SystemExit too: said here, raised below
+                    results[i] = exc
 
             threads = [threading.Thread(target=load, args=(i,)) for i in range(2)]
             for thread in threads:
                 thread.start()
             for thread in threads:
                 thread.join()
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
             rates[name] = sum(result[0] for result in results)
         return rates
     finally:
@@ -170,11 +176,17 @@ def soak(url, seconds, publishers=8):
     """-> (acknowledged changes, missed, out of order, changes served per follower)."""
     servers = [common.Server(url), common.Server(url)]
     key = servers[0].admin_key
-    servers[0].request("PUT", "/programs/FOO", {"Name": "Foo"}, user="admin", key=key)
+    servers[0].register("FOO")
     acknowledged, lock, stop = {}, threading.Lock(), threading.Event()
-    seen = [[], []]
+    seen, failures = [[], []], []
 
     def publish(w):
+        try:
+            publish_until_stopped(w)
+        except BaseException as exc:  # a publisher that dies must fail the soak, not just lighten it
+            failures.append(exc)
+
+    def publish_until_stopped(w):
         server, n = servers[w % 2], 0
         while not stop.is_set():
             event_id = f"FOO-s{w}-{n % 50}"
@@ -209,6 +221,9 @@ def soak(url, seconds, publishers=8):
         thread.join()
     for server in servers:
         server.stop()
+    if failures or not acknowledged:
+        raise SystemExit(f"P7: {len(failures)} publishers failed ({failures[:1]}), "
+                         f"{len(acknowledged)} events acknowledged")
     missed = out_of_order = 0
     for served in seen:
         sequences = [s for s, _, _ in served]
