@@ -116,6 +116,7 @@ def commit_cpu(folder, followers, commits=1000, tag=0):
         app(environ, lambda status, headers: statuses.append(status))
         assert statuses[0].startswith("200"), statuses
     cpu = (time.process_time() - started) / commits
+    assert app.long_polls == followers, f"{app.long_polls} of {followers} long polls still waiting"
     stop.set()
     app.end_long_polls()  # answers the waiting polls now
     for thread in threads:

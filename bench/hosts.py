@@ -60,9 +60,10 @@ def timed(host, method, path, body=None, headers=None, timeout=15):
 
 
 def followers(client_module, port, key, count, stop):
-    """``count`` threads following program FOO with Client.follow() -> a list of
-    [feed requests sent] counters. They end at the first event after ``stop`` is set."""
-    counts = []
+    """``count`` threads following program FOO with Client.follow() -> (a list of
+    [feed requests sent] counters, the threads). They end at the first event after
+    ``stop`` is set."""
+    counts, threads = [], []
 
     class Counting(client_module.Client):
         def _send(self, method, path, *args, **kwargs):
@@ -79,8 +80,18 @@ def followers(client_module, port, key, count, stop):
         client = Counting(f"http://127.0.0.1:{port}", "admin", key)
         client.sent = [0]
         counts.append(client.sent)
-        threading.Thread(target=follow, args=(client,), daemon=True).start()
-    return counts
+        threads.append(threading.Thread(target=follow, args=(client,), daemon=True))
+        threads[-1].start()
+    return counts, threads
+
+
+def check_following(counts, threads):
+    """Fail unless every follower has asked for the feed and still follows (one
+    that died on an error is only printed by its thread: the figures would be
+    taken with fewer idle followers, or none)."""
+    following = sum(1 for c, thread in zip(counts, threads) if c[0] and thread.is_alive())
+    if following < len(threads):
+        raise SystemExit(f"only {following} of {len(threads)} followers are following")
 
 
 def summary(values):
@@ -97,10 +108,11 @@ def measure_host(name, code, client_module, args):
         host = Host(folder, db, command, options, code=code)
         try:
             stop = threading.Event()
-            counts = followers(client_module, host.port, key, args.followers, stop)
+            counts, threads = followers(client_module, host.port, key, args.followers, stop)
             deadline = time.monotonic() + 10
             while not all(c[0] for c in counts) and time.monotonic() < deadline:
                 time.sleep(0.02)
+            check_following(counts, threads)
             time.sleep(1.0)  # idle
             before = sum(c[0] for c in counts)
             time.sleep(args.idle)
@@ -113,6 +125,7 @@ def measure_host(name, code, client_module, args):
                 if health[-1] is None or puts[-1] is None:
                     break  # starved: one probe says so
                 time.sleep(0.05)
+            check_following(counts, threads)
             stop.set()
             host.request("PUT", "/events/FOO-stop", event(), basic("admin", key), timeout=60)  # ends them
         finally:
