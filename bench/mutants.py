@@ -12,7 +12,10 @@ test files that own its rule (fast); ``--full`` runs the whole suite for each.
 
 A mutant is killed only by a failed test (pytest exit 1 with a FAILED line): one
 that breaks the run instead (an import error, a fixture error, a hang) is
-reported as not killed. Exit status 1 when any mutant is not killed or does not apply.
+reported as not killed. The mutants' tests are first run once on the code as it
+is: a test that fails there would "kill" every mutant it judges, so the run stops.
+Exit status 1 when any mutant is not killed or does not apply, when the code as it
+is fails, or when ``--only`` names no mutant.
 """
 
 import argparse
@@ -639,11 +642,26 @@ def main():
     parser.add_argument("--only", help="only mutants whose name contains this")
     args = parser.parse_args()
     chosen = [m for m in MUTANTS if not args.only or args.only.lower() in m[0].lower()]
+    if not chosen:
+        print(f"no mutant's name contains {args.only!r}")
+        return 1
     outcomes = []
     with tempfile.TemporaryDirectory() as folder:
         base = Path(folder) / "base"
         base.mkdir()
         copy_repository(base)
+        # A test that fails on the code as it is would "kill" every mutant routed to it.
+        tests = [] if args.full else list(dict.fromkeys(test for *_, mutant_tests in chosen for test in mutant_tests))
+        check = Path(folder) / "unmutated"
+        shutil.copytree(base, check)
+        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+                                cwd=check, capture_output=True, text=True)
+        shutil.rmtree(check)
+        if result.returncode:
+            print(f"the unmutated code fails the mutants' tests (pytest exit {result.returncode}); "
+                  f"no mutant can be judged:\n{result.stdout[-3000:]}")
+            return 1
+        print(f"the unmutated code passes the mutants' tests ({len(tests) or 'all'} test files and tests)", flush=True)
         for number, (name, path, replacements, tests) in enumerate(chosen, 1):
             work = Path(folder) / f"m{number}"
             shutil.copytree(base, work)
