@@ -24,17 +24,18 @@ from tests.server import Server  # noqa: E402
 
 
 def probe_health(port, seconds, interval=0.25):
-    """-> the /health latencies (s) over ``seconds``; a probe without an answer in
-    10 s counts as 10 s."""
+    """-> the /health latencies (s) over ``seconds``; a probe without an answer of
+    200 in 10 s (none, a 503, a closed connection) counts as 10 s."""
     latencies, deadline = [], time.monotonic() + seconds
     while time.monotonic() < deadline:
         started = time.monotonic()
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
                 sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                while sock.recv(65536):
-                    pass
-            latencies.append(time.monotonic() - started)
+                answer = b""
+                while chunk := sock.recv(65536):
+                    answer += chunk
+            latencies.append(time.monotonic() - started if answer.startswith(b"HTTP/1.1 200 ") else 10.0)
         except OSError:
             latencies.append(10.0)
         time.sleep(interval)
@@ -62,7 +63,10 @@ def attack(port, kind, connections, stop):
                 held.remove(sock)
                 sock.close()
                 if kind == "reconnecting":
-                    held.append(connect())
+                    try:
+                        held.append(connect())
+                    except OSError:  # refused for now: tried again next turn
+                        pass
             if kind == "trickling":
                 for sock in held:
                     try:
@@ -100,6 +104,7 @@ def main():
             for kind in ("silent", "reconnecting", "trickling"):
                 stop = threading.Event()
                 held, keeper = attack(server.port, kind, args.connections, stop)
+                print(f"{kind:>13}: {len(held)} of {args.connections} connections open", flush=True)
                 try:
                     print(summary(kind, probe_health(server.port, args.seconds)), flush=True)
                 finally:
