@@ -128,6 +128,11 @@ class GroupCommitWriter:
             self._thread = threading.Thread(target=self._run, name="eventstore-writer", daemon=True)
             self._thread.start()
 
+    @property
+    def waiting(self):
+        """How many changes are queued, not yet taken by the writer thread."""
+        return len(self._queue)
+
     def unavailable(self):
         return service_unavailable("The database cannot take writes at the moment; nothing was written. "
                                    "Try again shortly.", retry_after=5 if self.stuck() else 1)

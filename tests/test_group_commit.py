@@ -60,7 +60,7 @@ def test_a_failing_change_fails_alone(registry):
     for thread in threads:
         thread.start()
     deadline = time.monotonic() + 10
-    while len(writer._queue) < 6:  # all six queue behind the blocker: one batch
+    while writer.waiting < 6:  # all six queue behind the blocker: one batch
         assert time.monotonic() < deadline, "the writes did not queue"
         time.sleep(0.01)
     commits = []
@@ -213,15 +213,15 @@ def test_a_commit_that_fails_is_never_acknowledged(registry):
     writer = registry.app.writer
     refused = fail_at_commit(registry)
     registry.client("writer").get("/events")  # its key's last use is recorded now, not in the batch
-    eventually(lambda: not writer._queue, "the last use recorded")
+    eventually(lambda: not writer.waiting, "the last use recorded")
     gate, blocking = threading.Event(), threading.Event()
     blocker = run_in_thread(writer.submit, lambda tx: (blocking.set(), gate.wait(10)))
     assert blocking.wait(10)
     bad = run_in_thread(writer.submit, violating_change)
-    eventually(lambda: len(writer._queue) == 1, "the bad change queued")
+    eventually(lambda: writer.waiting == 1, "the bad change queued")
     put = run_in_thread(lambda: registry.client("writer").put_json("/events/FOO-1", event_body(),
                                                                     expect_errors=True))
-    eventually(lambda: len(writer._queue) == 2, "the PUT queued behind it")
+    eventually(lambda: writer.waiting == 2, "the PUT queued behind it")
     gate.set()
     blocker()
     with pytest.raises(refused):
@@ -237,7 +237,7 @@ def held_writer(registry):
     set -> (gate, the held change's outcome: a callable that waits for it)."""
     for user_id in ("writer", "admin"):  # their keys' last use is recorded now, not behind the held change
         registry.client(user_id).get("/programs")
-    eventually(lambda: not registry.app.writer._queue, "the last uses recorded")
+    eventually(lambda: not registry.app.writer.waiting, "the last uses recorded")
     gate, blocking = threading.Event(), threading.Event()
     outcome = run_in_thread(lambda: registry.app.write(lambda tx: (blocking.set(), gate.wait(60)),
                                                        touched=lambda result: False, seqs=0))
@@ -255,7 +255,7 @@ def test_a_write_answered_nothing_was_written_is_never_written(db):
         writer = registry.client("writer")
         puts = [run_in_thread(lambda n=n: writer.put_json(f"/events/FOO-q{n}", event_body(), expect_errors=True))
                 for n in range(5)]
-        eventually(lambda: len(registry.app.writer._queue) == 5, "the five writes queue behind the held one")
+        eventually(lambda: registry.app.writer.waiting == 5, "the five writes queue behind the held one")
         answers = [put(timeout=30) for put in puts]
         assert [answer.status_int for answer in answers] == [503] * 5
         assert all("nothing was written" in answer.json["detail"] for answer in answers)

@@ -510,7 +510,7 @@ def test_an_upsert_that_fails_in_a_group_fails_alone_and_the_connection_goes_on(
         threads = [threading.Thread(target=put, args=(event_id,)) for event_id in ("FOO-ok1", "FOO-bad", "FOO-ok2")]
         for thread in threads:
             thread.start()
-        eventually(lambda: len(writer._queue) == 3, "the three writes queue behind the blocker")
+        eventually(lambda: writer.waiting == 3, "the three writes queue behind the blocker")
         batches = []
         transaction = writer._transaction
         writer._transaction = lambda session, batch: (batches.append(len(batch)), transaction(session, batch))[1]

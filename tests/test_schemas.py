@@ -858,8 +858,7 @@ def rules_change_within_one_group(registry):
     set_type(admin, {"type": "object"})
     for client in (admin, writer):  # their keys' last use is recorded now, not in the group
         client.get("/programs")
-    writer_queue = lambda: registry.app.writer._queue  # noqa: E731  (a new list after each batch taken)
-    eventually(lambda: not writer_queue(), "the last uses recorded")
+    eventually(lambda: not registry.app.writer.waiting, "the last uses recorded")
     gate, holding = threading.Event(), threading.Event()
     held = run_in_thread(lambda: registry.app.write(lambda tx: (holding.set(), gate.wait(30)),
                                                     touched=lambda _: False, seqs=0))
@@ -874,7 +873,7 @@ def rules_change_within_one_group(registry):
                        lambda: put(writer, "FOO-3", {"course": "CPR-101", "score": 3}, event_type="Unregistered",
                                    status="*")):
             queued.append(run_in_thread(change))
-            eventually(lambda: len(writer_queue()) == len(queued), f"write {len(queued)} queued behind the one before")
+            eventually(lambda: registry.app.writer.waiting == len(queued), f"write {len(queued)} queued behind the one before")
     finally:
         gate.set()
     held()

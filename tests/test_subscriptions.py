@@ -422,7 +422,7 @@ class HeldWriter:
         assert self.held.wait(10)
 
     def queued(self, count):
-        eventually(lambda: len(self.registry.app.writer._queue) == count, f"{count} changes queued")
+        eventually(lambda: self.registry.app.writer.waiting == count, f"{count} changes queued")
 
 
 def test_two_forward_acks_at_once_leave_the_greater(registry, admin, reader):
