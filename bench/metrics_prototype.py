@@ -129,6 +129,8 @@ def main():
     runs = alternating({"prom": lambda r: wrk(prom.port, prom_lua, seconds),
                         "ours": lambda r: wrk(ours.port, ours_lua, seconds),
                         "off": lambda r: wrk(off.port, off_lua, seconds)})
+    if not any(folder.glob("*.db")):  # prometheus_client writes its counters there: else the swap did not happen
+        raise SystemExit("the prototype server wrote no prometheus_client files: it did not count with it")
     for name in ("prom", "ours"):
         rate, base = median_pair(runs, name, "off")
         print(f"GET {name} vs no metrics: {rate / base:.3f} ({rate:,.0f} vs {base:,.0f} req/s)")
