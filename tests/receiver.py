@@ -107,7 +107,10 @@ class Receiver:
         if what == "flood":
             handler.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n")
             try:
-                while not self._closed.is_set():
+                handler.wfile.write(b"x" * 131072)  # past the deliverer's bound at once
+                while not self._closed.wait(0.01):
+                    # Endless, but at 6.4 MB/s: a deliverer that reads it whole must
+                    # fail the test's bounded wait, not fill the machine's memory first.
                     handler.wfile.write(b"x" * 65536)
             except OSError:
                 pass
