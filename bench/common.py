@@ -89,10 +89,11 @@ def wrk(port, lua, seconds, connections=16, args=(), expect_errors=False, timeou
     socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     if socket_errors and (not timeouts_allowed or any(map(int, socket_errors.groups()[:3]))):
         raise SystemExit(f"wrk saw errors:\n{out}")
+    total = int(re.search(r"(\d+) requests in", out).group(1))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if errors and not expect_errors:  # whether or not some requests timed out too
         raise SystemExit(f"wrk saw errors:\n{out}")
-    if expect_errors and (not errors or int(errors.group(1)) != int(re.search(r"(\d+) requests in", out).group(1))):
+    if expect_errors and (not errors or int(errors.group(1)) != total):
         raise SystemExit(f"wrk saw answers that were not errors:\n{out}")
     if socket_errors:
         say(f"note: {socket_errors.group(4)} requests took over 30 s (wrk's timeout) in this run")
@@ -102,10 +103,33 @@ def wrk(port, lua, seconds, connections=16, args=(), expect_errors=False, timeou
         return float(value) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
 
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    total = int(re.search(r"(\d+) requests in", out).group(1))
     cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk has been waited for: its time is in
     wrk_cpu = sum(getattr(cpu_after, f) - getattr(cpu_before, f) for f in ("ru_utime", "ru_stime"))
     return rate, latency(50), latency(99), total, wrk_cpu / max(total, 1)
+
+
+def in_thread(function, *args):
+    """Start ``function(*args)`` in a thread -> a callable that waits for it and
+    returns its result or raises its exception here (tests/helpers.py's
+    run_in_thread, without pytest: a thread's own exception,
+    wrk's SystemExit included, is otherwise only printed, or dropped)."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["result"] = function(*args)
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+
+    def wait():
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["result"]
+    return wait
 
 
 ROUNDS = 3

@@ -117,23 +117,9 @@ def two_server_figures(url, key, seconds):
         get_lua = common.GET_LUA % {"auth": auth, "count": 10_000}
         rates = {}
         for name, lua in (("put", put_lua), ("get", get_lua)):
-            results = [None, None]
-
-            def load(i):
-                try:
-                    results[i] = common.wrk(servers[i].port, lua, seconds, connections=8, args=[f"two{name}{i}"])
-                except BaseException as exc:  # wrk's SystemExit too: said here, raised below
-                    results[i] = exc
-
-            threads = [threading.Thread(target=load, args=(i,)) for i in range(2)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            for result in results:
-                if isinstance(result, BaseException):
-                    raise result
-            rates[name] = sum(result[0] for result in results)
+            loads = [common.in_thread(common.wrk, servers[i].port, lua, seconds, 8, [f"two{name}{i}"])
+                     for i in range(2)]
+            rates[name] = sum(load()[0] for load in loads)
         return rates
     finally:
         for server in servers:
@@ -178,15 +164,9 @@ def soak(url, seconds, publishers=8):
     key = servers[0].admin_key
     servers[0].register("FOO")
     acknowledged, lock, stop = {}, threading.Lock(), threading.Event()
-    seen, failures = [[], []], []
+    seen = [[], []]
 
     def publish(w):
-        try:
-            publish_until_stopped(w)
-        except BaseException as exc:  # a publisher that dies must fail the soak, not just lighten it
-            failures.append(exc)
-
-    def publish_until_stopped(w):
         server, n = servers[w % 2], 0
         while not stop.is_set():
             event_id = f"FOO-s{w}-{n % 50}"
@@ -208,22 +188,23 @@ def soak(url, seconds, publishers=8):
                 return
 
     done = threading.Event()
-    followers = [threading.Thread(target=follow, args=(i, done)) for i in range(2)]
-    writers = [threading.Thread(target=publish, args=(w,)) for w in range(publishers)]
-    for thread in followers + writers:
-        thread.start()
+    followers = [common.in_thread(follow, i, done) for i in range(2)]
+    writers = [common.in_thread(publish, w) for w in range(publishers)]
     time.sleep(seconds)
     stop.set()
-    for thread in writers:
-        thread.join()
-    done.set()
-    for thread in followers:
-        thread.join()
-    for server in servers:
-        server.stop()
-    if failures or not acknowledged:
-        raise SystemExit(f"P7: {len(failures)} publishers failed ({failures[:1]}), "
-                         f"{len(acknowledged)} events acknowledged")
+    try:  # a publisher or follower that died fails the soak: it would only have lightened it
+        for wait in writers:
+            wait()
+    finally:
+        done.set()
+        try:
+            for wait in followers:
+                wait()
+        finally:
+            for server in servers:
+                server.stop()
+    if not acknowledged:
+        raise SystemExit("P7: no event acknowledged")
     missed = out_of_order = 0
     for served in seen:
         sequences = [s for s, _, _ in served]

@@ -20,7 +20,6 @@ import json
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -100,23 +99,16 @@ def during(load, seconds, action, settle=1.0):
     starts, time ``action()`` -> (the action's seconds, its result, the load's
     outcome, the share of the load's run the action ran in: the load's p99 is
     over its whole run, so this says how much of it the action's)."""
-    outcome = {}
-
-    def run():
-        try:
-            outcome["result"] = load()
-        except BaseException as exc:  # wrk's errors end in SystemExit, which a thread drops silently
-            outcome["error"] = exc
-    thread = threading.Thread(target=run)
-    thread.start()
+    loaded = common.in_thread(load)
     time.sleep(settle)
     started = time.monotonic()
     result = action()
     took = time.monotonic() - started
-    thread.join()
-    if "error" in outcome:
-        raise SystemExit(f"the load beside the action failed (the action took {took:.2f} s): {outcome['error']}")
-    return took, result, outcome["result"], min(took, seconds - settle) / seconds
+    try:
+        outcome = loaded()
+    except BaseException as exc:  # wrk's errors end in SystemExit
+        raise SystemExit(f"the load beside the action failed (the action took {took:.2f} s): {exc}") from exc
+    return took, result, outcome, min(took, seconds - settle) / seconds
 
 
 def prove_figure(folder, events, seconds):
