@@ -652,6 +652,7 @@ def main():
         copy_repository(base)
         # A test that fails on the code as it is would "kill" every mutant routed to it.
         tests = [] if args.full else list(dict.fromkeys(test for *_, mutant_tests in chosen for test in mutant_tests))
+        tests = [test for test in tests if test.partition("::")[0] == test or test.partition("::")[0] not in tests]
         check = Path(folder) / "unmutated"
         shutil.copytree(base, check)
         result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
